@@ -1,0 +1,361 @@
+"""The auditor: pure torch. Gradients of an optimizer's parameters + facts about the step → findings.
+
+Two stages, so that the cheap one runs every step and the expensive one only when it is needed:
+
+* :func:`measure_grads` is the one fused pass over the gradients (``torch._foreach_norm`` per device and dtype,
+  one host sync). It says which parameters have no gradient, a non-finite one or an all-zero one.
+* :func:`classify` turns those candidates into :class:`~lightning_gradguard.findings.Finding` objects using
+  what is known about the step: which parameters the losses' autograd graphs reach (:func:`reached_params`)
+  and, on traced steps, the tracer's dataflow facts (:class:`StepFacts`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .findings import HINTS, Finding
+from .params import ParamIndex, module_of
+from .trace import CutSite, Tracer
+
+__all__ = [
+    "GradStats",
+    "StepFacts",
+    "audit_optimizers",
+    "classify",
+    "measure_grads",
+    "reached_params",
+]
+
+
+@dataclass
+class GradStats:
+    """The outcome of the fused pass over one optimizer's parameters.
+
+    Attributes:
+        params: the optimizer's parameters, in ``param_groups`` order.
+        norms: per parameter, the L2 norm of its (unscaled) gradient, or ``None`` when it has none.
+        missing: indices (into ``params``) with ``grad is None``.
+        nonfinite: indices whose gradient has a NaN or Inf element (confirmed element-wise).
+        zero: indices whose gradient is exactly zero everywhere.
+        frozen: indices with ``requires_grad=False``.
+    """
+
+    params: list[torch.Tensor]
+    norms: list[float | None]
+    missing: list[int] = field(default_factory=list)
+    nonfinite: list[int] = field(default_factory=list)
+    zero: list[int] = field(default_factory=list)
+    frozen: list[int] = field(default_factory=list)
+
+    @property
+    def total_norm(self) -> float:
+        """The L2 norm of all gradients together (``inf``/``nan`` if any is not finite)."""
+        return math.sqrt(math.fsum(n * n for n in self.norms if n is not None))
+
+    @property
+    def clean(self) -> bool:
+        """No parameter needs a closer look."""
+        return not (self.missing or self.nonfinite or self.zero or self.frozen)
+
+
+def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradStats:
+    """Per-parameter gradient norms in one fused pass, with at most one host sync.
+
+    Gradients are grouped by device and dtype and reduced with ``torch._foreach_norm`` (half-precision ones in
+    float32). Only a gradient whose norm is not finite is looked at element-wise, to tell a real NaN/Inf from a
+    finite gradient whose norm overflows.
+
+    Args:
+        params: the tensors to measure (an optimizer's parameters).
+        scale: divide every norm by this (for gradients still multiplied by an AMP loss scale).
+    """
+    norms: list[float | None] = [None] * len(params)
+    missing = []
+    frozen = []
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
+    for i, p in enumerate(params):
+        if not p.requires_grad:
+            frozen.append(i)
+        g = p.grad
+        if g is None:
+            missing.append(i)
+            continue
+        key = (g.device, g.dtype)
+        if key not in groups:
+            groups[key] = ([], [])
+        idx, grads = groups[key]
+        idx.append(i)
+        grads.append(g)
+    stats = GradStats(list(params), norms, missing, frozen=frozen)
+    if not groups:
+        return stats
+    order: list[int] = []
+    parts = []
+    for (_device, dtype), (idx, grads) in groups.items():
+        if grads[0].is_sparse:
+            reduced = [g.coalesce().values().norm(dtype=torch.float32) for g in grads]
+        elif dtype in (torch.float16, torch.bfloat16):
+            reduced = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        else:
+            reduced = torch._foreach_norm(grads, 2)
+        parts.append(torch.stack(reduced).to(device="cpu", dtype=torch.float64, non_blocking=True))
+        order.extend(idx)
+    values = torch.cat(parts).tolist()  # the one host sync
+    for i, v in zip(order, values, strict=True):
+        norms[i] = v / scale if scale != 1.0 else v
+        if v == 0.0:
+            stats.zero.append(i)
+        elif not math.isfinite(v):
+            g = params[i].grad
+            assert g is not None
+            if not bool(torch.isfinite(g).all()):
+                stats.nonfinite.append(i)
+            else:  # finite elements whose norm overflows the dtype: measure in float64
+                norms[i] = float(g.double().norm()) / scale
+    stats.zero.sort()
+    stats.nonfinite.sort()
+    return stats
+
+
+def reached_params(grad_fns: Iterable[object]) -> set[int]:
+    """``id()`` of every leaf tensor whose ``AccumulateGrad`` node the autograd graphs of ``grad_fns`` reach.
+
+    In eager mode these are exactly the parameters that receive a gradient from those losses. The walk works
+    before and after ``backward()`` (saved tensors are freed, the structure is not).
+    """
+    out: set[int] = set()
+    seen: set[int] = set()
+    stack = [fn for fn in grad_fns if fn is not None]
+    while stack:
+        fn = stack.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:
+            out.add(id(var))
+            continue
+        for nxt, _ in fn.next_functions:  # type: ignore[attr-defined]
+            if nxt is not None:
+                stack.append(nxt)
+    return out
+
+
+@dataclass
+class StepFacts:
+    """What is known about a step besides its gradients.
+
+    Attributes:
+        received: ``id()`` of the parameters the step's losses reach through autograd, or ``None`` if unknown.
+        dep: on a traced step, the mask of parameters the losses' values depend on; ``None`` if not traced.
+        cuts: on a traced step, the mask of cut sites that flowed into the losses.
+        seen: on a traced step, the mask of parameters that took part in any op.
+        tracer: the tracer that recorded the step (for its cut sites).
+        compiled: the forward ran under ``torch.compile`` (no tracing; the graph walk over-approximates).
+    """
+
+    received: set[int] | None = None
+    dep: int | None = None
+    cuts: int = 0
+    seen: int = 0
+    tracer: Tracer | None = None
+    compiled: bool = False
+
+    @property
+    def traced(self) -> bool:
+        return self.dep is not None
+
+
+def _finding(
+    kind: str, name: str, message: str, step: int, where: str | None = None, hint: str | None = None
+) -> Finding:
+    return Finding(kind, name, message, where, step, hint or HINTS[kind], module_of(name))
+
+
+def _culprit(facts: StepFacts, bit: int, *, zero: bool = False) -> CutSite | None:
+    if facts.tracer is None:
+        return None
+    site = facts.tracer.culprit(bit, facts.cuts)
+    if site is not None and (site.kind == "zero_derivative") != zero:
+        return None
+    return site
+
+
+def explain_missing(name: str, bit: int, facts: StepFacts, step: int) -> Finding:
+    """An ``unused`` or ``detached`` finding for trainable parameter ``name`` (bit ``bit``) that got no gradient."""
+    if facts.dep is None:
+        why = "the forward ran under torch.compile" if facts.compiled else "the step was not traced"
+        return _finding(
+            "unused",
+            name,
+            f"`{name}` received no gradient ({why}, so GradGuard cannot tell an unused parameter from a detached "
+            "one; set diagnose='always' for the cause).",
+            step,
+        )
+    if facts.dep >> bit & 1:
+        site = _culprit(facts, bit)
+        if site is None:
+            return _finding("detached", name, f"The loss depends on `{name}`, but no gradient path reaches it.", step)
+        return _finding(
+            "detached",
+            name,
+            f"The loss depends on `{name}`, but {site.describe()} cuts its gradient path: {site.fix()}.",
+            step,
+            site.where,
+            site.fix(),
+        )
+    if facts.seen >> bit & 1:
+        msg = f"`{name}` took part in the forward pass, but nothing it computed reached the loss (its output was "
+        msg += "discarded)."
+    else:
+        msg = f"`{name}` never took part in the forward pass: its module was not called, or a branch skipped it."
+    return _finding("unused", name, msg, step)
+
+
+def explain_zero(name: str, bit: int, facts: StepFacts, step: int) -> Finding:
+    """A ``zero`` finding, naming the zero-derivative op on a traced step."""
+    site = _culprit(facts, bit, zero=True)
+    if site is None:
+        return _finding("zero", name, f"`{name}` received a gradient that is exactly zero everywhere.", step)
+    return _finding(
+        "zero",
+        name,
+        f"`{name}` received a gradient that is exactly zero everywhere, because of {site.describe()}: {site.fix()}.",
+        step,
+        site.where,
+        site.fix(),
+    )
+
+
+def classify(
+    index: ParamIndex,
+    stats: GradStats,
+    facts: StepFacts,
+    step: int,
+    *,
+    overflow_ok: bool = False,
+    defer: bool = False,
+) -> tuple[list[Finding], list[tuple[int, str]]]:
+    """Findings for one optimizer step.
+
+    Args:
+        index: the model's parameters (those not in it are stale and judged by :func:`audit_optimizers`).
+        stats: the fused pass over the stepping optimizer's parameters.
+        facts: what is known about the step.
+        step: the step number findings carry.
+        overflow_ok: non-finite gradients are an AMP overflow the grad scaler skips: not findings.
+        defer: on an untraced step, return parameters that lack a gradient (or whose gradient is zero) as
+            *pending* instead of classifying them, so that a traced step can explain them.
+
+    Returns:
+        ``(findings, pending)``: ``pending`` holds ``(index bit, "missing" | "zero")`` left for a traced step.
+    """
+    findings: list[Finding] = []
+    pending: list[tuple[int, str]] = []
+    if stats.clean:
+        return findings, pending
+    params = stats.params
+    received = facts.received
+    missing = set(stats.missing)
+    zero = set(stats.zero)
+    for i, p in enumerate(params):
+        bit = index.index.get(id(p))
+        if bit is None:
+            continue  # stale: not a parameter of the model
+        name = index.names[bit]
+        if not p.requires_grad:
+            findings.append(
+                _finding(
+                    "frozen",
+                    name,
+                    f"`{name}` is in the optimizer but has `requires_grad=False`: it is never updated.",
+                    step,
+                )
+            )
+            continue
+        if i in zero and received is not None and id(p) not in received:
+            missing.add(i)  # a zeroed gradient left from an earlier step (`zero_grad(set_to_none=False)`)
+            zero.discard(i)
+        if i in missing:
+            if defer and not facts.traced:
+                pending.append((bit, "missing"))
+            else:
+                findings.append(explain_missing(name, bit, facts, step))
+        elif i in zero:
+            if defer and not facts.traced:
+                pending.append((bit, "zero"))
+            else:
+                findings.append(explain_zero(name, bit, facts, step))
+    if not overflow_ok:
+        for i in stats.nonfinite:
+            bit = index.index.get(id(params[i]))
+            if bit is None:
+                continue
+            name = index.names[bit]
+            findings.append(_finding("nonfinite", name, f"`{name}` has a NaN or Inf in its gradient.", step))
+    return findings, pending
+
+
+def audit_optimizers(
+    index: ParamIndex, optimizers: Sequence[torch.optim.Optimizer], step: int, *, orphans_need_grad: bool = True
+) -> list[Finding]:
+    """Optimizer ↔ model consistency: ``stale`` tensors in optimizers, ``orphan`` parameters in none.
+
+    Args:
+        index: the model's parameters.
+        optimizers: every optimizer of the run.
+        step: the step number findings carry.
+        orphans_need_grad: report a trainable parameter that no optimizer holds only when it has a gradient
+            (it takes part in the loss). Trainable copies that nothing trains by gradient, such as an EMA model,
+            then stay silent.
+    """
+    findings = []
+    held: set[int] = set()
+    for k, opt in enumerate(optimizers):
+        for g, group in enumerate(opt.param_groups):
+            for i, t in enumerate(group["params"]):
+                held.add(id(t))
+                if id(t) in index.index:
+                    continue
+                label = f"optimizer{k if len(optimizers) > 1 else ''}.param_groups[{g}][{i}]"
+                twin = _twin(index, opt, t)
+                looks = f"; it looks like a copy of `{twin}`" if twin else ""
+                findings.append(
+                    _finding(
+                        "stale",
+                        twin or label,
+                        f"The optimizer holds a tensor of shape {tuple(t.shape)} ({label}) that is not a parameter "
+                        f"of the model{looks}: was the optimizer built over a copy of the model? Updating it "
+                        "changes nothing the model computes.",
+                        step,
+                    )
+                )
+    for bit, p in enumerate(index.params):
+        if not p.requires_grad or id(p) in held:
+            continue
+        if orphans_need_grad and p.grad is None:
+            continue
+        name = index.names[bit]
+        findings.append(
+            _finding(
+                "orphan",
+                name,
+                f"`{name}` receives gradients, but no optimizer holds it: it is never updated.",
+                step,
+            )
+        )
+    return findings
+
+
+def _twin(index: ParamIndex, opt: torch.optim.Optimizer, t: torch.Tensor) -> str | None:
+    """The model parameter a stale optimizer tensor copies: same position and shape, else the only same shape."""
+    flat = [p for group in opt.param_groups for p in group["params"]]
+    pos = next(i for i, p in enumerate(flat) if p is t)
+    if len(flat) == len(index.params) and index.params[pos].shape == t.shape:
+        return index.names[pos]
+    same = [n for n, p in zip(index.names, index.params, strict=True) if p.shape == t.shape]
+    return same[0] if len(same) == 1 else None

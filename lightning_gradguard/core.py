@@ -1,0 +1,286 @@
+"""The guard's step logic, shared by the Lightning callback and ``check_step``.
+
+:class:`GuardCore` owns one straight data path per optimizer step::
+
+    tracer (forward facts) ─┐
+    losses (graph walk) ────┼─> auditor (findings) ─> policy (keep / raise / warn once) ─> report
+    gradients (fused pass) ─┘
+
+Adapters call :meth:`GuardCore.begin_batch` / :meth:`GuardCore.end_batch` around forward passes,
+:meth:`GuardCore.record_loss` before each backward and :meth:`GuardCore.check` before each optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .audit import (
+    GradStats,
+    StepFacts,
+    audit_optimizers,
+    classify,
+    explain_missing,
+    explain_zero,
+    measure_grads,
+    reached_params,
+)
+from .findings import HINTS, Finding, GradGuardError
+from .params import ParamIndex, optimizer_params
+from .policy import Policy
+from .report import RunReport
+from .trace import LossFacts, Tracer
+
+__all__ = ["DIAGNOSE", "Diagnose", "GuardCore", "is_compiled"]
+
+Diagnose = Literal["first", "on_finding", "always", "never"]
+DIAGNOSE: tuple[str, ...] = ("first", "on_finding", "always", "never")
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules is wrapped by ``torch.compile``."""
+    if getattr(model, "_compiler_ctx", None):  # Lightning's `trainer.fit(torch.compile(model))`
+        return True
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover - torch without dynamo
+        return False
+    return isinstance(model, OptimizedModule) or any(isinstance(m, OptimizedModule) for m in model.modules())
+
+
+@dataclass
+class _Loss:
+    grad_fn: Any
+    facts: LossFacts | None
+
+
+class GuardCore:
+    """Per-run state of a guard: the parameter index, the tracer, the losses of the current step, the report.
+
+    Args:
+        policy: what to do with findings.
+        diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
+            the step after a parameter newly lacks a usable gradient on an untraced step), ``"always"``, ``"never"``.
+    """
+
+    def __init__(self, policy: Policy, diagnose: str = "on_finding") -> None:
+        self.policy = policy
+        self.diagnose = diagnose
+        self.report = RunReport()
+        self.index: ParamIndex | None = None
+        self.tracer: Tracer | None = None
+        self.compiled = False
+        self.checks = 0
+        self._armed = diagnose != "never"
+        self._losses: list[_Loss] = []
+        self._pending: dict[int, tuple[int, str]] = {}
+        self._consistency_key: tuple[int, ...] | None = None
+        self.last_findings: list[Finding] = []
+
+    # ------------------------------------------------------------------ setup
+    def bind(self, model: nn.Module, *, on_backward: Any = None) -> None:
+        """Index ``model``'s parameters (again, if they changed) and make a tracer for them."""
+        self.compiled = is_compiled(model)
+        index = ParamIndex.of(model)
+        if self.index is not None and self.index.params == index.params:
+            return
+        if self.tracer is not None:
+            self.tracer.stop()
+        self.index = index
+        self.tracer = Tracer(index, on_backward=on_backward)
+
+    @property
+    def tracing(self) -> bool:
+        """The tracer is recording right now."""
+        return self.tracer is not None and self.tracer.active and not self.tracer.paused
+
+    # ------------------------------------------------------------------ forward
+    def begin_batch(self) -> None:
+        """Start tracing if this step is to be diagnosed."""
+        if self._armed and self.tracer is not None and not self.compiled:
+            self.tracer.paused = False
+            self.tracer.start()
+
+    def pause(self) -> None:
+        """Stop recording until the next :meth:`begin_batch` (the rest of the batch is backward and step)."""
+        if self.tracer is not None:
+            self.tracer.paused = True
+
+    def end_batch(self) -> None:
+        """Stop tracing; forget the trace once no loss of a pending step refers to it."""
+        if self.tracer is not None:
+            self.tracer.stop()
+            if not self._losses:
+                self.tracer.reset()
+
+    def abort(self) -> None:
+        """Leave no mode active and hold nothing (after an exception, or at teardown)."""
+        if self.tracer is not None:
+            self.tracer.stop()
+            self.tracer.reset()
+        self._losses.clear()
+
+    # ------------------------------------------------------------------ backward
+    def record_loss(self, loss: torch.Tensor, step: int) -> None:
+        """Remember ``loss`` (its graph, and the tracer's facts) for the coming optimizer step.
+
+        Raises:
+            GradGuardError: the loss has no autograd graph, so ``backward()`` is about to fail with torch's
+                "element 0 of tensors does not require grad": the error names the parameters whose gradient
+                path was cut, and where.
+        """
+        facts = self.tracer.facts(loss) if self.tracing and self.tracer is not None else None
+        self._losses.append(_Loss(loss.grad_fn, facts))
+        if loss.grad_fn is None and not loss.requires_grad:
+            raise self._detached_loss_error(facts, step)
+
+    def _detached_loss_error(self, facts: LossFacts | None, step: int) -> GradGuardError:
+        index = self.index
+        findings: list[Finding] = []
+        if facts is not None and index is not None:
+            sf = StepFacts(dep=facts.dep, cuts=facts.cuts, seen=self.tracer.seen if self.tracer else 0,
+                           tracer=self.tracer)  # fmt: skip
+            for bit in index.bits(facts.dep):
+                if index.params[bit].requires_grad:
+                    findings.append(explain_missing(index.names[bit], bit, sf, step))
+        head = (
+            "GradGuard: the loss does not require grad, so `backward()` would fail with \"element 0 of tensors does "
+            'not require grad and does not have a grad_fn".'
+        )
+        if facts is None:
+            detail = (
+                " This step was not traced, so GradGuard cannot name the line that cut the graph; set "
+                "diagnose='always' to find it. Look for `.detach()`, `.data`, `torch.no_grad()`, `.item()` or numpy "
+                "between the model's output and the loss."
+            )
+        elif not findings:
+            detail = " Its value does not depend on any trainable parameter."
+        else:
+            n = len(findings)
+            detail = f" Its value depends on {n} trainable parameter{'s' if n != 1 else ''}, but the graph was cut"
+        kept = self.policy.keep(findings)
+        self.report.add(kept)
+        self.last_findings = kept
+        if kept:
+            return GradGuardError.from_findings(kept, step, head + detail)
+        return GradGuardError(head + detail, [])
+
+    # ------------------------------------------------------------------ step
+    def step_facts(self, *, need_received: bool) -> StepFacts:
+        """Facts for the step whose losses were recorded since the last check."""
+        losses = self._losses
+        received = reached_params(loss.grad_fn for loss in losses) if need_received else None
+        if losses and all(loss.facts is not None for loss in losses) and self.tracer is not None:
+            dep = cuts = 0
+            for loss in losses:
+                assert loss.facts is not None
+                dep |= loss.facts.dep
+                cuts |= loss.facts.cuts
+            return StepFacts(received, dep, cuts, self.tracer.seen, self.tracer, self.compiled)
+        return StepFacts(received, compiled=self.compiled)
+
+    def check(
+        self,
+        params: Sequence[torch.Tensor],
+        step: int,
+        *,
+        optimizers: Sequence[torch.optim.Optimizer] = (),
+        scaler: Any = None,
+        scale: float = 1.0,
+        context: str = "",
+    ) -> GradStats:
+        """Judge the gradients of ``params`` (the stepping optimizer's) and enforce the policy.
+
+        Args:
+            params: the stepping optimizer's parameters.
+            step: the step number findings carry.
+            optimizers: every optimizer of the run, for the stale/orphan consistency check.
+            scaler: the AMP grad scaler, if any: non-finite gradients are then an overflow that it skips, unless
+                the scale has fallen to 1 or below.
+            scale: divide gradient norms by this (gradients that are still scaled).
+            context: first line of the error message.
+
+        Raises:
+            GradGuardError: a finding whose action is ``"raise"``.
+        """
+        index = self.index
+        assert index is not None, "GuardCore.bind() first"
+        self.checks += 1
+        stats = measure_grads(params, scale)
+        findings: list[Finding] = []
+        traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
+        key = tuple(id(p) for opt in optimizers for p in optimizer_params(opt))
+        if optimizers and (key != self._consistency_key or traced_step):
+            self._consistency_key = key
+            findings += audit_optimizers(index, optimizers, step)
+        if not stats.clean or self._pending:
+            facts = self.step_facts(need_received=bool(stats.zero))
+            overflow_ok = bool(stats.nonfinite) and scaler is not None and float(scaler.get_scale()) > 1.0
+            defer = self.diagnose in ("on_finding", "always") and not self.compiled
+            found, pending = classify(index, stats, facts, step, overflow_ok=overflow_ok, defer=defer)
+            findings += self._settle_pending(found, pending, facts, step)
+        self._losses.clear()
+        kept = self.policy.keep(findings)
+        new = self.report.add(kept)
+        self.last_findings = kept
+        self._arm_after_check(new, traced_step)
+        self.policy.enforce(kept, step, context)
+        return stats
+
+    def _settle_pending(
+        self, found: list[Finding], pending: list[tuple[int, str]], facts: StepFacts, step: int
+    ) -> list[Finding]:
+        """Keep untraced candidates for the next (traced) step; explain earlier ones now that it came."""
+        index = self.index
+        assert index is not None
+        out = list(found)
+        if facts.traced and self._pending:
+            explained = {f.param for f in found}
+            for bit, (first, reason) in self._pending.items():
+                name = index.names[bit]
+                if name in explained:  # the traced step shows the same problem: date it back to its first step
+                    out = [replace(f, step=first) if f.param == name else f for f in out]
+                elif reason == "zero":
+                    out.append(replace(explain_zero(name, bit, StepFacts(), first), message=(
+                        f"`{name}` received an all-zero gradient at step {first}, but not at the next (traced) step."
+                    )))  # fmt: skip
+                else:
+                    out.append(replace(explain_missing(name, bit, facts, first), where=None, message=(
+                        f"`{name}` received no gradient at step {first}, but did at the next (traced) step: a "
+                        "data-dependent branch skipped it."
+                    ), kind="unused", hint=HINTS["unused"]))  # fmt: skip
+            self._pending.clear()
+        for bit, reason in pending:
+            self._pending.setdefault(bit, (step, reason))
+        return out
+
+    def _arm_after_check(self, new: list[Finding], traced_step: bool) -> None:
+        if self.diagnose == "always":
+            self._armed = True
+        elif self.diagnose == "never" or self.diagnose == "first":
+            self._armed = False
+        else:  # on_finding: trace the next step when something new turned up that a trace can explain
+            self._armed = bool(self._pending) or (bool(new) and not traced_step)
+
+    def finish(self, step: int) -> None:
+        """End of the run: report candidates still waiting for a traced step as they are."""
+        if not self._pending or self.index is None:
+            return
+        facts = StepFacts(compiled=self.compiled)
+        explain = {"missing": explain_missing, "zero": explain_zero}
+        findings = [
+            explain[reason](self.index.names[bit], bit, facts, first) for bit, (first, reason) in self._pending.items()
+        ]
+        self._pending.clear()
+        kept = self.policy.keep(findings)
+        self.report.add(kept)
+        self.last_findings = kept
+        self.policy.enforce(kept, step)
+
+    @property
+    def findings(self) -> list[Finding]:
+        return self.report.findings

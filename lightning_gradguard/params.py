@@ -1,0 +1,96 @@
+"""The model's parameters as GradGuard sees them: names, bit indices, owning modules."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["ParamIndex", "clean_name", "optimizer_params"]
+
+
+def clean_name(name: str) -> str:
+    """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` adds to compiled submodules.
+
+    Example::
+
+        >>> clean_name("encoder._orig_mod.0.weight")
+        'encoder.0.weight'
+    """
+    if "_orig_mod" not in name:
+        return name
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every tensor of ``optimizer.param_groups``, in order, each once."""
+    seen: set[int] = set()
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+class ParamIndex:
+    """An ordered table of a model's parameters: ``names[i]`` is ``params[i]``; bit ``1 << i`` stands for it.
+
+    Tied parameters appear once, under the name ``named_parameters()`` yields first. The index holds references
+    to the parameters themselves (never to gradients or activations).
+    """
+
+    def __init__(self, named: Iterable[tuple[str, nn.Parameter | torch.Tensor]]) -> None:
+        self.names: list[str] = []
+        self.params: list[torch.Tensor] = []
+        self.index: dict[int, int] = {}
+        for name, p in named:
+            if id(p) in self.index:
+                continue
+            self.index[id(p)] = len(self.params)
+            self.names.append(clean_name(name))
+            self.params.append(p)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ParamIndex:
+        """The index of ``model.named_parameters()``."""
+        return cls(model.named_parameters())
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def name_of(self, p: torch.Tensor) -> str | None:
+        """The parameter's name, or ``None`` when it is not a parameter of the model."""
+        i = self.index.get(id(p))
+        return None if i is None else self.names[i]
+
+    def bits(self, mask: int) -> list[int]:
+        """The indices set in ``mask``, in order."""
+        out = []
+        i = 0
+        while mask:
+            low = mask & -mask
+            i = low.bit_length() - 1
+            out.append(i)
+            mask ^= low
+        return out
+
+    def mask_of(self, params: Sequence[torch.Tensor]) -> int:
+        """The bit mask of ``params`` (tensors that are not model parameters are skipped)."""
+        m = 0
+        for p in params:
+            i = self.index.get(id(p))
+            if i is not None:
+                m |= 1 << i
+        return m
+
+    def signature(self, model: nn.Module) -> int:
+        """A cheap fingerprint of the model's parameter set, to notice when it changed."""
+        return hash(tuple(id(p) for p in model.parameters()))
+
+
+def module_of(name: str) -> str:
+    """The owning module's name of parameter ``name`` (``""`` for the root module)."""
+    return name.rpartition(".")[0]
