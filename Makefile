@@ -1,0 +1,38 @@
+# Developer entry points. `make test` on a fresh clone creates .venv and installs everything first.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint bench clean distclean
+
+venv: $(STAMP)
+
+# Re-installs only when pyproject.toml or constraints.txt changed (or .venv is new).
+# constraints.txt pins torch to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -c constraints.txt -e '.[dev]'
+	touch $@
+
+test: venv
+	$(VPY) -m pytest -q
+
+demo: venv
+	$(VPY) examples/train.py fit --config configs/demo.yaml
+
+lint: venv
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+# benchmarks/run.py is written separately; this target fails until it exists.
+bench: venv
+	$(VPY) benchmarks/run.py
+
+# Build outputs, caches and training logs; keeps .venv (see distclean).
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache lightning_logs
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
