@@ -262,6 +262,7 @@ def test_demo_marks_each_bug_on_one_line(demo: ModuleType) -> None:
         bug_line(bug)
 
 
+@pytest.mark.filterwarnings("ignore::lightning_gradguard.GradGuardWarning")
 @pytest.mark.parametrize("bug", sorted(EXPECTED))
 def test_demo_bug_is_reported(demo: ModuleType, tmp_path: Path, bug: str) -> None:
     guard = GradGuard(**{name: "warn" for name in inspect.signature(GradGuard).parameters if name.startswith("on_")})
