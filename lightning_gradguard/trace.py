@@ -350,14 +350,15 @@ class Tracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not (dep or cuts) or name in _SKIP_OUTPUT:
             return out
-        self.seen |= dep
-
         if name == "__get__" and getattr(func, "__self__", None) is not _DATA_DESCRIPTOR:
-            return out  # other attribute reads (`.grad`, `.shape`, ...) carry nothing
-        if name in _ESCAPES or not isinstance(out, (_TENSOR, list, tuple)):
-            if name in _ESCAPES:
-                self._escape(name, out, dep, grad, cuts)
+            return out  # other attribute reads (`.grad`, `.is_cuda`, ...) carry no value
+        if name in _ESCAPES:
+            self.seen |= dep
+            self._escape(name, out, dep, grad, cuts)
             return out
+        if not isinstance(out, (_TENSOR, list, tuple)):
+            return out  # metadata (`is_floating_point()`, ...) carries no value
+        self.seen |= dep
 
         frame = sys._getframe(1)
         if name in _ZERO_DERIVATIVE and grad:
