@@ -78,6 +78,7 @@ class GuardCore:
         self._armed = diagnose != "never"
         self._losses: list[_Loss] = []
         self._pending: dict[int, tuple[int, str]] = {}
+        self._known: dict[int, Finding] = {}  # what a traced step found for a parameter lacking a gradient
         self._consistency_key: tuple[int, ...] | None = None
         self.last_findings: list[Finding] = []
 
@@ -148,7 +149,7 @@ class GuardCore:
                 if index.params[bit].requires_grad:
                     findings.append(explain_missing(index.names[bit], bit, sf, step))
         head = (
-            "GradGuard: the loss does not require grad, so `backward()` would fail with \"element 0 of tensors does "
+            "The loss does not require grad, so `backward()` would fail with \"element 0 of tensors does "
             'not require grad and does not have a grad_fn".'
         )
         if facts is None:
@@ -254,8 +255,16 @@ class GuardCore:
                         "data-dependent branch skipped it."
                     ), kind="unused", hint=HINTS["unused"]))  # fmt: skip
             self._pending.clear()
+        if facts.traced:
+            for f in found:
+                if f.kind in ("unused", "detached", "zero"):
+                    self._known[index.bit_of[f.param]] = f
         for bit, reason in pending:
-            self._pending.setdefault(bit, (step, reason))
+            known = self._known.get(bit)
+            if known is not None and (known.kind == "zero") == (reason == "zero"):
+                out.append(replace(known, step=step))  # seen and explained before: no need to trace again
+            else:
+                self._pending.setdefault(bit, (step, reason))
         return out
 
     def _arm_after_check(self, new: list[Finding], traced_step: bool) -> None:
@@ -275,6 +284,7 @@ class GuardCore:
         findings = [
             explain[reason](self.index.names[bit], bit, facts, first) for bit, (first, reason) in self._pending.items()
         ]
+        findings = [replace(self._known.get(self.index.bit_of[f.param], f), step=f.step) for f in findings]
         self._pending.clear()
         kept = self.policy.keep(findings)
         self.report.add(kept)

@@ -109,5 +109,5 @@ class GradGuardError(RuntimeError):
         """An error whose text lists ``findings`` with their fixes."""
         n = len(findings)
         at = f" at step {step}" if step is not None else ""
-        head = context or f"GradGuard: {n} parameter{'s' if n != 1 else ''} got no usable gradient{at}"
+        head = context or f"{n} parameter{'s' if n != 1 else ''} got no usable gradient{at}"
         return cls(f"{head}:\n{format_findings(findings)}", findings)

@@ -46,10 +46,12 @@ class ParamIndex:
         self.names: list[str] = []
         self.params: list[torch.Tensor] = []
         self.index: dict[int, int] = {}
+        self.bit_of: dict[str, int] = {}
         for name, p in named:
             if id(p) in self.index:
                 continue
             self.index[id(p)] = len(self.params)
+            self.bit_of[clean_name(name)] = len(self.params)
             self.names.append(clean_name(name))
             self.params.append(p)
 

@@ -41,6 +41,9 @@ __all__ = ["CutSite", "LossFacts", "Tracer", "format_where", "is_library_file"]
 _TENSOR = torch.Tensor
 _DATA_DESCRIPTOR = torch._C.TensorBase.__dict__.get("data", None)
 _ESCAPES = frozenset({"item", "tolist", "__float__", "__int__", "__index__", "__complex__", "numpy", "__array__"})
+_ESCAPE_SPELLING = {"numpy": ".numpy()", "__array__": "np.asarray(tensor)", "item": ".item()", "tolist": ".tolist()",
+                    "__float__": "float(tensor)", "__int__": "int(tensor)", "__index__": "int(tensor)",
+                    "__complex__": "complex(tensor)"}  # fmt: skip
 _CREATORS = frozenset({"tensor", "as_tensor", "asarray", "scalar_tensor", "from_numpy"})
 _ZERO_DERIVATIVE = frozenset({"round", "round_", "floor", "floor_", "ceil", "ceil_", "trunc", "trunc_", "sign",
                               "sign_", "sgn", "sgn_", "fix", "fix_"})  # fmt: skip
@@ -135,7 +138,8 @@ class CutSite:
         if self.kind == "checkpoint":
             return f"`checkpoint(..., use_reentrant=True)`{at}, none of whose inputs requires grad"
         if self.kind == "escape":
-            return f"`.{self.op}()`{at}" if not self.op.startswith("__") else f"`{self.op.strip('_')}(tensor)`{at}"
+            trip = " (a round-trip through numpy)" if self.op in ("numpy", "__array__") else ""
+            return f"`{_ESCAPE_SPELLING.get(self.op, self.op)}`{at}{trip}"
         if self.kind == "copy":
             return f"a copy into a new leaf (`.requires_grad_()`){at}"
         if self.kind == "zero_derivative":
@@ -150,7 +154,8 @@ class CutSite:
             "no_grad": "move the computation out of `torch.no_grad()`",
             "inference_mode": "move the computation out of `torch.inference_mode()`",
             "checkpoint": "make an input of the checkpoint require grad, or pass `use_reentrant=False`",
-            "escape": f"keep the value a tensor instead of leaving torch through `{self.op}` and re-wrapping it",
+            "escape": "keep the value a tensor instead of leaving torch through "
+            f"`{_ESCAPE_SPELLING.get(self.op, self.op)}` and re-wrapping it",
             "copy": "use the parameter itself, not a detached copy",
             "zero_derivative": f"replace `{self.op}` by a differentiable op (e.g. a straight-through estimator)",
         }.get(self.kind, f"replace the non-differentiable `{self.op}`, or keep its result out of the loss")
@@ -416,6 +421,11 @@ class Tracer(TorchFunctionMode):
     def _escape(self, name: str, out: object, dep: int, grad: int, cuts: int) -> None:
         if grad:
             cuts |= self._site("escape", name, grad, sys._getframe(2))
+        elif cuts:  # `.detach().numpy()` on one line is one escape, not a `.detach()` to remove
+            where, _ = self._locate(sys._getframe(2), "escape")
+            for site in self.site_bits(cuts):
+                if site.kind == "detach" and site.where == where:
+                    site.kind, site.op = "escape", name
         if isinstance(out, bool) or (isinstance(out, int) and -5 <= out <= 256):
             return  # interned by CPython: its identity says nothing
         self._escapes[id(out)] = (out, dep, cuts)
