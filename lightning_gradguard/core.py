@@ -95,6 +95,11 @@ class GuardCore:
         self.tracer = Tracer(index, on_backward=on_backward)
 
     @property
+    def has_losses(self) -> bool:
+        """A backward happened since the last check."""
+        return bool(self._losses)
+
+    @property
     def tracing(self) -> bool:
         """The tracer is recording right now."""
         return self.tracer is not None and self.tracer.active and not self.tracer.paused
@@ -149,7 +154,7 @@ class GuardCore:
                 if index.params[bit].requires_grad:
                     findings.append(explain_missing(index.names[bit], bit, sf, step))
         head = (
-            "The loss does not require grad, so `backward()` would fail with \"element 0 of tensors does "
+            'The loss does not require grad, so `backward()` would fail with "element 0 of tensors does '
             'not require grad and does not have a grad_fn".'
         )
         if facts is None:

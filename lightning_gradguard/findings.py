@@ -90,9 +90,9 @@ class Finding:
 def format_findings(findings: Sequence[Finding]) -> str:
     """A compact multi-line listing: ``name: kind (where): message`` and the fix hint, one finding per line."""
     lines = []
-    for f in sorted(findings, key=lambda f: (KINDS.index(f.kind) if f.kind in KINDS else 99, f.param)):
+    for f in sorted(findings, key=lambda f: KINDS.index(f.kind) if f.kind in KINDS else len(KINDS)):
         lines.append(f"  - {f}")
-        if f.hint:
+        if f.hint and f.hint not in f.message:
             lines.append(f"      fix: {f.hint}")
     return "\n".join(lines)
 

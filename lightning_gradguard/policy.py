@@ -83,7 +83,8 @@ class Policy:
         for f in findings:
             if f.key not in self._warned:
                 self._warned.add(f.key)
-                warnings.warn(f"GradGuard: {f}\n  fix: {f.hint}", GradGuardWarning, stacklevel=2)
+                fix = f"\n  fix: {f.hint}" if f.hint and f.hint not in f.message else ""
+                warnings.warn(f"GradGuard: {f}{fix}", GradGuardWarning, stacklevel=2)
 
     @property
     def warned(self) -> set[tuple[str, str]]:

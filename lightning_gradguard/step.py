@@ -25,10 +25,11 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
     so a parameter without a gradient is classified (``frozen``, ``unused``, ``detached``, ``zero``,
     ``nonfinite``, ``orphan``, ``stale``) and a detached one names the line that cut its gradient path.
 
-    The check runs just before each ``optimizer.step()`` in the block (with ``optimizer=None``: of any optimizer),
-    or, if no optimizer steps, when the block ends, over the model's trainable parameters. A loss without a graph
-    raises :class:`~lightning_gradguard.GradGuardError` at ``backward()`` (torch would fail there anyway) naming
-    the parameters that were cut and where.
+    The check runs just before each ``optimizer.step()`` in the block (with ``optimizer=None``: of any optimizer).
+    With ``optimizer=None`` and no optimizer stepping, it runs when the block ends, over the model's trainable
+    parameters. A given optimizer that does not step (a ``GradScaler`` skipped it) leaves nothing to judge. A loss
+    without a graph raises :class:`~lightning_gradguard.GradGuardError` at ``backward()`` (torch would fail there
+    anyway), naming the parameters that were cut and where.
 
     Args:
         model: the model whose parameters are checked.
@@ -110,7 +111,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
             return
         core.end_batch()
         try:
-            if not self._stepped and core._losses:
+            if not self._stepped and self.optimizer is None and core.has_losses:
                 params = [p for p in self.model.parameters() if p.requires_grad]
                 core.check(params, self._step)
             core.finish(self._step)

@@ -27,17 +27,17 @@ def where(marker: str, path: str | None = None) -> str:
 
 def make_trainer(tmp_path, callbacks, **kwargs) -> Trainer:
     """A small, quiet CPU Trainer."""
-    opts = dict(
-        max_steps=3,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        num_sanity_val_steps=0,
-    )
+    opts = {
+        "max_steps": 3,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": tmp_path,
+        "num_sanity_val_steps": 0,
+    }
     opts.update(kwargs)
     return Trainer(callbacks=callbacks, **opts)
 

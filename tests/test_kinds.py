@@ -7,11 +7,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import loader, make_trainer, where
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
+from conftest import loader, make_trainer, where
 from lightning_gradguard import Finding, GradGuard, GradGuardError, GradGuardWarning
 
 
@@ -445,9 +445,6 @@ def test_gan_manual_optimization_is_silent(tmp_path, toggle):
 
 def test_gan_with_detached_generator_output_raises_for_generator(tmp_path):
     class Broken(GAN):
-        def G_forward(self, z):
-            return self.G(z)
-
         def training_step(self, batch, batch_idx):
             g = self.G
             self.G = nn.Sequential(g, Detach())
@@ -518,7 +515,9 @@ def test_raise_lists_every_finding_of_the_step(tmp_path):
     assert kinds(err.value.findings) == {("unused", "aux.weight"), ("unused", "aux.bias"),
                                          ("frozen", "encoder.0.weight")}  # fmt: skip
     text = str(err.value)
-    assert "aux.weight: unused" in text and "encoder.0.weight: frozen" in text and "fix:" in text
+    assert "aux.weight: unused" in text
+    assert "encoder.0.weight: frozen" in text
+    assert "fix:" in text
 
 
 @pytest.mark.parametrize(

@@ -7,11 +7,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import loader, make_trainer, where
 from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from conftest import loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError, check_step
 
 
@@ -312,23 +312,23 @@ def test_logging_metrics_validation_ema_and_correct_checkpoint_are_silent(tmp_pa
 def test_exception_in_user_code_propagates_unchanged_and_leaves_no_mode(tmp_path):
     from torch.overrides import _get_current_function_mode_stack
 
-    class Boom(Exception):
+    class BoomError(Exception):
         pass
 
     class Lit(LitCase):
         def training_step(self, batch, batch_idx):
             self.net.enc(batch[0])
-            raise Boom("user bug")
+            raise BoomError("user bug")
 
-    with pytest.raises(Boom, match="user bug"):
+    with pytest.raises(BoomError, match="user bug"):
         make_trainer(tmp_path, [GradGuard()]).fit(Lit(cut_detach), loader())
     assert _get_current_function_mode_stack() == []
     assert torch.is_grad_enabled()
 
     model = Model()
-    with pytest.raises(Boom), check_step(model):
+    with pytest.raises(BoomError), check_step(model):
         model.enc(torch.randn(2, 8))
-        raise Boom("user bug")
+        raise BoomError("user bug")
     assert _get_current_function_mode_stack() == []
 
 
@@ -347,8 +347,10 @@ def test_trace_holds_no_tensor_after_the_step(tmp_path):
     guard = GradGuard(diagnose="always")
     make_trainer(tmp_path, [guard], max_steps=2).fit(Lit(cut_detach), loader())
     gc.collect()
-    assert refs and all(r() is None for r in refs)
-    assert guard._core.tracer is not None and guard._core.tracer._prov == {}
+    assert refs
+    assert all(r() is None for r in refs)
+    assert guard._core.tracer is not None
+    assert guard._core.tracer._prov == {}
 
 
 # ---------------------------------------------------------------- torch.compile
