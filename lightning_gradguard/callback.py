@@ -12,7 +12,6 @@ from typing_extensions import override
 
 from .core import DIAGNOSE, GuardCore
 from .findings import Finding
-from .params import optimizer_params
 from .policy import ACTIONS, Policy
 from .report import RunReport
 
@@ -172,9 +171,8 @@ class GradGuard(Callback):
         scale = 1.0
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = float(scaler.get_scale())  # fused optimizers unscale inside `step()`
-        self._core.check(
-            optimizer_params(optimizer), trainer.global_step, optimizers=trainer.optimizers, scaler=scaler, scale=scale
-        )
+        params = self._core.params_of(optimizer)
+        self._core.check(params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler, scale=scale)
 
     @override
     def on_train_batch_end(

@@ -30,7 +30,7 @@ from .audit import (
     reached_params,
 )
 from .findings import HINTS, Finding, GradGuardError
-from .params import ParamIndex, optimizer_params
+from .params import ParamIndex, module_of, optimizer_params
 from .policy import Policy
 from .report import RunReport
 from .trace import LossFacts, Tracer
@@ -50,6 +50,39 @@ def is_compiled(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without dynamo
         return False
     return isinstance(model, OptimizedModule) or any(isinstance(m, OptimizedModule) for m in model.modules())
+
+
+def _layout(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
+    """A cheap key that changes when ``optimizer``'s param groups do (groups added, lists replaced or resized)."""
+    return (id(optimizer), *((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
+
+
+def module_view(index: ParamIndex, findings: Sequence[Finding]) -> list[str]:
+    """One line per module all of whose trainable parameters are unused (or detached) alike.
+
+    Example: ``"module `pooler` ran, but its output never reached the loss"``.
+    """
+    by_module: dict[str, list[Finding]] = {}
+    for f in findings:
+        if f.kind in ("unused", "detached"):
+            by_module.setdefault(f.module, []).append(f)
+    lines = []
+    for module, group in by_module.items():
+        trainable = [
+            n for n, p in zip(index.names, index.params, strict=True) if module_of(n) == module and p.requires_grad
+        ]
+        if {f.param for f in group} != set(trainable) or len({f.kind for f in group}) != 1:
+            continue
+        label = f"module `{module}`" if module else "the root module"
+        f = group[0]
+        if f.kind == "detached":
+            lines.append(f"{label}: the loss depends on its output, but every gradient path to it is cut" +
+                         (f" at {f.where}" if f.where else ""))  # fmt: skip
+        elif "never took part" in f.message:
+            lines.append(f"{label} was never called")
+        else:
+            lines.append(f"{label} ran, but its output never reached the loss")
+    return lines
 
 
 @dataclass
@@ -79,7 +112,8 @@ class GuardCore:
         self._losses: list[_Loss] = []
         self._pending: dict[int, tuple[int, str]] = {}
         self._known: dict[int, Finding] = {}  # what a traced step found for a parameter lacking a gradient
-        self._consistency_key: tuple[int, ...] | None = None
+        self._consistency_key: tuple[Any, ...] | None = None
+        self._params_cache: dict[int, tuple[Any, list[torch.Tensor]]] = {}
         self.last_findings: list[Finding] = []
 
     # ------------------------------------------------------------------ setup
@@ -93,6 +127,15 @@ class GuardCore:
             self.tracer.stop()
         self.index = index
         self.tracer = Tracer(index, on_backward=on_backward)
+
+    def params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        """``optimizer``'s parameters in order, recomputed only when its param groups change."""
+        layout = _layout(optimizer)
+        hit = self._params_cache.get(id(optimizer))
+        if hit is None or hit[0] != layout:
+            hit = (layout, optimizer_params(optimizer))
+            self._params_cache[id(optimizer)] = hit
+        return hit[1]
 
     @property
     def has_losses(self) -> bool:
@@ -219,7 +262,7 @@ class GuardCore:
         stats = measure_grads(params, scale)
         findings: list[Finding] = []
         traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
-        key = tuple(id(p) for opt in optimizers for p in optimizer_params(opt))
+        key = tuple(_layout(opt) for opt in optimizers)
         if optimizers and (key != self._consistency_key or traced_step):
             self._consistency_key = key
             findings += audit_optimizers(index, optimizers, step)
@@ -233,6 +276,9 @@ class GuardCore:
         kept = self.policy.keep(findings)
         new = self.report.add(kept)
         self.last_findings = kept
+        if new and traced_step:
+            for line in module_view(index, new):
+                self.report.note(line)
         self._arm_after_check(new, traced_step)
         self.policy.enforce(kept, step, context)
         return stats

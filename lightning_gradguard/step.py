@@ -11,7 +11,6 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .core import GuardCore
 from .findings import Finding
-from .params import optimizer_params
 from .policy import DEFAULT_ACTIONS, Policy
 
 __all__ = ["check_step"]
@@ -126,7 +125,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         core.pause()
         self._stepped = True
         opts = [optimizer]
-        core.check(optimizer_params(optimizer), self._step, optimizers=opts)
+        core.check(core.params_of(optimizer), self._step, optimizers=opts)
         self._step += 1
         if core.tracer is not None:
             core.tracer.paused = False  # more forward passes may follow in the same block

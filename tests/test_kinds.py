@@ -566,3 +566,17 @@ def test_state_dict_round_trip_keeps_findings(tmp_path):
     fresh.load_state_dict(state)
     assert kinds(fresh.findings) == kinds(guard.findings)
     assert fresh._policy.warned == guard._policy.warned
+
+
+def test_report_has_a_module_level_view(tmp_path):
+    class Both(OutputDiscarded):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(16, 1)
+
+    guard = fit(tmp_path, Both(), GradGuard(on_unused="warn"), max_steps=1)
+    assert set(guard.report.notes) == {
+        "module `pooler` ran, but its output never reached the loss",
+        "module `aux` was never called",
+    }
+    assert "module `aux` was never called" in guard.report.table()
