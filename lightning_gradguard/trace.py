@@ -369,12 +369,11 @@ class Tracer(TorchFunctionMode):
         if name in _ZERO_DERIVATIVE and grad:
             cuts |= self._site("zero_derivative", name, grad, frame)
         elif name == "requires_grad_" and not grad and (args[1:2] or [kwargs.get("requires_grad", True)])[0]:
-            trainable = 0
-            for i in self.index.bits(dep):
-                if self.index.params[i].requires_grad:
-                    trainable |= 1 << i
-            if trainable:
-                cuts |= self._site("copy", name, trainable, frame)
+            # A parameter's own value made into a new leaf (`p.detach().clone().requires_grad_()`): exactly one
+            # parameter flows into it, with that parameter's shape. Anything else keeps its earlier cut as culprit.
+            src = self.index.params[dep.bit_length() - 1] if dep and dep & (dep - 1) == 0 else None
+            if src is not None and src.requires_grad and isinstance(out, _TENSOR) and out.shape == src.shape:
+                cuts |= self._site("copy", name, dep, frame)
         if name in _CREATORS:
             self._record_outputs(out, dep, 0, cuts, None, frame)
             return out
