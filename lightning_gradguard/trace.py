@@ -50,6 +50,9 @@ _ZERO_DERIVATIVE = frozenset({"round", "round_", "floor", "floor_", "ceil", "cei
 _SKIP_OUTPUT = frozenset({"backward", "register_hook", "register_post_accumulate_grad_hook", "__bool__", "size",
                           "dim", "numel", "__len__", "__repr__", "__format__", "__str__"})  # fmt: skip
 
+#: ``.tolist()`` results are followed element by element up to this many items (a traced step stays cheap).
+_MAX_ESCAPED_ITEMS = 4096
+
 _ROOTS: tuple[tuple[str, ...], str] | None = None
 
 
@@ -247,8 +250,11 @@ class Tracer(TorchFunctionMode):
         r = self._prov.get(id(t))
         if r is not None and r[0]() is t:
             return r[1], r[2], r[3]
-        if self._ptrs and t.device.type == "cpu":
-            hit = self._ptrs.get(t.data_ptr())
+        if self._ptrs and t.device.type == "cpu" and t.layout == torch.strided:
+            try:
+                hit = self._ptrs.get(t.data_ptr())
+            except RuntimeError:  # tensors without storage (subclasses, functional wrappers)
+                return _ZERO
             if hit is not None:
                 return hit[0], 0, hit[1]
         return _ZERO
@@ -264,7 +270,7 @@ class Tracer(TorchFunctionMode):
             return hit[1], hit[2]
         if isinstance(obj, (list, tuple)):
             dep = cuts = 0
-            for x in obj:
+            for x in obj[:_MAX_ESCAPED_ITEMS]:
                 sub = self._escaped(x)
                 if sub is not None:
                     dep |= sub[0]
@@ -361,6 +367,10 @@ class Tracer(TorchFunctionMode):
             self.seen |= dep
             self._escape(name, out, dep, grad, cuts)
             return out
+        if name == "__setitem__" and args and isinstance(args[0], _TENSOR):
+            self.seen |= dep  # `t[idx] = value` writes `value` into `t`: `t` now carries both
+            self._record_outputs(args[0], dep, grad, cuts, (func, name), sys._getframe(1))
+            return out
         if not isinstance(out, (_TENSOR, list, tuple)):
             return out  # metadata (`is_floating_point()`, ...) carries no value
         self.seen |= dep
@@ -429,9 +439,10 @@ class Tracer(TorchFunctionMode):
             return  # interned by CPython: its identity says nothing
         self._escapes[id(out)] = (out, dep, cuts)
         if isinstance(out, list):
-            stack = [out]
-            while stack:
-                for x in stack.pop():
+            stack, budget = [out], _MAX_ESCAPED_ITEMS
+            while stack and budget > 0:
+                for x in stack.pop()[:budget]:
+                    budget -= 1
                     if isinstance(x, list):
                         stack.append(x)
                     elif isinstance(x, float):

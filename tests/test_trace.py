@@ -371,3 +371,23 @@ def test_compiled_model_steps_aside_and_falls_back_to_gradients(tmp_path, recwar
     assert all(f.where is None for f in err.value.findings)
     assert "torch.compile" in err.value.findings[0].message
     assert not [w for w in recwarn if "dynamo" in str(w.message).lower()]
+
+
+def test_setitem_carries_the_written_value():
+    model = Model()
+    with check_step(model) as chk:
+        buf = torch.zeros(4, 16)
+        buf[:, :] = model.enc(torch.randn(4, 8)).detach()  # CUT: setitem
+        model.head(buf).mean().backward()
+    assert {(f.kind, f.param, f.where) for f in chk.findings} == {
+        ("detached", "enc.weight", where("CUT: setitem")),
+        ("detached", "enc.bias", where("CUT: setitem")),
+    }
+
+
+def test_large_tolist_is_followed_within_a_budget():
+    model = Model()
+    with check_step(model) as chk:
+        values = model.enc(torch.randn(512, 8)).tolist()  # CUT: big-tolist
+        model.head(torch.tensor(values)).mean().backward()
+    assert {f.where for f in chk.findings if f.kind == "detached"} == {where("CUT: big-tolist")}
