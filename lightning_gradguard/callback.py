@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from .core import DIAGNOSE, GuardCore
+from .dashboard import Dashboard
 from .findings import Finding
 from .policy import ACTIONS, Policy
 from .report import RunReport
@@ -58,6 +59,44 @@ class GradGuard(Callback):
         diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
             the next step after a new problem shows up on an untraced step), ``"always"`` (every step; slower),
             ``"never"`` (no tracing: unused and detached are not told apart).
+        log_every_n_steps: log the dashboards every this many optimizer steps (steps 0, n, 2n, ...); ``None``: the
+            Trainer's ``log_every_n_steps``; ``0``: never (the checks and the run report stay).
+        norms: which gradient norms to log besides the total: ``"param"`` (one per parameter tensor), ``"module"``
+            (one per module, over its own parameters) or ``"total"`` (the total only).
+        max_norm_tags: at most this many norm tags per optimizer; beyond, modules are merged into their parents
+            until they fit (a model with thousands of tensors gets one tag per block).
+        histograms: log the distribution of the per-parameter gradient norms (TensorBoard; cheap).
+        value_histograms: log a histogram of the gradient values per tag of ``norms`` (TensorBoard; costs a pass
+            over every gradient on logged steps).
+        update_ratio: log ``||w_after - w_before|| / ||w_before||`` of each logged step per tag of ``norms`` (copies
+            the updated parameters on logged steps, until the end of the batch).
+        write_report: write the run report as JSON at the end of ``fit`` and when it fails.
+        report_path: where to write it; ``None``: ``gradguard_report.json`` in the first logger's ``log_dir``, else
+            in the Trainer's ``default_root_dir``.
+
+    Dashboards, written on rank zero only at ``on_before_optimizer_step`` (accumulated, AMP-unscaled, before
+    clipping) with ``step=trainer.global_step``. Scalars go to every logger (``log_metrics``); histograms, text and
+    a custom-scalars layout (one ``GradGuard`` section in TensorBoard's Custom Scalars tab) to TensorBoard loggers:
+
+    ======================================  =========  =============================================================
+    key                                     type       value
+    ======================================  =========  =============================================================
+    ``gradguard/total_norm``                scalar     L2 norm of all gradients of the stepping optimizer
+    ``gradguard/grad_norm/<name>``          scalar     L2 norm per parameter or module (``norms``)
+    ``gradguard/total_update_ratio``        scalar     ``||w_after - w_before|| / ||w_before||`` (``update_ratio``)
+    ``gradguard/update_ratio/<name>``       scalar     the same per parameter or module (``update_ratio``)
+    ``gradguard/findings/<kind>``           scalar     distinct findings of each of the seven kinds so far
+    ``gradguard/epoch/total_norm_max``      scalar     max of the total norm over the epoch, synced across ranks
+    ``gradguard/epoch/total_norm_mean``     scalar     mean of the total norm over the epoch, synced across ranks
+    ``gradguard/grad_norms``                histogram  the per-parameter gradient norms (``histograms``)
+    ``gradguard/grad_values/<name>``        histogram  gradient values per parameter or module (``value_histograms``)
+    ``gradguard/report``                    text       the run report as a markdown table, when it changes and at the
+                                                       end (TensorBoard stores it as ``gradguard/report/text_summary``)
+    ======================================  =========  =============================================================
+
+    With several optimizers, ``total_norm``, ``total_update_ratio``, ``grad_norms`` and the epoch keys end in
+    ``_opt<k>`` (``k``: the optimizer's index in ``trainer.optimizers``). The epoch statistics cover the steps
+    whose total norm is finite (the scaler's skipped overflow steps are not).
 
     Raises:
         ValueError: an option has a value it does not take.
@@ -80,6 +119,14 @@ class GradGuard(Callback):
         on_zero: Action = "warn",
         ignore: list[str] | None = None,
         diagnose: Literal["first", "on_finding", "always", "never"] = "on_finding",
+        log_every_n_steps: int | None = None,
+        norms: Literal["param", "module", "total"] = "module",
+        max_norm_tags: int = 100,
+        histograms: bool = True,
+        value_histograms: bool = False,
+        update_ratio: bool = False,
+        write_report: bool = True,
+        report_path: str | None = None,
     ) -> None:
         actions = {
             "frozen": on_frozen,
@@ -98,6 +145,16 @@ class GradGuard(Callback):
                 f"`GradGuard(diagnose={diagnose!r})` must be one of 'first', 'on_finding', 'always', 'never'."
             )
         self._policy = Policy(actions, ignore, owner="GradGuard")
+        self._dashboard = Dashboard(
+            log_every_n_steps=log_every_n_steps,
+            norms=norms,
+            max_norm_tags=max_norm_tags,
+            histograms=histograms,
+            value_histograms=value_histograms,
+            update_ratio=update_ratio,
+            write_report=write_report,
+            report_path=report_path,
+        )
         self.on_frozen = on_frozen
         self.on_unused = on_unused
         self.on_detached = on_detached
@@ -107,6 +164,14 @@ class GradGuard(Callback):
         self.on_zero = on_zero
         self.ignore = list(self._policy.ignore)
         self.diagnose = diagnose
+        self.log_every_n_steps = log_every_n_steps
+        self.norms = norms
+        self.max_norm_tags = max_norm_tags
+        self.histograms = histograms
+        self.value_histograms = value_histograms
+        self.update_ratio = update_ratio
+        self.write_report = write_report
+        self.report_path = report_path
         self._core = GuardCore(self._policy, diagnose)
         self._restored: dict[str, Any] | None = None
 
@@ -114,7 +179,8 @@ class GradGuard(Callback):
         args = ", ".join(
             f"{k}={getattr(self, k)!r}"
             for k in ("on_frozen", "on_unused", "on_detached", "on_orphan", "on_stale", "on_nonfinite", "on_zero",
-                      "ignore", "diagnose")  # fmt: skip
+                      "ignore", "diagnose", "log_every_n_steps", "norms", "max_norm_tags", "histograms",
+                      "value_histograms", "update_ratio", "write_report", "report_path")  # fmt: skip
         )
         return f"GradGuard({args})"
 
@@ -148,6 +214,7 @@ class GradGuard(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._core.bind(pl_module)
+        self._dashboard.start(trainer)
         if self._core.compiled and self.diagnose != "never":
             log.info("GradGuard: the model is compiled; findings come from gradients alone (no tracing).")
 
@@ -172,13 +239,20 @@ class GradGuard(Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = float(scaler.get_scale())  # fused optimizers unscale inside `step()`
         params = self._core.params_of(optimizer)
-        self._core.check(params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler, scale=scale)
+        stats = self._core.check(params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler, scale=scale)
+        if self._core.index is not None:
+            self._dashboard.log_step(trainer, optimizer, stats, self._core.index, self._core.report, scale)
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._core.end_batch()
+        self._dashboard.end_batch()
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._dashboard.end_epoch(trainer, pl_module.device)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -186,17 +260,20 @@ class GradGuard(Callback):
         try:
             self._core.finish(trainer.global_step)
         finally:
-            rank_zero_info(self._core.report.table())
+            path = self._dashboard.finish(trainer, self._core.report)
+            rank_zero_info(self._core.report.table() + (f"\nGradGuard: report written to {path}" if path else ""))
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._core.abort()
+        path = self._dashboard.finish(trainer, self._core.report)
         if self._core.findings:
-            rank_zero_info(self._core.report.table())
+            rank_zero_info(self._core.report.table() + (f"\nGradGuard: report written to {path}" if path else ""))
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._core.abort()
+        self._dashboard.release()
 
     # ------------------------------------------------------------------ checkpoints
     @override

@@ -59,6 +59,10 @@ class RunReport:
         if text not in self.notes:
             self.notes.append(text)
 
+    def __len__(self) -> int:
+        """The number of distinct findings."""
+        return len(self._entries)
+
     @property
     def entries(self) -> list[Entry]:
         return list(self._entries.values())
@@ -119,13 +123,27 @@ class RunReport:
         return "\n".join(lines)
 
     def markdown(self) -> str:
-        """The table as GitHub markdown (TensorBoard's Text tab renders it)."""
+        """The table as GitHub markdown (TensorBoard's Text tab renders it): parameter, kind, where, first step,
+        count, what happened, fix."""
         if not self._entries:
-            return "Every parameter received a usable gradient."
-        lines = ["| parameter | kind | where | first step | count | message |", "|---|---|---|---|---|---|"]
+            text = "**GradGuard:** every parameter received a usable gradient."
+            return text + "".join(f"\n\n{_md_cell(n)}" for n in self.notes)
+        n = len(self._entries)
+        lines = [
+            f"**GradGuard run report:** {n} finding{'s' if n != 1 else ''}",
+            "",
+            "| parameter | kind | where | first step | count | what happened | fix |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for e in sorted(self._entries.values(), key=lambda e: (KINDS.index(e.finding.kind), e.finding.param)):
             f = e.finding
-            msg = f.message.replace("|", "\\|")
-            lines.append(f"| `{f.param}` | {f.kind} | {f.where or '-'} | {f.step} | {e.count} | {msg} |")
-        lines += [f"\n{n}" for n in self.notes]
+            where = f"`{f.where}`" if f.where else "-"
+            cells = (f"`{f.param}`", f.kind, where, str(f.step), str(e.count), _md_cell(f.message), _md_cell(f.hint))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [f"\n{_md_cell(n)}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _md_cell(text: str) -> str:
+    """``text`` safe inside a markdown table cell (no pipes, no line breaks)."""
+    return text.replace("|", "\\|").replace("\n", " ")

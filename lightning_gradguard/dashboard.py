@@ -1,0 +1,631 @@
+"""The dashboard: GradGuard's gradient statistics and run report, written to every logger of a Trainer.
+
+:class:`Dashboard` takes what :meth:`~lightning_gradguard.core.GuardCore.check` already measured (one
+:class:`~lightning_gradguard.audit.GradStats` per optimizer step: per-parameter norms from the one fused pass) and
+writes, on the steps it logs, only on rank zero:
+
+* scalars, through ``logger.log_metrics`` of every logger (TensorBoard, CSV, W&B, MLflow, ...);
+* histograms, the findings report as markdown text and a custom-scalars layout, to the loggers whose ``experiment``
+  is a TensorBoard ``SummaryWriter``;
+* the run report as JSON at the end of ``fit``.
+
+For a ``torch.utils.tensorboard.SummaryWriter`` the scalars and histograms of a step go out as one event
+(``add_scalar`` costs one hand-off to the writer thread per tag). Histograms use log-linear buckets (8 per octave,
+from ``torch.frexp``: exact, and one pass on the device); their counts, and the other statistics, come back to the
+host in one transfer per step.
+
+Nothing here runs on steps that are not logged, except a running max/sum/count of the total norm (three Python
+floats) for the epoch statistics.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from .audit import GradStats
+from .params import ParamIndex, module_of
+from .report import RunReport
+
+__all__ = [
+    "NORMS",
+    "REPORT_FILE",
+    "TAG",
+    "TEXT_TAG",
+    "Dashboard",
+    "custom_scalars_layout",
+    "group_keys",
+    "histogram_counts",
+    "histogram_proto_args",
+]
+
+#: Every tag starts with this.
+TAG = "gradguard"
+#: The choices of ``norms``.
+NORMS: tuple[str, ...] = ("param", "module", "total")
+#: The name of the JSON run report.
+REPORT_FILE = "gradguard_report.json"
+#: The text tag of the findings report (``torch`` appends ``/text_summary``).
+TEXT_TAG = f"{TAG}/report"
+
+# Log-linear histogram buckets: 8 per power of two, for every float32 (subnormals included), both signs and zero.
+_SUB = 8
+_E_MIN = -148  # frexp exponent of the smallest float32 subnormal
+_E_MAX = 128
+_P_MAX = (_E_MAX - _E_MIN) * _SUB + _SUB  # largest bucket key of a positive value
+_NBINS = 2 * _P_MAX + 1
+
+
+def _keys(v: torch.Tensor) -> torch.Tensor:
+    """Bucket key of every (finite, float32) value: 0 for zero, ``±(1..P_MAX)`` by magnitude, monotonic in value."""
+    m, e = torch.frexp(v)  # v = m * 2**e, |m| in [0.5, 1)
+    s = m.abs_().mul_(2 * _SUB).trunc_().to(torch.int64)  # in [SUB, 2 SUB), 0 for zero
+    key = e.to(torch.int64).sub_(_E_MIN).mul_(_SUB).add_(s).sub_(_SUB - 1)
+    return key.mul_(torch.sign(v).to(torch.int64))
+
+
+def _bucket_limit(key: int) -> float:
+    """The right edge of bucket ``key`` (the value range of key ``-k`` mirrors that of ``k``)."""
+    if key == 0:
+        return 0.0
+    p = abs(key) - 1
+    e, s = p // _SUB + _E_MIN, p % _SUB + _SUB
+    if key > 0:  # [s/2S, (s+1)/2S) * 2**e
+        return math.ldexp((s + 1) / (2 * _SUB), e)
+    return -math.ldexp(s / (2 * _SUB), e)  # (-(s+1)/2S, -s/2S] * 2**e
+
+
+def histogram_counts(tensors: Sequence[torch.Tensor], scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The histogram of all finite values of ``tensors`` (divided by ``scale``), on their device, without a sync.
+
+    Returns:
+        ``(stats, counts)``: ``stats = [min, max, num, sum, sum_squares]`` (float64) and ``counts``, one int64 count
+        per bucket key, shifted by ``P_MAX`` (see :func:`histogram_proto_args`).
+    """
+    device = tensors[0].device
+    counts = torch.zeros(_NBINS, dtype=torch.int64, device=device)
+    lo, hi = [], []
+    num = torch.zeros((), dtype=torch.float64, device=device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for t in tensors:
+        v = t.detach()
+        if v.is_sparse:
+            v = v.coalesce().values()
+        v = v.reshape(-1)
+        if v.dtype != torch.float32:
+            v = v.float()
+        if scale != 1.0:
+            v = v / scale
+        finite = torch.isfinite(v)
+        v = v[finite] if not bool(finite.all()) else v  # non-finite gradients are rare and reported as findings
+        if v.numel() == 0:
+            continue
+        counts += torch.bincount(_keys(v).add_(_P_MAX), minlength=_NBINS)
+        mn, mx = torch.aminmax(v)
+        lo.append(mn)
+        hi.append(mx)
+        num += v.numel()
+        total += v.sum(dtype=torch.float64)
+        squares += torch.dot(v, v).double()
+    if not lo:
+        nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
+        return torch.stack([nan, nan, num, total, squares]), counts
+    stats = torch.stack([torch.stack(lo).min().double(), torch.stack(hi).max().double(), num, total, squares])
+    return stats, counts
+
+
+def histogram_proto_args(stats: Sequence[float], keys: Sequence[int], counts: Sequence[int]) -> dict[str, Any] | None:
+    """Keyword arguments of TensorBoard's ``HistogramProto`` from :func:`histogram_counts`' results.
+
+    ``keys``/``counts`` are the non-empty buckets (keys shifted back by ``P_MAX``), in increasing order. An empty
+    bucket is put first so that TensorBoard knows the left edge of the first one. ``None`` if there are no values.
+    """
+    mn, mx, num, total, squares = stats
+    if not num:
+        return None
+    first = keys[0]
+    left = _bucket_limit(first - 1) if first > -_P_MAX else mn
+    return {
+        "min": mn,
+        "max": mx,
+        "num": num,
+        "sum": total,
+        "sum_squares": squares,
+        "bucket_limit": [min(left, mn), *(_bucket_limit(k) for k in keys)],
+        "bucket": [0.0, *(float(c) for c in counts)],
+    }
+
+
+def _fetch_histograms(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any] | None]:
+    """Bring the histograms of ``parts`` to the host together: one transfer for the statistics and the counts."""
+    if not parts:
+        return []
+    stats = torch.stack([s for s, _ in parts]).cpu().tolist()
+    counts = torch.stack([c for _, c in parts])
+    nz = counts.nonzero()
+    rows, cols = nz[:, 0].tolist(), nz[:, 1].tolist()
+    values = counts[nz[:, 0], nz[:, 1]].tolist()
+    per: list[tuple[list[int], list[int]]] = [([], []) for _ in parts]
+    for r, c, v in zip(rows, cols, values, strict=True):
+        per[r][0].append(c - _P_MAX)
+        per[r][1].append(v)
+    return [histogram_proto_args(s, k, c) if k else None for s, (k, c) in zip(stats, per, strict=True)]
+
+
+def group_keys(names: Sequence[str | None], norms: str, max_tags: int) -> tuple[list[str | None], str]:
+    """The tag key each parameter's norm is logged under, and a phrase saying how they were grouped.
+
+    ``norms="param"``: the parameter's name; ``"module"``: the owning module's name (a parameter of the root module
+    keeps its own name); ``"total"``: none. When there would be more than ``max_tags`` keys, modules are merged into
+    their parents (``layers.0.attn.out_proj`` → ``layers.0.attn`` → ``layers.0`` ...) until they fit; if even the
+    top-level modules do not, the first ``max_tags`` of them are logged. ``None``: not logged (a tensor that is not a
+    parameter of the model, or cut off by the cap).
+
+    Example::
+
+        >>> group_keys(["enc.0.weight", "enc.0.bias", "head.weight", "scale"], "module", 10)[0]
+        ['enc.0', 'enc.0', 'head', 'scale']
+        >>> group_keys(["enc.0.weight", "enc.1.weight", "head.weight"], "param", 2)
+        (['enc', 'enc', 'head'], 'per module at depth 1')
+    """
+    if norms == "total":
+        return [None] * len(names), "total only"
+    keys: list[str | None] = list(names)
+    how = "per parameter"
+    if norms == "module" or len({k for k in keys if k is not None}) > max_tags:
+        modules = [None if n is None else module_of(n) for n in names]
+        depth = max((len(m.split(".")) for m in modules if m), default=0)
+        keys = [None if n is None else (m or n) for n, m in zip(names, modules, strict=True)]
+        how = "per module"
+        while len({k for k in keys if k is not None}) > max_tags and depth > 1:
+            depth -= 1
+            keys = [
+                None if n is None else (".".join(m.split(".")[:depth]) if m else n)
+                for n, m in zip(names, modules, strict=True)
+            ]
+            how = f"per module at depth {depth}"
+    distinct = list(dict.fromkeys(k for k in keys if k is not None))
+    if len(distinct) > max_tags:
+        allowed = set(distinct[:max_tags])
+        keys = [k if k in allowed else None for k in keys]
+        how += f", the first {max_tags} of {len(distinct)}"
+    return keys, how
+
+
+def _chart_of(key: str) -> str:
+    """The custom-scalars chart a key goes to: its top-level module, with the index of a ``ModuleList`` entry."""
+    parts = key.split(".")
+    if len(parts) > 2 and parts[1].isdigit():
+        return ".".join(parts[:2])
+    return parts[0] if len(parts) > 1 else key
+
+
+@dataclass
+class _View:
+    """How one optimizer's parameters are logged: its tag suffix and the parameter indices of each key."""
+
+    layout: tuple[Any, ...]
+    suffix: str
+    groups: list[tuple[str, list[int]]]
+    how: str
+
+
+@dataclass
+class _Snapshot:
+    """The parameters of one logged optimizer step, copied before the step, for the update-to-weight ratio."""
+
+    optimizer: int
+    step: int
+    view: _View
+    idx: list[int]
+    params: list[torch.Tensor]
+    before: list[torch.Tensor]
+
+
+@dataclass
+class _Target:
+    """One logger: where its scalars, histograms and text go."""
+
+    logger: Any
+    writer: Any  # a SummaryWriter-like `experiment` (histograms, text, custom scalars), or None
+    fast: bool  # a torch SummaryWriter without tag prefix: one event per step through its file writer
+    prefix: str
+
+
+def _layout(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
+    return (id(optimizer), *((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
+
+
+def _l2(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor L2 norms (float32 or wider), without a sync."""
+    return [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
+            for t in tensors]  # fmt: skip
+
+
+def _root(v: float) -> float:
+    return math.sqrt(v) if v >= 0 else math.nan
+
+
+class Dashboard:
+    """Writes GradGuard's gradient dashboards and run report to a Trainer's loggers (see ``GradGuard``'s docstring
+    for the options and the list of tags).
+
+    Raises:
+        ValueError: an option has a value it does not take (the message quotes ``owner(option=value)``).
+    """
+
+    def __init__(
+        self,
+        *,
+        log_every_n_steps: int | None = None,
+        norms: str = "module",
+        max_norm_tags: int = 100,
+        histograms: bool = True,
+        value_histograms: bool = False,
+        update_ratio: bool = False,
+        write_report: bool = True,
+        report_path: str | None = None,
+        owner: str = "GradGuard",
+    ) -> None:
+        if log_every_n_steps is not None and (
+            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0
+        ):
+            raise ValueError(
+                f"`{owner}(log_every_n_steps={log_every_n_steps!r})` must be None (the Trainer's) or an int >= 0 "
+                "(0: no dashboards)."
+            )
+        if norms not in NORMS:
+            raise ValueError(f"`{owner}(norms={norms!r})` must be one of 'param', 'module', 'total'.")
+        if isinstance(max_norm_tags, bool) or not isinstance(max_norm_tags, int) or max_norm_tags < 1:
+            raise ValueError(f"`{owner}(max_norm_tags={max_norm_tags!r})` must be an int >= 1.")
+        for name, value in (("histograms", histograms), ("value_histograms", value_histograms),
+                            ("update_ratio", update_ratio), ("write_report", write_report)):  # fmt: skip
+            if not isinstance(value, bool):
+                raise ValueError(f"`{owner}({name}={value!r})` must be True or False.")
+        if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
+            raise ValueError(f"`{owner}(report_path={report_path!r})` must be a path or None.")
+        self.log_every_n_steps = log_every_n_steps
+        self.norms = norms
+        self.max_norm_tags = max_norm_tags
+        self.histograms = histograms
+        self.value_histograms = value_histograms
+        self.update_ratio = update_ratio
+        self.write_report = write_report
+        self.report_path = report_path
+        self._reset()
+
+    def _reset(self) -> None:
+        self._targets: list[_Target] = []
+        self._views: dict[int, _View] = {}
+        self._layout_written = False
+        self._reported = -1  # number of report entries last written as text
+        self._snapshots: list[_Snapshot] = []
+        self._epoch: dict[int, list[float]] = {}  # optimizer index -> [max, sum, count, last step]
+        self._metrics: dict[int, tuple[Any, Any]] = {}
+        self._finished = False
+        self._started = False
+        self._said: set[str] = set()
+
+    # ------------------------------------------------------------------ setup
+    def start(self, trainer: Trainer) -> None:
+        """Find where to write (rank zero only) and say once what the loggers that are not TensorBoard skip."""
+        self._reset()
+        self._started = True
+        if not trainer.is_global_zero:
+            return
+        scalars_only = []
+        for logger in trainer.loggers:
+            writer = getattr(logger, "experiment", None)
+            if not all(hasattr(writer, a) for a in ("add_histogram_raw", "add_text", "add_custom_scalars")):
+                writer = None
+                scalars_only.append(type(logger).__name__)
+            # Lightning's TensorBoardLogger prefixes the keys of `log_metrics` with `prefix-`; it keeps it private.
+            prefix = getattr(logger, "_prefix", "") or ""
+            fast = writer is not None and _is_torch_writer(writer) and not prefix
+            self._targets.append(_Target(logger, writer, fast, f"{prefix}-" if prefix else ""))
+        if scalars_only:
+            rank_zero_info(
+                f"GradGuard: {', '.join(scalars_only)} take{'s' if len(scalars_only) == 1 else ''} the gradient "
+                "scalars only; the histograms, the findings text and the custom-scalars layout go to TensorBoard "
+                "loggers."
+            )
+
+    def every(self, trainer: Trainer) -> int:
+        """Log every this many optimizer steps (0: never)."""
+        return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+
+    def should_log(self, trainer: Trainer) -> bool:
+        """Whether the optimizer step about to happen is logged (with several optimizers: the steps of every n-th
+        batch, taking each optimizer to step once per batch)."""
+        every = self.every(trainer)
+        if not every or not self._targets:
+            return False
+        return (trainer.global_step // max(1, len(trainer.optimizers))) % every == 0
+
+    def _view(self, trainer: Trainer, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+              index: ParamIndex) -> _View:  # fmt: skip
+        layout = _layout(optimizer)
+        view = self._views.get(id(optimizer))
+        if view is None or view.layout != layout:
+            optimizers = list(trainer.optimizers)
+            k = next((i for i, o in enumerate(optimizers) if o is optimizer), len(self._views))
+            suffix = f"_opt{k}" if len(optimizers) > 1 else ""
+            keys, how = group_keys([index.name_of(p) for p in params], self.norms, self.max_norm_tags)
+            groups: dict[str, list[int]] = {}
+            for i, key in enumerate(keys):
+                if key is not None:
+                    groups.setdefault(key, []).append(i)
+            view = _View(layout, suffix, list(groups.items()), how)
+            self._views[id(optimizer)] = view
+            if self.norms == "param" and "depth" in how or "first" in how:
+                self._say(f"GradGuard: {len(params)} parameter tensors are more than max_norm_tags="
+                          f"{self.max_norm_tags}: their norms are logged {how}.")  # fmt: skip
+        return view
+
+    # ------------------------------------------------------------------ every step
+    def log_step(
+        self,
+        trainer: Trainer,
+        optimizer: torch.optim.Optimizer,
+        stats: GradStats,
+        index: ParamIndex,
+        report: RunReport,
+        scale: float = 1.0,
+    ) -> None:
+        """Called after each check with its :class:`GradStats`: epoch statistics always, the dashboard when logged."""
+        total = stats.total_norm
+        k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        step = trainer.global_step
+        if math.isfinite(total):
+            acc = self._epoch.setdefault(k, [-math.inf, 0.0, 0.0, step])
+            acc[0] = max(acc[0], total)
+            acc[1] += total
+            acc[2] += 1
+            acc[3] = step
+        if not self._targets:
+            return
+        if len(report) != self._reported:
+            self._write_text(report, step)
+        if not self.should_log(trainer):
+            return
+        view = self._view(trainer, optimizer, stats.params, index)
+        if not self._layout_written:
+            self._write_layout(trainer, index)
+        norms = stats.norms
+        metrics: dict[str, float] = {f"{TAG}/total_norm{view.suffix}": total}
+        if self.norms != "total":
+            for key, idx in view.groups:
+                present = [norms[i] for i in idx if norms[i] is not None]
+                if present:
+                    metrics[f"{TAG}/grad_norm/{key}"] = present[0] if len(present) == 1 else _root(
+                        math.fsum(n * n for n in present))  # type: ignore[operator]  # fmt: skip
+        for kind, n in report.counts().items():
+            metrics[f"{TAG}/findings/{kind}"] = float(n)
+        hists: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        if self.histograms:
+            finite = [n for n in norms if n is not None and math.isfinite(n)]
+            if finite:
+                s, c = histogram_counts([torch.tensor(finite, dtype=torch.float32)])
+                hists.append((f"{TAG}/grad_norms{view.suffix}", s, c))
+        if self.value_histograms:
+            for key, idx in self._value_groups(view, stats):
+                grads = [stats.params[i].grad for i in idx if stats.params[i].grad is not None]
+                if grads:
+                    s, c = histogram_counts(grads, scale)  # type: ignore[arg-type]
+                    hists.append((f"{TAG}/grad_values/{key}", s, c))
+        self._write(metrics, hists, step)
+        if self.update_ratio:
+            self._snapshot(k, step, stats, view)
+
+    def _value_groups(self, view: _View, stats: GradStats) -> list[tuple[str, list[int]]]:
+        if self.norms != "total":
+            return view.groups
+        return [(f"all{view.suffix}", list(range(len(stats.params))))]
+
+    # ------------------------------------------------------------------ update-to-weight ratio
+    def _snapshot(self, k: int, step: int, stats: GradStats, view: _View) -> None:
+        """Copy the parameters about to be updated (only on logged steps; released at the end of the batch)."""
+        self._flush_snapshots(only=k)
+        idx = [i for i, p in enumerate(stats.params) if p.grad is not None]
+        if idx:
+            params = [stats.params[i] for i in idx]
+            with torch.no_grad():
+                before = [p.detach().clone() for p in params]
+            self._snapshots.append(_Snapshot(k, step, view, idx, params, before))
+
+    def end_batch(self) -> None:
+        """Log the update-to-weight ratios of this batch's logged steps and drop the parameter copies."""
+        if self._snapshots:
+            self._flush_snapshots()
+
+    def _flush_snapshots(self, only: int | None = None) -> None:
+        keep = []
+        for snap in self._snapshots:
+            if only is None or snap.optimizer == only:
+                self._log_ratio(snap)
+            else:
+                keep.append(snap)
+        self._snapshots = keep
+
+    def _log_ratio(self, snap: _Snapshot) -> None:
+        """``||w_after - w_before|| / ||w_before||`` per key, from the copies taken before the step (one sync)."""
+        with torch.no_grad():
+            w = _l2(snap.before)
+            torch._foreach_sub_(snap.before, [p.detach() for p in snap.params])  # before := -(update)
+            d = _l2(snap.before)
+            values = torch.stack([x.to(torch.float64) for x in (*w, *d)]).cpu().tolist()
+        n = len(snap.params)
+        w2 = {i: values[j] ** 2 for j, i in enumerate(snap.idx)}
+        d2 = {i: values[n + j] ** 2 for j, i in enumerate(snap.idx)}
+        view = snap.view
+        metrics: dict[str, float] = {}
+        den = math.fsum(w2.values())
+        if den > 0:
+            metrics[f"{TAG}/total_update_ratio{view.suffix}"] = math.sqrt(math.fsum(d2.values()) / den)
+        if self.norms != "total":
+            for key, idx in view.groups:
+                den = math.fsum(w2.get(i, 0.0) for i in idx)
+                if den > 0 and any(i in d2 for i in idx):
+                    metrics[f"{TAG}/update_ratio/{key}"] = math.sqrt(math.fsum(d2.get(i, 0.0) for i in idx) / den)
+        snap.before.clear()
+        if metrics:
+            self._write(metrics, [], snap.step)
+
+    # ------------------------------------------------------------------ epoch
+    def end_epoch(self, trainer: Trainer, device: torch.device) -> None:
+        """Max and mean of the total norm over the epoch's steps, synced across ranks with torchmetrics (every rank
+        must call this)."""
+        from torchmetrics.aggregation import MaxMetric, MeanMetric
+
+        n = max(1, len(trainer.optimizers))
+        out: dict[str, float] = {}
+        step = 0
+        for k in range(n):
+            acc = self._epoch.get(k, [-math.inf, 0.0, 0.0, 0])
+            if k not in self._metrics:
+                self._metrics[k] = (MaxMetric(nan_strategy="ignore").to(device),
+                                    MeanMetric(nan_strategy="ignore").to(device))  # fmt: skip
+            mx, mean = self._metrics[k]
+            mx.update(torch.tensor(acc[0], dtype=torch.float32, device=device))
+            mean.update(torch.tensor(acc[1] / acc[2] if acc[2] else 0.0, device=device), weight=acc[2])
+            hi, avg = float(mx.compute()), float(mean.compute())
+            mx.reset()
+            mean.reset()
+            step = max(step, int(acc[3]))
+            if math.isfinite(hi) and math.isfinite(avg):
+                suffix = f"_opt{k}" if n > 1 else ""
+                out[f"{TAG}/epoch/total_norm_max{suffix}"] = hi
+                out[f"{TAG}/epoch/total_norm_mean{suffix}"] = avg
+        self._epoch.clear()
+        if out and self._targets:
+            self._write(out, [], step)
+
+    # ------------------------------------------------------------------ end
+    def finish(self, trainer: Trainer, report: RunReport) -> str | None:
+        """The findings text (TensorBoard) and the JSON report, once per run; return the JSON's path."""
+        self.release()
+        if self._finished or not self._started or not trainer.is_global_zero:
+            return None
+        self._finished = True
+        if self._targets:
+            self._write_text(report, trainer.global_step)
+        if not self.write_report:
+            return None
+        path = (
+            os.fspath(self.report_path)
+            if self.report_path is not None
+            else os.path.join(_log_dir(trainer), REPORT_FILE)
+        )
+        return report.write_json(path)
+
+    def release(self) -> None:
+        """Drop parameter copies still held (after an exception, or at teardown)."""
+        self._snapshots.clear()
+
+    # ------------------------------------------------------------------ writing
+    def _say(self, text: str) -> None:
+        if text not in self._said:
+            self._said.add(text)
+            rank_zero_info(text)
+
+    def _write(self, metrics: dict[str, float], hists: list[tuple[str, torch.Tensor, torch.Tensor]], step: int) -> None:
+        protos = _fetch_histograms([(s, c) for _, s, c in hists])
+        named = [(tag, p) for (tag, _, _), p in zip(hists, protos, strict=True) if p is not None]
+        summary = None
+        for t in self._targets:
+            if t.fast:
+                if summary is None:
+                    summary = _summary(metrics, named)
+                t.writer.file_writer.add_summary(summary, step)
+                continue
+            t.logger.log_metrics(metrics, step)
+            if t.writer is not None:
+                for tag, p in named:
+                    t.writer.add_histogram_raw(tag, global_step=step, bucket_limits=p["bucket_limit"],
+                                               bucket_counts=p["bucket"], **{k: p[k] for k in
+                                               ("min", "max", "num", "sum", "sum_squares")})  # fmt: skip
+
+    def _write_text(self, report: RunReport, step: int) -> None:
+        self._reported = len(report)
+        for t in self._targets:
+            if t.writer is not None:
+                t.writer.add_text(TEXT_TAG, report.markdown(), step)
+
+    def _write_layout(self, trainer: Trainer, index: ParamIndex) -> None:
+        self._layout_written = True
+        keys: list[str] = []
+        for opt in trainer.optimizers:
+            params = [p for g in opt.param_groups for p in g["params"]]
+            keys += [k for k in group_keys([index.name_of(p) for p in params], self.norms, self.max_norm_tags)[0]
+                     if k is not None]  # fmt: skip
+        charts = list(dict.fromkeys(_chart_of(k) for k in keys))
+        for t in self._targets:
+            if t.writer is not None:
+                t.writer.add_custom_scalars(custom_scalars_layout(charts, t.prefix, self.update_ratio))
+
+
+def custom_scalars_layout(charts: Sequence[str], prefix: str = "", update_ratio: bool = False) -> dict[str, Any]:
+    """The ``add_custom_scalars`` layout: one ``GradGuard`` section with the total norm, one chart of gradient norms
+    per top-level module (or ``ModuleList`` entry), the update ratios and the finding counts.
+
+    Example::
+
+        >>> layout = custom_scalars_layout(["encoder", "head"])
+        >>> list(layout["GradGuard"])
+        ['total gradient norm', 'gradient norm: encoder', 'gradient norm: head', 'findings so far, per kind']
+    """
+    p = re.escape(prefix + TAG + "/")
+    section: dict[str, list[Any]] = {
+        "total gradient norm": ["Multiline", [rf"{p}total_norm(_opt\d+)?$", rf"{p}epoch/total_norm_.*"]]
+    }
+    many = len(charts) > 24
+    if many:
+        section["gradient norm per group"] = ["Multiline", [rf"{p}grad_norm/.*"]]
+    else:
+        for c in charts:
+            section[f"gradient norm: {c}"] = ["Multiline", [rf"{p}grad_norm/{re.escape(c)}(\..*)?$"]]
+    if update_ratio:
+        section["update / weight: total"] = ["Multiline", [rf"{p}total_update_ratio.*"]]
+        if many:
+            section["update / weight per group"] = ["Multiline", [rf"{p}update_ratio/.*"]]
+        else:
+            for c in charts:
+                section[f"update / weight: {c}"] = ["Multiline", [rf"{p}update_ratio/{re.escape(c)}(\..*)?$"]]
+    section["findings so far, per kind"] = ["Multiline", [rf"{p}findings/.*"]]
+    return {"GradGuard": section}
+
+
+def _is_torch_writer(writer: Any) -> bool:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # pragma: no cover - tensorboard not installed
+        return False
+    return isinstance(writer, SummaryWriter)
+
+
+def _summary(metrics: dict[str, float], hists: list[tuple[str, dict[str, Any]]]) -> Any:
+    """One TensorBoard ``Summary`` holding every scalar and histogram of a step."""
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    values = [Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()]
+    values += [Summary.Value(tag=tag, histo=HistogramProto(**p)) for tag, p in hists]
+    return Summary(value=values)
+
+
+def _log_dir(trainer: Trainer) -> str:
+    """The first logger's ``log_dir`` (or ``save_dir``), else the Trainer's ``default_root_dir`` (no collectives)."""
+    for logger in trainer.loggers[:1]:
+        for attr in ("log_dir", "save_dir"):
+            d = getattr(logger, attr, None)
+            if d:
+                return os.fspath(d)
+    return os.fspath(trainer.default_root_dir)
