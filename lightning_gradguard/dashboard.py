@@ -366,7 +366,7 @@ class Dashboard:
                     groups.setdefault(key, []).append(i)
             view = _View(layout, suffix, list(groups.items()), how)
             self._views[id(optimizer)] = view
-            if self.norms == "param" and "depth" in how or "first" in how:
+            if "depth" in how or "first" in how:
                 self._say(f"GradGuard: {len(params)} parameter tensors are more than max_norm_tags="
                           f"{self.max_norm_tags}: their norms are logged {how}.")  # fmt: skip
         return view
@@ -506,7 +506,7 @@ class Dashboard:
                 out[f"{TAG}/epoch/total_norm_max{suffix}"] = hi
                 out[f"{TAG}/epoch/total_norm_mean{suffix}"] = avg
         self._epoch.clear()
-        if out and self._targets:
+        if out and self._targets and self.every(trainer):
             self._write(out, [], step)
 
     # ------------------------------------------------------------------ end

@@ -1,0 +1,571 @@
+"""GradGuard's dashboards, read back from the real TensorBoard event files (and CSV files) that a real Trainer wrote.
+
+An independent recorder callback, placed after GradGuard, measures the gradients at the same hook
+(``on_before_optimizer_step``) with plain torch (``torch.nn.utils.get_total_norm``); the logged values must equal it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import nn
+
+from conftest import loader, make_trainer
+from lightning_gradguard import GradGuard, GradGuardError
+from lightning_gradguard.dashboard import REPORT_FILE, custom_scalars_layout, group_keys
+
+KINDS = ("stale", "detached", "unused", "nonfinite", "frozen", "orphan", "zero")
+
+
+class Net(LightningModule):
+    """``enc`` (Linear-Tanh-Linear) → ``head``, times a root-level ``scale`` parameter; ``aux`` is optional."""
+
+    def __init__(self, *, use_aux: bool = True, nan_at: int | None = None, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16))
+        self.head = nn.Linear(16, 1)
+        self.aux = nn.Linear(16, 1)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.use_aux = use_aux
+        self.nan_at = nan_at
+        self.optimizer = optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.enc(x)
+        loss = ((self.head(h).squeeze(-1) * self.scale - y) ** 2).mean()
+        if self.use_aux:
+            loss = loss + 0.1 * self.aux(h).pow(2).mean()
+        if self.nan_at is not None and self.global_step == self.nan_at:
+            loss = loss * float("nan")
+        return loss
+
+    def configure_optimizers(self):
+        if self.optimizer == "fused_adam":
+            return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Recorder(Callback):
+    """Measures, at ``on_before_optimizer_step``, what GradGuard should log: with plain torch, independently."""
+
+    def __init__(self) -> None:
+        self.total: dict[int, float] = {}
+        self.param: dict[int, dict[str, float]] = {}
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.scaled_total: dict[int, float] = {}
+
+    def on_after_backward(self, trainer, pl_module):
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # gradients are still multiplied by the loss scale here
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            self.scaled_total[trainer.global_step] = float(torch.nn.utils.get_total_norm(grads)) / scaler.get_scale()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.grad is not None]
+        self.total[step] = float(torch.nn.utils.get_total_norm([p.grad for _, p in named]))
+        self.param[step] = {n: float(p.grad.norm()) for n, p in named}
+        self.grads[step] = {n: p.grad.detach().clone() for n, p in named}
+        self.weights[step] = {n: p.detach().clone() for n, p in named}
+
+
+def fit(tmp_path: Path, guard: GradGuard, model: LightningModule | None = None, **trainer_kwargs):
+    recorder = Recorder()
+    trainer_kwargs.setdefault("logger", TensorBoardLogger(tmp_path, name="tb"))
+    trainer = make_trainer(tmp_path, [guard, recorder], **trainer_kwargs)
+    trainer.fit(model or Net(), loader(n=48))
+    return trainer, recorder
+
+
+def events(trainer) -> EventAccumulator:
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def texts(acc: EventAccumulator) -> dict[int, str]:
+    return {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("gradguard/report/text_summary")}
+
+
+def gradguard_tags(acc: EventAccumulator) -> list[str]:
+    return [t for t in acc.Tags()["scalars"] if t.startswith("gradguard/")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Scalars
+
+
+def test_dashboard_total_norm_equals_get_total_norm_on_logged_steps(tmp_path):
+    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=2), max_steps=5)
+    logged = scalars(events(trainer), "gradguard/total_norm")
+    assert sorted(logged) == [0, 2, 4]
+    for step, value in logged.items():
+        assert value == pytest.approx(rec.total[step], rel=1e-6)
+
+
+def test_dashboard_log_every_n_steps_defaults_to_the_trainers(tmp_path):
+    trainer, _ = fit(tmp_path, GradGuard(), max_steps=6, log_every_n_steps=3)
+    assert sorted(scalars(events(trainer), "gradguard/total_norm")) == [0, 3]
+
+
+def test_dashboard_module_norms_are_the_l2_norm_of_the_modules_own_parameters(tmp_path):
+    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2)
+    acc = events(trainer)
+    norms = {t.removeprefix("gradguard/grad_norm/") for t in gradguard_tags(acc) if "/grad_norm/" in t}
+    assert norms == {"enc.0", "enc.2", "head", "aux", "scale"}  # `scale` belongs to the root: its own name
+    for step in (0, 1):
+        p = rec.param[step]
+        assert scalars(acc, "gradguard/grad_norm/enc.0")[step] == pytest.approx(
+            math.hypot(p["enc.0.weight"], p["enc.0.bias"]), rel=1e-6
+        )
+        assert scalars(acc, "gradguard/grad_norm/scale")[step] == pytest.approx(p["scale"], rel=1e-6)
+
+
+def test_dashboard_param_norms_one_tag_per_tensor(tmp_path):
+    trainer, rec = fit(tmp_path, GradGuard(norms="param", log_every_n_steps=1), max_steps=2)
+    acc = events(trainer)
+    names = {t.removeprefix("gradguard/grad_norm/") for t in gradguard_tags(acc) if "/grad_norm/" in t}
+    assert names == set(rec.param[0])
+    for name, value in rec.param[1].items():
+        assert scalars(acc, f"gradguard/grad_norm/{name}")[1] == pytest.approx(value, rel=1e-6)
+
+
+def test_dashboard_param_norms_over_the_cap_merge_into_parent_modules(tmp_path):
+    trainer, rec = fit(tmp_path, GradGuard(norms="param", max_norm_tags=4, log_every_n_steps=1), max_steps=1)
+    acc = events(trainer)
+    norms = {t.removeprefix("gradguard/grad_norm/") for t in gradguard_tags(acc) if "/grad_norm/" in t}
+    assert norms == {"enc", "head", "aux", "scale"}
+    p = rec.param[0]
+    expected = math.sqrt(sum(v * v for k, v in p.items() if k.startswith("enc.")))
+    assert scalars(acc, "gradguard/grad_norm/enc")[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_dashboard_total_norms_only(tmp_path):
+    trainer, _ = fit(tmp_path, GradGuard(norms="total", histograms=False, log_every_n_steps=1), max_steps=2)
+    tags = gradguard_tags(events(trainer))
+    assert "gradguard/total_norm" in tags
+    assert not [t for t in tags if "/grad_norm/" in t]
+    assert events(trainer).Tags()["histograms"] == []
+
+
+def test_dashboard_finding_counts_per_kind(tmp_path):
+    guard = GradGuard(on_unused="warn", on_nonfinite="warn", log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        trainer, _ = fit(tmp_path, guard, Net(use_aux=False, nan_at=2), max_steps=4)
+    acc = events(trainer)
+    counts = {kind: scalars(acc, f"gradguard/findings/{kind}") for kind in KINDS}
+    assert counts["unused"] == {0: 2.0, 1: 2.0, 2: 2.0, 3: 2.0}  # aux.weight, aux.bias from the first step on
+    n_used = sum(1 for n, _ in Net().named_parameters() if not n.startswith("aux."))
+    assert counts["nonfinite"] == {0: 0.0, 1: 0.0, 2: float(n_used), 3: float(n_used)}
+    assert all(set(v.values()) == {0.0} for k, v in counts.items() if k not in ("unused", "nonfinite"))
+
+
+def test_dashboard_update_ratio_is_update_norm_over_weight_norm(tmp_path):
+    guard = GradGuard(norms="param", update_ratio=True, log_every_n_steps=2)
+    trainer, rec = fit(tmp_path, guard, max_steps=3)
+    acc = events(trainer)
+    lr = 0.1  # plain SGD: the update is -lr * grad
+    for step in (0, 2):
+        w, g = rec.weights[step], rec.grads[step]
+        for name in ("enc.0.weight", "head.weight", "scale"):
+            expected = lr * float(g[name].norm()) / float(w[name].norm())
+            assert scalars(acc, f"gradguard/update_ratio/{name}")[step] == pytest.approx(expected, rel=1e-4)
+        total = lr * math.sqrt(sum(float(t.norm()) ** 2 for t in g.values()))
+        total /= math.sqrt(sum(float(t.norm()) ** 2 for t in w.values()))
+        assert scalars(acc, "gradguard/total_update_ratio")[step] == pytest.approx(total, rel=1e-4)
+    assert sorted(scalars(acc, "gradguard/total_update_ratio")) == [0, 2]
+    assert guard._dashboard._snapshots == []  # no parameter copy outlives its step
+
+
+def test_dashboard_epoch_max_and_mean_of_the_total_norm(tmp_path):
+    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=100), max_epochs=2, max_steps=-1)
+    acc = events(trainer)
+    per_epoch = 48 // 8
+    epochs = [[rec.total[s] for s in range(e * per_epoch, (e + 1) * per_epoch)] for e in range(2)]
+    last = [per_epoch - 1, 2 * per_epoch - 1]
+    assert scalars(acc, "gradguard/epoch/total_norm_max") == pytest.approx({last[e]: max(epochs[e]) for e in (0, 1)})
+    means = {last[e]: sum(epochs[e]) / per_epoch for e in (0, 1)}
+    assert scalars(acc, "gradguard/epoch/total_norm_mean") == pytest.approx(means, rel=1e-6)
+
+
+def test_dashboard_accumulated_gradients(tmp_path):
+    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, accumulate_grad_batches=3)
+    logged = scalars(events(trainer), "gradguard/total_norm")
+    assert logged == pytest.approx(rec.total, rel=1e-6)
+    assert sorted(logged) == [0, 1]
+
+
+def test_dashboard_bf16_mixed_logs_the_fp32_gradient_norms(tmp_path):
+    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=3, precision="bf16-mixed")
+    assert scalars(events(trainer), "gradguard/total_norm") == pytest.approx(rec.total, rel=1e-6)
+
+
+def test_dashboard_grad_scaler_logs_unscaled_norms(tmp_path):
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=3, plugins=[plugin])
+    logged = scalars(events(trainer), "gradguard/total_norm")
+    assert sorted(logged) == [0, 1, 2]
+    assert logged == pytest.approx(rec.total, rel=1e-6)
+    assert logged == pytest.approx(rec.scaled_total, rel=1e-5)  # scaled at backward, divided by the scale
+
+
+def test_dashboard_grad_scaler_with_fused_optimizer_divides_by_the_scale(tmp_path):
+    """``Adam(fused=True)`` unscales inside ``step()``: gradients are still scaled at the hook."""
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    guard = GradGuard(value_histograms=True, norms="param", log_every_n_steps=1)
+    trainer, rec = fit(tmp_path, guard, Net(optimizer="fused_adam"), max_steps=2, plugins=[plugin])
+    acc = events(trainer)
+    logged = scalars(acc, "gradguard/total_norm")
+    assert logged == pytest.approx(rec.scaled_total, rel=1e-5)
+    assert logged[0] == pytest.approx(rec.total[0] / 2.0**10, rel=1e-6)  # the hook saw scaled gradients
+    hist = acc.Histograms("gradguard/grad_values/head.weight")[0].histogram_value
+    assert hist.max == pytest.approx(float(rec.grads[0]["head.weight"].max()) / 2.0**10, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Histograms
+
+
+def test_dashboard_norm_histogram_counts_every_parameter_with_a_gradient(tmp_path):
+    with pytest.warns(UserWarning, match="aux"):
+        trainer, rec = fit(tmp_path, GradGuard(on_unused="warn", log_every_n_steps=2), Net(use_aux=False), max_steps=3)
+    acc = events(trainer)
+    assert acc.Tags()["histograms"] == ["gradguard/grad_norms"]  # value histograms are opt-in
+    hists = {e.step: e.histogram_value for e in acc.Histograms("gradguard/grad_norms")}
+    assert sorted(hists) == [0, 2]
+    for step, h in hists.items():
+        norms = list(rec.param[step].values())
+        assert len(norms) == 7  # aux has no gradient
+        assert h.num == 7
+        assert sum(h.bucket) == 7
+        assert h.min == pytest.approx(min(norms), rel=1e-6)
+        assert h.max == pytest.approx(max(norms), rel=1e-6)
+        assert h.sum == pytest.approx(sum(norms), rel=1e-6)
+        assert h.sum_squares == pytest.approx(rec.total[step] ** 2, rel=1e-5)
+        # each norm falls in the bucket whose right limit is the first one at or above it
+        limits = list(h.bucket_limit)
+        assert limits == sorted(limits)
+        for n in norms:
+            i = next(i for i, lim in enumerate(limits) if n <= lim)
+            assert h.bucket[i] >= 1
+
+
+def test_dashboard_value_histograms_count_every_gradient_value(tmp_path):
+    trainer, rec = fit(tmp_path, GradGuard(value_histograms=True, log_every_n_steps=1), max_steps=2)
+    acc = events(trainer)
+    assert {t for t in acc.Tags()["histograms"] if "/grad_values/" in t} == {
+        f"gradguard/grad_values/{k}" for k in ("enc.0", "enc.2", "head", "aux", "scale")
+    }
+    for step in (0, 1):
+        g = rec.grads[step]
+        h = next(e for e in acc.Histograms("gradguard/grad_values/enc.0") if e.step == step).histogram_value
+        values = torch.cat([g["enc.0.weight"].flatten(), g["enc.0.bias"]])
+        assert h.num == values.numel() == sum(h.bucket)
+        assert h.min == pytest.approx(float(values.min()), rel=1e-6)
+        assert h.max == pytest.approx(float(values.max()), rel=1e-6)
+        assert h.sum == pytest.approx(float(values.double().sum()), rel=1e-5, abs=1e-9)
+        # bucket i holds the values in (limit[i-1], limit[i]]: compare the counts with torch's own bucketing
+        limits = torch.tensor(list(h.bucket_limit), dtype=torch.float64)
+        idx = torch.bucketize(values.double(), limits)
+        assert torch.bincount(idx, minlength=len(limits)).tolist() == [int(c) for c in h.bucket]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text report and layout
+
+
+def test_dashboard_text_report_when_findings_change_and_at_the_end(tmp_path):
+    guard = GradGuard(on_unused="warn", on_nonfinite="warn", log_every_n_steps=50)
+    with pytest.warns(UserWarning, match="GradGuard"):
+        trainer, _ = fit(tmp_path, guard, Net(use_aux=False, nan_at=3), max_steps=5)
+    text = texts(events(trainer))
+    assert sorted(text) == [0, 3, 5]  # a new finding on step 0 and step 3; the end of fit at global_step 5
+    assert "| `aux.weight` | unused |" in text[0]
+    assert "nonfinite" not in text[0]
+    assert "| `head.weight` | nonfinite | - | 3 | 1 |" in text[3]
+    assert "| `head.weight` | nonfinite | - | 3 | 2 |" in text[5]  # counted again on step 4
+    assert "| `aux.weight` | unused | - | 0 | 5 |" in text[5]
+    header = "| parameter | kind | where | first step | count | what happened | fix |"
+    assert all(header in t for t in text.values())
+
+
+def test_dashboard_text_report_without_findings(tmp_path):
+    trainer, _ = fit(tmp_path, GradGuard(), max_steps=2)
+    text = texts(events(trainer))
+    assert sorted(text) == [0, 2]  # the first check, and the end of fit
+    assert all("every parameter received a usable gradient" in t for t in text.values())
+
+
+def test_dashboard_custom_scalars_layout_groups_every_gradguard_chart(tmp_path):
+    guard = GradGuard(update_ratio=True, log_every_n_steps=1)
+    trainer, _ = fit(tmp_path, guard, max_epochs=1, max_steps=-1)
+    acc = events(trainer)
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == ["GradGuard"]
+    charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
+    assert set(charts) == {
+        "total gradient norm",
+        "gradient norm: enc",
+        "gradient norm: head",
+        "gradient norm: aux",
+        "gradient norm: scale",
+        "update / weight: total",
+        "update / weight: enc",
+        "update / weight: head",
+        "update / weight: aux",
+        "update / weight: scale",
+        "findings so far, per kind",
+    }
+    tags = gradguard_tags(acc)
+    matched: set[str] = set()
+    for title, regexes in charts.items():  # TensorBoard matches each regex with `re.match`
+        hits = {t for t in tags for r in regexes if re.match(r, t)}
+        assert hits, f"chart {title!r} ({regexes}) matches no logged tag"
+        matched |= hits
+    assert matched == set(tags)  # every GradGuard scalar is on some chart
+    assert {t for t in tags if re.match(charts["gradient norm: enc"][0], t)} == {
+        "gradguard/grad_norm/enc.0",
+        "gradguard/grad_norm/enc.2",
+    }
+
+
+def test_custom_scalars_layout_honours_the_logger_prefix(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb", prefix="run")
+    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, logger=logger)
+    acc = events(trainer)
+    assert scalars(acc, "run-gradguard/total_norm") == pytest.approx(rec.total, rel=1e-6)
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    (total,) = (c for c in layout.category[0].chart if c.title == "total gradient norm")
+    assert re.match(total.multiline.tag[0], "run-gradguard/total_norm")
+
+
+def test_custom_scalars_layout_one_chart_per_module_list_entry():
+    keys = [f"blocks.{i}.attn" for i in range(3)] + ["emb", "blocks.0.mlp"]
+    charts = list(dict.fromkeys(k if not k.startswith("blocks.") else ".".join(k.split(".")[:2]) for k in keys))
+    layout = custom_scalars_layout(charts)["GradGuard"]
+    assert [t for t in layout if t.startswith("gradient norm")] == [
+        "gradient norm: blocks.0",
+        "gradient norm: blocks.1",
+        "gradient norm: blocks.2",
+        "gradient norm: emb",
+    ]
+    (regex,) = layout["gradient norm: blocks.1"][1]
+    assert re.match(regex, "gradguard/grad_norm/blocks.1.attn")
+    assert not re.match(regex, "gradguard/grad_norm/blocks.10.attn")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loggers
+
+
+class Messages(logging.Handler):
+    """Collects the messages of Lightning's ``rank_zero_info`` (which GradGuard uses for what the user should see)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> Messages:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(self)
+
+
+def test_dashboard_csv_logger_gets_the_scalars(tmp_path):
+    logger = CSVLogger(tmp_path, name="csv")
+    with Messages() as said:
+        trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=2), max_steps=5, logger=logger)
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = {int(r["step"]): float(r["gradguard/total_norm"]) for r in rows if r.get("gradguard/total_norm")}
+    assert logged == pytest.approx({s: rec.total[s] for s in (0, 2, 4)}, rel=1e-6)
+    assert any(r.get("gradguard/grad_norm/enc.0") for r in rows)
+    (skipped,) = [m for m in said.messages if "CSVLogger" in m]  # one message about what CSV does not take
+    assert "histograms" in skipped
+    assert "text" in skipped
+
+
+def test_dashboard_writes_to_several_loggers(tmp_path):
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    tb2 = TensorBoardLogger(tmp_path, name="tb2")
+    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, logger=[tb, csv_logger, tb2])
+    for log_dir in (tb.log_dir, tb2.log_dir):
+        acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "tensors": 0})
+        acc.Reload()
+        assert scalars(acc, "gradguard/total_norm") == pytest.approx(rec.total, rel=1e-6)
+        assert texts(acc)
+    with open(Path(csv_logger.log_dir) / "metrics.csv", newline="") as fh:
+        assert [float(r["gradguard/total_norm"]) for r in csv.DictReader(fh) if r["gradguard/total_norm"]] == (
+            pytest.approx([rec.total[0], rec.total[1]], rel=1e-6)
+        )
+
+
+def test_dashboard_without_logger_checks_still_run_and_nothing_is_logged(tmp_path):
+    guard = GradGuard(on_unused="warn")
+    with pytest.warns(UserWarning, match="aux"):
+        trainer, _ = fit(tmp_path, guard, Net(use_aux=False), max_steps=2, logger=False)
+    assert {f.param for f in guard.findings} == {"aux.weight", "aux.bias"}
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
+    report = json.loads((tmp_path / REPORT_FILE).read_text())  # no logger: the Trainer's default_root_dir
+    assert {r["param"] for r in report["findings"]} == {"aux.weight", "aux.bias"}
+
+
+def test_dashboard_log_every_n_steps_zero_logs_no_scalars(tmp_path):
+    trainer, _ = fit(tmp_path, GradGuard(log_every_n_steps=0), max_epochs=1, max_steps=-1)
+    acc = events(trainer)
+    assert gradguard_tags(acc) == []
+    assert acc.Tags()["histograms"] == []
+    assert texts(acc)  # the run report is still written
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The JSON run report
+
+
+def test_report_json_in_the_loggers_log_dir(tmp_path):
+    guard = GradGuard(on_unused="warn")
+    with pytest.warns(UserWarning, match="aux"):
+        trainer, _ = fit(tmp_path, guard, Net(use_aux=False), max_steps=3)
+    report = json.loads((Path(trainer.logger.log_dir) / REPORT_FILE).read_text())
+    rows = {r["param"]: r for r in report["findings"]}
+    assert set(rows) == {"aux.weight", "aux.bias"}
+    assert rows["aux.weight"]["kind"] == "unused"
+    assert rows["aux.weight"]["first_step"] == 0
+    assert rows["aux.weight"]["count"] == 3
+    assert "optimizer" in rows["aux.weight"]["hint"]
+    assert report["counts"]["unused"] == 2
+
+
+def test_report_json_at_report_path_or_not_at_all(tmp_path):
+    path = tmp_path / "out" / "guard.json"
+    fit(tmp_path, GradGuard(report_path=str(path)), max_steps=1)
+    assert json.loads(path.read_text())["findings"] == []
+    trainer, _ = fit(tmp_path / "b", GradGuard(write_report=False), max_steps=1)
+    assert not list((tmp_path / "b").rglob(REPORT_FILE))
+
+
+def test_report_json_and_text_when_fit_fails(tmp_path, capsys):
+    guard = GradGuard()  # unused parameters raise
+    with pytest.raises(GradGuardError, match="aux"):
+        fit(tmp_path, guard, Net(use_aux=False), max_steps=3)
+    (path,) = tmp_path.rglob(REPORT_FILE)
+    assert {r["param"] for r in json.loads(path.read_text())["findings"]} == {"aux.weight", "aux.bias"}
+    acc = EventAccumulator(str(path.parent), size_guidance={"tensors": 0})
+    acc.Reload()
+    (final,) = texts(acc).values()
+    assert "| `aux.bias` | unused |" in final
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"norms": "layer"}, r"`GradGuard\(norms='layer'\)` must be one of 'param', 'module', 'total'"),
+        ({"max_norm_tags": 0}, r"`GradGuard\(max_norm_tags=0\)` must be an int >= 1"),
+        ({"log_every_n_steps": -1}, r"`GradGuard\(log_every_n_steps=-1\)` must be None"),
+        ({"log_every_n_steps": 2.5}, r"`GradGuard\(log_every_n_steps=2.5\)`"),
+        ({"histograms": "yes"}, r"`GradGuard\(histograms='yes'\)` must be True or False"),
+        ({"value_histograms": 1}, r"`GradGuard\(value_histograms=1\)` must be True or False"),
+        ({"update_ratio": None}, r"`GradGuard\(update_ratio=None\)` must be True or False"),
+        ({"report_path": 3}, r"`GradGuard\(report_path=3\)` must be a path or None"),
+    ],
+)
+def test_gradguard_rejects_bad_dashboard_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradGuard(**kwargs)
+
+
+def test_gradguard_keeps_dashboard_options_as_attributes():
+    guard = GradGuard(log_every_n_steps=7, norms="param", max_norm_tags=9, value_histograms=True, update_ratio=True)
+    assert (guard.log_every_n_steps, guard.norms, guard.max_norm_tags) == (7, "param", 9)
+    assert (guard.histograms, guard.value_histograms, guard.update_ratio) == (True, True, True)
+    assert "norms='param'" in repr(guard)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several optimizers
+
+
+class TwoOptimizers(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.gen = nn.Linear(8, 8)
+        self.disc = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()
+        d_loss = self.disc(x).pow(2).mean() + self.disc(self.gen(x).detach()).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = -self.disc(self.gen(x)).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.gen.parameters(), lr=0.01), torch.optim.SGD(self.disc.parameters(), lr=0.01)
+
+
+def test_dashboard_several_optimizers_get_their_own_total_norm(tmp_path):
+    guard = GradGuard(on_orphan="ignore", log_every_n_steps=2)
+    trainer, rec = fit(tmp_path, guard, TwoOptimizers(), max_steps=8)
+    acc = events(trainer)
+    # global_step counts both optimizers' steps; batch b steps disc at 2b and gen at 2b + 1
+    assert sorted(scalars(acc, "gradguard/total_norm_opt1")) == [0, 4]  # disc, batches 0 and 2
+    assert sorted(scalars(acc, "gradguard/total_norm_opt0")) == [1, 5]  # gen
+    disc = scalars(acc, "gradguard/total_norm_opt1")[4]
+    assert disc == pytest.approx(math.hypot(rec.param[4]["disc.weight"], rec.param[4]["disc.bias"]), rel=1e-6)
+    assert {"gradguard/grad_norm/gen", "gradguard/grad_norm/disc"} <= set(gradguard_tags(acc))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grouping (pure)
+
+
+def test_group_keys_modes():
+    names = ["enc.0.weight", "enc.0.bias", "enc.2.weight", "head.weight", "scale", None]
+    assert group_keys(names, "param", 10) == (names, "per parameter")
+    assert group_keys(names, "module", 10)[0] == ["enc.0", "enc.0", "enc.2", "head", "scale", None]
+    assert group_keys(names, "total", 10)[0] == [None] * 6
+
+
+def test_group_keys_cap_merges_modules_into_parents_then_keeps_the_first():
+    names = [f"blocks.{i}.{m}.weight" for i in range(3) for m in ("attn", "mlp")] + ["emb.weight"]
+    keys, how = group_keys(names, "module", 4)
+    assert keys == ["blocks.0", "blocks.0", "blocks.1", "blocks.1", "blocks.2", "blocks.2", "emb"]
+    assert how == "per module at depth 2"
+    keys, how = group_keys(names, "module", 1)
+    assert keys == ["blocks"] * 6 + [None]
+    assert "the first 1 of 2" in how
