@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from .core import DIAGNOSE, GuardCore
 from .dashboard import Dashboard
+from .distributed import RankSync, rank_zero_warnings
 from .findings import Finding
 from .policy import ACTIONS, Policy
 from .report import RunReport
@@ -214,6 +215,7 @@ class GradGuard(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._core.bind(pl_module)
+        self._core.dist = RankSync.of(trainer.strategy.model, trainer.strategy.root_device)  # None: one process
         self._dashboard.start(trainer)
         if self._core.compiled and self.diagnose != "never":
             log.info("GradGuard: the model is compiled; findings come from gradients alone (no tracing).")
@@ -239,7 +241,10 @@ class GradGuard(Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = float(scaler.get_scale())  # fused optimizers unscale inside `step()`
         params = self._core.params_of(optimizer)
-        stats = self._core.check(params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler, scale=scale)
+        with rank_zero_warnings(trainer.global_rank):
+            stats = self._core.check(
+                params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler, scale=scale
+            )
         if self._core.index is not None:
             self._dashboard.log_step(trainer, optimizer, stats, self._core.index, self._core.report, scale)
 
@@ -258,7 +263,8 @@ class GradGuard(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._core.abort()
         try:
-            self._core.finish(trainer.global_step)
+            with rank_zero_warnings(trainer.global_rank):
+                self._core.finish(trainer.global_step)
         finally:
             path = self._dashboard.finish(trainer, self._core.report)
             rank_zero_info(self._core.report.table() + (f"\nGradGuard: report written to {path}" if path else ""))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from .params import ParamIndex, module_of, optimizer_params
 from .policy import Policy
 from .report import RunReport
 from .trace import LossFacts, Tracer
+
+if TYPE_CHECKING:
+    from .distributed import RankSync
 
 __all__ = ["DIAGNOSE", "Diagnose", "GuardCore", "is_compiled"]
 
@@ -115,6 +118,9 @@ class GuardCore:
         self._consistency_key: tuple[Any, ...] | None = None
         self._params_cache: dict[int, tuple[Any, list[torch.Tensor]]] = {}
         self.last_findings: list[Finding] = []
+        #: Under distributed training, agrees facts and decisions with the other ranks (see distributed.py);
+        #: ``None`` in a single process, which then runs no collective.
+        self.dist: RankSync | None = None
 
     # ------------------------------------------------------------------ setup
     def bind(self, model: nn.Module, *, on_backward: Any = None) -> None:
@@ -143,6 +149,11 @@ class GuardCore:
         return bool(self._losses)
 
     @property
+    def can_trace(self) -> bool:
+        """The tracer can follow the model's parameters (not under torch.compile, nor when FSDP swaps them)."""
+        return not self.compiled and (self.dist is None or self.dist.traceable)
+
+    @property
     def tracing(self) -> bool:
         """The tracer is recording right now."""
         return self.tracer is not None and self.tracer.active and not self.tracer.paused
@@ -150,7 +161,7 @@ class GuardCore:
     # ------------------------------------------------------------------ forward
     def begin_batch(self) -> None:
         """Start tracing if this step is to be diagnosed."""
-        if self._armed and self.tracer is not None and not self.compiled:
+        if self._armed and self.tracer is not None and self.can_trace:
             self.tracer.paused = False
             self.tracer.start()
 
@@ -184,8 +195,11 @@ class GuardCore:
         """
         facts = self.tracer.facts(loss) if self.tracing and self.tracer is not None else None
         self._losses.append(_Loss(loss.grad_fn, facts))
-        if loss.grad_fn is None and not loss.requires_grad:
-            raise self._detached_loss_error(facts, step)
+        error = self._detached_loss_error(facts, step) if loss.grad_fn is None and not loss.requires_grad else None
+        if self.dist is not None:  # before any rank enters backward: decide with the others, raise together
+            self.dist.before_backward(self, loss, facts, step, error)
+        if error is not None:
+            raise error
 
     def _detached_loss_error(self, facts: LossFacts | None, step: int) -> GradGuardError:
         index = self.index
@@ -259,7 +273,7 @@ class GuardCore:
         index = self.index
         assert index is not None, "GuardCore.bind() first"
         self.checks += 1
-        stats = measure_grads(params, scale)
+        stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
         findings: list[Finding] = []
         traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
         key = tuple(_layout(opt) for opt in optimizers)
@@ -268,11 +282,15 @@ class GuardCore:
             findings += audit_optimizers(index, optimizers, step)
         if not stats.clean or self._pending:
             facts = self.step_facts(need_received=bool(stats.zero))
+            if self.dist is not None:
+                facts = self.dist.merge_facts(facts)
             overflow_ok = bool(stats.nonfinite) and scaler is not None and float(scaler.get_scale()) > 1.0
-            defer = self.diagnose in ("on_finding", "always") and not self.compiled
+            defer = self.diagnose in ("on_finding", "always") and self.can_trace
             found, pending = classify(index, stats, facts, step, overflow_ok=overflow_ok, defer=defer)
             findings += self._settle_pending(found, pending, facts, step)
         self._losses.clear()
+        if self.dist is not None:
+            findings = self.dist.combine(findings, step)
         kept = self.policy.keep(findings)
         new = self.report.add(kept)
         self.last_findings = kept
