@@ -344,7 +344,9 @@ class RankSync:
         assert index is not None, "GuardCore.bind() first"
         params = index.params
         n = len(params)
-        if self.strict:
+        if error is not None:  # a loss without a graph reaches nothing: the error explains it, not a flag per parameter
+            rows = [False] * (n if self.strict else 2 * n)
+        elif self.strict:
             expected = self.expected or frozenset()
             reached = reached_params([loss.grad_fn])
             rows = [id(p) in expected and p.requires_grad and id(p) not in reached for p in params]
@@ -387,15 +389,18 @@ class RankSync:
         """With ``find_unused_parameters=True``, a parameter some ranks skip is legitimate (routing): a report note."""
         index = core.index
         assert index is not None
-        for bit, ranks in unreached.items():
+        by_ranks: dict[tuple[int, ...], list[str]] = {}
+        for bit, ranks in sorted(unreached.items()):
             name = index.names[bit]
-            if len(ranks) == self.world_size or name in self._noted:
-                continue
-            self._noted.add(name)
+            if len(ranks) < self.world_size and name not in self._noted:
+                self._noted.add(name)
+                by_ranks.setdefault(ranks, []).append(f"`{name}`")
+        for ranks, names in by_ranks.items():
             core.report.note(
-                f"`{name}` got no gradient from the loss on {format_ranks(ranks)} of {self.world_size} at step {step} "
-                "(the other ranks used it). DDP (find_unused_parameters=True) averaged zeros in for those ranks: "
-                "fine for data-dependent routing, a bug if every rank should use it."
+                f"{', '.join(names)} got no gradient from the loss on {format_ranks(ranks)} of {self.world_size} at "
+                f"step {step} (the other ranks used {'it' if len(names) == 1 else 'them'}). DDP "
+                "(find_unused_parameters=True) averaged in zeros for those ranks: fine for data-dependent routing, "
+                "a bug if every rank should use them."
             )
 
     def _raise_together(
@@ -434,6 +439,10 @@ class RankSync:
             parts.append(self._unreached_text(findings, unreached, gathered, step))
         if error_ranks:
             findings += self._merge_error_findings(error_ranks, gathered)
+            parts.append(
+                f"GradGuard: at step {step} the loss on {format_ranks(error_ranks)} of {self.world_size} has no "
+                "autograd graph, so its `backward()` would fail, and the other ranks would wait in theirs:"
+            )
             for r in error_ranks:
                 parts.append(f"[rank {r}] {gathered[r]['error']}")
             parts.append(
@@ -441,7 +450,14 @@ class RankSync:
                 "waiting for the others' gradients."
             )
         self._state = _StepState()
-        core.report.add(findings)
+        # this rank's own loss error is in its report already (without ranks): make it the agreed version
+        own = {f.key for f in error.findings} if error is not None else set()
+        entries = {e.finding.key: e for e in core.report.entries if e.finding.key in own}
+        agreed = {f.key: f for f in findings}
+        for key, entry in entries.items():
+            if key in agreed:
+                entry.finding = agreed[key]
+        core.report.add([f for f in findings if f.key not in entries])
         core.last_findings = findings
         raise GradGuardError("\n".join(parts), findings)
 
@@ -475,7 +491,7 @@ class RankSync:
         head = (
             f"GradGuard: DDP (find_unused_parameters=False) needs a gradient for every trainable parameter from every "
             f"rank's loss in every backward that synchronises gradients, but at step {step} {n} "
-            f"parameter{'s' if n != 1 else ''} got none on some rank:"
+            f"parameter{'s' if n != 1 else ''} got none{' on some ranks' if partial else ''}:"
         )
         if partial:
             would = (
@@ -578,13 +594,24 @@ class RankSync:
             return facts  # strict: every synchronised parameter was reached by every rank, or we raised already
         return replace(facts, received=agreed.received, dep=agreed.dep)
 
+    def _sharded_finding(self, f: Finding) -> Finding:
+        """Say what FSDP changes: no tracing (unused and detached look alike); FSDP1's zero for "no gradient"."""
+        if f.kind == "unused":
+            return replace(f, message=(
+                f"`{f.param}` received no gradient on any rank (under FSDP GradGuard does not trace the forward "
+                "pass, so it cannot tell an unused parameter from a detached one)."
+            ))  # fmt: skip
+        if f.kind == "zero" and self.sharded == "fsdp":
+            return replace(f, message=f.message + _FSDP_ZERO)
+        return f
+
     def combine(self, findings: list[Finding], step: int) -> list[Finding]:
         """The step's findings with the agreed facts added (the ranks whose loss was NaN/Inf); resets the step."""
         agreed = self._agreed
         self._agreed = None
         self._state = _StepState()
-        if self.sharded == "fsdp":
-            return [replace(f, message=f.message + _FSDP_ZERO) if f.kind == "zero" else f for f in findings]
+        if self.sharded:
+            return [self._sharded_finding(f) for f in findings]
         if agreed is None or not agreed.loss_bad:
             return findings
         bad = agreed.loss_bad

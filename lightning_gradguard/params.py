@@ -10,17 +10,24 @@ from torch import nn
 __all__ = ["ParamIndex", "clean_name", "optimizer_params"]
 
 
+#: Name segments that wrappers insert: ``torch.compile``, FSDP (``FullyShardedDataParallel``), activation checkpointing.
+WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
+
+
 def clean_name(name: str) -> str:
-    """``name`` without the ``_orig_mod.`` segments that ``torch.compile`` adds to compiled submodules.
+    """``name`` without the segments that wrappers add: ``_orig_mod.`` (``torch.compile``), ``_fsdp_wrapped_module.``
+    (FSDP) and ``_checkpoint_wrapped_module.`` (activation checkpointing): the name the user's module gives it.
 
     Example::
 
         >>> clean_name("encoder._orig_mod.0.weight")
         'encoder.0.weight'
+        >>> clean_name("layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.weight")
+        'layers.0.attn.weight'
     """
-    if "_orig_mod" not in name:
+    if "_orig_mod" not in name and "_wrapped_module" not in name:
         return name
-    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

@@ -43,15 +43,16 @@ class Net(LightningModule):
             x = x * float("nan")  # a poisoned batch on rank 1 only
         h = torch.relu(self.body(x))
         out = self.head(h)
-        if s in ("clean", "accumulate", "nan_rank1"):
-            out = out + self.aux(h)
-        elif s == "unused_rank1" and rank == 0:
+        if s in ("clean", "accumulate", "nan_rank1", "graphless_rank1") or s == "unused_rank1" and rank == 0:
             out = out + self.aux(h)
         elif s == "detached":
             out = out + self.aux(h).detach()  # cut: aux
         elif s == "accumulate_last_skips" and batch_idx % 2 == 0:
             out = out + self.aux(h)  # only the first micro-batch of each optimizer step uses aux
-        return ((out.squeeze(-1) - y) ** 2).mean()
+        loss = ((out.squeeze(-1) - y) ** 2).mean()
+        if s == "graphless_rank1" and rank == 1:
+            return loss.detach()  # rank 1 alone returns a loss that backward() cannot go through
+        return loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)

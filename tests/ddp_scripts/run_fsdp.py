@@ -1,0 +1,168 @@
+"""Real 2-process CPU/gloo runs of sharded strategies for tests/test_ddp.py.
+
+    python run_fsdp.py OUT KIND SCENARIO [SCENARIO ...]
+
+``KIND`` is ``fsdp`` (torch's ``FullyShardedDataParallel`` with ``use_orig_params=True`` under Lightning's
+``FSDPStrategy``) or ``model_parallel`` (``fully_shard``, i.e. FSDP2, under Lightning's ``ModelParallelStrategy``).
+
+Lightning refuses ``FSDPStrategy`` on CPU with a check on the exact strategy type and, on CPU, hands torch's FSDP
+``device_id=None``, which torch refuses on a machine without an accelerator. torch's FSDP itself runs on CPU with
+gloo when given ``device_id=cpu``. So the ``fsdp`` runs use a subclass of ``FSDPStrategy`` (which skips the type
+check) and wrap the submodules themselves in ``configure_model`` (Lightning then leaves the wrapping alone).
+
+Each rank writes ``OUT/<kind>-<scenario>.rank<r>.json``: findings, status, and per parameter the norm GradGuard
+measured next to a reference (FSDP1: ``FullyShardedDataParallel.clip_grad_norm_``'s total norm; FSDP2:
+``DTensor.full_tensor()`` of each gradient).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from lightning_gradguard import GradGuard, GradGuardError
+
+PG_TIMEOUT = datetime.timedelta(seconds=45)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """``FSDPStrategy`` on CPU, for tests (see the module docstring)."""
+
+
+class Heads(nn.Module):
+    """One FSDP unit holding a used and a maybe-unused layer (FSDP runs a unit only through its own forward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = nn.Linear(8, 1)
+        self.aux = nn.Linear(8, 1)
+
+    def forward(self, h: torch.Tensor, use_aux: bool) -> torch.Tensor:
+        y = self.out(h)
+        return y + self.aux(h) if use_aux else y
+
+
+class Net(LightningModule):
+    def __init__(self, kind: str, scenario: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.scenario = scenario
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.heads = Heads()
+
+    def configure_model(self) -> None:
+        if self.kind == "model_parallel":
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for m in (self.body, self.heads):
+                fully_shard(m, mesh=mesh)
+            fully_shard(self, mesh=mesh)
+        else:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            cpu = torch.device("cpu")
+            for name in ("body", "heads"):
+                setattr(self, name, FullyShardedDataParallel(getattr(self, name), use_orig_params=True, device_id=cpu))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.relu(self.body(x))
+        out = self.heads(h, use_aux=self.scenario == "clean")
+        return ((out.squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        ds = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, generator=g))
+        return torch.utils.data.DataLoader(ds, batch_size=4)
+
+
+class Probe(GradGuard):
+    def __init__(self, out: str, tag: str) -> None:
+        super().__init__()
+        self._out = out
+        self._tag = tag
+        self._norms: list = []
+
+    def _record(self, trainer, status: str, error: BaseException | None = None) -> None:
+        sync = self._core.dist
+        record = {
+            "rank": trainer.global_rank,
+            "pid": os.getpid(),
+            "status": status,
+            "error": str(error) if error is not None else None,
+            "findings": [f.to_dict() for f in self.findings],
+            "names": list(self._core.index.names) if self._core.index is not None else [],
+            "sync": repr(sync),
+            "norms": self._norms,
+            "time": time.time(),
+        }
+        with open(os.path.join(self._out, f"{self._tag}.rank{trainer.global_rank}.json"), "w") as fh:
+            json.dump(record, fh, indent=1)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        try:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        except GradGuardError as err:
+            self._record(trainer, "raised", err)
+            raise
+        if trainer.global_step == 0 and self._core.dist is not None:
+            params = self._core.params_of(optimizer)
+            stats = self._core.dist.measure_grads(params)  # what check() measured (one more collective, all ranks)
+            refs = references(pl_module, params)
+            self._norms = [[n, stats.norms[i], refs[i]] for i, n in enumerate(self._core.index.names)]
+
+    def on_train_end(self, trainer, pl_module):
+        super().on_train_end(trainer, pl_module)
+        self._record(trainer, "finished")
+
+
+def references(pl_module, params) -> list[float | None]:
+    """Each gradient's norm as the sharding library itself assembles the full gradient (collectives, all ranks)."""
+    if any(type(p).__name__ == "DTensor" for p in params):
+        return [None if p.grad is None else float(p.grad.full_tensor().norm()) for p in params]
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    norms: dict[str, float | None] = {}
+    for unit in (pl_module.body, pl_module.heads):
+        with FullyShardedDataParallel.summon_full_params(unit, with_grads=True):
+            for name, p in unit.named_parameters():
+                norms[f"{id(unit)}.{name}"] = None if p.grad is None else float(p.grad.norm())
+    return list(norms.values())  # same order as the module's named_parameters(), i.e. GradGuard's index
+
+
+def main(out: str, kind: str, scenarios: list[str]) -> None:
+    for scenario in scenarios:
+        strategy = CPUFSDPStrategy(timeout=PG_TIMEOUT) if kind == "fsdp" else ModelParallelStrategy(timeout=PG_TIMEOUT)
+        trainer = Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy=strategy,
+            max_steps=2,
+            callbacks=[Probe(out, f"{kind}-{scenario}")],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=out,
+        )
+        torch.manual_seed(0)
+        with contextlib.suppress(GradGuardError):
+            trainer.fit(Net(kind, scenario))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
