@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from .audit import GradStats
+from .audit import GradStats, _l2_norms
 from .params import ParamIndex, module_of
 from .report import RunReport
 
@@ -56,46 +56,53 @@ REPORT_FILE = "gradguard_report.json"
 #: The text tag of the findings report (``torch`` appends ``/text_summary``).
 TEXT_TAG = f"{TAG}/report"
 
-# Log-linear histogram buckets: 8 per power of two, for every float32 (subnormals included), both signs and zero.
-_SUB = 8
-_E_MIN = -148  # frexp exponent of the smallest float32 subnormal
-_E_MAX = 128
-_P_MAX = (_E_MAX - _E_MIN) * _SUB + _SUB  # largest bucket key of a positive value
-_NBINS = 2 * _P_MAX + 1
+# Histogram buckets: the top 12 bits of a float32 (sign, exponent, 3 mantissa bits): 8 log-linear buckets per
+# power of two, for either sign; `bits >> 20` is one integer op per value.
+_SHIFT = 20
+_HALF = 1 << (31 - _SHIFT)  # 2048 buckets per sign
+_NBINS = 2 * _HALF
 
 
-def _keys(v: torch.Tensor) -> torch.Tensor:
-    """Bucket key of every (finite, float32) value: 0 for zero, ``±(1..P_MAX)`` by magnitude, monotonic in value."""
-    m, e = torch.frexp(v)  # v = m * 2**e, |m| in [0.5, 1)
-    s = m.abs_().mul_(2 * _SUB).trunc_().to(torch.int64)  # in [SUB, 2 SUB), 0 for zero
-    key = e.to(torch.int64).sub_(_E_MIN).mul_(_SUB).add_(s).sub_(_SUB - 1)
-    return key.mul_(torch.sign(v).to(torch.int64))
+def _bucket_edges() -> tuple[list[float], list[float], list[int]]:
+    """Per bin ``(bits >> 20) + 2048``: left and right edge of its values, and the finite bins in value order."""
+    import numpy as np
+
+    n = 255 << 3  # magnitude buckets below exponent 255 (inf, nan)
+    edges = (np.arange(n + 1, dtype=np.int64) << _SHIFT).astype(np.uint32).view(np.float32).astype(np.float64)
+    edges[-1] = float(np.finfo(np.float32).max)  # instead of inf
+    lo, hi = edges[:-1], edges[1:]
+    left = np.full(_NBINS, np.nan)
+    right = np.full(_NBINS, np.nan)
+    left[:n], right[:n] = -hi, -lo  # bins 0..2047: negative values, magnitude bucket = bin
+    left[_HALF : _HALF + n], right[_HALF : _HALF + n] = lo, hi
+    finite = [j for j in range(_NBINS) if not math.isnan(right[j])]
+    order = sorted(finite, key=lambda j: (right[j], j))
+    return left.tolist(), right.tolist(), order
 
 
-def _bucket_limit(key: int) -> float:
-    """The right edge of bucket ``key`` (the value range of key ``-k`` mirrors that of ``k``)."""
-    if key == 0:
-        return 0.0
-    p = abs(key) - 1
-    e, s = p // _SUB + _E_MIN, p % _SUB + _SUB
-    if key > 0:  # [s/2S, (s+1)/2S) * 2**e
-        return math.ldexp((s + 1) / (2 * _SUB), e)
-    return -math.ldexp(s / (2 * _SUB), e)  # (-(s+1)/2S, -s/2S] * 2**e
+_LEFT, _RIGHT, _ORDER = _bucket_edges()
+_RANK = {j: r for r, j in enumerate(_ORDER)}  # non-finite bins have no rank: dropped
 
 
-def histogram_counts(tensors: Sequence[torch.Tensor], scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The histogram of all finite values of ``tensors`` (divided by ``scale``), on their device, without a sync.
+def histogram_counts(
+    tensors: Sequence[torch.Tensor], scale: float = 1.0, finite: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The histogram of the finite values of ``tensors`` (divided by ``scale``), on their device, without a sync.
+
+    Args:
+        tensors: the values (any shape; half precision is measured in float32).
+        scale: divide the values by this.
+        finite: the caller knows every value is finite (e.g. from a finite norm); otherwise non-finite values are
+            masked out first (one more pass).
 
     Returns:
         ``(stats, counts)``: ``stats = [min, max, num, sum, sum_squares]`` (float64) and ``counts``, one int64 count
-        per bucket key, shifted by ``P_MAX`` (see :func:`histogram_proto_args`).
+        per bucket (see :func:`histogram_proto_args`).
     """
     device = tensors[0].device
     counts = torch.zeros(_NBINS, dtype=torch.int64, device=device)
-    lo, hi = [], []
-    num = torch.zeros((), dtype=torch.float64, device=device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    squares = torch.zeros((), dtype=torch.float64, device=device)
+    lo, hi, sums, squares = [], [], [], []
+    num = 0
     for t in tensors:
         v = t.detach()
         if v.is_sparse:
@@ -105,43 +112,44 @@ def histogram_counts(tensors: Sequence[torch.Tensor], scale: float = 1.0) -> tup
             v = v.float()
         if scale != 1.0:
             v = v / scale
-        finite = torch.isfinite(v)
-        v = v[finite] if not bool(finite.all()) else v  # non-finite gradients are rare and reported as findings
+        if not finite:
+            v = v[torch.isfinite(v)]
         if v.numel() == 0:
             continue
-        counts += torch.bincount(_keys(v).add_(_P_MAX), minlength=_NBINS)
+        counts += torch.bincount((v.view(torch.int32) >> _SHIFT).add_(_HALF), minlength=_NBINS)
         mn, mx = torch.aminmax(v)
         lo.append(mn)
         hi.append(mx)
+        sums.append(v.sum())
+        squares.append(torch.dot(v, v))
         num += v.numel()
-        total += v.sum(dtype=torch.float64)
-        squares += torch.dot(v, v).double()
     if not lo:
-        nan = torch.tensor(math.nan, dtype=torch.float64, device=device)
-        return torch.stack([nan, nan, num, total, squares]), counts
-    stats = torch.stack([torch.stack(lo).min().double(), torch.stack(hi).max().double(), num, total, squares])
-    return stats, counts
+        nan = torch.full((2,), math.nan, dtype=torch.float64, device=device)
+        return torch.cat([nan, torch.zeros(3, dtype=torch.float64, device=device)]), counts
+    parts = [torch.stack(lo).min(), torch.stack(hi).max(), torch.stack(sums).sum(), torch.stack(squares).sum()]
+    mn, mx, total, sq = (x.to(torch.float64) for x in parts)
+    return torch.stack([mn, mx, torch.tensor(float(num), dtype=torch.float64, device=device), total, sq]), counts
 
 
-def histogram_proto_args(stats: Sequence[float], keys: Sequence[int], counts: Sequence[int]) -> dict[str, Any] | None:
+def histogram_proto_args(stats: Sequence[float], bins: Sequence[int], counts: Sequence[int]) -> dict[str, Any] | None:
     """Keyword arguments of TensorBoard's ``HistogramProto`` from :func:`histogram_counts`' results.
 
-    ``keys``/``counts`` are the non-empty buckets (keys shifted back by ``P_MAX``), in increasing order. An empty
-    bucket is put first so that TensorBoard knows the left edge of the first one. ``None`` if there are no values.
+    ``bins``/``counts`` are the non-empty bins. Buckets are put in value order with their right edges as limits; an
+    empty bucket goes first so that TensorBoard knows the left edge of the first one. ``None`` if there are no values.
     """
     mn, mx, num, total, squares = stats
-    if not num:
+    pairs = sorted((_RANK[b], b, c) for b, c in zip(bins, counts, strict=True) if b in _RANK)
+    if not num or not pairs:
         return None
-    first = keys[0]
-    left = _bucket_limit(first - 1) if first > -_P_MAX else mn
+    first = pairs[0][1]
     return {
         "min": mn,
         "max": mx,
         "num": num,
         "sum": total,
         "sum_squares": squares,
-        "bucket_limit": [min(left, mn), *(_bucket_limit(k) for k in keys)],
-        "bucket": [0.0, *(float(c) for c in counts)],
+        "bucket_limit": [min(_LEFT[first], mn), *(_RIGHT[b] for _, b, _ in pairs)],
+        "bucket": [0.0, *(float(c) for _, _, c in pairs)],
     }
 
 
@@ -156,7 +164,7 @@ def _fetch_histograms(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[di
     values = counts[nz[:, 0], nz[:, 1]].tolist()
     per: list[tuple[list[int], list[int]]] = [([], []) for _ in parts]
     for r, c, v in zip(rows, cols, values, strict=True):
-        per[r][0].append(c - _P_MAX)
+        per[r][0].append(c)
         per[r][1].append(v)
     return [histogram_proto_args(s, k, c) if k else None for s, (k, c) in zip(stats, per, strict=True)]
 
@@ -246,7 +254,9 @@ def _layout(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
 
 
 def _l2(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-tensor L2 norms (float32 or wider), without a sync."""
+    """Per-tensor L2 norms (half precision measured in float32), without a sync."""
+    if all(t.dtype in (torch.float32, torch.float64) and t.device == tensors[0].device for t in tensors):
+        return _l2_norms(tensors)
     return [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
             for t in tensors]  # fmt: skip
 
@@ -414,13 +424,14 @@ class Dashboard:
         if self.histograms:
             finite = [n for n in norms if n is not None and math.isfinite(n)]
             if finite:
-                s, c = histogram_counts([torch.tensor(finite, dtype=torch.float32)])
+                s, c = histogram_counts([torch.tensor(finite, dtype=torch.float32)], finite=False)
                 hists.append((f"{TAG}/grad_norms{view.suffix}", s, c))
         if self.value_histograms:
             for key, idx in self._value_groups(view, stats):
-                grads = [stats.params[i].grad for i in idx if stats.params[i].grad is not None]
-                if grads:
-                    s, c = histogram_counts(grads, scale)  # type: ignore[arg-type]
+                idx = [i for i in idx if norms[i] is not None]
+                if idx:
+                    ok = all(math.isfinite(norms[i]) for i in idx)  # type: ignore[arg-type]
+                    s, c = histogram_counts([stats.params[i].grad for i in idx], scale, finite=ok)  # type: ignore[misc]
                     hists.append((f"{TAG}/grad_values/{key}", s, c))
         self._write(metrics, hists, step)
         if self.update_ratio:
