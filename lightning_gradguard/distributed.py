@@ -461,9 +461,7 @@ class RankSync:
         core.last_findings = findings
         raise GradGuardError("\n".join(parts), findings)
 
-    def _merge_unreached(
-        self, unreached: dict[int, tuple[int, ...]], gathered: list[Any], step: int
-    ) -> list[Finding]:
+    def _merge_unreached(self, unreached: dict[int, tuple[int, ...]], gathered: list[Any], step: int) -> list[Finding]:
         findings = []
         for bit, ranks in sorted(unreached.items()):
             # the explanation of the lowest rank that can name the line, else of the lowest rank
@@ -506,9 +504,9 @@ class RankSync:
         fix = (
             "Fix: use these parameters in the loss on every rank and micro-batch (or freeze them with "
             "`requires_grad_(False)`, or remove them), or, if skipping them is intended (data-dependent routing, "
-            "unused heads), train with `strategy=\"ddp_find_unused_parameters_true\"` "
+            'unused heads), train with `strategy="ddp_find_unused_parameters_true"` '
             "(`DDPStrategy(find_unused_parameters=True)`), under which GradGuard reports a parameter that no rank "
-            "uses as `unused` (silence it with `GradGuard(ignore=[...])` or `on_unused=\"ignore\"`) and only notes "
+            'uses as `unused` (silence it with `GradGuard(ignore=[...])` or `on_unused="ignore"`) and only notes '
             "in its report one that some ranks skip."
         )
         return f"{head}\n{format_findings(findings)}\n{would}\n{fix}"

@@ -96,14 +96,17 @@ class Probe(GradGuard):
         self._tag = tag
         self._norms: list = []
 
-    def _record(self, trainer, status: str, error: BaseException | None = None) -> None:
+    def _record(self, trainer, status: str, error: BaseException | None = None, hook: str = "") -> None:
         sync = self._core.dist
         record = {
             "rank": trainer.global_rank,
             "pid": os.getpid(),
             "status": status,
+            "hook": hook,
             "error": str(error) if error is not None else None,
+            "step": trainer.global_step,
             "findings": [f.to_dict() for f in self.findings],
+            "notes": list(self.report.notes),
             "names": list(self._core.index.names) if self._core.index is not None else [],
             "sync": repr(sync),
             "norms": self._norms,
@@ -116,7 +119,7 @@ class Probe(GradGuard):
         try:
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
         except GradGuardError as err:
-            self._record(trainer, "raised", err)
+            self._record(trainer, "raised", err, "on_before_optimizer_step")
             raise
         if trainer.global_step == 0 and self._core.dist is not None:
             params = self._core.params_of(optimizer)
