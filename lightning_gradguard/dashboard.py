@@ -591,12 +591,13 @@ def custom_scalars_layout(charts: Sequence[str], prefix: str = "", update_ratio:
     Example::
 
         >>> layout = custom_scalars_layout(["encoder", "head"])
-        >>> list(layout["GradGuard"])
-        ['total gradient norm', 'gradient norm: encoder', 'gradient norm: head', 'findings so far, per kind']
+        >>> list(layout["GradGuard"])[1:4]
+        ['total gradient norm per epoch: max, mean', 'gradient norm: encoder', 'gradient norm: head']
     """
     p = re.escape(prefix + TAG + "/")
     section: dict[str, list[Any]] = {
-        "total gradient norm": ["Multiline", [rf"{p}total_norm(_opt\d+)?$", rf"{p}epoch/total_norm_.*"]]
+        "total gradient norm": ["Multiline", [rf"{p}total_norm(_opt\d+)?$"]],
+        "total gradient norm per epoch: max, mean": ["Multiline", [rf"{p}epoch/total_norm_.*"]],
     }
     many = len(charts) > 24
     if many:

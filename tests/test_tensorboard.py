@@ -7,6 +7,7 @@ An independent recorder callback, placed after GradGuard, measures the gradients
 from __future__ import annotations
 
 import csv
+import doctest
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
+import lightning_gradguard.dashboard
 from conftest import loader, make_trainer
 from lightning_gradguard import GradGuard, GradGuardError
 from lightning_gradguard.dashboard import REPORT_FILE, custom_scalars_layout, group_keys
@@ -324,6 +326,7 @@ def test_dashboard_custom_scalars_layout_groups_every_gradguard_chart(tmp_path):
     charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
     assert set(charts) == {
         "total gradient norm",
+        "total gradient norm per epoch: max, mean",
         "gradient norm: enc",
         "gradient norm: head",
         "gradient norm: aux",
@@ -569,3 +572,9 @@ def test_group_keys_cap_merges_modules_into_parents_then_keeps_the_first():
     keys, how = group_keys(names, "module", 1)
     assert keys == ["blocks"] * 6 + [None]
     assert "the first 1 of 2" in how
+
+
+def test_dashboard_docstring_examples_run():
+    result = doctest.testmod(lightning_gradguard.dashboard, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 3
+    assert result.failed == 0
