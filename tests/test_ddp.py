@@ -405,5 +405,6 @@ def test_single_process_run_has_no_sync_and_runs_no_collective(tmp_path):
 
     guard = GradGuard()
     make_trainer(tmp_path, [guard], max_steps=2).fit(Tiny())
+    assert guard._core.checks == 2
     assert guard._core.dist is None
     assert RankSync.of(torch.nn.Linear(2, 2), "cpu") is None
