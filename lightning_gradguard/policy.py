@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
+from ._frames import user_stacklevel
 from .findings import KINDS, Finding, GradGuardError
 
 __all__ = ["ACTIONS", "DEFAULT_ACTIONS", "Action", "GradGuardWarning", "Policy"]
@@ -84,7 +85,7 @@ class Policy:
             if f.key not in self._warned:
                 self._warned.add(f.key)
                 fix = f"\n  fix: {f.hint}" if f.hint and f.hint not in f.message else ""
-                warnings.warn(f"GradGuard: {f}{fix}", GradGuardWarning, stacklevel=2)
+                warnings.warn(f"GradGuard: {f}{fix}", GradGuardWarning, stacklevel=user_stacklevel(2))
 
     @property
     def warned(self) -> set[tuple[str, str]]:

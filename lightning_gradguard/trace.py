@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import sys
-import sysconfig
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from ._frames import format_where, frame_where, is_library_file
 from .params import ParamIndex
 
 __all__ = ["CutSite", "LossFacts", "Tracer", "format_where", "is_library_file"]
@@ -52,59 +52,6 @@ _SKIP_OUTPUT = frozenset({"backward", "register_hook", "register_post_accumulate
 
 #: ``.tolist()`` results are followed element by element up to this many items (a traced step stays cheap).
 _MAX_ESCAPED_ITEMS = 4096
-
-_ROOTS: tuple[tuple[str, ...], str] | None = None
-
-
-def _library_roots() -> tuple[tuple[str, ...], str]:
-    """(package folders whose frames are not the user's, the standard library's folder)."""
-    global _ROOTS
-    if _ROOTS is None:
-        roots = {os.path.dirname(os.path.abspath(__file__)) + os.sep}
-        for mod in ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "numpy",
-                    "lightning_utilities", "jsonargparse", "typing_extensions"):  # fmt: skip
-            m = sys.modules.get(mod)
-            if m is not None and getattr(m, "__file__", None):
-                roots.add(os.path.dirname(os.path.abspath(m.__file__)) + os.sep)
-        stdlib = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
-        _ROOTS = (tuple(sorted(roots)), stdlib)
-    return _ROOTS
-
-
-_LIB_CACHE: dict[str, bool] = {}
-
-
-def is_library_file(filename: str) -> bool:
-    """Whether ``filename`` belongs to torch, lightning, torchmetrics, numpy, the stdlib or this package."""
-    hit = _LIB_CACHE.get(filename)
-    if hit is None:
-        if filename.startswith("<"):
-            hit = filename.startswith("<frozen")
-        else:
-            path = os.path.abspath(filename)
-            packages, stdlib = _library_roots()
-            hit = path.startswith(packages) or (
-                path.startswith(stdlib) and "site-packages" not in path and "dist-packages" not in path
-            )
-        _LIB_CACHE[filename] = hit
-    return hit
-
-
-def format_where(filename: str, lineno: int) -> str:
-    """``path:line``, the path relative to the working directory when it lies below it."""
-    path = filename
-    try:
-        rel = os.path.relpath(filename)
-        if not rel.startswith(".."):
-            path = rel
-    except ValueError:  # another drive on Windows
-        pass
-    return f"{path}:{lineno}"
-
-
-def _frame_where(frame: FrameType) -> str:
-    return format_where(frame.f_code.co_filename, frame.f_lineno)
-
 
 @dataclass
 class CutSite:
@@ -304,7 +251,7 @@ class Tracer(TorchFunctionMode):
         f = frame
         while f is not None:
             if entry is not None and f is entry:
-                return _frame_where(f), entered
+                return frame_where(f), entered
             filename = f.f_code.co_filename
             if filename.endswith(os.path.join("torch", "utils", "checkpoint.py")):
                 in_checkpoint = True
@@ -314,7 +261,7 @@ class Tracer(TorchFunctionMode):
                 if not in_checkpoint and entry is None:
                     break
             f = f.f_back
-        return (_frame_where(first_user) if first_user is not None else None), entered
+        return (frame_where(first_user) if first_user is not None else None), entered
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: C901 - one hot loop, kept flat
         if kwargs is None:
@@ -461,7 +408,7 @@ class Tracer(TorchFunctionMode):
             frame = sys._getframe(1)
             while frame is not None and is_library_file(frame.f_code.co_filename):
                 frame = frame.f_back
-            self._grad_off.append((frame, _frame_where(frame) if frame is not None else None))
+            self._grad_off.append((frame, frame_where(frame) if frame is not None else None))
         elif enabled and self._grad_off:
             self._grad_off.pop()
         return func(*args, **kwargs)

@@ -199,3 +199,13 @@ def test_runs_in_a_module_without_lightning_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT}, check=True)  # fmt: skip
     assert out.stdout.strip() == "0"
+
+
+def test_warnings_point_at_the_users_line():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(GradGuardWarning) as record, check_step(model, opt):
+        (model(torch.randn(2, 4)) * 0).sum().backward()
+        opt.step()  # WARN: here
+    path, line = where("WARN: here").rsplit(":", 1)
+    assert {(os.path.relpath(w.filename), w.lineno) for w in record} == {(path, int(line))}

@@ -1,0 +1,89 @@
+"""Where in the user's code: stack frames outside torch, Lightning, torchmetrics, numpy, the stdlib and this package."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import sysconfig
+from types import FrameType
+
+__all__ = ["format_where", "frame_where", "is_library_file", "user_stacklevel"]
+
+#: Packages whose frames are never "the user's line".
+_LIBRARIES = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "numpy",
+              "lightning_utilities", "jsonargparse", "typing_extensions")  # fmt: skip
+
+_ROOTS: tuple[tuple[str, ...], str] | None = None
+
+
+def _library_roots() -> tuple[tuple[str, ...], str]:
+    """(package folders whose frames are not the user's, the standard library's folder).
+
+    Packages are located with ``find_spec`` (nothing is imported), so a library imported later still counts.
+    """
+    global _ROOTS
+    if _ROOTS is None:
+        roots = {os.path.dirname(os.path.abspath(__file__)) + os.sep}
+        for name in _LIBRARIES:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                continue
+            if spec is None:
+                continue
+            if spec.submodule_search_locations:  # a package: its folder
+                roots.update(os.path.abspath(loc) + os.sep for loc in spec.submodule_search_locations)
+            elif spec.origin:  # a one-file module: the file
+                roots.add(os.path.abspath(spec.origin))
+        stdlib = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+        _ROOTS = (tuple(sorted(roots)), stdlib)
+    return _ROOTS
+
+
+_LIB_CACHE: dict[str, bool] = {}
+
+
+def is_library_file(filename: str) -> bool:
+    """Whether ``filename`` belongs to torch, lightning, torchmetrics, numpy, the stdlib or this package."""
+    hit = _LIB_CACHE.get(filename)
+    if hit is None:
+        if filename.startswith("<"):
+            hit = filename.startswith("<frozen")
+        else:
+            path = os.path.abspath(filename)
+            packages, stdlib = _library_roots()
+            hit = path.startswith(packages) or (
+                path.startswith(stdlib) and "site-packages" not in path and "dist-packages" not in path
+            )
+        _LIB_CACHE[filename] = hit
+    return hit
+
+
+def format_where(filename: str, lineno: int) -> str:
+    """``path:line``, the path relative to the working directory when it lies below it."""
+    path = filename
+    try:
+        rel = os.path.relpath(filename)
+        if not rel.startswith(".."):
+            path = rel
+    except ValueError:  # another drive on Windows
+        pass
+    return f"{path}:{lineno}"
+
+
+def frame_where(frame: FrameType) -> str:
+    return format_where(frame.f_code.co_filename, frame.f_lineno)
+
+
+def user_stacklevel(start: int = 2) -> int:
+    """The ``stacklevel`` for ``warnings.warn`` that points at the innermost frame of the user's code.
+
+    ``start`` is the stacklevel of the caller of the function that calls this (2 = its caller).
+    """
+    frame = sys._getframe(start)
+    level = start
+    while frame is not None and is_library_file(frame.f_code.co_filename):
+        frame = frame.f_back
+        level += 1
+    return level if frame is not None else start
