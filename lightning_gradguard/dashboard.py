@@ -131,25 +131,34 @@ def histogram_counts(
     return torch.stack([mn, mx, torch.tensor(float(num), dtype=torch.float64, device=device), total, sq]), counts
 
 
-def histogram_proto_args(stats: Sequence[float], bins: Sequence[int], counts: Sequence[int]) -> dict[str, Any] | None:
+def histogram_proto_args(
+    stats: Sequence[float], bins: Sequence[int], counts: Sequence[int], max_buckets: int = 64
+) -> dict[str, Any] | None:
     """Keyword arguments of TensorBoard's ``HistogramProto`` from :func:`histogram_counts`' results.
 
     ``bins``/``counts`` are the non-empty bins. Buckets are put in value order with their right edges as limits; an
-    empty bucket goes first so that TensorBoard knows the left edge of the first one. ``None`` if there are no values.
+    empty bucket goes first so that TensorBoard knows the left edge of the first one. Runs of neighbouring buckets
+    are merged so that there are at most ``max_buckets`` (TensorBoard draws about 30; every byte of an event goes
+    through a pure-Python CRC in TensorBoard's writer thread). ``None`` if there are no values.
     """
     mn, mx, num, total, squares = stats
     pairs = sorted((_RANK[b], b, c) for b, c in zip(bins, counts, strict=True) if b in _RANK)
     if not num or not pairs:
         return None
-    first = pairs[0][1]
+    limits = [_RIGHT[b] for _, b, _ in pairs]
+    heights = [float(c) for _, _, c in pairs]
+    if len(pairs) > max_buckets:
+        k = -(-len(pairs) // max_buckets)
+        limits = limits[k - 1 :: k] + ([limits[-1]] if len(limits) % k else [])
+        heights = [math.fsum(heights[i : i + k]) for i in range(0, len(heights), k)]
     return {
         "min": mn,
         "max": mx,
         "num": num,
         "sum": total,
         "sum_squares": squares,
-        "bucket_limit": [min(_LEFT[first], mn), *(_RIGHT[b] for _, b, _ in pairs)],
-        "bucket": [0.0, *(float(c) for _, _, c in pairs)],
+        "bucket_limit": [min(_LEFT[pairs[0][1]], mn), *limits],
+        "bucket": [0.0, *heights],
     }
 
 

@@ -578,3 +578,20 @@ def test_dashboard_docstring_examples_run():
     result = doctest.testmod(lightning_gradguard.dashboard, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 3
     assert result.failed == 0
+
+
+def test_histogram_buckets_merge_to_at_most_max_buckets_and_keep_counts():
+    from lightning_gradguard.dashboard import histogram_counts, histogram_proto_args
+
+    values = torch.cat([torch.randn(5000) * 1e-4, torch.randn(5000) * 10, torch.zeros(7), torch.tensor([-3e30])])
+    stats, counts = histogram_counts([values])
+    bins = counts.nonzero().flatten().tolist()
+    for cap in (1000, 64, 5):
+        h = histogram_proto_args(stats.tolist(), bins, counts[bins].tolist(), max_buckets=cap)
+        assert h is not None
+        assert len(h["bucket"]) <= cap + 1  # plus the empty first bucket that carries the left edge
+        assert h["bucket_limit"] == sorted(h["bucket_limit"])
+        assert (h["min"], h["max"], h["num"]) == (float(values.min()), float(values.max()), values.numel())
+        # bucket i holds the values in (limit[i-1], limit[i]]
+        idx = torch.bucketize(values.double(), torch.tensor(h["bucket_limit"], dtype=torch.float64))
+        assert torch.bincount(idx, minlength=len(h["bucket"])).tolist() == [int(c) for c in h["bucket"]]
