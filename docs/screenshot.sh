@@ -1,28 +1,42 @@
 #!/usr/bin/env bash
-# Re-make docs/dashboard.png: train the demo with configs/monitoring.yaml, serve its logs with TensorBoard on
-# loopback, and photograph the Custom Scalars tab (the "GradGuard" section) with headless Chromium.
+# Re-make the README's screenshots from real demo runs, with TensorBoard served on loopback and headless Chromium:
+#   docs/dashboard.png    the Custom Scalars tab (the "GradGuard" section), demo without a bug (every chart has data)
+#   docs/report_text.png  the Text tab (the findings report), demo with the planted `.detach()` bug
 #
 #   bash docs/screenshot.sh            # needs: apt-get install -y chromium
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY=${PYTHON:-.venv/bin/python}
+REPO=$PWD
+PY=${PYTHON:-$REPO/.venv/bin/python}
 WORK=$(mktemp -d)
 PORT=${PORT:-6123}
-trap 'kill "${TB_PID:-0}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+TB_PID=
+trap 'if [ -n "$TB_PID" ]; then kill "$TB_PID" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
 
-# 1. The demo run (no planted bug, so that every chart has data): ~2000 steps, logged every 50.
-(cd "$WORK" && "$OLDPWD/$PY" "$OLDPWD/examples/train.py" fit --config "$OLDPWD/configs/monitoring.yaml" \
-    --model.bug=none --trainer.enable_progress_bar=false > "$WORK/train.log" 2>&1)
-LOGDIR="$WORK/lightning_logs/monitoring"
+demo() {  # demo NAME ARGS...: train examples/train.py with configs/monitoring.yaml into $WORK/NAME
+    local name=$1
+    shift
+    mkdir -p "$WORK/$name"
+    (cd "$WORK/$name" && "$PY" "$REPO/examples/train.py" fit --config "$REPO/configs/monitoring.yaml" \
+        --trainer.enable_progress_bar=false "$@" > train.log 2>&1)
+}
 
-# 2. TensorBoard on loopback only.
-"$PY" -m tensorboard.main --logdir "$LOGDIR" --host 127.0.0.1 --port "$PORT" > "$WORK/tb.log" 2>&1 &
-TB_PID=$!
-for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/data/runs" > /dev/null && break; sleep 1; done
+shot() {  # shot LOGDIR URL_FRAGMENT OUT.png HEIGHT
+    "$PY" -m tensorboard.main --logdir "$1" --host 127.0.0.1 --port "$PORT" > "$WORK/tb.log" 2>&1 &
+    TB_PID=$!
+    for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/data/runs" > /dev/null && break; sleep 1; done
+    chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
+        --disable-component-update --disable-sync --hide-scrollbars --user-data-dir="$WORK/chrome" \
+        --window-size="1400,$4" --virtual-time-budget=20000 --screenshot="$REPO/$3" \
+        "http://127.0.0.1:$PORT/?darkMode=false#$2" 2> "$WORK/chrome.log"
+    kill "$TB_PID"
+    wait "$TB_PID" 2>/dev/null || true
+    TB_PID=
+    echo "wrote $3"
+}
 
-# 3. The Custom Scalars tab, once its charts have loaded.
-chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
-    --disable-component-update --disable-sync --hide-scrollbars --user-data-dir="$WORK/chrome" \
-    --window-size=1400,1500 --virtual-time-budget=20000 --screenshot="$PWD/docs/dashboard.png" \
-    "http://127.0.0.1:$PORT/?darkMode=false#custom_scalars" 2> "$WORK/chrome.log"
-echo "wrote docs/dashboard.png"
+demo clean --model.bug=none
+shot "$WORK/clean/lightning_logs/monitoring" custom_scalars docs/dashboard.png 1500
+
+demo detach --model.bug=detach --trainer.max_steps=200
+shot "$WORK/detach/lightning_logs/monitoring" text docs/report_text.png 700

@@ -163,19 +163,23 @@ def histogram_proto_args(
 
 
 def _fetch_histograms(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any] | None]:
-    """Bring the histograms of ``parts`` to the host together: one transfer for the statistics and the counts."""
-    if not parts:
-        return []
-    stats = torch.stack([s for s, _ in parts]).cpu().tolist()
-    counts = torch.stack([c for _, c in parts])
-    nz = counts.nonzero()
-    rows, cols = nz[:, 0].tolist(), nz[:, 1].tolist()
-    values = counts[nz[:, 0], nz[:, 1]].tolist()
-    per: list[tuple[list[int], list[int]]] = [([], []) for _ in parts]
-    for r, c, v in zip(rows, cols, values, strict=True):
-        per[r][0].append(c)
-        per[r][1].append(v)
-    return [histogram_proto_args(s, k, c) if k else None for s, (k, c) in zip(stats, per, strict=True)]
+    """Bring the histograms of ``parts`` to the host together: one transfer per device for statistics and counts."""
+    out: list[dict[str, Any] | None] = [None] * len(parts)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (stats, _) in enumerate(parts):
+        by_device.setdefault(stats.device, []).append(i)
+    for idx in by_device.values():
+        stats = torch.stack([parts[i][0] for i in idx]).cpu().tolist()
+        counts = torch.stack([parts[i][1] for i in idx])
+        nz = counts.nonzero()
+        values = counts[nz[:, 0], nz[:, 1]].cpu().tolist()
+        per: list[tuple[list[int], list[int]]] = [([], []) for _ in idx]
+        for r, c, v in zip(nz[:, 0].tolist(), nz[:, 1].tolist(), values, strict=True):
+            per[r][0].append(c)
+            per[r][1].append(v)
+        for i, s, (b, c) in zip(idx, stats, per, strict=True):
+            out[i] = histogram_proto_args(s, b, c) if b else None
+    return out
 
 
 def group_keys(names: Sequence[str | None], norms: str, max_tags: int) -> tuple[list[str | None], str]:
@@ -268,6 +272,21 @@ def _l2(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return _l2_norms(tensors)
     return [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
             for t in tensors]  # fmt: skip
+
+
+def _copy_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copies of 1-D ``tensors``, as views into one buffer per device and dtype (one allocation: about 3x faster
+    than a clone per tensor)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    with torch.no_grad():
+        for idx in groups.values():
+            flat = torch.cat([tensors[i] for i in idx])
+            for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx]), strict=True):
+                out[i] = v
+    return out  # type: ignore[return-value]
 
 
 def _root(v: float) -> float:
@@ -457,10 +476,8 @@ class Dashboard:
         self._flush_snapshots(only=k)
         idx = [i for i, p in enumerate(stats.params) if p.grad is not None]
         if idx:
-            params = [stats.params[i] for i in idx]
-            with torch.no_grad():
-                before = [p.detach().clone() for p in params]
-            self._snapshots.append(_Snapshot(k, step, view, idx, params, before))
+            params = [stats.params[i].detach().reshape(-1) for i in idx]
+            self._snapshots.append(_Snapshot(k, step, view, idx, params, _copy_flat(params)))
 
     def end_batch(self) -> None:
         """Log the update-to-weight ratios of this batch's logged steps and drop the parameter copies."""
@@ -480,7 +497,7 @@ class Dashboard:
         """``||w_after - w_before|| / ||w_before||`` per key, from the copies taken before the step (one sync)."""
         with torch.no_grad():
             w = _l2(snap.before)
-            torch._foreach_sub_(snap.before, [p.detach() for p in snap.params])  # before := -(update)
+            torch._foreach_sub_(snap.before, snap.params)  # before := -(update)
             d = _l2(snap.before)
             values = torch.stack([x.to(torch.float64) for x in (*w, *d)]).cpu().tolist()
         n = len(snap.params)
@@ -562,10 +579,11 @@ class Dashboard:
         named = [(tag, p) for (tag, _, _), p in zip(hists, protos, strict=True) if p is not None]
         summary = None
         for t in self._targets:
-            if t.fast:
+            file_writer = getattr(t.writer, "file_writer", None) if t.fast else None  # None once closed
+            if file_writer is not None:
                 if summary is None:
                     summary = _summary(metrics, named)
-                t.writer.file_writer.add_summary(summary, step)
+                file_writer.add_summary(summary, step)
                 continue
             t.logger.log_metrics(metrics, step)
             if t.writer is not None:
