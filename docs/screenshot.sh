@@ -13,12 +13,13 @@ PORT=${PORT:-6123}
 TB_PID=
 trap 'if [ -n "$TB_PID" ]; then kill "$TB_PID" 2>/dev/null || true; fi; rm -rf "$WORK"' EXIT
 
-demo() {  # demo NAME ARGS...: train examples/train.py with configs/monitoring.yaml into $WORK/NAME
+demo() {  # demo NAME ARGS...: train examples/train.py with configs/monitoring.yaml, logs in $WORK/NAME/logs
     local name=$1
     shift
     mkdir -p "$WORK/$name"
-    (cd "$WORK/$name" && "$PY" "$REPO/examples/train.py" fit --config "$REPO/configs/monitoring.yaml" \
-        --trainer.enable_progress_bar=false "$@" > train.log 2>&1)
+    "$PY" examples/train.py fit --config configs/monitoring.yaml --trainer.enable_progress_bar=false \
+        --trainer.default_root_dir="$WORK/$name" --trainer.logger.init_args.save_dir="$WORK/$name/logs" "$@" \
+        > "$WORK/$name/train.log" 2>&1
 }
 
 shot() {  # shot LOGDIR URL_FRAGMENT OUT.png HEIGHT
@@ -36,7 +37,7 @@ shot() {  # shot LOGDIR URL_FRAGMENT OUT.png HEIGHT
 }
 
 demo clean --model.bug=none
-shot "$WORK/clean/lightning_logs/monitoring" custom_scalars docs/dashboard.png 1500
+shot "$WORK/clean/logs" custom_scalars docs/dashboard.png 1500
 
 demo detach --model.bug=detach --trainer.max_steps=200
-shot "$WORK/detach/lightning_logs/monitoring" text docs/report_text.png 700
+shot "$WORK/detach/logs" text docs/report_text.png 700
