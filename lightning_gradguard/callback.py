@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Literal
 
@@ -177,13 +178,8 @@ class GradGuard(Callback):
         self._restored: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
-        args = ", ".join(
-            f"{k}={getattr(self, k)!r}"
-            for k in ("on_frozen", "on_unused", "on_detached", "on_orphan", "on_stale", "on_nonfinite", "on_zero",
-                      "ignore", "diagnose", "log_every_n_steps", "norms", "max_norm_tags", "histograms",
-                      "value_histograms", "update_ratio", "write_report", "report_path")  # fmt: skip
-        )
-        return f"GradGuard({args})"
+        names = [k for k in inspect.signature(GradGuard.__init__).parameters if k != "self"]
+        return f"GradGuard({', '.join(f'{k}={getattr(self, k)!r}' for k in names)})"
 
     @property
     def findings(self) -> list[Finding]:
