@@ -172,9 +172,9 @@ def run_once(name: str, steps: int, warmup: int, root: str) -> tuple[list[float]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per configuration")
     parser.add_argument("--quick", action="store_true", help="a few steps, one round; print only")
     args = parser.parse_args(argv)
     if args.quick:

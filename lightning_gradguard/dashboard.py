@@ -423,12 +423,7 @@ class Dashboard:
         total = stats.total_norm
         k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
         step = trainer.global_step
-        if math.isfinite(total):
-            acc = self._epoch.setdefault(k, [-math.inf, 0.0, 0.0, step])
-            acc[0] = max(acc[0], total)
-            acc[1] += total
-            acc[2] += 1
-            acc[3] = step
+        self.record_total(k, step, total)
         if not self._targets:
             return
         if len(report) != self._reported:
@@ -518,15 +513,27 @@ class Dashboard:
             self._write(metrics, [], snap.step)
 
     # ------------------------------------------------------------------ epoch
-    def end_epoch(self, trainer: Trainer, device: torch.device) -> None:
-        """Max and mean of the total norm over the epoch's steps, synced across ranks with torchmetrics (every rank
-        must call this)."""
+    def record_total(self, k: int, step: int, total: float) -> None:
+        """Add optimizer ``k``'s total norm of ``step`` to this epoch's running max, sum and count (finite only)."""
+        if math.isfinite(total):
+            acc = self._epoch.setdefault(k, [-math.inf, 0.0, 0.0, step])
+            acc[0] = max(acc[0], total)
+            acc[1] += total
+            acc[2] += 1
+            acc[3] = step
+
+    def epoch_stats(self, n_optimizers: int, device: torch.device) -> tuple[dict[str, float], int]:
+        """Max and mean of the total norm over the epoch's steps of every rank, and the epoch's last step; resets.
+
+        A collective under distributed training: every rank calls it, with the same ``n_optimizers``. Each rank's
+        running max and (mean, count) go into torchmetrics' ``MaxMetric`` and ``MeanMetric`` (weighted by the
+        count), whose ``compute()`` syncs them across ranks.
+        """
         from torchmetrics.aggregation import MaxMetric, MeanMetric
 
-        n = max(1, len(trainer.optimizers))
         out: dict[str, float] = {}
         step = 0
-        for k in range(n):
+        for k in range(n_optimizers):
             acc = self._epoch.get(k, [-math.inf, 0.0, 0.0, 0])
             if k not in self._metrics:
                 self._metrics[k] = (MaxMetric(nan_strategy="ignore").to(device),
@@ -539,10 +546,15 @@ class Dashboard:
             mean.reset()
             step = max(step, int(acc[3]))
             if math.isfinite(hi) and math.isfinite(avg):
-                suffix = f"_opt{k}" if n > 1 else ""
+                suffix = f"_opt{k}" if n_optimizers > 1 else ""
                 out[f"{TAG}/epoch/total_norm_max{suffix}"] = hi
                 out[f"{TAG}/epoch/total_norm_mean{suffix}"] = avg
         self._epoch.clear()
+        return out, step
+
+    def end_epoch(self, trainer: Trainer, device: torch.device) -> None:
+        """Log :meth:`epoch_stats` (every rank must call this)."""
+        out, step = self.epoch_stats(max(1, len(trainer.optimizers)), device)
         if out and self._targets and self.every(trainer):
             self._write(out, [], step)
 

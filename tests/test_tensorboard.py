@@ -595,3 +595,33 @@ def test_histogram_buckets_merge_to_at_most_max_buckets_and_keep_counts():
         # bucket i holds the values in (limit[i-1], limit[i]]
         idx = torch.bucketize(values.double(), torch.tensor(h["bucket_limit"], dtype=torch.float64))
         assert torch.bincount(idx, minlength=len(h["bucket"])).tolist() == [int(c) for c in h["bucket"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Epoch statistics across ranks (2 CPU processes, gloo)
+
+
+def _epoch_stats_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from lightning_gradguard.dashboard import Dashboard
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        dashboard = Dashboard()
+        totals = {0: [1.0, 3.0, 2.0], 1: [5.0]}[rank]  # rank 1 saw fewer steps, and a larger norm
+        for step, total in enumerate(totals):
+            dashboard.record_total(0, step, total)
+        dashboard.record_total(0, 9, math.inf)  # an overflow step the scaler skipped: left out
+        out, _ = dashboard.epoch_stats(1, torch.device("cpu"))
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_dashboard_epoch_stats_are_synced_across_ranks(tmp_path):
+    torch.multiprocessing.spawn(_epoch_stats_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    expected = {"gradguard/epoch/total_norm_max": 5.0, "gradguard/epoch/total_norm_mean": (1 + 3 + 2 + 5) / 4}
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == pytest.approx(expected)
