@@ -163,22 +163,22 @@ def histogram_proto_args(
 
 
 def _fetch_histograms(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any] | None]:
-    """Bring the histograms of ``parts`` to the host together: one transfer per device for statistics and counts."""
+    """Bring the histograms of ``parts`` to the host: one transfer per device, statistics and counts together."""
     out: list[dict[str, Any] | None] = [None] * len(parts)
     by_device: dict[torch.device, list[int]] = {}
     for i, (stats, _) in enumerate(parts):
         by_device.setdefault(stats.device, []).append(i)
     for idx in by_device.values():
-        stats = torch.stack([parts[i][0] for i in idx]).cpu().tolist()
-        counts = torch.stack([parts[i][1] for i in idx])
-        nz = counts.nonzero()
-        values = counts[nz[:, 0], nz[:, 1]].cpu().tolist()
-        per: list[tuple[list[int], list[int]]] = [([], []) for _ in idx]
-        for r, c, v in zip(nz[:, 0].tolist(), nz[:, 1].tolist(), values, strict=True):
-            per[r][0].append(c)
-            per[r][1].append(v)
-        for i, s, (b, c) in zip(idx, stats, per, strict=True):
-            out[i] = histogram_proto_args(s, b, c) if b else None
+        stats = torch.stack([parts[i][0] for i in idx])
+        counts = torch.stack([parts[i][1] for i in idx]).to(torch.float64)  # exact below 2**53
+        host = torch.cat([stats.flatten(), counts.flatten()]).cpu().numpy()  # the one sync
+        n = len(idx)
+        stats_rows = host[: n * 5].reshape(n, 5).tolist()
+        counts_rows = host[n * 5 :].reshape(n, _NBINS)
+        for i, s, row in zip(idx, stats_rows, counts_rows, strict=True):
+            bins = row.nonzero()[0]
+            if len(bins):
+                out[i] = histogram_proto_args(s, bins.tolist(), row[bins].astype("int64").tolist())
     return out
 
 
