@@ -67,8 +67,9 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
 
     Gradients are grouped by device and dtype and reduced with ``torch._foreach_norm`` (half-precision ones in
     float32; large float32/float64 CPU gradients with a BLAS dot product, see :func:`_l2_norms`). Only a
-    gradient whose norm is not finite is looked at element-wise, to tell a real NaN/Inf from a finite gradient whose
-    norm overflows.
+    gradient whose norm is not finite or zero is looked at element-wise (one more sync, on such steps only), to tell
+    a real NaN/Inf from a finite gradient whose norm overflows, and an all-zero gradient from tiny values whose
+    squares underflow.
 
     Args:
         params: the tensors to measure (an optimizer's parameters).
@@ -77,7 +78,7 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
     norms: list[float | None] = [None] * len(params)
     missing = []
     frozen = []
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
+    groups: dict[tuple[torch.device, torch.dtype, torch.layout], tuple[list[int], list[torch.Tensor]]] = {}
     for i, p in enumerate(params):
         if not p.requires_grad:
             frozen.append(i)
@@ -85,7 +86,7 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
         if g is None:
             missing.append(i)
             continue
-        key = (g.device, g.dtype)
+        key = (g.device, g.dtype, g.layout)
         if key not in groups:
             groups[key] = ([], [])
         idx, grads = groups[key]
@@ -96,8 +97,8 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
         return stats
     order: list[int] = []
     parts = []
-    for (_device, dtype), (idx, grads) in groups.items():
-        if grads[0].is_sparse:
+    for (_device, dtype, layout), (idx, grads) in groups.items():
+        if layout != torch.strided:
             reduced = [g.coalesce().values().norm(dtype=torch.float32) for g in grads]
         elif dtype in (torch.float16, torch.bfloat16):
             reduced = torch._foreach_norm(grads, 2, dtype=torch.float32)
@@ -116,6 +117,14 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
             if not bool(torch.isfinite(g).all()):
                 stats.nonfinite.append(i)
             else:  # finite elements whose norm overflows the dtype: measure in float64
+                norms[i] = float(g.double().norm()) / scale
+    if stats.zero:  # a norm of 0 is also what a float32 sum of squares of ~1e-23 values underflows to
+        grads = [params[i].grad for i in stats.zero]
+        nonzero = torch.stack([g.ne(0).any().cpu() for g in grads if g is not None]).tolist()  # rare: 2nd sync
+        for i, g, flag in zip(list(stats.zero), grads, nonzero, strict=True):
+            if flag:
+                stats.zero.remove(i)
+                assert g is not None
                 norms[i] = float(g.double().norm()) / scale
     stats.zero.sort()
     stats.nonfinite.sort()

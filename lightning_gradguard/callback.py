@@ -176,6 +176,7 @@ class GradGuard(Callback):
         self.report_path = report_path
         self._core = GuardCore(self._policy, diagnose)
         self._restored: dict[str, Any] | None = None
+        self._reported = False
 
     def __repr__(self) -> str:
         names = [k for k in inspect.signature(GradGuard.__init__).parameters if k != "self"]
@@ -204,6 +205,7 @@ class GradGuard(Callback):
         if stage != "fit":
             return
         self._core = GuardCore(self._policy, self.diagnose)
+        self._reported = False
         if self._restored is not None:
             self._core.report.load_dict(self._restored)
             self._restored = None
@@ -262,14 +264,19 @@ class GradGuard(Callback):
             with rank_zero_warnings(trainer.global_rank):
                 self._core.finish(trainer.global_step)
         finally:
-            path = self._dashboard.finish(trainer, self._core.report)
-            rank_zero_info(self._core.report.table() + (f"\nGradGuard: report written to {path}" if path else ""))
+            self._publish_report(trainer)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._core.abort()
+        if not self._reported:  # `on_train_end` may have published it already, then raised
+            self._publish_report(trainer, quiet_if_clean=True)
+
+    def _publish_report(self, trainer: Trainer, quiet_if_clean: bool = False) -> None:
+        """Write the JSON report and print the table (rank zero), once per run."""
+        self._reported = True
         path = self._dashboard.finish(trainer, self._core.report)
-        if self._core.findings:
+        if self._core.findings or not quiet_if_clean:
             rank_zero_info(self._core.report.table() + (f"\nGradGuard: report written to {path}" if path else ""))
 
     @override

@@ -580,3 +580,31 @@ def test_report_has_a_module_level_view(tmp_path):
         "module `aux` was never called",
     }
     assert "module `aux` was never called" in guard.report.table()
+
+
+def test_tiny_gradient_whose_norm_underflows_is_not_zero(tmp_path):
+    class Tiny(Net):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * 1e-30  # squares of the gradients underflow float32
+
+    guard = fit(tmp_path, Tiny(), GradGuard(on_zero="raise"), max_steps=1)
+    assert guard.findings == []
+
+
+def test_sparse_embedding_gradients_are_measured(tmp_path):
+    class Sparse(TiedEmbeddings):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8, sparse=True)
+            self.out = nn.Linear(8, 20)
+
+    fit_silently(tmp_path, Sparse())
+
+
+def test_report_is_printed_once_when_the_end_of_fit_raises(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    with pytest.raises(GradGuardError):  # skipped on the last step, a step with no next traced step
+        fit(tmp_path, SometimesSkipped(), max_steps=3)
+    assert caplog.text.count("GradGuard run report") == 1
