@@ -53,6 +53,7 @@ _SKIP_OUTPUT = frozenset({"backward", "register_hook", "register_post_accumulate
 #: ``.tolist()`` results are followed element by element up to this many items (a traced step stays cheap).
 _MAX_ESCAPED_ITEMS = 4096
 
+
 @dataclass
 class CutSite:
     """A place where a gradient path to some parameters was cut.
