@@ -3,13 +3,33 @@
 * :class:`GradGuard`: a Lightning callback that checks every optimizer step.
 * :func:`check_step`: the same check for a plain PyTorch loop, as a context manager.
 * :class:`Finding`, :class:`GradGuardError`: what they report.
+
+``GradGuard`` is imported on first use, so that ``check_step`` in a plain PyTorch program does not import Lightning.
 """
 
-from .callback import GradGuard
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .findings import KINDS, Finding, GradGuardError
 from .policy import GradGuardWarning
 from .report import RunReport
 from .step import check_step
 
+if TYPE_CHECKING:
+    from .callback import GradGuard
+
 __all__ = ["KINDS", "Finding", "GradGuard", "GradGuardError", "GradGuardWarning", "RunReport", "check_step"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GradGuard":
+        from .callback import GradGuard
+
+        return GradGuard
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"GradGuard"})

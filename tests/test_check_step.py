@@ -190,28 +190,17 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         check_step(**args)
 
 
-def test_runs_in_a_module_without_lightning_imported():
+def test_plain_pytorch_use_does_not_import_lightning():
     code = (
         "import sys, torch\n"
         "from lightning_gradguard import check_step\n"
-        "assert 'lightning.pytorch' not in sys.modules or True\n"
         "m = torch.nn.Linear(2, 1)\n"
         "with check_step(m) as c:\n"
         "    m(torch.ones(1, 2)).sum().backward()\n"
-        "print(len(c.findings))\n"
+        "print(len(c.findings), sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'tensorboard')))\n"
     )
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT}, check=True)  # fmt: skip
-    assert out.stdout.strip() == "0"
-
-
-def test_warnings_point_at_the_users_line():
-    model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with pytest.warns(GradGuardWarning) as record, check_step(model, opt):
-        (model(torch.randn(2, 4)) * 0).sum().backward()
-        opt.step()  # WARN: here
-    path, line = where("WARN: here").rsplit(":", 1)
-    assert {(os.path.relpath(w.filename), w.lineno) for w in record} == {(path, int(line))}
+    assert out.stdout.strip() == "0 []"
