@@ -608,3 +608,21 @@ def test_report_is_printed_once_when_the_end_of_fit_raises(tmp_path, caplog):
     with pytest.raises(GradGuardError):  # skipped on the last step, a step with no next traced step
         fit(tmp_path, SometimesSkipped(), max_steps=3)
     assert caplog.text.count("GradGuard run report") == 1
+
+
+def test_resume_from_checkpoint_keeps_findings_and_does_not_warn_again(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    first = GradGuard()
+    with pytest.warns(GradGuardWarning, match="exactly zero"):
+        make_trainer(tmp_path, [first, ckpt], max_steps=2, enable_checkpointing=True).fit(TimesZero(), loader())
+    assert first.findings
+    resumed = GradGuard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradGuardWarning)  # warned before the checkpoint: not again
+        make_trainer(tmp_path, [resumed], max_steps=4, enable_checkpointing=True).fit(
+            TimesZero(), loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+        )
+    assert kinds(resumed.findings) == {("zero", "gate.weight"), ("zero", "gate.bias")}
+    assert resumed.report.entries[0].count == 4  # 2 steps before the checkpoint, 2 after
