@@ -380,9 +380,12 @@ class Tracer(TorchFunctionMode):
             cuts |= self._site("escape", name, grad, sys._getframe(2))
         elif cuts:  # `.detach().numpy()` on one line is one escape, not a `.detach()` to remove
             where, _ = self._locate(sys._getframe(2), "escape")
-            for site in self.site_bits(cuts):
+            for idx in self.index.bits(cuts):
+                site = self.sites[idx]
                 if site.kind == "detach" and site.where == where:
+                    del self._site_keys[(site.kind, site.op, site.where)]
                     site.kind, site.op = "escape", name
+                    self._site_keys.setdefault((site.kind, site.op, site.where), idx)
         if isinstance(out, bool) or (isinstance(out, int) and -5 <= out <= 256):
             return  # interned by CPython: its identity says nothing
         self._escapes[id(out)] = (out, dep, cuts)
