@@ -30,7 +30,7 @@ from .audit import (
     reached_params,
 )
 from .findings import HINTS, Finding, GradGuardError
-from .params import ParamIndex, module_of, optimizer_params
+from .params import ParamIndex, module_of, optimizer_layout, optimizer_params
 from .policy import Policy
 from .report import RunReport
 from .trace import LossFacts, Tracer
@@ -53,11 +53,6 @@ def is_compiled(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - torch without dynamo
         return False
     return isinstance(model, OptimizedModule) or any(isinstance(m, OptimizedModule) for m in model.modules())
-
-
-def _layout(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
-    """A cheap key that changes when ``optimizer``'s param groups do (groups added, lists replaced or resized)."""
-    return (id(optimizer), *((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
 
 
 def module_view(index: ParamIndex, findings: Sequence[Finding]) -> list[str]:
@@ -136,7 +131,7 @@ class GuardCore:
 
     def params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """``optimizer``'s parameters in order, recomputed only when its param groups change."""
-        layout = _layout(optimizer)
+        layout = optimizer_layout(optimizer)
         hit = self._params_cache.get(id(optimizer))
         if hit is None or hit[0] != layout:
             hit = (layout, optimizer_params(optimizer))
@@ -276,7 +271,7 @@ class GuardCore:
         stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
         findings: list[Finding] = []
         traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
-        key = tuple(_layout(opt) for opt in optimizers)
+        key = tuple(optimizer_layout(opt) for opt in optimizers)
         if optimizers and (key != self._consistency_key or traced_step):
             self._consistency_key = key
             findings += audit_optimizers(index, optimizers, step)

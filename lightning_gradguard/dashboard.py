@@ -32,7 +32,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from .audit import GradStats, _l2_norms
-from .params import ParamIndex, module_of
+from .params import ParamIndex, module_of, optimizer_layout
 from .report import RunReport
 
 __all__ = [
@@ -262,10 +262,6 @@ class _Target:
     prefix: str
 
 
-def _layout(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
-    return (id(optimizer), *((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
-
-
 def _l2(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Per-tensor L2 norms (half precision measured in float32), without a sync."""
     if all(t.dtype in (torch.float32, torch.float64) and t.device == tensors[0].device for t in tensors):
@@ -391,7 +387,7 @@ class Dashboard:
 
     def _view(self, trainer: Trainer, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
               index: ParamIndex) -> _View:  # fmt: skip
-        layout = _layout(optimizer)
+        layout = optimizer_layout(optimizer)
         view = self._views.get(id(optimizer))
         if view is None or view.layout != layout:
             optimizers = list(trainer.optimizers)

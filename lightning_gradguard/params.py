@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ParamIndex", "clean_name", "optimizer_params"]
+__all__ = ["ParamIndex", "clean_name", "optimizer_layout", "optimizer_params"]
 
 
 #: Name segments that wrappers insert: ``torch.compile``, FSDP (``FullyShardedDataParallel``), activation checkpointing.
@@ -40,6 +40,11 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+def optimizer_layout(optimizer: torch.optim.Optimizer) -> tuple[object, ...]:
+    """A cheap key that changes when ``optimizer``'s param groups do (groups added, lists replaced or resized)."""
+    return (id(optimizer), *((id(g["params"]), len(g["params"])) for g in optimizer.param_groups))
 
 
 class ParamIndex:
