@@ -10,23 +10,17 @@ GradGuard ran, and when. A hang shows as a missing file and a run killed by the 
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import sys
-import time
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from _common import PG_TIMEOUT, Probe, SyntheticModule, make_trainer
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
-from lightning_gradguard import GradGuard, GradGuardError
-
-PG_TIMEOUT = datetime.timedelta(seconds=45)
+from lightning_gradguard import GradGuardError
 
 
-class Net(LightningModule):
+class Net(SyntheticModule):
     """``body -> head`` always; ``aux`` joins the output as the scenario says."""
 
     def __init__(self, scenario: str) -> None:
@@ -54,61 +48,23 @@ class Net(LightningModule):
             return loss.detach()  # rank 1 alone returns a loss that backward() cannot go through
         return loss
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        ds = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, generator=g))
-        return torch.utils.data.DataLoader(ds, batch_size=4)
+class DDPProbe(Probe):
+    """Records the scenario, how many collectives GradGuard ran and how many steps it checked, and raises in
+    ``on_before_backward`` too."""
 
-
-class Probe(GradGuard):
-    """GradGuard that writes, on every rank, what it did: raised (in which hook) or finished."""
-
-    def __init__(self, out: str, scenario: str) -> None:
-        super().__init__()
-        self._out = out
-        self._scenario = scenario
-
-    def _record(self, trainer: Trainer, status: str, error: BaseException | None = None, hook: str = "") -> None:
+    def _fields(self, trainer, status, error, hook):
         sync = self._core.dist
-        record = {
-            "scenario": self._scenario,
-            "rank": trainer.global_rank,
-            "pid": os.getpid(),
-            "status": status,
-            "hook": hook,
-            "error": str(error) if error is not None else None,
-            "step": trainer.global_step,
-            "findings": [f.to_dict() for f in self.findings],
-            "notes": list(self.report.notes),
-            "sync": repr(sync),
+        return {
+            "scenario": self._tag,
+            **super()._fields(trainer, status, error, hook),
             "collectives": sync.collectives if sync is not None else None,
             "optimizer_steps": self._core.checks,
-            "time": time.time(),
         }
-        path = os.path.join(self._out, f"{self._scenario}.rank{trainer.global_rank}.json")
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(record, fh, indent=1)
 
     def on_before_backward(self, trainer, pl_module, loss):
-        try:
+        with self._recording(trainer, "on_before_backward"):
             super().on_before_backward(trainer, pl_module, loss)
-        except GradGuardError as err:
-            self._record(trainer, "raised", err, "on_before_backward")
-            raise
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        try:
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        except GradGuardError as err:
-            self._record(trainer, "raised", err, "on_before_optimizer_step")
-            raise
-
-    def on_train_end(self, trainer, pl_module):
-        super().on_train_end(trainer, pl_module)
-        self._record(trainer, "finished")
 
 
 def strategy_for(name: str):
@@ -123,19 +79,12 @@ def strategy_for(name: str):
 
 def main(out: str, strategy: str, scenarios: list[str]) -> None:
     for scenario in scenarios:
-        trainer = Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=strategy_for(strategy),
+        trainer = make_trainer(
+            out,
+            strategy_for(strategy),
+            DDPProbe(out, scenario),
             max_steps=3,
             accumulate_grad_batches=2 if scenario.startswith("accumulate") else 1,
-            callbacks=[Probe(out, scenario)],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=out,
         )
         torch.manual_seed(0)
         try:

@@ -18,20 +18,14 @@ measured next to a reference (FSDP1: ``FullyShardedDataParallel.clip_grad_norm_`
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
-import os
 import sys
-import time
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from _common import PG_TIMEOUT, Probe, SyntheticModule, make_trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from lightning_gradguard import GradGuard, GradGuardError
-
-PG_TIMEOUT = datetime.timedelta(seconds=45)
+from lightning_gradguard import GradGuardError
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -51,7 +45,7 @@ class Heads(nn.Module):
         return y + self.aux(h) if use_aux else y
 
 
-class Net(LightningModule):
+class Net(SyntheticModule):
     def __init__(self, kind: str, scenario: str) -> None:
         super().__init__()
         self.kind = kind
@@ -80,56 +74,29 @@ class Net(LightningModule):
         out = self.heads(h, use_aux=self.scenario == "clean")
         return ((out.squeeze(-1) - y) ** 2).mean()
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    def train_dataloader(self):
-        g = torch.Generator().manual_seed(0)
-        ds = torch.utils.data.TensorDataset(torch.randn(64, 8, generator=g), torch.randn(64, generator=g))
-        return torch.utils.data.DataLoader(ds, batch_size=4)
+class NormProbe(Probe):
+    """Also records GradGuard's parameter names and, at the first optimizer step, each norm it measured next to the
+    sharding library's own (see ``references``)."""
 
-
-class Probe(GradGuard):
     def __init__(self, out: str, tag: str) -> None:
-        super().__init__()
-        self._out = out
-        self._tag = tag
+        super().__init__(out, tag)
         self._norms: list = []
 
-    def _record(self, trainer, status: str, error: BaseException | None = None, hook: str = "") -> None:
-        sync = self._core.dist
-        record = {
-            "rank": trainer.global_rank,
-            "pid": os.getpid(),
-            "status": status,
-            "hook": hook,
-            "error": str(error) if error is not None else None,
-            "step": trainer.global_step,
-            "findings": [f.to_dict() for f in self.findings],
-            "notes": list(self.report.notes),
+    def _fields(self, trainer, status, error, hook):
+        return {
+            **super()._fields(trainer, status, error, hook),
             "names": list(self._core.index.names) if self._core.index is not None else [],
-            "sync": repr(sync),
             "norms": self._norms,
-            "time": time.time(),
         }
-        with open(os.path.join(self._out, f"{self._tag}.rank{trainer.global_rank}.json"), "w") as fh:
-            json.dump(record, fh, indent=1)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        try:
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        except GradGuardError as err:
-            self._record(trainer, "raised", err, "on_before_optimizer_step")
-            raise
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)  # records a raise, and re-raises it
         if trainer.global_step == 0 and self._core.dist is not None:
             params = self._core.params_of(optimizer)
             stats = self._core.dist.measure_grads(params)  # what check() measured (one more collective, all ranks)
             refs = references(pl_module, params)
             self._norms = [[n, stats.norms[i], refs[i]] for i, n in enumerate(self._core.index.names)]
-
-    def on_train_end(self, trainer, pl_module):
-        super().on_train_end(trainer, pl_module)
-        self._record(trainer, "finished")
 
 
 def references(pl_module, params) -> list[float | None]:
@@ -149,19 +116,7 @@ def references(pl_module, params) -> list[float | None]:
 def main(out: str, kind: str, scenarios: list[str]) -> None:
     for scenario in scenarios:
         strategy = CPUFSDPStrategy(timeout=PG_TIMEOUT) if kind == "fsdp" else ModelParallelStrategy(timeout=PG_TIMEOUT)
-        trainer = Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=strategy,
-            max_steps=2,
-            callbacks=[Probe(out, f"{kind}-{scenario}")],
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            default_root_dir=out,
-        )
+        trainer = make_trainer(out, strategy, NormProbe(out, f"{kind}-{scenario}"), max_steps=2)
         torch.manual_seed(0)
         with contextlib.suppress(GradGuardError):
             trainer.fit(Net(kind, scenario))
