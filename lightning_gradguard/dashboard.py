@@ -348,6 +348,8 @@ class Dashboard:
         self._finished = False
         self._started = False
         self._said: set[str] = set()
+        self._stepping_batches: int | None = None  # batches so far in which an optimizer stepped
+        self._stepped = False  # an optimizer stepped in the current batch
 
     # ------------------------------------------------------------------ setup
     def start(self, trainer: Trainer) -> None:
@@ -378,12 +380,15 @@ class Dashboard:
         return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
 
     def should_log(self, trainer: Trainer) -> bool:
-        """Whether the optimizer step about to happen is logged (with several optimizers: the steps of every n-th
-        batch, taking each optimizer to step once per batch)."""
+        """Whether the optimizer step about to happen is logged: every step of every n-th batch that steps an
+        optimizer (with one optimizer, every n-th optimizer step; with several, the steps they take in the same
+        batches, however often each steps)."""
         every = self.every(trainer)
         if not every or not self._targets:
             return False
-        return (trainer.global_step // max(1, len(trainer.optimizers))) % every == 0
+        if self._stepping_batches is None:  # first step of this fit (a resumed run continues the count)
+            self._stepping_batches = trainer.global_step // max(1, len(trainer.optimizers))
+        return self._stepping_batches % every == 0
 
     def _view(self, trainer: Trainer, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
               index: ParamIndex) -> _View:  # fmt: skip
@@ -416,6 +421,7 @@ class Dashboard:
         scale: float = 1.0,
     ) -> None:
         """Called after each check with its :class:`GradStats`: epoch statistics always, the dashboard when logged."""
+        self._stepped = True
         total = stats.total_norm
         k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
         step = trainer.global_step
@@ -474,6 +480,10 @@ class Dashboard:
         """Log the update-to-weight ratios of this batch's logged steps and drop the parameter copies."""
         if self._snapshots:
             self._flush_snapshots()
+        if self._stepped:
+            self._stepped = False
+            if self._stepping_batches is not None:
+                self._stepping_batches += 1
 
     def _flush_snapshots(self, only: int | None = None) -> None:
         keep = []

@@ -553,6 +553,32 @@ def test_dashboard_several_optimizers_get_their_own_total_norm(tmp_path):
     assert {"gradguard/grad_norm/gen", "gradguard/grad_norm/disc"} <= set(gradguard_tags(acc))
 
 
+class GenEveryOtherBatch(TwoOptimizers):
+    """The discriminator steps every batch, the generator every other batch (global_step then mixes both)."""
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()
+        d_loss = self.disc(x).pow(2).mean() + self.disc(self.gen(x).detach()).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        if batch_idx % 2 == 0:
+            g_loss = -self.disc(self.gen(x)).mean()
+            opt_g.zero_grad()
+            self.manual_backward(g_loss)
+            opt_g.step()
+
+
+def test_dashboard_optimizers_stepping_at_different_rates_are_logged_in_the_same_batches(tmp_path):
+    guard = GradGuard(on_orphan="ignore", log_every_n_steps=2)
+    trainer, _ = fit(tmp_path, guard, GenEveryOtherBatch(), max_steps=9)
+    acc = events(trainer)
+    # global steps per batch: b0: disc 0, gen 1; b1: disc 2; b2: disc 3, gen 4; b3: disc 5; b4: disc 6, gen 7; ...
+    assert sorted(scalars(acc, "gradguard/total_norm_opt1")) == [0, 3, 6]  # disc in batches 0, 2, 4
+    assert sorted(scalars(acc, "gradguard/total_norm_opt0")) == [1, 4, 7]  # gen in the same batches
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Grouping (pure)
 
