@@ -315,8 +315,9 @@ class GuardCore:
                     )))  # fmt: skip
                 else:
                     out.append(replace(explain_missing(name, bit, facts, first), where=None, message=(
-                        f"`{name}` received no gradient at step {first}, but did at the next (traced) step: a "
-                        "data-dependent branch skipped it."
+                        f"`{name}` received no gradient at step {first}, but did at the next (traced) step: something "
+                        f"on step {first} only left it out (a data-dependent branch that skipped it, or a cut taken on "
+                        "that step only); set diagnose='always' to name the line."
                     ), kind="unused", hint=HINTS["unused"]))  # fmt: skip
             self._pending.clear()
         if facts.traced:

@@ -148,7 +148,7 @@ def test_param_skipped_on_one_untraced_step_is_explained_by_the_next_traced_step
     assert set(by_key) == {("unused", "extra.weight"), ("unused", "extra.bias")}
     f = by_key[("unused", "extra.weight")]
     assert f.step == 2
-    assert "data-dependent branch" in f.message
+    assert "on step 2 only left it out" in f.message
 
 
 def test_param_skipped_on_an_untraced_step_raises_at_the_next_step(tmp_path):
@@ -626,3 +626,34 @@ def test_resume_from_checkpoint_keeps_findings_and_does_not_warn_again(tmp_path)
         )
     assert kinds(resumed.findings) == {("zero", "gate.weight"), ("zero", "gate.bias")}
     assert resumed.report.entries[0].count == 4  # 2 steps before the checkpoint, 2 after
+
+
+class DetachedOnStep2(Net):
+    """The encoder is cut on batch 2 only: an untraced step unless every step is traced."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.features(x)
+        if batch_idx == 2:
+            h = h.detach()  # CUT: step2
+        return self.loss(self.head(h), y)
+
+
+def test_diagnose_always_names_the_line_on_the_step_itself(tmp_path):
+    with pytest.raises(GradGuardError) as err:
+        fit(tmp_path, DetachedOnStep2(), GradGuard(diagnose="always"), max_steps=4)
+    assert {(f.kind, f.step, f.where) for f in err.value.findings} == {("detached", 2, where("CUT: step2"))}
+
+
+def test_diagnose_first_reports_a_later_problem_at_once_without_a_trace(tmp_path):
+    with pytest.raises(GradGuardError) as err:
+        fit(tmp_path, DetachedOnStep2(), GradGuard(diagnose="first"), max_steps=4)
+    assert {(f.kind, f.step, f.where) for f in err.value.findings} == {("unused", 2, None)}
+    assert "not traced" in err.value.findings[0].message
+
+
+def test_diagnose_on_finding_explains_a_later_problem_on_the_next_step(tmp_path):
+    guard = fit(tmp_path, DetachedOnStep2(), GradGuard(on_detached="warn", on_unused="warn"), max_steps=4)
+    # step 2 is untraced and held back; step 3 (traced) does not reproduce it: a branch skipped it on step 2
+    assert {(f.kind, f.step) for f in guard.findings} == {("unused", 2)}
+    assert "a cut taken on that step only" in guard.findings[0].message
