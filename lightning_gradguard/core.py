@@ -169,7 +169,7 @@ class GuardCore:
         """Stop tracing; forget the trace once no loss of a pending step refers to it."""
         if self.tracer is not None:
             self.tracer.stop()
-            if not self._losses:
+            if not self._losses and self.tracer.recorded:
                 self.tracer.reset()
 
     def abort(self) -> None:

@@ -157,6 +157,11 @@ class Tracer(TorchFunctionMode):
         self.seen = 0
         self._grad_off: list[tuple[FrameType | None, str | None]] = []
 
+    @property
+    def recorded(self) -> bool:
+        """Something was recorded since the last :meth:`reset`."""
+        return bool(self._prov or self.sites or self._escapes or self.seen or self._ptrs)
+
     def start(self) -> Tracer:
         """Push the mode (it stays active until :meth:`stop`)."""
         if not self.active:
