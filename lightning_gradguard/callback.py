@@ -15,7 +15,7 @@ from .core import DIAGNOSE, GuardCore
 from .dashboard import Dashboard
 from .distributed import RankSync, rank_zero_warnings
 from .findings import Finding
-from .policy import ACTIONS, Policy
+from .policy import Policy
 from .report import RunReport
 
 __all__ = ["GradGuard"]
@@ -139,14 +139,11 @@ class GradGuard(Callback):
             "nonfinite": on_nonfinite,
             "zero": on_zero,
         }
-        for kind, action in actions.items():
-            if action not in ACTIONS:
-                raise ValueError(f"`GradGuard(on_{kind}={action!r})` must be one of 'raise', 'warn', 'ignore'.")
+        self._policy = Policy(actions, ignore, owner="GradGuard")  # checks each action, and the globs
         if diagnose not in DIAGNOSE:
             raise ValueError(
                 f"`GradGuard(diagnose={diagnose!r})` must be one of 'first', 'on_finding', 'always', 'never'."
             )
-        self._policy = Policy(actions, ignore, owner="GradGuard")
         self._dashboard = Dashboard(
             log_every_n_steps=log_every_n_steps,
             norms=norms,

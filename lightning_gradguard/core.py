@@ -112,7 +112,6 @@ class GuardCore:
         self._known: dict[int, Finding] = {}  # what a traced step found for a parameter lacking a gradient
         self._consistency_key: tuple[Any, ...] | None = None
         self._params_cache: dict[int, tuple[Any, list[torch.Tensor]]] = {}
-        self.last_findings: list[Finding] = []
         #: Under distributed training, agrees facts and decisions with the other ranks (see distributed.py);
         #: ``None`` in a single process, which then runs no collective.
         self.dist: RankSync | None = None
@@ -222,7 +221,6 @@ class GuardCore:
             detail = f" Its value depends on {n} trainable parameter{'s' if n != 1 else ''}, but the graph was cut"
         kept = self.policy.keep(findings)
         self.report.add(kept)
-        self.last_findings = kept
         if kept:
             return GradGuardError.from_findings(kept, step, head + detail)
         return GradGuardError(head + detail, [])
@@ -288,7 +286,6 @@ class GuardCore:
             findings = self.dist.combine(findings, step)
         kept = self.policy.keep(findings)
         new = self.report.add(kept)
-        self.last_findings = kept
         if new and traced_step:
             for line in module_view(index, new):
                 self.report.note(line)
@@ -353,7 +350,6 @@ class GuardCore:
         self._pending.clear()
         kept = self.policy.keep(findings)
         self.report.add(kept)
-        self.last_findings = kept
         self.policy.enforce(kept, step)
 
     @property

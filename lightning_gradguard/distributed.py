@@ -458,7 +458,6 @@ class RankSync:
             if key in agreed:
                 entry.finding = agreed[key]
         core.report.add([f for f in findings if f.key not in entries])
-        core.last_findings = findings
         raise GradGuardError("\n".join(parts), findings)
 
     def _merge_unreached(self, unreached: dict[int, tuple[int, ...]], gathered: list[Any], step: int) -> list[Finding]:

@@ -13,17 +13,6 @@ Kind = Literal["frozen", "unused", "detached", "orphan", "stale", "nonfinite", "
 #: Every finding kind, in the order reports list them.
 KINDS: tuple[str, ...] = ("stale", "detached", "unused", "nonfinite", "frozen", "orphan", "zero")
 
-#: One line per kind: what it means.
-MEANINGS: dict[str, str] = {
-    "frozen": "handed to the optimizer, but `requires_grad=False`: it can never be updated",
-    "unused": "trainable and in the optimizer, but the loss does not depend on it at all",
-    "detached": "the loss depends on its value, but no gradient path reaches it",
-    "orphan": "receives gradients, but no optimizer holds it: it is never updated",
-    "stale": "the optimizer holds a tensor that is not a parameter of the model",
-    "nonfinite": "its gradient contains NaN or Inf",
-    "zero": "its gradient is exactly zero everywhere",
-}
-
 #: One line per kind: the usual fix.
 HINTS: dict[str, str] = {
     "frozen": "set `requires_grad=True`, or leave it out of the optimizer "

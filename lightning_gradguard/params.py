@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -83,26 +83,11 @@ class ParamIndex:
     def bits(self, mask: int) -> list[int]:
         """The indices set in ``mask``, in order."""
         out = []
-        i = 0
         while mask:
             low = mask & -mask
-            i = low.bit_length() - 1
-            out.append(i)
+            out.append(low.bit_length() - 1)
             mask ^= low
         return out
-
-    def mask_of(self, params: Sequence[torch.Tensor]) -> int:
-        """The bit mask of ``params`` (tensors that are not model parameters are skipped)."""
-        m = 0
-        for p in params:
-            i = self.index.get(id(p))
-            if i is not None:
-                m |= 1 << i
-        return m
-
-    def signature(self, model: nn.Module) -> int:
-        """A cheap fingerprint of the model's parameter set, to notice when it changed."""
-        return hash(tuple(id(p) for p in model.parameters()))
 
 
 def module_of(name: str) -> str:

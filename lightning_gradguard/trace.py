@@ -50,6 +50,9 @@ _ZERO_DERIVATIVE = frozenset({"round", "round_", "floor", "floor_", "ceil", "cei
 _SKIP_OUTPUT = frozenset({"backward", "register_hook", "register_post_accumulate_grad_hook", "__bool__", "size",
                           "dim", "numel", "__len__", "__repr__", "__format__", "__str__"})  # fmt: skip
 
+#: Frames of this file run a reentrant checkpoint's forward under no_grad.
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
 #: ``.tolist()`` results are followed element by element up to this many items (a traced step stays cheap).
 _MAX_ESCAPED_ITEMS = 4096
 
@@ -259,7 +262,7 @@ class Tracer(TorchFunctionMode):
             if entry is not None and f is entry:
                 return frame_where(f), entered
             filename = f.f_code.co_filename
-            if filename.endswith(os.path.join("torch", "utils", "checkpoint.py")):
+            if filename.endswith(_CHECKPOINT_FILE):
                 in_checkpoint = True
                 first_user = None
             elif first_user is None and not is_library_file(filename):
@@ -372,10 +375,9 @@ class Tracer(TorchFunctionMode):
 
     @staticmethod
     def _in_checkpoint(frame: FrameType | None) -> bool:
-        suffix = os.path.join("torch", "utils", "checkpoint.py")
         f = frame
         while f is not None:
-            if f.f_code.co_filename.endswith(suffix):
+            if f.f_code.co_filename.endswith(_CHECKPOINT_FILE):
                 return True
             f = f.f_back
         return False
