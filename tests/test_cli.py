@@ -20,6 +20,7 @@ from docstring_parser import parse as parse_docstring
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from conftest import make_trainer
 from lightning_gradguard import GradGuard, GradGuardError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,17 +267,7 @@ def test_demo_marks_each_bug_on_one_line(demo: ModuleType) -> None:
 @pytest.mark.parametrize("bug", sorted(EXPECTED))
 def test_demo_bug_is_reported(demo: ModuleType, tmp_path: Path, bug: str) -> None:
     guard = GradGuard(**{name: "warn" for name in inspect.signature(GradGuard).parameters if name.startswith("on_")})
-    trainer = Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[guard],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, [guard], max_steps=2)
     trainer.fit(demo.DemoModel(bug=bug), datamodule=demo.DemoData(num_samples=64))
 
     kind, prefix = EXPECTED[bug]
@@ -286,17 +277,7 @@ def test_demo_bug_is_reported(demo: ModuleType, tmp_path: Path, bug: str) -> Non
 
 def test_demo_without_bug_has_no_findings(demo: ModuleType, tmp_path: Path) -> None:
     guard = GradGuard(**{name: "raise" for name in inspect.signature(GradGuard).parameters if name.startswith("on_")})
-    trainer = Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        devices=1,
-        callbacks=[guard],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = make_trainer(tmp_path, [guard], max_steps=4)
     trainer.fit(demo.DemoModel(bug="none"), datamodule=demo.DemoData(num_samples=64))
     assert trainer.global_step == 4
     assert guard.findings == []
