@@ -1,0 +1,500 @@
+"""The real-model sweep: ground truth by construction, compared with ``check_step`` and ``GradGuard``.
+
+For one configuration (an architecture of :mod:`realmodels.zoo`, optionally with gradient checkpointing):
+
+1. **Ground truth, without the guard.** A Lightning run of :data:`STEPS` seeded steps with a recording callback
+   that, before every optimizer step, files each parameter of the optimizer as ``frozen`` (``requires_grad=False``),
+   ``nonfinite``, ``zero`` (all-zero gradient) or missing; a missing one is ``detached`` if the loss's *value*
+   changes when the parameter is perturbed (same batch, same random state, so the same dropout masks), ``unused``
+   if not. A parameter filed on some steps and healthy on others is **idle** (LayerDrop, MoE routing,
+   drop_path). The same for one plain step, the ground truth of ``check_step``.
+2. **check_step** on that plain step (every finding a warning): each parameter of the truth must be reported with
+   its kind, nothing else.
+3. **GradGuard** (every action ``"warn"``, so the run goes on) in the same Trainer run, ``diagnose`` default and
+   ``"always"``: each parameter filed on every step must be reported with (one of) its kinds; no other finding.
+   Idle parameters reported are counted apart ("idle flagged"). Parameters after the run must be bit-identical
+   to those of the run without the guard.
+4. **GradGuard()** with pure defaults: it raises if and only if the truth holds a parameter whose kind raises by
+   default (``unused``, ``detached``, ``nonfinite``) on every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from lightning_gradguard import GradGuard, GradGuardError, check_step
+
+from .zoo import ARCHS, Arch, Batch, Built, build
+
+__all__ = ["STEPS", "Config", "Outcome", "Result", "configs", "run_config", "table"]
+
+#: Optimizer steps of each Lightning run.
+STEPS = 12
+#: Kinds whose default action is "raise".
+RAISING = frozenset({"unused", "detached", "stale", "nonfinite"})
+VARIANTS = ("", "ckpt-reentrant", "ckpt")
+ALL_WARN = {f"on_{k}": "warn" for k in ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")}
+
+for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class Config:
+    """An architecture and a gradient-checkpointing mode: ``""`` none, ``"ckpt-reentrant"``, ``"ckpt"``."""
+
+    arch: Arch
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch.name}+{self.variant}" if self.variant else self.arch.name
+
+    def build(self) -> Built:
+        built = build(self.arch)
+        if self.variant:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                built.model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": self.variant == "ckpt-reentrant"}
+                )
+        built.model.train()
+        return built
+
+
+def configs(names: Iterable[str] | None = None) -> list[Config]:
+    """Every configuration of the sweep (each architecture, and both checkpointing modes where supported), or
+    those named (``"llama"``, ``"llama+ckpt-reentrant"``)."""
+    out = []
+    for arch in ARCHS:
+        out.append(Config(arch))
+        model_cls_supports = _supports_checkpointing(arch)
+        if model_cls_supports:
+            out += [Config(arch, "ckpt-reentrant"), Config(arch, "ckpt")]
+    if names is None:
+        return out
+    by_name = {c.name: c for c in out}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"unknown sweep configurations {missing}; known: {sorted(by_name)}")
+    return [by_name[n] for n in names]
+
+
+_SUPPORTS: dict[str, bool] = {}
+
+
+def _supports_checkpointing(arch: Arch) -> bool:
+    if arch.name not in _SUPPORTS:
+        _SUPPORTS[arch.name] = bool(getattr(build(arch).model, "supports_gradient_checkpointing", False))
+    return _SUPPORTS[arch.name]
+
+
+# ---------------------------------------------------------------------------------------------- ground truth
+def _rng_state() -> tuple:
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    random.setstate(state[2])
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def grad_status(
+    model: torch.nn.Module, named: Sequence[tuple[str, torch.Tensor]], loss_of: Callable[[], torch.Tensor]
+) -> dict[str, str]:
+    """The parameters of ``named`` without a usable gradient, each with its kind.
+
+    ``loss_of()`` recomputes the step's loss (same batch, same random state); a parameter without a gradient is
+    ``detached`` if perturbing it changes that loss, else ``unused``. The model's state is restored exactly.
+    """
+    status: dict[str, str] = {}
+    missing = []
+    for name, p in named:
+        if not p.requires_grad:
+            status[name] = "frozen"
+        elif p.grad is None:
+            missing.append((name, p))
+        elif not torch.isfinite(p.grad).all():
+            status[name] = "nonfinite"
+        elif not p.grad.any():
+            status[name] = "zero"
+    if not missing:
+        return status
+    saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    rng = _rng_state()
+    gen = torch.Generator().manual_seed(0)
+
+    def restore() -> None:
+        with torch.no_grad():
+            for k, v in model.state_dict(keep_vars=True).items():
+                v.copy_(saved[k])
+
+    try:
+        with torch.no_grad():
+            base = loss_of()
+            restore()
+            for name, p in missing:
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+                p.add_(noise * (p.detach().abs().max() + 1))
+                loss = loss_of()
+                restore()
+                same = torch.equal(loss, base) or bool(torch.isnan(loss).all() and torch.isnan(base).all())
+                status[name] = "unused" if same else "detached"
+    finally:
+        restore()
+        _set_rng_state(rng)
+    return status
+
+
+class SweepModule(LightningModule):
+    """A `transformers` model trained on fixed batches with its own loss (AdamW over ``model.parameters()``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.step_rng: tuple | None = None
+        self.step_batch: Batch | None = None
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self.step_rng = _rng_state()
+        self.step_batch = batch
+        return self(batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+
+
+class Recorder(Callback):
+    """Files, before every optimizer step, each parameter of the optimizer lacking a usable gradient."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, str]] = []
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: SweepModule, optimizer: object) -> None:
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        named = [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
+
+        def loss_of() -> torch.Tensor:
+            _set_rng_state(pl_module.step_rng)
+            return pl_module(pl_module.step_batch)
+
+        self.steps.append(grad_status(pl_module, named, loss_of))
+
+
+def _trainer(tmp: str, callbacks: list[Callback]) -> Trainer:
+    return Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+
+
+def fit(config: Config, tmp: str, callbacks: list[Callback]) -> dict[str, torch.Tensor]:
+    """Train ``config`` for :data:`STEPS` seeded steps; the final parameters (re-raises what the run raised)."""
+    built = config.build()
+    module = SweepModule(built.model)
+    loader = torch.utils.data.DataLoader([built.batch(i) for i in range(STEPS)], batch_size=None)
+    seed_all(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp, callbacks).fit(module, loader)
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def plain_step(config: Config, guard: bool) -> tuple[dict[str, str] | list, dict[str, torch.Tensor]]:
+    """One step of a plain loop: without the guard, the ground truth; with it, ``check_step``'s findings."""
+    built = config.build()
+    model, batch = built.model, built.batch(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seed_all(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if guard:
+            with check_step(model, opt) as chk:
+                loss = model(**batch).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            result: dict[str, str] | list = list(chk.findings)
+        else:
+            rng = _rng_state()
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+
+            def loss_of() -> torch.Tensor:
+                _set_rng_state(rng)
+                return model(**batch).loss
+
+            named = [(n, p) for n, p in model.named_parameters()]
+            result = grad_status(model, named, loss_of)
+            opt.step()
+    return result, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------- comparison
+@dataclass
+class Outcome:
+    """How one guarded run compares with the truth."""
+
+    crash: str | None = None
+    fp: list[str] = field(default_factory=list)  # reported, but not true (or a wrong kind)
+    miss: list[str] = field(default_factory=list)  # true, but not reported
+    idle: list[str] = field(default_factory=list)  # idle by design, reported
+    changed: list[str] = field(default_factory=list)  # parameters not bit-identical to the run without the guard
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.crash or self.fp or self.miss or self.changed)
+
+    def cell(self) -> str:
+        if self.crash:
+            return f"CRASH {self.crash}"
+        parts = []
+        for label, items in (("FP", self.fp), ("miss", self.miss), ("changed", self.changed)):
+            if items:
+                parts.append(f"{label} {len(items)}: {_short(items)}")
+        if self.idle:
+            parts.append(f"idle flagged {len(self.idle)}: {_short(self.idle)}")
+        body = "; ".join(parts) if parts else "ok"
+        return f"{body} ({self.note})" if self.note else body
+
+
+def _short(items: Sequence[str], n: int = 2) -> str:
+    items = sorted(items)
+    more = f" +{len(items) - n}" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+@dataclass
+class Truth:
+    """Per parameter, the kinds it was filed under and on how many steps it was healthy."""
+
+    kinds: dict[str, set[str]]
+    healthy: dict[str, int]
+
+    @classmethod
+    def of(cls, steps: Sequence[dict[str, str]], names: Iterable[str]) -> Truth:
+        kinds: dict[str, set[str]] = {}
+        healthy = dict.fromkeys(names, 0)
+        for status in steps:
+            for n in healthy:
+                if n in status:
+                    kinds.setdefault(n, set()).add(status[n])
+                else:
+                    healthy[n] += 1
+        return cls(kinds, healthy)
+
+    def dead(self) -> dict[str, set[str]]:
+        """Parameters filed on every step: true findings."""
+        return {n: k for n, k in self.kinds.items() if self.healthy[n] == 0}
+
+    def idle(self) -> dict[str, set[str]]:
+        """Parameters filed on some steps only: idle by design."""
+        return {n: k for n, k in self.kinds.items() if self.healthy[n] > 0}
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for kinds in self.dead().values():
+            for k in kinds:
+                counts[k] = counts.get(k, 0) + 1
+        parts = [f"{k} {v}" for k, v in sorted(counts.items())]
+        if self.idle():
+            parts.append(f"idle {len(self.idle())}")
+        return ", ".join(parts) or "healthy"
+
+
+def compare(truth: Truth, reported: Iterable[tuple[str, str]]) -> Outcome:
+    """Reported ``(param, kind)`` pairs against the truth."""
+    out = Outcome()
+    dead, idle = truth.dead(), truth.idle()
+    got: dict[str, set[str]] = {}
+    for param, kind in reported:
+        got.setdefault(param, set()).add(kind)
+    for param, kinds in got.items():
+        allowed = dead.get(param) or idle.get(param) or set()
+        wrong = kinds - allowed
+        if wrong:
+            out.fp += [f"{param} {k}" + (f"≠{'/'.join(sorted(allowed))}" if allowed else "") for k in sorted(wrong)]
+        elif param in idle:
+            out.idle.append(f"{param} {'/'.join(sorted(kinds))}")
+    for param, kinds in dead.items():
+        if not (got.get(param, set()) & kinds):
+            out.miss.append(f"{param} {'/'.join(sorted(kinds))}")
+    return out
+
+
+def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    return [n for n in a if not torch.equal(a[n], b[n])]
+
+
+def _crash(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text[:160]}"
+
+
+@dataclass
+class Result:
+    """Everything measured for one configuration."""
+
+    config: str
+    family: str
+    params: int = 0
+    truth: str = ""
+    step_truth: str = ""
+    harness_error: str | None = None
+    check_step: Outcome = field(default_factory=Outcome)
+    on_finding: Outcome = field(default_factory=Outcome)
+    always: Outcome = field(default_factory=Outcome)
+    defaults: Outcome = field(default_factory=Outcome)
+    seconds: float = 0.0
+
+    @property
+    def outcomes(self) -> dict[str, Outcome]:
+        return {
+            "check_step": self.check_step,
+            "GradGuard": self.on_finding,
+            "GradGuard(diagnose='always')": self.always,
+            "GradGuard() defaults": self.defaults,
+        }
+
+    @property
+    def ok(self) -> bool:
+        return self.harness_error is None and all(o.ok for o in self.outcomes.values())
+
+    @property
+    def idle_flagged(self) -> bool:
+        return any(o.idle for o in self.outcomes.values())
+
+
+def run_config(config: Config, tmp: str) -> Result:
+    """Measure one configuration (see the module docstring)."""
+    t0 = time.perf_counter()
+    res = Result(config.name, config.arch.family)
+    try:
+        res.params = sum(p.numel() for p in config.build().model.parameters())
+        step_truth, plain_params = plain_step(config, guard=False)
+        recorder = Recorder()
+        ref_params = fit(config, tmp, [recorder])
+        if len(recorder.steps) != STEPS:
+            raise RuntimeError(f"the run without the guard made {len(recorder.steps)} optimizer steps, not {STEPS}")
+    except Exception as err:  # noqa: BLE001 - a model that does not train without the guard is the harness's problem
+        res.harness_error = _crash(err)
+        res.seconds = time.perf_counter() - t0
+        return res
+    names = list(ref_params)
+    truth = Truth.of(recorder.steps, names)
+    res.truth = truth.summary()
+    res.step_truth = ", ".join(f"{k} {v}" for k, v in sorted(_count(step_truth.values()).items())) or "healthy"
+
+    # check_step on the plain step
+    try:
+        findings, params = plain_step(config, guard=True)
+        plain = Truth.of([step_truth], list(plain_params))
+        res.check_step = compare(plain, [(f.param, f.kind) for f in findings])
+        res.check_step.changed = _changed(plain_params, params)
+    except Exception as err:  # noqa: BLE001 - a crash is a result
+        res.check_step = Outcome(crash=_crash(err))
+
+    # GradGuard, every action "warn"
+    for attr, diagnose in (("on_finding", "on_finding"), ("always", "always")):
+        guard = GradGuard(**ALL_WARN, diagnose=diagnose, write_report=False)
+        try:
+            params = fit(config, tmp, [guard])
+            outcome = compare(truth, [(f.param, f.kind) for f in guard.findings])
+            outcome.changed = _changed(ref_params, params)
+        except Exception as err:  # noqa: BLE001 - a crash is a result
+            outcome = Outcome(crash=_crash(err))
+        setattr(res, attr, outcome)
+
+    # GradGuard() with pure defaults: raises if and only if a raising kind is true on every step
+    expect_raise = any(kinds & RAISING for kinds in truth.dead().values())
+    guard = GradGuard()
+    try:
+        params = fit(config, tmp, [guard])
+        res.defaults = Outcome(changed=_changed(ref_params, params))
+        if expect_raise:
+            res.defaults.miss.append("no raise")
+    except GradGuardError as err:
+        out = compare(truth, [(f.param, f.kind) for f in err.findings])
+        out.miss = []  # a raise lists one step's findings only
+        out.note = f"raised at step {min((f.step for f in err.findings), default=0)}"
+        if not expect_raise and not out.fp and not out.idle:
+            out.fp.append("raised")
+        res.defaults = out
+    except Exception as err:  # noqa: BLE001 - a crash is a result
+        res.defaults = Outcome(crash=_crash(err))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _count(items: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in items:
+        out[i] = out.get(i, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the table
+def table(results: Sequence[Result]) -> str:
+    """The results as a markdown table, with a summary line above it."""
+    archs = {r.config.split("+")[0] for r in results}
+    n_ok = sum(r.ok for r in results)
+    crashes = sum(bool(o.crash) for r in results for o in r.outcomes.values())
+    fps = sum(bool(o.fp) for r in results for o in r.outcomes.values())
+    misses = sum(bool(o.miss) for r in results for o in r.outcomes.values())
+    changed = sum(bool(o.changed) for r in results for o in r.outcomes.values())
+    idle = sum(r.idle_flagged for r in results)
+    harness = sum(r.harness_error is not None for r in results)
+    lines = [
+        f"{len(results)} configurations of {len(archs)} architectures: {n_ok} fully right; runs with a crash: "
+        f"{crashes}, with a false positive: {fps}, with a miss: {misses}, changing training: {changed}; "
+        f"configurations where idle-by-design parameters were flagged: {idle}; harness errors: {harness}.",
+        "",
+        "| configuration | family | params | truth over "
+        f"{STEPS} steps | check_step | GradGuard (all warn) | GradGuard (all warn, diagnose='always') | "
+        "GradGuard() defaults | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.harness_error:
+            cells = [f"harness error: {r.harness_error}", "", "", "", ""]
+        else:
+            cells = [r.truth, *(o.cell() for o in r.outcomes.values())]
+        cells = [c.replace("|", "\\|") for c in cells]
+        lines.append(f"| {r.config} | {r.family} | {r.params:,} | " + " | ".join(cells) + f" | {r.seconds:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def configs_by_name() -> dict[str, Config]:
+    return {c.name: c for c in configs()}
+
+
+__all__ += ["ARCHS", "Truth", "compare", "configs_by_name", "grad_status", "plain_step", "fit"]
