@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench clean distclean
+.PHONY: venv test demo lint bench sweep clean distclean
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ demo: venv
 lint: venv
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
+
+# The real-model sweep (tests/realmodels): every architecture, ground truth vs check_step and GradGuard. Prints the
+# table and writes it to docs/sweep.md; fails if any configuration has a crash, false positive, miss or change.
+sweep: venv
+	OMP_NUM_THREADS=1 PYTHONPATH=tests$${PYTHONPATH:+:$$PYTHONPATH} $(VPY) -m realmodels --out docs/sweep.md
 
 # benchmarks/run.py is written separately; this target fails until it exists.
 bench: venv

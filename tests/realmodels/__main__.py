@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
             flag = "ok" if res.ok else "FAIL"
             idle = " (idle flagged)" if res.idle_flagged else ""
             print(f"[{i}/{len(todo)}] {config.name}: {flag}{idle} {res.seconds:.1f}s", file=sys.stderr, flush=True)
+            if os.environ.get("SWEEP_VERBOSE"):
+                rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+                print(f"    truth: {res.truth}; max RSS {rss} MiB", file=sys.stderr, flush=True)
             results.append(res)
     text = table(results)
     print(text)

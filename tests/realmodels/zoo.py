@@ -78,6 +78,8 @@ class Arch:
     name: str
     family: str
     make: Callable[[], Built]
+    #: checkpointing variants left out, with why (a failure of the model itself, without the guard)
+    broken: tuple[tuple[str, str], ...] = ()
 
 
 def _gen(step: int) -> torch.Generator:
@@ -276,6 +278,11 @@ def _reformer() -> Built:
         is_decoder=True,
         pad_token_id=0,
         eos_token_id=2,
+        # Reformer's reversible layers reseed dropout with `torch.seed()` (not reproducible): no dropout, so that
+        # runs with and without the guard, and the perturbation test, see the same numbers.
+        hidden_dropout_prob=0.0,
+        local_attention_probs_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0,
     )
     return Built(transformers.ReformerModelWithLMHead(cfg), tokens)
 
@@ -330,7 +337,8 @@ ARCHS: list[Arch] = [
     # speech (LayerDrop 0.1 by default)
     Arch("wav2vec2", "speech", _speech("Wav2Vec2ForCTC", "Wav2Vec2Config")),
     Arch("hubert", "speech", _speech("HubertForCTC", "HubertConfig")),
-    Arch("wavlm", "speech", _speech("WavLMForCTC", "WavLMConfig")),
+    Arch("wavlm", "speech", _speech("WavLMForCTC", "WavLMConfig"), broken=(
+        ("ckpt-reentrant", "backward recurses through nested reentrant checkpoints until memory runs out"),)),
     # vision
     Arch("vit", "vision", _vision("ViTForImageClassification", "ViTConfig", hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=2, intermediate_size=64, image_size=IMAGE, patch_size=8)),
@@ -341,7 +349,7 @@ ARCHS: list[Arch] = [
                                    embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
                                    drop_path_rate=0.1)),
     Arch("convnext", "vision", _vision("ConvNextForImageClassification", "ConvNextConfig", hidden_sizes=[16, 32],
-                                       depths=[1, 1], num_stages=2, drop_path_rate=0.2)),
+                                       depths=[1, 1], num_stages=2, drop_path_rate=0.5)),
     Arch("mobilenet-v2", "vision", _vision("MobileNetV2ForImageClassification", "MobileNetV2Config",
                                            depth_multiplier=0.25, image_size=IMAGE)),
     Arch("mobilevit", "vision", _vision("MobileViTForImageClassification", "MobileViTConfig", image_size=IMAGE,
