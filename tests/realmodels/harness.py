@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lightning_gradguard import GradGuard, GradGuardError, check_step
+from lightning_gradguard import Finding, GradGuard, GradGuardError, check_step
 
 from .zoo import ARCHS, Arch, Batch, Built, build
 
@@ -190,7 +190,7 @@ class Recorder(Callback):
         self.steps: list[dict[str, str]] = []
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: SweepModule, optimizer: object) -> None:
-        names = {id(p): n for n, p in pl_module.named_parameters()}
+        names = {id(p): n for n, p in pl_module.model.named_parameters()}  # the model's own names
         named = [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
 
         def loss_of() -> torch.Tensor:
@@ -224,7 +224,7 @@ def fit(config: Config, tmp: str, callbacks: list[Callback]) -> dict[str, torch.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _trainer(tmp, callbacks).fit(module, loader)
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
+    return {n: p.detach().clone() for n, p in module.model.named_parameters()}
 
 
 def plain_step(config: Config, guard: bool) -> tuple[dict[str, str] | list, dict[str, torch.Tensor]]:
@@ -351,6 +351,11 @@ def compare(truth: Truth, reported: Iterable[tuple[str, str]]) -> Outcome:
     return out
 
 
+def _reported(findings: Iterable[Finding]) -> list[tuple[str, str]]:
+    """``(param, kind)`` of GradGuard's findings, named as in the `transformers` model (``model.`` stripped)."""
+    return [(f.param.removeprefix("model."), f.kind) for f in findings]
+
+
 def _changed(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
     return [n for n in a if not torch.equal(a[n], b[n])]
 
@@ -428,7 +433,7 @@ def run_config(config: Config, tmp: str) -> Result:
         guard = GradGuard(**ALL_WARN, diagnose=diagnose, write_report=False)
         try:
             params = fit(config, tmp, [guard])
-            outcome = compare(truth, [(f.param, f.kind) for f in guard.findings])
+            outcome = compare(truth, _reported(guard.findings))
             outcome.changed = _changed(ref_params, params)
         except Exception as err:  # noqa: BLE001 - a crash is a result
             outcome = Outcome(crash=_crash(err))
@@ -443,7 +448,7 @@ def run_config(config: Config, tmp: str) -> Result:
         if expect_raise:
             res.defaults.miss.append("no raise")
     except GradGuardError as err:
-        out = compare(truth, [(f.param, f.kind) for f in err.findings])
+        out = compare(truth, _reported(err.findings))
         out.miss = []  # a raise lists one step's findings only
         out.note = f"raised at step {min((f.step for f in err.findings), default=0)}"
         if not expect_raise and not out.fp and not out.idle:
