@@ -108,6 +108,8 @@ class CutSite:
         mask: the parameters whose gradient path this site severed.
         entered: for ``no_grad``: where the no-grad region was entered.
         note: for ``checkpoint``: what is true of the checkpoint's inputs.
+        calls: how many times the op cut a gradient path here this step.
+        losses: how many losses of this step (seen by :meth:`Tracer.facts`) carry this site.
     """
 
     kind: str
@@ -116,10 +118,21 @@ class CutSite:
     mask: int = 0
     entered: str | None = None
     note: str | None = None
+    calls: int = 0
+    losses: int = 0
+
+    @property
+    def reused(self) -> bool:
+        """One result of this ``.detach()``/``.data`` fed several losses (a GAN's ``fake.detach()`` made for the
+        discriminator's loss and reused in the generator's): the cut is wanted in one of them."""
+        return self.kind in ("detach", "data") and self.losses > max(self.calls, 1)
 
     def describe(self) -> str:
         """What happened here, in a few words, e.g. ``"`.detach()` at model.py:42"``."""
         at = f" at {self.where}" if self.where else ""
+        if self.reused:
+            spelled = "`.data`" if self.kind == "data" else f"`.{self.op}()`"
+            return f"{spelled}{at}, whose result another loss of this step also uses (and may need detached),"
         if self.kind == "detach":
             return f"`.{self.op}()`{at}"
         if self.kind == "data":
@@ -131,7 +144,7 @@ class CutSite:
             return f"`{self.op}` under `torch.inference_mode()`{at}"
         if self.kind == "checkpoint":
             note = self.note or "none of its inputs requires grad"
-            return f"`checkpoint(..., use_reentrant=True)`{at} ({note}, so its forward records no graph)"
+            return f"`checkpoint(..., use_reentrant=True)`{at}, whose forward records no graph because {note},"
         if self.kind == "escape":
             trip = " (a round-trip through numpy)" if self.op in ("numpy", "__array__") else ""
             return f"`{_ESCAPE_SPELLING.get(self.op, self.op)}`{at}{trip}"
@@ -144,6 +157,12 @@ class CutSite:
 
     def fix(self) -> str:
         """What to change at this site, e.g. ``"remove the `.detach()`"``."""
+        if self.reused:
+            spelled = "`.data`" if self.kind == "data" else f"`.{self.op}()`"
+            return (
+                f"in this loss use the tensor from before the {spelled}, not its detached result; keep the "
+                f"{spelled} for the loss that needs it (e.g. the discriminator's)"
+            )
         return {
             "detach": f"remove the `.{self.op}()`",
             "data": "use the tensor itself, not its `.data`",
@@ -208,6 +227,7 @@ class Tracer(TorchFunctionMode):
         self.sites: list[CutSite] = []
         self._exits: dict[tuple[str, str | None], CutSite] = {}
         self.seen = 0
+        self._losses: list[weakref.ref] = []
         # One entry per no-grad region entered from user code: (id of its frame, its code object, its `path:line`).
         self._grad_off: list[tuple[int, object, str | None]] = []
         # The reentrant checkpoint whose forward runs now: (id of its frame, code, inputs require grad, site bit).
@@ -235,8 +255,15 @@ class Tracer(TorchFunctionMode):
 
     # ---------------------------------------------------------------- queries
     def facts(self, t: torch.Tensor) -> LossFacts:
-        """The masks the tracer carries for ``t`` (all zero for a tensor it never saw)."""
+        """The masks the tracer carries for the loss ``t`` (all zero for a tensor it never saw).
+
+        Each loss asked about is counted once on the cut sites it carries (:attr:`CutSite.losses`).
+        """
         dep, grad, cuts = self._lookup(t)
+        if cuts and not any(r() is t for r in self._losses):
+            self._losses.append(weakref.ref(t))
+            for site in self.site_bits(cuts):
+                site.losses += 1
         return LossFacts(dep, grad, cuts)
 
     def site_bits(self, cuts: int) -> list[CutSite]:
@@ -377,9 +404,11 @@ class Tracer(TorchFunctionMode):
         if idx is None:
             idx = len(self.sites)
             self._site_keys[key] = idx
-            self.sites.append(CutSite(kind, op, where, mask, entered))
+            self.sites.append(CutSite(kind, op, where, mask, entered, calls=1))
         else:
-            self.sites[idx].mask |= mask
+            site = self.sites[idx]
+            site.mask |= mask
+            site.calls += 1
         return 1 << idx
 
     def _locate(self, frame: FrameType | None, kind: str) -> tuple[str | None, str | None]:
@@ -530,15 +559,16 @@ class Tracer(TorchFunctionMode):
             while caller is not None and is_library_file(caller.f_code.co_filename):
                 caller = caller.f_back
             where = frame_where(caller) if caller is not None else None
-            n = len(inputs)
-            if n == 0:
-                note = "it has no tensor input"
-            else:
-                dep = 0
-                for a in inputs:
-                    dep |= self._lookup(a)[0]
-                frozen = " (they come from frozen parameters or from values without a gradient path)" if dep else ""
-                note = f"none of its {n} tensor input{'s' if n != 1 else ''} requires grad{frozen}"
+            dep = 0
+            for a in inputs:
+                dep |= self._lookup(a)[0]
+            note = {0: "it has no tensor input", 1: "its only tensor input does not require grad"}.get(
+                len(inputs), f"none of its {len(inputs)} tensor inputs requires grad"
+            )
+            if any(not self.index.params[b].requires_grad for b in self.index.bits(dep)):
+                note += " (computed from frozen parameters)"
+            elif dep:
+                note += " (computed from parameters through a cut gradient path)"
             key = ("checkpoint", "checkpoint", where)
             idx = self._site_keys.get(key)
             if idx is None:
