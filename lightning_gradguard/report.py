@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,14 @@ class RunReport:
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], Entry] = {}
         self.notes: list[str] = []
+        #: Gives :meth:`idle_shares` (set by the guard's core to its history's ``idle_shares``).
+        self.idle_provider: Callable[[], dict[str, float]] | None = None
+        self._idle: dict[str, float] = {}
+
+    def idle_shares(self) -> dict[str, float]:
+        """Per module that was idle on some checked steps (no usable gradient, fewer than ``idle_window`` steps in a
+        row), the share of its checked steps on which it was: ``{"encoder.layers.3": 0.1, ...}``."""
+        return self.idle_provider() if self.idle_provider is not None else dict(self._idle)
 
     def add(self, findings: Iterable[Finding]) -> list[Finding]:
         """Record ``findings`` of one step; return those never seen before in this run."""
@@ -80,13 +88,13 @@ class RunReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values: ``{"findings": [...], "counts": {...}, "notes": [...]}``."""
+        """Plain values: ``{"findings": [...], "counts": {...}, "notes": [...], "idle": {module: share}}``."""
         rows = []
         for e in self._entries.values():
             row = e.finding.to_dict()
             row.update(first_step=e.finding.step, last_step=e.last_step, count=e.count)
             rows.append(row)
-        return {"findings": rows, "counts": self.counts(), "notes": list(self.notes)}
+        return {"findings": rows, "counts": self.counts(), "notes": list(self.notes), "idle": self.idle_shares()}
 
     def load_dict(self, d: dict[str, Any]) -> None:
         """Restore from :meth:`to_dict` (unknown keys ignored)."""
@@ -95,6 +103,7 @@ class RunReport:
             f = Finding.from_dict(row)
             self._entries[f.key] = Entry(f, int(row.get("count", 1)), int(row.get("last_step", f.step)))
         self.notes = list(d.get("notes", []))
+        self._idle = {str(k): float(v) for k, v in d.get("idle", {}).items()}
 
     def write_json(self, path: str | os.PathLike[str]) -> str:
         """Write :meth:`to_dict` as JSON to ``path`` (folders created); return the path."""
@@ -108,7 +117,7 @@ class RunReport:
         """A plain-text table: finding, kind, where, first step, count, fix hint."""
         if not self._entries:
             text = "GradGuard: every parameter received a usable gradient."
-            return text + "".join(f"\n  note: {n}" for n in self.notes)
+            return text + "".join(f"\n  note: {n}" for n in self.notes) + self._idle_lines("\n  ")
         header = ("parameter", "kind", "where", "first step", "count", "fix")
         rows = [
             (e.finding.param, e.finding.kind, e.finding.where or "-", str(e.finding.step), str(e.count), e.finding.hint)
@@ -120,7 +129,16 @@ class RunReport:
         lines.append(fmt.format(*("-" * w for w in widths), "---"))
         lines += [fmt.format(*r) for r in rows]
         lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return "\n".join(lines) + self._idle_lines("\n")
+
+    def _idle_lines(self, sep: str) -> str:
+        """The idle section of :meth:`table`: one line per idle module, most idle first."""
+        shares = self.idle_shares()
+        if not shares:
+            return ""
+        rows = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
+        head = f"{sep}idle (share of checked steps without a usable gradient, not a finding):"
+        return head + "".join(f"{sep}  {m or '(root)'}: {v:.1%}" for m, v in rows)
 
     def markdown(self) -> str:
         """The table as GitHub markdown (TensorBoard's Text tab renders it): parameter, kind, where, first step,
