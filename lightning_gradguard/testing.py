@@ -68,7 +68,20 @@ def assert_gradients_flow(
             findings with their fixes, ``err.findings`` holds them as :class:`~lightning_gradguard.Finding` objects.
         TypeError, ValueError: bad arguments, or the loss is not a tensor.
 
-    Example (a pytest test)::
+    Example::
+
+        >>> import torch
+        >>> from lightning_gradguard.testing import assert_gradients_flow
+        >>> model, x = torch.nn.Linear(4, 1), torch.randn(8, 4)
+        >>> assert_gradients_flow(model, lambda m: m(x).pow(2).mean())  # passes: returns None
+        >>> assert_gradients_flow(model, lambda m: m(x).detach().pow(2).mean())
+        Traceback (most recent call last):
+        ...
+        lightning_gradguard.testing.GradientFlowError: Gradients do not flow to 2 parameters of Linear (1 step checked):
+          - weight: detached (...): The loss depends on `weight`, but `.detach()` at ... cuts its gradient path: ...
+          - bias: detached ...
+
+    In a pytest test::
 
         from lightning_gradguard.testing import assert_gradients_flow
 

@@ -146,3 +146,13 @@ def test_lightning_module_with_a_batch_runs_its_training_step():
 def test_bad_arguments_are_named(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         assert_gradients_flow(*args, **kwargs)
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import lightning_gradguard.testing as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0
+    assert result.failed == 0
