@@ -37,8 +37,10 @@ from .zoo import ARCHS, Arch, Batch, Built, build
 
 __all__ = ["STEPS", "Config", "Outcome", "Result", "configs", "run_config", "table"]
 
-#: Optimizer steps of each Lightning run.
-STEPS = 12
+#: Optimizer steps of each Lightning run: more than GradGuard's default ``idle_window`` (16), so that a parameter
+#: without a usable gradient on every step must be reported within the run, and an idle one must stay silent over a
+#: run longer than the window.
+STEPS = 20
 #: Kinds whose default action is "raise".
 RAISING = frozenset({"unused", "detached", "stale", "nonfinite"})
 VARIANTS = ("", "ckpt-reentrant", "ckpt")

@@ -11,15 +11,16 @@ from .zoo import ARCHS
 
 pytest.importorskip("transformers")
 
-#: A representative subset: healthy encoder and decoder, true `unused` (BigBird's pooler-like projections,
-#: DINOv2's mask token), true `frozen` (Pegasus' sinusoidal positions), a reentrant checkpoint (Llama, whose
-#: inputs require grad through `enable_input_require_grads`), a non-reentrant one, LayerDrop (wav2vec2), MoE
-#: routing (Switch), drop_path (ConvNeXt) and CLIP.
+#: A representative subset: true `unused` (BigBird's unused projections, DINOv2's mask token), true `frozen`
+#: (Pegasus' sinusoidal positions), reentrant checkpoints (Llama, whose inputs require grad through
+#: `enable_input_require_grads`; Longformer, whose all-zero global-attention gradients inside it must stay `zero`),
+#: a non-reentrant one (GPT-2), and idle by design: LayerDrop (wav2vec2), MoE routing (Switch), drop_path
+#: (ConvNeXt), CLIP's text pooling (the last layer's attention projections get an all-zero gradient on some steps).
 SUBSET = [
-    "bert-cls",
     "bigbird",
     "pegasus",
     "llama+ckpt-reentrant",
+    "longformer+ckpt-reentrant",
     "gpt2+ckpt",
     "dinov2",
     "wav2vec2",
@@ -27,10 +28,6 @@ SUBSET = [
     "convnext",
     "clip",
 ]
-
-#: Configurations whose idle-by-design parameters GradGuard still flags (issue 8, "idle is not dead", being
-#: implemented in core): each must flip to passing when that lands (strict xfail).
-IDLE_FLAGGED = {"wav2vec2", "switch", "convnext"}
 
 
 _RESULTS: dict[str, Result] = {}
@@ -62,20 +59,12 @@ def test_sweep_config(name: str, sweep) -> None:
     assert not failures, f"{name} (truth: {res.truth}): {failures}"
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason="idle-by-design parameters are still flagged", strict=True))
-        if n in IDLE_FLAGGED
-        else n
-        for n in ("wav2vec2", "switch", "convnext")
-    ],
-)
+@pytest.mark.parametrize("name", ["wav2vec2", "switch", "convnext", "clip"])
 def test_sweep_idle_by_design_not_flagged(name: str, sweep) -> None:
     res = sweep(name)
     assert "idle" in res.truth, f"{name} was expected to have idle-by-design parameters: {res.truth}"
     flagged = {label: o.idle for label, o in res.outcomes.items() if o.idle and label != "check_step"}
-    assert not flagged
+    assert not flagged, f"idle-by-design parameters reported as findings: {flagged}"
 
 
 class _Net(nn.Module):
