@@ -20,6 +20,7 @@ For one configuration (an architecture of :mod:`realmodels.zoo`, optionally with
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 import time
@@ -44,6 +45,8 @@ STEPS = 20
 #: Kinds whose default action is "raise".
 RAISING = frozenset({"unused", "detached", "stale", "nonfinite"})
 VARIANTS = ("", "ckpt-reentrant", "ckpt")
+#: GradGuard's default ``idle_window``: fewer steps in a row without a usable gradient are idle, not a finding.
+WINDOW: int = inspect.signature(GradGuard).parameters["idle_window"].default
 ALL_WARN = {f"on_{k}": "warn" for k in ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")}
 
 for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformers"):
@@ -297,30 +300,40 @@ def _short(items: Sequence[str], n: int = 2) -> str:
 
 @dataclass
 class Truth:
-    """Per parameter, the kinds it was filed under and on how many steps it was healthy."""
+    """Per parameter, the kinds it was filed under, on how many steps it was healthy, and its longest run of steps
+    without a usable gradient."""
 
     kinds: dict[str, set[str]]
     healthy: dict[str, int]
+    streak: dict[str, int] = field(default_factory=dict)
+    window: int = WINDOW
 
     @classmethod
-    def of(cls, steps: Sequence[dict[str, str]], names: Iterable[str]) -> Truth:
+    def of(cls, steps: Sequence[dict[str, str]], names: Iterable[str], window: int = WINDOW) -> Truth:
         kinds: dict[str, set[str]] = {}
         healthy = dict.fromkeys(names, 0)
+        streak = dict.fromkeys(healthy, 0)
+        run = dict.fromkeys(healthy, 0)
         for status in steps:
             for n in healthy:
                 if n in status:
                     kinds.setdefault(n, set()).add(status[n])
+                    run[n] += 1
+                    streak[n] = max(streak[n], run[n])
                 else:
                     healthy[n] += 1
-        return cls(kinds, healthy)
+                    run[n] = 0
+        return cls(kinds, healthy, streak, window)
 
     def dead(self) -> dict[str, set[str]]:
-        """Parameters filed on every step: true findings."""
-        return {n: k for n, k in self.kinds.items() if self.healthy[n] == 0}
+        """True findings: parameters filed on every step, or on ``window`` steps in a row (GradGuard's documented
+        rule: a shorter run of steps without a usable gradient is idle, not dead)."""
+        return {n: k for n, k in self.kinds.items() if self.healthy[n] == 0 or self.streak[n] >= self.window}
 
     def idle(self) -> dict[str, set[str]]:
-        """Parameters filed on some steps only: idle by design."""
-        return {n: k for n, k in self.kinds.items() if self.healthy[n] > 0}
+        """Idle by design: filed on some steps only, never ``window`` steps in a row."""
+        dead = self.dead()
+        return {n: k for n, k in self.kinds.items() if n not in dead}
 
     def summary(self) -> str:
         counts: dict[str, int] = {}

@@ -109,3 +109,10 @@ def test_compare_counts_misses_false_positives_and_idle() -> None:
     assert out.miss == ["a unused"]
     assert out.idle == ["b zero"]
     assert not compare(truth, []).ok
+
+
+def test_truth_counts_a_run_as_long_as_the_idle_window_as_dead() -> None:
+    steps = [{}, {"a": "zero", "b": "unused"}, {"a": "zero"}, {"a": "zero", "b": "unused"}]
+    truth = Truth.of(steps, ["a", "b"], window=3)
+    assert truth.dead() == {"a": {"zero"}}
+    assert truth.idle() == {"b": {"unused"}}
