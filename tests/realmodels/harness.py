@@ -55,14 +55,17 @@ for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformer
 
 @dataclass(frozen=True)
 class Config:
-    """An architecture and a gradient-checkpointing mode: ``""`` none, ``"ckpt-reentrant"``, ``"ckpt"``."""
+    """An architecture, a gradient-checkpointing mode (``""`` none, ``"ckpt-reentrant"``, ``"ckpt"``) and a planted
+    bug (``""`` none; see :data:`PLANTS`)."""
 
     arch: Arch
     variant: str = ""
+    plant: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.arch.name}+{self.variant}" if self.variant else self.arch.name
+        name = f"{self.arch.name}+{self.variant}" if self.variant else self.arch.name
+        return f"{name}/{self.plant}" if self.plant else name
 
     def build(self) -> Built:
         built = build(self.arch)
@@ -72,19 +75,60 @@ class Config:
                 built.model.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": self.variant == "ckpt-reentrant"}
                 )
+        if self.plant:
+            PLANTS[self.plant](built.model)
         built.model.train()
         return built
 
 
+def _dead_head(model: torch.nn.Module) -> None:
+    model.dead_head = torch.nn.Linear(8, 2)  # handed to the optimizer by model.parameters(), never called
+
+
+def _detach_embeddings(model: torch.nn.Module) -> None:
+    model.get_input_embeddings().register_forward_hook(lambda mod, args, out: out.detach())
+
+
+def _freeze_embeddings(model: torch.nn.Module) -> None:
+    model.get_input_embeddings().requires_grad_(False)
+
+
+#: Bugs planted in real models, so that the sweep also has true `unused`, `detached` and `frozen` findings beside
+#: idle-by-design parts, and cuts inside checkpointed models.
+PLANTS: dict[str, Callable[[torch.nn.Module], None]] = {
+    "dead-head": _dead_head,
+    "detach-emb": _detach_embeddings,
+    "frozen-emb": _freeze_embeddings,
+}
+PLANTED = (
+    "bert-cls/detach-emb",
+    "llama/detach-emb",
+    "llama+ckpt-reentrant/detach-emb",
+    "llama+ckpt-reentrant/frozen-emb",
+    "vit+ckpt-reentrant/frozen-emb",
+    "t5+ckpt-reentrant/frozen-emb",
+    "gpt2/dead-head",
+    "wav2vec2/dead-head",
+    "switch/dead-head",
+    "mixtral/dead-head",
+    "convnext/dead-head",
+)
+
+
 def configs(names: Iterable[str] | None = None) -> list[Config]:
-    """Every configuration of the sweep (each architecture, and both checkpointing modes where supported), or
-    those named (``"llama"``, ``"llama+ckpt-reentrant"``)."""
+    """Every configuration of the sweep (each architecture, both checkpointing modes where supported, and the
+    planted bugs of :data:`PLANTED`), or those named (``"llama"``, ``"llama+ckpt-reentrant/detach-emb"``)."""
     out = []
+    by_arch = {a.name: a for a in ARCHS}
     for arch in ARCHS:
         out.append(Config(arch))
         model_cls_supports = _supports_checkpointing(arch)
         if model_cls_supports:
             out += [Config(arch, v) for v in ("ckpt-reentrant", "ckpt") if v not in dict(arch.broken)]
+    for planted in PLANTED:
+        base, plant = planted.split("/")
+        arch, _, variant = base.partition("+")
+        out.append(Config(by_arch[arch], variant, plant))
     if names is None:
         return out
     by_name = {c.name: c for c in out}
@@ -497,7 +541,7 @@ def _count(items: Iterable[str]) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------- the table
 def table(results: Sequence[Result]) -> str:
     """The results as a markdown table, with a summary line above it."""
-    archs = {r.config.split("+")[0] for r in results}
+    archs = {r.config.split("+")[0].split("/")[0] for r in results}
     n_ok = sum(r.ok for r in results)
     crashes = sum(bool(o.crash) for r in results for o in r.outcomes.values())
     fps = sum(bool(o.fp) for r in results for o in r.outcomes.values())

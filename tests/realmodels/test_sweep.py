@@ -15,7 +15,9 @@ pytest.importorskip("transformers")
 #: (Pegasus' sinusoidal positions), reentrant checkpoints (Llama, whose inputs require grad through
 #: `enable_input_require_grads`; Longformer, whose all-zero global-attention gradients inside it must stay `zero`),
 #: a non-reentrant one (GPT-2), and idle by design: LayerDrop (wav2vec2), MoE routing (Switch), drop_path
-#: (ConvNeXt), CLIP's text pooling (the last layer's attention projections get an all-zero gradient on some steps).
+#: (ConvNeXt), CLIP's text pooling (the last layer's attention projections get an all-zero gradient on some steps);
+#: planted: a detached embedding feeding reentrant checkpoints (every layer inside is `detached`), a never-called head
+#: beside LayerDrop (raised, while the idle layers are not).
 SUBSET = [
     "bigbird",
     "pegasus",
@@ -27,6 +29,8 @@ SUBSET = [
     "switch",
     "convnext",
     "clip",
+    "llama+ckpt-reentrant/detach-emb",
+    "wav2vec2/dead-head",
 ]
 
 
