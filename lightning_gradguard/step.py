@@ -132,10 +132,10 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         self._handle = register_optimizer_step_pre_hook(self._on_step)  # every optimizer: the ones seen matter too
         if self.scaler is not None:
             self._wrap_scaler()
-        if not self.trace:
+        core.begin_batch()
+        if not core.tracing:  # trace=False, or a compiled model: the tracer is off, but backward must be seen
             self._spy = _BackwardSpy(self._on_backward)
             self._spy.__enter__()
-        core.begin_batch()
         return self
 
     def __exit__(

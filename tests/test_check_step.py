@@ -345,3 +345,21 @@ def test_plain_pytorch_use_does_not_import_lightning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT}, check=True)  # fmt: skip
     assert out.stdout.strip() == "0 []"
+
+
+def test_compiled_model_is_judged_from_gradients_and_its_backward_is_seen():
+    model = nn.ModuleDict({"a": torch.compile(nn.Linear(4, 1), backend="eager"), "b": nn.Linear(4, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(GradGuardWarning, match=r"b\.(weight|bias): unused"), check_step(model, opt) as chk:
+        model["a"](torch.randn(2, 4)).sum().backward()  # the step comes after the block: judged at its end
+    assert {(f.kind, f.param, f.where) for f in chk.findings} == {
+        ("unused", "b.weight", None),
+        ("unused", "b.bias", None),
+    }
+    opt.zero_grad()
+    with warnings.catch_warnings():  # nearest correct: both used
+        warnings.simplefilter("error")
+        with check_step(model, opt, strict=True) as chk:
+            (model["a"](torch.randn(2, 4)) + model["b"](torch.randn(2, 4))).sum().backward()
+            opt.step()
+    assert chk.findings == []
