@@ -39,14 +39,16 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
       wrap the whole accumulation window instead to judge the summed gradients). With ``optimizer=None`` and no
       optimizer stepping, the model's trainable parameters are judged;
     * ``orphan`` and ``stale`` when the block ends, against every optimizer given or seen stepping in it: a
-      parameter that any of them holds is never an orphan;
+      parameter that any of them holds is never an orphan (an orphan's gradient is still there then, since no
+      ``optimizer.zero_grad()`` clears it; a ``model.zero_grad()`` inside the block would);
     * with a ``scaler``, a step the :class:`torch.amp.GradScaler` skips (``scaler.step(opt)`` found inf/NaN) is
       judged at ``scaler.step``: its non-finite gradients are an overflow and stay silent while the loss scale is
       above 1; once the scale has fallen to 1 or below they are ``nonfinite`` (as in :class:`GradGuard`).
       Without ``scaler``, a step the scaler skipped counts as not taken and is judged when the block ends.
 
-    A block in which no ``backward()`` ran warns (:class:`~lightning_gradguard.GradGuardWarning`) instead of
-    passing silently. A loss without a graph raises :class:`~lightning_gradguard.GradGuardError` at
+    Under ``torch.compile`` the forward pass is not traced: findings come from the gradients alone, with
+    ``where=None``. A block in which no ``backward()`` ran warns (:class:`~lightning_gradguard.GradGuardWarning`)
+    instead of passing silently. A loss without a graph raises :class:`~lightning_gradguard.GradGuardError` at
     ``backward()`` (torch would fail there anyway), naming the parameters that were cut and where.
 
     Args:
