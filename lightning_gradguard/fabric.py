@@ -18,7 +18,7 @@ This module is the only one of the package that imports ``lightning.fabric``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ __all__ = ["check_fabric_step", "unwrap_model", "unwrap_optimizer"]
 
 def check_fabric_step(
     fabric: Fabric,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, nn.Module],
     optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     *,
     strict: bool = False,
@@ -54,7 +54,9 @@ def check_fabric_step(
 
     Args:
         fabric: the :class:`lightning.fabric.Fabric` that set the model up.
-        model: the module ``fabric.setup`` returned (or the unwrapped one).
+        model: the module ``fabric.setup`` returned (or the unwrapped one); for modules set up one by one (a GAN's
+            generator and discriminator), a mapping ``{"G": generator, "D": discriminator}``: findings are then
+            named ``G.<param>``, ``D.<param>``.
         optimizer: the optimizer(s) ``fabric.setup`` returned (or the unwrapped ones); ``None``: any optimizer
             that steps inside the block.
         strict: raise :class:`~lightning_gradguard.GradGuardError` for findings whose default action is
@@ -86,10 +88,12 @@ def check_fabric_step(
         optimizer = [unwrap_optimizer(o) for o in optimizer]
     elif optimizer is not None:
         optimizer = unwrap_optimizer(optimizer)
+    if isinstance(model, Mapping):
+        model = nn.ModuleDict({name: unwrap_model(m) for name, m in model.items()})
+    else:
+        model = unwrap_model(model)
     scaler = getattr(fabric.strategy.precision, "scaler", None)
-    return check_step(
-        unwrap_model(model), optimizer, scaler=scaler, strict=strict, ignore=ignore, step=step, trace=trace
-    )
+    return check_step(model, optimizer, scaler=scaler, strict=strict, ignore=ignore, step=step, trace=trace)
 
 
 def unwrap_model(model: Any) -> Any:

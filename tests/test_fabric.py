@@ -124,6 +124,37 @@ def test_16_mixed_persistent_nan_is_nonfinite_once_the_scale_falls_to_one():
     assert {f.step for f in err.value.findings} == {1}
 
 
+def test_gan_set_up_module_by_module_each_optimizer_judges_its_own(bf16):
+    g_net, d_net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4)), nn.Linear(4, 1)
+    gen, opt_g = bf16.setup(g_net, torch.optim.Adam(g_net.parameters(), lr=1e-3))
+    disc, opt_d = bf16.setup(d_net, torch.optim.Adam(d_net.parameters(), lr=1e-3))
+
+    def iteration(bug: bool = False) -> None:
+        fake = gen(torch.randn(6, 3)).float()
+        opt_d.zero_grad()
+        softplus = nn.functional.softplus
+        bf16.backward(softplus(disc(fake.detach())).mean() + softplus(-disc(torch.randn(6, 4))).mean())
+        opt_d.step()
+        opt_g.zero_grad()
+        g_in = fake.detach() if bug else fake  # BUG: fabric gan detach
+        bf16.backward(softplus(-disc(g_in)).mean())
+        opt_g.step()
+
+    models = {"G": gen, "D": disc}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(2):
+            with check_fabric_step(bf16, models, [opt_g, opt_d], strict=True, step=step) as chk:
+                iteration()
+            assert chk.findings == []  # D's parameters get gradients from G's loss: held by opt_d, never orphans
+    with pytest.raises(GradGuardError) as err, check_fabric_step(bf16, models, [opt_g, opt_d], strict=True):
+        iteration(bug=True)
+    assert {(f.kind, f.param) for f in err.value.findings} == {
+        ("detached", n) for n in ("G.0.weight", "G.0.bias", "G.2.weight", "G.2.bias")
+    }
+    assert {f.where for f in err.value.findings} == {where("BUG: fabric gan detach")}
+
+
 def test_unwrap_returns_the_users_objects(bf16):
     net = Net()
     sgd = torch.optim.SGD(net.parameters(), lr=0.1)
