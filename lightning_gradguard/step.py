@@ -147,6 +147,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         self._unhook()
         if exc_type is not None:
             core.abort()
+            self._seen = []
             return
         core.end_batch()
         try:
@@ -160,6 +161,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
             core.finish(self.step)
         finally:
             core.abort()
+            self._seen = []  # hold no optimizer (nor its tensors) the user did not give past the block
 
     def _unhook(self) -> None:
         if self._handle is not None:
