@@ -335,9 +335,11 @@ def test_plain_pytorch_use_does_not_import_lightning():
     code = (
         "import sys, torch\n"
         "from lightning_gradguard import check_step\n"
+        "from lightning_gradguard.testing import assert_gradients_flow\n"
         "m = torch.nn.Linear(2, 1)\n"
         "with check_step(m) as c:\n"
         "    m(torch.ones(1, 2)).sum().backward()\n"
+        "assert_gradients_flow(m, lambda m: m(torch.ones(1, 2)).sum())\n"
         "print(len(c.findings), sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'tensorboard')))\n"
     )
     import subprocess
