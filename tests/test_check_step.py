@@ -365,3 +365,21 @@ def test_compiled_model_is_judged_from_gradients_and_its_backward_is_seen():
             (model["a"](torch.randn(2, 4)) + model["b"](torch.randn(2, 4))).sum().backward()
             opt.step()
     assert chk.findings == []
+
+
+def test_gradient_accumulation_window_in_one_block_judges_the_summed_gradients():
+    model = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with check_step(model, opt, strict=True) as chk:
+            for micro in range(4):  # `b` takes part in one micro-batch only: its summed gradient is usable
+                out = model["a"](torch.randn(2, 4))
+                if micro == 2:
+                    out = out + model["b"](torch.randn(2, 4))
+                out.sum().backward()
+            opt.step()
+    assert chk.findings == []
+    opt.zero_grad()
+    with pytest.raises(GradGuardError, match="b.weight: unused"), check_step(model, opt, strict=True):
+        model["a"](torch.randn(2, 4)).sum().backward()  # one micro-batch per block: judged on its own at the end
