@@ -35,9 +35,9 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
     * just before each ``step()`` in the block of a given optimizer (with ``optimizer=None``: of any optimizer),
       over that optimizer's parameters. With several optimizers (a GAN), each judges its own parameters;
     * when the block ends, for each given optimizer that did not step although ``backward()`` ran in the block
-      (``optimizer.step()`` comes after the block; the block is one micro-batch of gradient accumulation, so
-      wrap the whole accumulation window instead to judge the summed gradients). With ``optimizer=None`` and no
-      optimizer stepping, the model's trainable parameters are judged;
+      (``optimizer.step()`` comes after the block, say). With ``optimizer=None`` and no optimizer stepping, the
+      model's trainable parameters are judged. With gradient accumulation, put the whole accumulation window in
+      one block: a block per micro-batch judges each micro-batch's gradients on their own;
     * ``orphan`` and ``stale`` when the block ends, against every optimizer given or seen stepping in it: a
       parameter that any of them holds is never an orphan (an orphan's gradient is still there then, since no
       ``optimizer.zero_grad()`` clears it; a ``model.zero_grad()`` inside the block would);
