@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -133,9 +133,13 @@ class DemoData(LightningDataModule):
 
 
 class DemoCLI(LightningCLI):
-    """LightningCLI that keeps a handle on itself: when ``fit`` raises, ``LightningCLI(...)`` never returns."""
+    """LightningCLI for the demo's model and data, that keeps a handle on itself: when ``fit`` raises,
+    ``LightningCLI(...)`` never returns. ``gradguard check --cli examples/train.py:DemoCLI`` uses it too."""
 
     last: DemoCLI | None = None
+
+    def __init__(self, model_class: Any = DemoModel, datamodule_class: Any = DemoData, *args: Any, **kwargs: Any):
+        super().__init__(model_class, datamodule_class, *args, **kwargs)
 
     def before_fit(self) -> None:
         DemoCLI.last = self
