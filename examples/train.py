@@ -165,10 +165,24 @@ def main(args: list[str] | None = None) -> int:
         # Show it and the findings, and exit 0: the demo did its job.
         print(f"GradGuardError: {err}")
         print_findings(DemoCLI.last)
+        print(
+            "\nThis GradGuardError is the demo's point: the model plants a bug (--model.bug), and GradGuard stopped "
+            "training at the first optimizer step instead of letting it run on. Try --model.bug=none for a clean "
+            "run, or another bug (see examples/train.py)."
+        )
+        print_log_dir(DemoCLI.last)
         return 0
     if cli.subcommand == "fit":
         print_findings(cli)
+        print_log_dir(cli)
     return 0
+
+
+def print_log_dir(cli: LightningCLI | None) -> None:
+    """Say where the run's logs and GradGuard's JSON report went."""
+    log_dir = cli.trainer.log_dir if cli is not None else None
+    if log_dir:
+        print(f"Logs and GradGuard's report (gradguard_report.json): {log_dir}")
 
 
 if __name__ == "__main__":

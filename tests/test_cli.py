@@ -297,6 +297,7 @@ def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
             "configs/demo.yaml",
             *args,
             f"--trainer.default_root_dir={tmp_path / 'logs'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
             "--trainer.enable_progress_bar=false",
         ],
         cwd=REPO,
