@@ -135,7 +135,11 @@ def run_check(
         "--trainer.enable_model_summary=false",
         "--trainer.logger=false",  # the report goes to the Trainer's default_root_dir (or --report)
     ]
-    parsed = cli_class(args=args, **kwargs)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it gets `args` and sys.argv holds others
+    try:
+        parsed = cli_class(args=args, **kwargs)
+    finally:
+        sys.argv = argv
     trainer = parsed.trainer
     guards = [cb for cb in trainer.callbacks if isinstance(cb, GradGuard)]
     if not guards:

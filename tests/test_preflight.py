@@ -87,3 +87,18 @@ def test_bad_usage_exits_2(tmp_path: Path) -> None:
     missing = gradguard(tmp_path, "report", str(tmp_path / "missing.json"))
     assert missing.returncode == 2
     assert "missing.json" in missing.stdout
+
+
+@pytest.mark.slow
+def test_check_any_config_with_class_paths_adds_a_guard(tmp_path: Path) -> None:
+    """No --cli, no GradGuard in the YAML: plain LightningCLI with `class_path`s, and a default GradGuard."""
+    config = tmp_path / "boring.yaml"
+    config.write_text(
+        "model:\n  class_path: lightning.pytorch.demos.boring_classes.BoringModel\n"
+        "data:\n  class_path: lightning.pytorch.demos.boring_classes.BoringDataModule\n"
+    )
+    proc = gradguard(tmp_path, "check", "--config", str(config), f"--trainer.default_root_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stdout
+    assert "GradGuard: every parameter received a usable gradient." in proc.stdout
+    assert "gradguard check: passed (3 optimizer step(s))" in proc.stdout
+    assert (tmp_path / "gradguard_report.json").is_file()
