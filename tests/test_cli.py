@@ -362,6 +362,9 @@ print("help", "--trainer.callbacks.on_unused" in out.getvalue())
     ids=["package_first", "lightning_first"],
 )
 def test_short_name_resolves_in_a_fresh_script(tmp_path: Path, imports: str) -> None:
+    """The choice: `import lightning_gradguard` alone never imports Lightning (tests/test_check_step.py checks that
+    `check_step` keeps it out); GradGuard is imported right after `lightning.pytorch.cli` is (import hook), or at once
+    when Lightning is already loaded, so the parser built afterwards knows the short name in either import order."""
     script = tmp_path / "user_train.py"
     script.write_text(SHORT_NAME_SCRIPT.format(imports=imports))
     config = tmp_path / "short.yaml"
