@@ -310,6 +310,8 @@ NAMES = ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "heads.
 def assert_global_norms(records: list[dict]) -> None:
     for r in records:
         assert r["names"] == NAMES
+        assert [n for n, _, _ in r["norms"]] == NAMES, "nothing was measured (no sync object at the first step?)"
+        assert all(measured is not None for _, measured, _ in r["norms"]), "every parameter of the clean run has a norm"
         for name, measured, reference in r["norms"]:
             assert measured == pytest.approx(reference, rel=1e-5, abs=1e-7), name
     assert records[0]["norms"] == records[1]["norms"]
