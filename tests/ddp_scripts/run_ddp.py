@@ -41,6 +41,8 @@ class Net(SyntheticModule):
             out = out + self.aux(h)
         elif s == "detached":
             out = out + self.aux(h).detach()  # cut: aux
+        elif s == "unused_rank0_detached_rank1" and rank == 1:
+            out = out + self.aux(h).detach()  # cut on rank 1: aux
         elif s == "accumulate_last_skips" and batch_idx % 2 == 0:
             out = out + self.aux(h)  # only the first micro-batch of each optimizer step uses aux
         loss = ((out.squeeze(-1) - y) ** 2).mean()
