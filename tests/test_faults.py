@@ -127,6 +127,17 @@ def test_ctrl_c_still_writes_the_report(tmp_path, restore_sigint):
     assert_released(guard)
 
 
+def test_ctrl_c_report_shows_what_was_idle_so_far_with_the_default_window(tmp_path, restore_sigint):
+    guard = GradGuard()
+    model = Net(fail_at=2, error=KeyboardInterrupt(), skip_aux_at=range(100))
+    with pytest.raises(SystemExit):
+        make_trainer(tmp_path, [guard], max_steps=5).fit(model)
+    report = json.loads((tmp_path / "gradguard_report.json").read_text())
+    assert report["findings"] == []  # 2 steps are fewer than the window: idle, not yet a finding
+    assert report["idle"] == {"aux": 1.0}
+    assert_released(guard)
+
+
 # ---------------------------------------------------------------------------------------------------- copies
 def _same_guard(a: GradGuard, b: GradGuard) -> None:
     assert repr(a) == repr(b)
