@@ -462,10 +462,10 @@ class Tracer(TorchFunctionMode):
         for a in args:
             if isinstance(a, _TENSOR):
                 d, g, c = self._lookup(a)
-            elif isinstance(a, (int, bool, str)) or a is None:
-                continue
-            else:
+            elif isinstance(a, (list, tuple)) or self._escapes or self._numpy[0] or self._pynum[0]:
                 d, g, c = self._scan(a)
+            else:
+                continue
             dep |= d
             grad |= g
             cuts |= c
@@ -652,6 +652,7 @@ class Tracer(TorchFunctionMode):
             self._pyvals[v] = (dep, cuts) if old is None else (old[0] | dep, old[1] | cuts)
 
     def _grad_mode(self, func, args, kwargs):
+        self._ckpt = None  # a checkpoint's forward leaves its `no_grad` here: look again at the next one
         enabled = bool(args[0]) if args else bool(kwargs.get("mode", True))
         if not enabled and torch.is_grad_enabled():
             frame = sys._getframe(1)

@@ -228,3 +228,24 @@ def test_transformers_bert_reentrant_checkpointing_is_silent_under_every_policy(
         warnings.simplefilter("ignore")
         make_trainer(tmp_path, [guard], max_steps=3).fit(LitBert(), loader())
     assert guard.findings == []
+
+
+def test_two_checkpoints_each_judged_by_their_own_inputs():
+    net = Net()
+    net.emb.requires_grad_(False)
+    second = nn.Linear(8, 8)
+    model = nn.ModuleDict({"net": net, "second": second})
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with check_step(model, opt) as chk:
+            x = torch.randn(4, 8)
+            h = checkpoint(net.block, net.emb(x), use_reentrant=True)  # CUT: first
+            h = checkpoint(second, h + x.requires_grad_(), use_reentrant=True)
+            loss = net.head(h).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    detached = {f.param: f.where for f in chk.findings if f.kind == "detached"}
+    assert detached == {p: where("CUT: first") for p in ("net.block.lin.weight", "net.block.lin.bias",
+                                                         "net.block.gate")}  # fmt: skip
