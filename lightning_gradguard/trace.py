@@ -463,6 +463,8 @@ class Tracer(TorchFunctionMode):
             return self._grad_mode(func, args, kwargs or {})
         if name == "backward" and self.on_backward is not None and args and isinstance(args[0], _TENSOR):
             self.on_backward(args[0])
+        if name in _SKIP_OUTPUT or (name == "__get__" and getattr(func, "__self__", None) is not _DATA_DESCRIPTOR):
+            return func(*args, **kwargs) if kwargs else func(*args)  # no value flows: `.shape`, `.size()`, ...
 
         # The masks of the inputs: parameters and traced tensors inline (the common case), the rest in `_lookup`.
         params = self._params
@@ -517,10 +519,6 @@ class Tracer(TorchFunctionMode):
                 return out
             self._record_outputs(out, dep, grad, cuts, (func, name), sys._getframe(1))
             return out
-        if name in _SKIP_OUTPUT:
-            return out
-        if name == "__get__" and getattr(func, "__self__", None) is not _DATA_DESCRIPTOR:
-            return out  # other attribute reads (`.grad`, `.is_cuda`, ...) carry no value
         if name in _ESCAPES:
             self.seen |= dep
             self._escape(name, out, dep, grad, cuts)
