@@ -226,7 +226,8 @@ class Tracer(TorchFunctionMode):
         # id -> (the object, or a weak reference to an array; dep; cuts). Python numbers and lists hold no tensor.
         self._escapes: dict[int, tuple[object, int, int]] = {}
         self._ptrs: dict[int, tuple[int, int]] = {}  # data pointer of an escaped array -> (dep, cuts)
-        self._cut_ptrs: dict[int, tuple[int, int]] = {}  # data pointer of a traced value without gradient path
+        # data pointer of a traced value without a gradient path -> (dep, cuts, its shape)
+        self._cut_ptrs: dict[int, tuple[int, int, torch.Size]] = {}
         self._numpy = (0, 0)  # (dep, cuts) of everything that went to numpy this step
         self._pynum = (0, 0)  # (dep, cuts) of everything that left torch as a Python number this step
         self._pyvals: dict[float, tuple[int, int]] = {}  # non-integer floats that escaped, by value
@@ -319,8 +320,8 @@ class Tracer(TorchFunctionMode):
         except (RuntimeError, NotImplementedError):  # tensors without storage (functional wrappers, meta)
             return _ZERO
         if t.requires_grad and t.is_leaf:  # a new leaf, e.g. `nn.Parameter(h.detach().clone())`
-            hit = self._cut_ptrs.get(ptr)
-            return self._new_leaf(hit[0], hit[1]) if hit is not None else _ZERO
+            hit = self._cut_ptrs.get(ptr)  # same memory and shape: not a later tensor that reuses freed memory
+            return self._new_leaf(hit[0], hit[1]) if hit is not None and hit[2] == t.shape else _ZERO
         if t.device.type != "cpu":
             return _ZERO
         hit = self._ptrs.get(ptr)
@@ -370,7 +371,7 @@ class Tracer(TorchFunctionMode):
         self._prov[id(t)] = (weakref.ref(t), dep, grad, cuts)
         if dep and not grad:  # a value without a gradient path: a new leaf sharing its memory is a copy of it
             try:  # noqa: SIM105 - cheaper than contextlib.suppress on a hot path
-                self._cut_ptrs[t.data_ptr()] = (dep, cuts)
+                self._cut_ptrs[t.data_ptr()] = (dep, cuts, t.shape)
             except (RuntimeError, NotImplementedError):
                 pass
 
