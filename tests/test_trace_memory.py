@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import warnings
 import weakref
 
 import numpy as np
@@ -18,7 +19,9 @@ from lightning_gradguard import GradGuard, check_step
 
 def _live_tensors() -> int:
     gc.collect()
-    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+    with warnings.catch_warnings():  # `isinstance` on torch's deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
 def _rss_mb() -> float:
