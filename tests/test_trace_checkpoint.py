@@ -7,6 +7,7 @@ gradient paths. When none does (frozen embeddings), it is a real cut.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import warnings
@@ -145,7 +146,9 @@ def test_gradguard_names_the_checkpoint_call_of_a_real_cut(tmp_path):
 
 
 # ---------------------------------------------------------------- transformers
-transformers = pytest.importorskip("transformers")
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None, reason="transformers (a test-only extra) is not installed"
+)
 
 
 def _checkpoint_call_line() -> str:
@@ -181,6 +184,7 @@ def _step(model, **inputs):
     return chk.findings
 
 
+@needs_transformers
 def test_transformers_vit_frozen_embeddings_reentrant_is_a_cut_at_the_checkpoint_call():
     torch.manual_seed(0)
     vit = _tiny_vit()
@@ -196,6 +200,7 @@ def test_transformers_vit_frozen_embeddings_reentrant_is_a_cut_at_the_checkpoint
     assert "its only tensor input does not require grad (computed from frozen parameters)" in findings[0].message
 
 
+@needs_transformers
 @pytest.mark.parametrize("reentrant_mode", [True, False], ids=["reentrant", "non-reentrant"])
 def test_transformers_vit_with_checkpointing_is_silent(reentrant_mode):
     torch.manual_seed(0)
@@ -222,6 +227,7 @@ class LitBert(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+@needs_transformers
 def test_transformers_bert_reentrant_checkpointing_is_silent_under_every_policy(tmp_path):
     guard = GradGuard(on_frozen="raise", on_unused="raise", on_detached="raise", on_zero="raise", diagnose="always")
     with warnings.catch_warnings():
