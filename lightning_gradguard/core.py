@@ -121,6 +121,7 @@ class GuardCore:
         self._pending: dict[int, tuple[int, str]] = {}
         self._known: dict[int, Finding] = {}  # what a traced step found for a parameter lacking a gradient
         self._probing: set[str] = set()  # newly idle parameters the next traced step is to look at
+        self._runs: dict[tuple[str, str], int] = {}  # findings of this step that end a run: its length
         self._consistency_key: tuple[Any, ...] | None = None
         self._stale: list[Finding] = []  # stale tensors of the current optimizer layout
         self._outside: list[int] = []  # bits of the parameters no optimizer of the current layout holds
@@ -308,13 +309,25 @@ class GuardCore:
         if self.dist is not None:
             findings = self.dist.combine(findings, step)
         kept = self.policy.keep(findings)
-        new = self.report.add(kept)
+        new = self._add(kept)
         if new and traced_step:
             for line in module_view(index, new):
                 self.report.note(line)
         self._arm_after_check(new, traced_step, step)
         self.policy.enforce(kept, step, context)
         return stats
+
+    def _add(self, kept: list[Finding]) -> list[Finding]:
+        """Add ``kept`` to the report; a new finding that ends a run of steps counts every step of the run."""
+        new = self.report.add(kept)
+        if self._runs:
+            if new:
+                runs = {key: run for key, run in self._runs.items() if run > 1}
+                for entry in self.report.entries:
+                    if entry.finding.key in runs and entry.count == 1:
+                        entry.count = runs[entry.finding.key]
+            self._runs.clear()
+        return new
 
     def _names_among(self, params: Sequence[torch.Tensor]) -> list[str]:
         index = self.index
@@ -364,6 +377,7 @@ class GuardCore:
                 continue
             bit = index.bit_of[f.param]
             first, run = history.lack(f.param, step, "zero" if f.kind == "zero" else "missing")
+            first = first if window > 1 else step
             lacking.add(f.param)
             if facts.traced:
                 self._known[bit] = f
@@ -376,6 +390,7 @@ class GuardCore:
         for bit, reason in pending:
             name = index.names[bit]
             first, run = history.lack(name, step, reason)
+            first = first if window > 1 else step
             lacking.add(name)
             if run >= window:
                 due.append((bit, reason, first))
@@ -385,6 +400,7 @@ class GuardCore:
 
     def _dead(self, f: Finding, first: int, run: int) -> Finding:
         """``f`` as the finding of a run of ``run`` steps without a usable gradient, dated to its ``first`` step."""
+        self._runs[f.key] = run
         if self.history.window <= 1:
             return replace(f, step=first)
         return replace(f, step=first, message=(
@@ -423,7 +439,7 @@ class GuardCore:
             name = index.names[bit]
             if known is not None and (known.kind == "zero") == (reason == "zero"):
                 out.append(self._dead(known, first, self.history.run_length(name)))  # explained before: no trace
-            elif self._may_trace(name):
+            elif self._may_trace(name, known is not None):
                 self._pending.setdefault(bit, (first, reason))
             else:  # explained before, or no trace left: say what the gradients show
                 untraced = StepFacts(compiled=self.compiled)
@@ -436,9 +452,12 @@ class GuardCore:
     def _since(self, first: int, step: int) -> str:
         return f"at step {first}" if self.history.window <= 1 else f"on every checked step from {first} to {step}"
 
-    def _may_trace(self, name: str) -> bool:
-        """A trace may still explain ``name``: tracing is possible, and it was never looked at by a traced step."""
-        if self.diagnose not in ("on_finding", "always") or not self.can_trace or name in self.history.looked:
+    def _may_trace(self, name: str, other_reason: bool = False) -> bool:
+        """A trace may still explain ``name``: tracing is possible, and no traced step looked at it (or only at a
+        gradient lacking for the other reason, ``other_reason``: all zero instead of none, or the reverse)."""
+        if self.diagnose not in ("on_finding", "always") or not self.can_trace:
+            return False
+        if name in self.history.looked and not other_reason:
             return False
         if self.diagnose == "always":
             return True
@@ -487,14 +506,17 @@ class GuardCore:
             if bit is None or run >= self.history.window:
                 continue  # reported when the run reached the window
             known = self._known.get(bit)
-            f = known if known is not None else explain[reason](name, bit, facts, first)
-            findings.append(replace(f, step=first, message=(
-                f"{f.message} It got no usable gradient on any of the {run} checked steps of the run."
+            if known is None or (known.kind == "zero") != (reason == "zero"):
+                known = explain[reason](name, bit, facts, first)
+            self._runs[known.key] = run
+            findings.append(replace(known, step=first, message=(
+                f"{known.message} It got no usable gradient on any of the {run} checked steps of the run."
             )))  # fmt: skip
         if not findings:
             return
         kept = self.policy.keep(findings)
-        self.report.add(kept)
+        for line in module_view(index, self._add(kept)):
+            self.report.note(line)
         self.policy.enforce(kept, step)
 
     @property
