@@ -437,9 +437,8 @@ def find_orphans(index: ParamIndex, outside: Sequence[int], step: int, *, need_g
         if not p.requires_grad or (need_grad and p.grad is None):
             continue
         name = index.names[bit]
-        findings.append(
-            _finding("orphan", name, f"`{name}` receives gradients, but no optimizer holds it: it is never updated.", step)
-        )
+        message = f"`{name}` receives gradients, but no optimizer holds it: it is never updated."
+        findings.append(_finding("orphan", name, message, step))
     return findings
 
 

@@ -443,8 +443,10 @@ class GuardCore:
                 self._pending.setdefault(bit, (first, reason))
             else:  # explained before, or no trace left: say what the gradients show
                 untraced = StepFacts(compiled=self.compiled)
-                f = explain_missing(name, bit, untraced, step) if reason == "missing" else explain_zero(
-                    name, bit, untraced, step
+                f = (
+                    explain_missing(name, bit, untraced, step)
+                    if reason == "missing"
+                    else explain_zero(name, bit, untraced, step)
                 )
                 out.append(self._dead(f, first, self.history.run_length(name)))
         return out
