@@ -349,6 +349,8 @@ def classify(
                 )
             )
             continue
+        if p.numel() == 0:
+            continue  # nothing to learn: its gradient, if any, is empty (all zero, trivially)
         if i in zero and received is not None and id(p) not in received and _stale_zero(facts, bit):
             missing.add(i)  # a zeroed gradient left from an earlier step (`zero_grad(set_to_none=False)`)
             zero.discard(i)

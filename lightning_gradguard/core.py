@@ -310,9 +310,8 @@ class GuardCore:
             findings = self.dist.combine(findings, step)
         kept = self.policy.keep(findings)
         new = self._add(kept)
-        if new and traced_step:
-            for line in module_view(index, new):
-                self.report.note(line)
+        if new:
+            self._note_modules(new)
         self._arm_after_check(new, traced_step, step)
         self.policy.enforce(kept, step, context)
         return stats
@@ -328,6 +327,13 @@ class GuardCore:
                         entry.count = runs[entry.finding.key]
             self._runs.clear()
         return new
+
+    def _note_modules(self, new: list[Finding]) -> None:
+        """Report notes for modules all of whose parameters a traced step explained alike (see :func:`module_view`)."""
+        assert self.index is not None
+        traced = {f.key for f in self._known.values()}
+        for line in module_view(self.index, [f for f in new if f.key in traced]):
+            self.report.note(line)
 
     def _names_among(self, params: Sequence[torch.Tensor]) -> list[str]:
         index = self.index
@@ -517,8 +523,7 @@ class GuardCore:
         if not findings:
             return
         kept = self.policy.keep(findings)
-        for line in module_view(index, self._add(kept)):
-            self.report.note(line)
+        self._note_modules(self._add(kept))
         self.policy.enforce(kept, step)
 
     @property

@@ -43,8 +43,8 @@ class History:
 
     Attributes:
         traced_steps: optimizer steps whose forward pass was traced.
-        budget_spent: the step at which ``MAX_TRACED_STEPS`` stopped a trace that would have explained a finding,
-            or ``None``.
+        budget_spent: the check (counting checked optimizer steps from 1) at which ``MAX_TRACED_STEPS`` first
+            stopped a trace that was wanted, or ``None``.
     """
 
     def __init__(self, window: int = 1) -> None:

@@ -440,3 +440,19 @@ def test_orphan_first_seen_on_an_untraced_step_is_reported_and_counted_per_step(
     assert kinds(guard.findings) == {("orphan", "extra.weight"), ("orphan", "extra.bias")}
     entry = next(e for e in guard.report.entries if e.finding.param == "extra.weight")
     assert (entry.finding.step, entry.count, entry.last_step) == (3, 3, 5)
+
+
+# ---------------------------------------------------------------- odd models
+@pytest.mark.parametrize("used", [True, False])
+def test_empty_parameter_is_silent(tmp_path, used):
+    class WithEmpty(LayerDrop):
+        def __init__(self):
+            super().__init__(p=0.0)
+            self.empty = nn.Parameter(torch.zeros(0, 4))
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss + self.empty.sum() if used else loss
+
+    guard = quiet(tmp_path, WithEmpty(), GradGuard(on_zero="raise"), max_steps=3)
+    assert guard.findings == []

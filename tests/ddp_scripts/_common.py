@@ -35,8 +35,8 @@ class Probe(GradGuard):
     """GradGuard that writes, on every rank, what it did to ``OUT/<tag>.rank<r>.json``: raised (in which hook) or
     finished. Subclasses add fields (``_fields``) and record raises in more hooks (``_recording``)."""
 
-    def __init__(self, out: str, tag: str) -> None:
-        super().__init__()
+    def __init__(self, out: str, tag: str, **options) -> None:
+        super().__init__(**options)
         self._out = out
         self._tag = tag
 

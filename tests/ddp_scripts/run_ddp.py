@@ -82,7 +82,10 @@ def main(out: str, strategy: str, scenarios: list[str]) -> None:
         trainer = make_trainer(
             out,
             strategy_for(strategy),
-            DDPProbe(out, scenario),
+            # find_unused_parameters=True tolerates skipped parameters, so GradGuard judges them after its idle
+            # window; these scenarios are about the ranks agreeing, so judge every step. Under
+            # find_unused_parameters=False skipped parameters are named at once whatever the window.
+            DDPProbe(out, scenario, idle_window=1 if strategy == "ddp_find_unused_parameters_true" else 16),
             max_steps=3,
             accumulate_grad_batches=2 if scenario.startswith("accumulate") else 1,
         )
