@@ -7,13 +7,22 @@ the same names). Work per step is proportional to the parameters lacking a usabl
 *idle* on that step while its current run of such steps is shorter than ``window`` checked steps (counting from the
 start of training); once the run reaches ``window`` it is a finding (``unused``, ``zero``). Routing that sends no
 token to an expert, LayerDrop and stochastic depth make parts idle on some steps and train fine; a part that gets
-nothing on ``window`` checked steps in a row, from the first step on, is dead.
+nothing on ``window`` checked steps in a row, from the first step on, is dead. A run of fit shorter than the window
+reports, at its end, the parameters that got no usable gradient on any of its steps. Not control flow, so reported
+at once whatever the window: ``detached`` (a traced step shows the loss depends on the parameter through a cut),
+and an all-zero gradient that a traced step blames on a zero-derivative op. Under DDP with
+``find_unused_parameters=False`` a skipped parameter is named at once by ``distributed.py`` (DDP itself would fail
+on the next step).
 
 With the default ``window = 16``, a LayerDrop-0.1 layer (dropped on each step independently with probability 0.1)
 has a run of 16 drops starting at a given step with probability ``0.9 * 0.1**16 = 9e-17``; over a million steps
 the chance of a false alarm is about ``1e6 * 9e-17 = 9e-11`` per layer (2e-9 for a 24-layer wav2vec2). A part
-dropped with probability ``p`` has about ``1e6 * (1 - p) * p**16`` false alarms in a million steps: 4e-3 for
-``p = 0.3``, 15 for ``p = 0.5`` (raise ``idle_window`` for such models).
+dropped with probability ``p`` has about ``1e6 * (1 - p) * p**16`` false alarms in a million steps: 3e-3 for
+``p = 0.3``, 8 for ``p = 0.5`` (raise ``idle_window`` for such models: 40 brings ``p = 0.5`` to 5e-7).
+
+A persistently idle part (a dead expert after a routing collapse) gets no warning of its own: idle on 95 % of steps,
+it has a run of 16 within about 50 steps (``0.95**16 = 0.44``) and becomes a finding; below that, its share in
+:meth:`History.idle_shares` (the run report, and TensorBoard) shows it.
 """
 
 from __future__ import annotations
