@@ -434,10 +434,11 @@ class GuardCore:
                         "(traced) step."
                     )))  # fmt: skip
                 else:
+                    then = f"on step {first} only" if self.history.window <= 1 else "on those steps only"
                     out.append(replace(explain_missing(name, bit, facts, first), where=None, message=(
                         f"`{name}` received no gradient {self._since(first, step)}, but did at the next (traced) "
-                        f"step: something on step {first} only left it out (a data-dependent branch that skipped it, "
-                        "or a cut taken on that step only); set diagnose='always' to name the line."
+                        f"step: something {then} left it out (a data-dependent branch that skipped it, or a cut taken "
+                        "on that step only); set diagnose='always' to name the line."
                     ), kind="unused", hint=HINTS["unused"]))  # fmt: skip
             self._pending.clear()
         for bit, reason, first in due:
@@ -458,7 +459,9 @@ class GuardCore:
         return out
 
     def _since(self, first: int, step: int) -> str:
-        return f"at step {first}" if self.history.window <= 1 else f"on every checked step from {first} to {step}"
+        if self.history.window <= 1:
+            return f"at step {first}"
+        return f"on every checked step from {first} to {step - 1} ({self.history.window} in a row)"
 
     def _may_trace(self, name: str, other_reason: bool = False) -> bool:
         """A trace may still explain ``name``: tracing is possible, and no traced step looked at it (or only at a

@@ -20,9 +20,9 @@ the chance of a false alarm is about ``1e6 * 9e-17 = 9e-11`` per layer (2e-9 for
 dropped with probability ``p`` has about ``1e6 * (1 - p) * p**16`` false alarms in a million steps: 3e-3 for
 ``p = 0.3``, 8 for ``p = 0.5`` (raise ``idle_window`` for such models: 40 brings ``p = 0.5`` to 5e-7).
 
-A persistently idle part (a dead expert after a routing collapse) gets no warning of its own: idle on 95 % of steps,
-it has a run of 16 within about 50 steps (``0.95**16 = 0.44``) and becomes a finding; below that, its share in
-:meth:`History.idle_shares` (the run report, and TensorBoard) shows it.
+A persistently idle part (a dead expert after a routing collapse) gets no warning of its own: idle on 95 % of
+steps, a run of 16 (``0.95**16 = 0.44`` at each start) comes within a few dozen steps and makes it a finding; below
+that, its share in :meth:`History.idle_shares` (the run report, and TensorBoard) shows it.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ class RunReport:
         count, what happened, fix."""
         if not self._entries:
             text = "**GradGuard:** every parameter received a usable gradient."
-            return text + "".join(f"\n\n{_md_cell(n)}" for n in self.notes)
+            return text + "".join(f"\n\n{_md_cell(n)}" for n in self.notes) + self._idle_markdown()
         n = len(self._entries)
         lines = [
             f"**GradGuard run report:** {n} finding{'s' if n != 1 else ''}",
@@ -159,7 +159,15 @@ class RunReport:
             cells = (f"`{f.param}`", f.kind, where, str(f.step), str(e.count), _md_cell(f.message), _md_cell(f.hint))
             lines.append("| " + " | ".join(cells) + " |")
         lines += [f"\n{_md_cell(n)}" for n in self.notes]
-        return "\n".join(lines)
+        return "\n".join(lines) + self._idle_markdown()
+
+    def _idle_markdown(self) -> str:
+        shares = self.idle_shares()
+        if not shares:
+            return ""
+        rows = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
+        cells = ", ".join(f"`{m or '(root)'}` {v:.1%}" for m, v in rows)
+        return f"\n\n**Idle** (share of checked steps without a usable gradient, not a finding): {cells}"
 
 
 def _md_cell(text: str) -> str:

@@ -456,3 +456,22 @@ def test_empty_parameter_is_silent(tmp_path, used):
 
     guard = quiet(tmp_path, WithEmpty(), GradGuard(on_zero="raise"), max_steps=3)
     assert guard.findings == []
+
+
+def test_a_zero_run_that_ends_at_the_traced_step_is_reported_with_its_steps(tmp_path):
+    class ZeroedFor16(LayerDrop):
+        def __init__(self):
+            super().__init__(p=0.0, with_dead_head=True)
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            scale = 0.0 if 1 <= self.global_step <= DEFAULT_WINDOW else 1.0
+            return loss + self.dead(batch[0] @ torch.ones(8, 16)).mean() * scale
+
+    trainer = make_trainer(tmp_path, [GradGuard(on_zero="raise")], max_steps=40)
+    with pytest.raises(GradGuardError) as err:
+        trainer.fit(ZeroedFor16(), loader(n=64, batch_size=4))
+    assert trainer.global_step == DEFAULT_WINDOW + 1  # the window ran out on step 16; step 17 was traced to explain
+    assert kinds(err.value.findings) == {("zero", "dead.weight"), ("zero", "dead.bias")}
+    assert f"on every checked step from 1 to {DEFAULT_WINDOW}" in err.value.findings[0].message
+    assert "but not at the next (traced) step" in err.value.findings[0].message
