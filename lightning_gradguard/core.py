@@ -12,6 +12,7 @@ Adapters call :meth:`GuardCore.begin_batch` / :meth:`GuardCore.end_batch` around
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from ._frames import user_stacklevel
 from .audit import (
     GradStats,
     StepFacts,
@@ -33,7 +35,7 @@ from .audit import (
 from .findings import HINTS, Finding, GradGuardError
 from .history import MAX_TRACED_STEPS, History
 from .params import ParamIndex, module_of, optimizer_layout, optimizer_params
-from .policy import Policy
+from .policy import GradGuardWarning, Policy
 from .report import RunReport
 from .trace import LossFacts, Tracer
 
@@ -512,22 +514,36 @@ class GuardCore:
             f = explain[reason](index.names[bit], bit, facts, first)
             findings.append(self._dead(self._known.get(bit, f), first, self.history.run_length(index.names[bit])))
         self._pending.clear()
+        short = []  # never usable in a run shorter than the window: warned about, never raised
+        window = self.history.window
         for name, first, run, reason in self.history.never_usable():
             bit = index.bit_of.get(name)
-            if bit is None or run >= self.history.window:
+            if bit is None or run >= window:
                 continue  # reported when the run reached the window
             known = self._known.get(bit)
             if known is None or (known.kind == "zero") != (reason == "zero"):
                 known = explain[reason](name, bit, facts, first)
             self._runs[known.key] = run
-            findings.append(replace(known, step=first, message=(
-                f"{known.message} It got no usable gradient on any of the {run} checked steps of the run."
+            short.append(replace(known, step=first, message=(
+                f"{known.message} It got no usable gradient on any of the {run} checked steps of the run, fewer "
+                f"than idle_window={window}: too few to tell a dead part from one idle by design (routing, "
+                "LayerDrop), so this is a warning."
             )))  # fmt: skip
-        if not findings:
-            return
         kept = self.policy.keep(findings)
-        self._note_modules(self._add(kept))
+        kept_short = self.policy.keep(short)
+        if not kept and not kept_short:
+            return
+        self._note_modules(self._add(kept + kept_short))
+        self._warn(kept_short)
         self.policy.enforce(kept, step)
+
+    def _warn(self, findings: list[Finding]) -> None:
+        """Warn once about each of ``findings``, whatever their kind's action (it is not ``"ignore"``)."""
+        for f in findings:
+            if f.key not in self.policy.warned:
+                self.policy.warned.add(f.key)
+                fix = f"\n  fix: {f.hint}" if f.hint and f.hint not in f.message else ""
+                warnings.warn(f"GradGuard: {f}{fix}", GradGuardWarning, stacklevel=user_stacklevel(2))
 
     @property
     def findings(self) -> list[Finding]:

@@ -100,11 +100,20 @@ def test_window_option_sets_when_a_dead_part_becomes_a_finding(tmp_path):
     assert trainer.global_step == 0
 
 
-def test_a_run_shorter_than_the_window_reports_never_used_parts_at_the_end(tmp_path):
-    with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, LayerDrop(p=0.0, with_dead_head=True), GradGuard(), max_steps=4)
-    assert kinds(err.value.findings) == {("unused", "dead.weight"), ("unused", "dead.bias")}
-    assert "any of the 4 checked steps of the run" in err.value.findings[0].message
+def test_a_run_shorter_than_the_window_warns_about_never_used_parts_at_the_end(tmp_path):
+    with pytest.warns(GradGuardWarning, match="too few to tell a dead part") as rec:
+        guard = fit(tmp_path, LayerDrop(p=0.0, with_dead_head=True), GradGuard(), max_steps=4)
+    assert kinds(guard.findings) == {("unused", "dead.weight"), ("unused", "dead.bias")}
+    assert "any of the 4 checked steps of the run" in guard.findings[0].message
+    assert "never took part in the forward pass" in guard.findings[0].message
+    assert guard.report.entries[0].count == 4
+    assert len([w for w in rec if issubclass(w.category, GradGuardWarning)]) == 2
+
+
+def test_a_one_step_run_of_a_layerdrop_model_does_not_raise(tmp_path):
+    with pytest.warns(GradGuardWarning, match="layers.0.0.weight"):  # dropped on step 0: can't tell, so a warning
+        guard = fit(tmp_path, LayerDrop(p=0.0), GradGuard(), fast_dev_run=True)
+    assert {f.module for f in guard.findings} == {"layers.0.0"}
 
 
 @pytest.mark.parametrize("value", [0, -3, True, 2.5, "16", None])
@@ -475,3 +484,20 @@ def test_a_zero_run_that_ends_at_the_traced_step_is_reported_with_its_steps(tmp_
     assert kinds(err.value.findings) == {("zero", "dead.weight"), ("zero", "dead.bias")}
     assert f"on every checked step from 1 to {DEFAULT_WINDOW}" in err.value.findings[0].message
     assert "but not at the next (traced) step" in err.value.findings[0].message
+
+
+def test_zero_gradient_from_a_zero_derivative_op_is_reported_at_once(tmp_path):
+    class Rounded(LayerDrop):
+        def __init__(self):
+            super().__init__(p=0.0, with_dead_head=True)
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss + torch.round(self.dead(batch[0] @ torch.ones(8, 16))).mean()  # CUT: round
+
+    trainer = make_trainer(tmp_path, [GradGuard(on_zero="raise")], max_steps=40)
+    with pytest.raises(GradGuardError) as err:
+        trainer.fit(Rounded(), loader(n=64, batch_size=4))
+    assert trainer.global_step == 0  # not control flow: no window
+    assert kinds(err.value.findings) == {("zero", "dead.weight"), ("zero", "dead.bias")}
+    assert {f.where for f in err.value.findings} == {where("CUT: round")}

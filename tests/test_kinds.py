@@ -112,7 +112,7 @@ class OutputDiscarded(Net):
 
 def test_module_never_called_is_unused_and_raises(tmp_path):
     with pytest.raises(GradGuardError, match=r"aux\.weight: unused") as err:
-        fit(tmp_path, NeverCalled())
+        fit(tmp_path, NeverCalled(), GradGuard(idle_window=1))
     assert kinds(err.value.findings) == {("unused", "aux.weight"), ("unused", "aux.bias")}
     assert "never took part in the forward pass" in err.value.findings[0].message
     assert all(f.step == 0 and f.where is None for f in err.value.findings)
@@ -120,7 +120,7 @@ def test_module_never_called_is_unused_and_raises(tmp_path):
 
 def test_discarded_output_is_unused_not_detached(tmp_path):
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, OutputDiscarded())
+        fit(tmp_path, OutputDiscarded(), GradGuard(idle_window=1))
     assert kinds(err.value.findings) == {("unused", "pooler.weight"), ("unused", "pooler.bias")}
     assert "nothing it computed reached the loss" in err.value.findings[0].message
     assert err.value.findings[0].module == "pooler"
@@ -173,7 +173,7 @@ def test_detached_encoder_raises_naming_the_line(tmp_path):
 
 def test_detached_is_judged_on_untraced_steps_too_but_without_where(tmp_path):
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, DetachedEncoder(), GradGuard(diagnose="never"))
+        fit(tmp_path, DetachedEncoder(), GradGuard(diagnose="never", idle_window=1))
     assert {f.kind for f in err.value.findings} == {"unused"}  # cannot be told apart without a trace
     assert "not traced" in err.value.findings[0].message
 
@@ -402,7 +402,7 @@ def test_gradient_accumulation_without_that_param_is_unused(tmp_path):
             return super().training_step(batch, 0)
 
     with pytest.raises(GradGuardError, match="extra.weight"):
-        fit(tmp_path, Never(), accumulate_grad_batches=2, max_steps=2)
+        fit(tmp_path, Never(), GradGuard(idle_window=1), accumulate_grad_batches=2, max_steps=2)
 
 
 class GAN(LightningModule):
