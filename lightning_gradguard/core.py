@@ -121,7 +121,6 @@ class GuardCore:
         self._armed = diagnose != "never"
         self._losses: list[_Loss] = []
         self._pending: dict[int, tuple[int, str]] = {}
-        self._known: dict[int, Finding] = {}  # what a traced step found for a parameter lacking a gradient
         self._probing: set[str] = set()  # newly idle parameters the next traced step is to look at
         self._runs: dict[tuple[str, str], int] = {}  # findings of this step that end a run: its length
         self._consistency_key: tuple[Any, ...] | None = None
@@ -144,7 +143,6 @@ class GuardCore:
         self.index = index
         self.tracer = Tracer(index, on_backward=on_backward)
         self._consistency_key = None
-        self._known.clear()
 
     def params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """``optimizer``'s parameters in order, recomputed only when its param groups change."""
@@ -333,7 +331,7 @@ class GuardCore:
     def _note_modules(self, new: list[Finding]) -> None:
         """Report notes for modules all of whose parameters a traced step explained alike (see :func:`module_view`)."""
         assert self.index is not None
-        traced = {f.key for f in self._known.values()}
+        traced = {f.key for f in self.history.known.values()}
         for line in module_view(self.index, [f for f in new if f.key in traced]):
             self.report.note(line)
 
@@ -388,7 +386,7 @@ class GuardCore:
             first = first if window > 1 else step
             lacking.add(f.param)
             if facts.traced:
-                self._known[bit] = f
+                history.known[f.param] = f
                 history.looked.add(f.param)
             if f.kind == "detached" or (f.kind == "zero" and f.where is not None):
                 out.append(f)  # not control flow: at once
@@ -444,8 +442,8 @@ class GuardCore:
                     ), kind="unused", hint=HINTS["unused"]))  # fmt: skip
             self._pending.clear()
         for bit, reason, first in due:
-            known = self._known.get(bit)
             name = index.names[bit]
+            known = self.history.known.get(name)
             if known is not None and (known.kind == "zero") == (reason == "zero"):
                 out.append(self._dead(known, first, self.history.run_length(name)))  # explained before: no trace
             elif self._may_trace(name, known is not None):
@@ -512,7 +510,8 @@ class GuardCore:
         findings = []
         for bit, (first, reason) in self._pending.items():
             f = explain[reason](index.names[bit], bit, facts, first)
-            findings.append(self._dead(self._known.get(bit, f), first, self.history.run_length(index.names[bit])))
+            known = self.history.known.get(f.param, f)
+            findings.append(self._dead(known, first, self.history.run_length(f.param)))
         self._pending.clear()
         short = []  # never usable in a run shorter than the window: warned about, never raised
         window = self.history.window
@@ -520,7 +519,7 @@ class GuardCore:
             bit = index.bit_of.get(name)
             if bit is None or run >= window:
                 continue  # reported when the run reached the window
-            known = self._known.get(bit)
+            known = self.history.known.get(name)
             if known is None or (known.kind == "zero") != (reason == "zero"):
                 known = explain[reason](name, bit, facts, first)
             self._runs[known.key] = run

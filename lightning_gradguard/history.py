@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .findings import Finding
 from .params import module_of
 
 __all__ = ["DEFAULT_WINDOW", "MAX_TRACED_STEPS", "History"]
@@ -65,6 +66,8 @@ class History:
         self._idle: dict[str, int] = {}  # name -> checked steps without a usable gradient
         self._gaps: dict[str, list[Any]] = {}  # name -> [first step of the current run, its length, last reason]
         self.looked: set[str] = set()  # a traced step looked at it while (or just after) it lacked a gradient
+        #: What a traced step found for a parameter lacking a usable gradient (reused instead of tracing again).
+        self.known: dict[str, Finding] = {}
 
     # ------------------------------------------------------------------ per step
     def count_check(self, params: Sequence[torch.Tensor], names_of: Any) -> set[str]:
@@ -178,6 +181,7 @@ class History:
             "traced_steps": self.traced_steps,
             "budget_spent": self.budget_spent,
             "looked": sorted(self.looked),
+            "known": [f.to_dict() for f in self.known.values()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -195,3 +199,7 @@ class History:
         spent = state.get("budget_spent")
         self.budget_spent = None if spent is None else int(spent)
         self.looked = set(state.get("looked", []))
+        self.known = {}
+        for row in state.get("known", []):
+            f = Finding.from_dict(row)
+            self.known[f.param] = f

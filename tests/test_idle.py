@@ -250,6 +250,7 @@ def test_resume_keeps_the_idle_history(tmp_path):
         trainer.fit(UsedOnce(), loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert trainer.global_step == DEFAULT_WINDOW  # the run of steps 1..16 reached the window
     assert {f.step for f in err.value.findings} == {1}
+    assert "never took part in the forward pass" in err.value.findings[0].message  # traced before the checkpoint
     assert resumed._core.history.checked()["layers.0.0.weight"] == DEFAULT_WINDOW + 1
 
 
