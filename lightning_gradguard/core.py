@@ -381,7 +381,6 @@ class GuardCore:
             if f.kind not in ("unused", "detached", "zero"):
                 out.append(f)
                 continue
-            bit = index.bit_of[f.param]
             first, run = history.lack(f.param, step, "zero" if f.kind == "zero" else "missing")
             first = first if window > 1 else step
             lacking.add(f.param)
