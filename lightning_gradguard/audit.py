@@ -271,7 +271,14 @@ def explain_missing(name: str, bit: int, facts: StepFacts, step: int) -> Finding
             site.where,
             site.fix(),
         )
-    if facts.seen >> bit & 1:
+    exits = facts.tracer.escapes_of(bit) if facts.tracer is not None else []
+    if exits:  # its value left torch: the loss may use it through a value the tracer could not follow
+        left = ", ".join(site.describe() for site in exits[:3]) + (" and elsewhere" if len(exits) > 3 else "")
+        msg = f"`{name}` received no gradient, and no torch operation carried its value to the loss; but its value "
+        msg += f"left torch this step through {left}. If the loss uses that value (re-wrapped after Python or numpy "
+        msg += "arithmetic, `torch.Tensor(...)`, `torch.from_numpy`), that is where its gradient path is cut: keep "
+        msg += "it a tensor. Otherwise its output was discarded."
+    elif facts.seen >> bit & 1:
         msg = f"`{name}` took part in the forward pass, but nothing it computed reached the loss (its output was "
         msg += "discarded)."
     else:

@@ -16,7 +16,7 @@ from .dashboard import Dashboard
 from .distributed import RankSync, rank_zero_warnings
 from .findings import Finding
 from .history import DEFAULT_WINDOW
-from .policy import Policy
+from .policy import Policy, function_site
 from .report import RunReport
 
 __all__ = ["GradGuard"]
@@ -62,7 +62,7 @@ class GradGuard(Callback):
         on_nonfinite: action for a NaN/Inf gradient.
         on_zero: action for a gradient that is exactly zero everywhere.
         ignore: fnmatch globs on parameter names (as ``named_parameters()`` gives them) never to report,
-            e.g. ``["pooler.*", "*.bias"]``.
+            e.g. ``["pooler.*", "*.bias"]``, or one glob as a string (``"pooler.*"``).
         diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
             the next step after a new problem shows up on an untraced step), ``"always"`` (every step; slower),
             ``"never"`` (no tracing: unused and detached are not told apart).
@@ -132,7 +132,7 @@ class GradGuard(Callback):
         on_stale: Action = "raise",
         on_nonfinite: Action = "raise",
         on_zero: Action = "warn",
-        ignore: list[str] | None = None,
+        ignore: str | list[str] | None = None,
         diagnose: Literal["first", "on_finding", "always", "never"] = "on_finding",
         log_every_n_steps: int | None = None,
         norms: Literal["param", "module", "total"] = "module",
@@ -231,6 +231,8 @@ class GradGuard(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._core.bind(pl_module)
+        # Warnings about frozen/orphan/stale parameters point at the user's `configure_optimizers`, not at `fit`.
+        self._policy.optimizer_site = function_site(type(pl_module).configure_optimizers)
         self._core.dist = RankSync.of(trainer.strategy.model, trainer.strategy.root_device)  # None: one process
         self._dashboard.start(trainer)
         if self._core.compiled and self.diagnose != "never":

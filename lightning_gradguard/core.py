@@ -143,6 +143,7 @@ class GuardCore:
         self.index = index
         self.tracer = Tracer(index, on_backward=on_backward)
         self._consistency_key = None
+        self.report.set_model(index.names, [p.numel() for p in index.params], self.policy)  # to group findings
 
     def params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """``optimizer``'s parameters in order, recomputed only when its param groups change."""
@@ -238,7 +239,7 @@ class GuardCore:
         kept = self.policy.keep(findings)
         self.report.add(kept)
         if kept:
-            return GradGuardError.from_findings(kept, step, head + detail)
+            return GradGuardError.from_findings(kept, step, head + detail, self.policy.sizes)
         return GradGuardError(head + detail, [])
 
     # ------------------------------------------------------------------ step
