@@ -318,6 +318,7 @@ def classify(
     *,
     overflow_ok: bool = False,
     defer: bool = False,
+    skip_empty: bool = True,
 ) -> tuple[list[Finding], list[tuple[int, str]]]:
     """Findings for one optimizer step.
 
@@ -329,6 +330,8 @@ def classify(
         overflow_ok: non-finite gradients are an AMP overflow the grad scaler skips: not findings.
         defer: on an untraced step, return parameters that lack a gradient (or whose gradient is zero) as
             *pending* instead of classifying them, so that a traced step can explain them.
+        skip_empty: parameters with no elements have nothing to learn: never findings. Pass ``False`` where a
+            parameter is a rank's local view of a sharded one (FSDP1 ``use_orig_params``), which may be empty.
 
     Returns:
         ``(findings, pending)``: ``pending`` holds ``(index bit, "missing" | "zero")`` left for a traced step.
@@ -356,7 +359,7 @@ def classify(
                 )
             )
             continue
-        if p.numel() == 0:
+        if skip_empty and p.numel() == 0:
             continue  # nothing to learn: its gradient, if any, is empty (all zero, trivially)
         if i in zero and received is not None and id(p) not in received and _stale_zero(facts, bit):
             missing.add(i)  # a zeroed gradient left from an earlier step (`zero_grad(set_to_none=False)`)

@@ -299,7 +299,10 @@ class GuardCore:
                 facts = self.dist.merge_facts(facts)
             overflow_ok = bool(stats.nonfinite) and scaler is not None and float(scaler.get_scale()) > 1.0
             defer = self.diagnose in ("on_finding", "always") and self.can_trace
-            found, pending = classify(index, stats, facts, step, overflow_ok=overflow_ok, defer=defer)
+            sharded = self.dist is not None and bool(self.dist.sharded)
+            found, pending = classify(
+                index, stats, facts, step, overflow_ok=overflow_ok, defer=defer, skip_empty=not sharded
+            )
             found, due = self._window(found, pending, facts, step, lacking)
             findings += self._settle_pending(found, due, facts, step)
         if traced_step and self._probing:
