@@ -32,7 +32,7 @@ from .audit import (
     measure_grads,
     walk_graph,
 )
-from .findings import HINTS, Finding, GradGuardError
+from .findings import HINTS, Finding, GradGuardError, group_findings
 from .history import MAX_TRACED_STEPS, History
 from .params import ParamIndex, module_of, optimizer_layout, optimizer_params
 from .policy import GradGuardWarning, Policy
@@ -540,12 +540,12 @@ class GuardCore:
         self.policy.enforce(kept, step)
 
     def _warn(self, findings: list[Finding]) -> None:
-        """Warn once about each of ``findings``, whatever their kind's action (it is not ``"ignore"``)."""
-        for f in findings:
-            if f.key not in self.policy.warned:
-                self.policy.warned.add(f.key)
-                fix = f"\n  fix: {f.hint}" if f.hint and f.hint not in f.message else ""
-                warnings.warn(f"GradGuard: {f}{fix}", GradGuardWarning, stacklevel=user_stacklevel(2))
+        """Warn once per group of ``findings`` (as :meth:`Policy.enforce` does), whatever their kind's action."""
+        new = [f for f in findings if f.key not in self.policy.warned]
+        for group in group_findings(new, self.policy.sizes):
+            self.policy.warned.update(f.key for f in group.findings)
+            text = "GradGuard: " + "\n".join(group.lines())
+            warnings.warn(text, GradGuardWarning, stacklevel=user_stacklevel(2))
 
     @property
     def findings(self) -> list[Finding]:

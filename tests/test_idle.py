@@ -107,7 +107,7 @@ def test_a_run_shorter_than_the_window_warns_about_never_used_parts_at_the_end(t
     assert "any of the 4 checked steps of the run" in guard.findings[0].message
     assert "never took part in the forward pass" in guard.findings[0].message
     assert guard.report.entries[0].count == 4
-    assert len([w for w in rec if issubclass(w.category, GradGuardWarning)]) == 2
+    assert len([w for w in rec if issubclass(w.category, GradGuardWarning)]) == 1  # one per module
 
 
 def test_a_one_step_run_of_a_layerdrop_model_does_not_raise(tmp_path):
