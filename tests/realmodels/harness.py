@@ -81,6 +81,21 @@ class Config:
         return built
 
 
+def wrong_where(config: Config, findings: Iterable[Finding]) -> list[str]:
+    """For a planted ``.detach()``: the embedding's finding must name the planted line (``where``)."""
+    if config.plant != "detach-emb":
+        return []
+    line = inspect.getsourcelines(_detach_embeddings)[1] + 1
+    expected = f"realmodels/harness.py:{line}"
+    emb = {f.param for f in findings if f.param.removeprefix("model.").endswith("embed_tokens.weight")}
+    emb |= {f.param for f in findings if f.param.removeprefix("model.").endswith("word_embeddings.weight")}
+    return [
+        f"{f.param.removeprefix('model.')} where {f.where}≠{expected}"
+        for f in findings
+        if f.param in emb and not (f.where or "").endswith(expected)
+    ]
+
+
 def _dead_head(model: torch.nn.Module) -> None:
     model.dead_head = torch.nn.Linear(8, 2)  # handed to the optimizer by model.parameters(), never called
 
@@ -483,6 +498,7 @@ def run_config(config: Config, tmp: str) -> Result:
         findings, params = plain_step(config, guard=True)
         plain = Truth.of([step_truth], list(plain_params))
         res.check_step = compare(plain, [(f.param, f.kind) for f in findings])
+        res.check_step.fp += wrong_where(config, findings)
         res.check_step.changed = _changed(plain_params, params)
     except Exception as err:  # noqa: BLE001 - a crash is a result
         res.check_step = Outcome(crash=_crash(err))
@@ -493,6 +509,7 @@ def run_config(config: Config, tmp: str) -> Result:
         try:
             params = fit(config, tmp, [guard])
             outcome = compare(truth, _reported(guard.findings))
+            outcome.fp += wrong_where(config, guard.findings)
             outcome.changed = _changed(ref_params, params)
         except Exception as err:  # noqa: BLE001 - a crash is a result
             outcome = Outcome(crash=_crash(err))

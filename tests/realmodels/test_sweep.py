@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from .harness import Result, Truth, compare, configs, grad_status, run_config
+from lightning_gradguard import Finding
+
+from .harness import Result, Truth, compare, configs, grad_status, run_config, wrong_where
 from .zoo import ARCHS
 
 pytest.importorskip("transformers")
@@ -120,3 +122,11 @@ def test_truth_counts_a_run_as_long_as_the_idle_window_as_dead() -> None:
     truth = Truth.of(steps, ["a", "b"], window=3)
     assert truth.dead() == {"a": {"zero"}}
     assert truth.idle() == {"b": {"unused"}}
+
+
+def test_wrong_where_names_a_detached_embedding_blamed_on_another_line() -> None:
+    (config,) = configs(["llama/detach-emb"])
+    same_file = Finding("detached", "model.model.embed_tokens.weight", "", where=wrong_where.__code__.co_filename)
+    assert wrong_where(config, [same_file])  # the file, but not the planted line
+    assert wrong_where(config, [Finding("detached", "model.model.embed_tokens.weight", "", where=None)])
+    assert not wrong_where(config, [Finding("unused", "model.lm_head.weight", "", where=None)])
