@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -514,8 +514,20 @@ class Dashboard:
         index: ParamIndex,
         report: RunReport,
         scale: float = 1.0,
+        idle: Mapping[str, float] | None = None,
     ) -> None:
-        """Called after each check with its :class:`GradStats`: epoch statistics always, the dashboard when logged."""
+        """Called after each check with its :class:`GradStats`: epoch statistics always, the dashboard when logged.
+
+        Args:
+            trainer: the Trainer.
+            optimizer: the optimizer about to step.
+            stats: what the check measured.
+            index: the model's parameters.
+            report: the run report (its counts per kind, and its text when it changed).
+            scale: the loss scale the gradients are still multiplied by.
+            idle: per module, the share of checked steps on which it got no gradient (logged as
+                ``gradguard/idle/<module>``, one chart in the custom-scalars layout); ``None``: not logged.
+        """
         self._stepped = True
         total = stats.total_norm
         k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
@@ -529,7 +541,7 @@ class Dashboard:
             return
         view = self._view(trainer, optimizer, stats.params, index)
         if not self._layout_written:
-            self._write_layout(trainer, index)
+            self._write_layout(trainer, index, idle is not None)
         norms = stats.norms
         metrics: dict[str, float] = {f"{TAG}/total_norm{view.suffix}": total}
         if self.norms != "total":
@@ -540,6 +552,9 @@ class Dashboard:
                         math.fsum(n * n for n in present))  # type: ignore[operator]  # fmt: skip
         for kind, n in report.counts().items():
             metrics[f"{TAG}/findings/{kind}"] = float(n)
+        if idle:
+            for module, share in idle.items():
+                metrics[f"{TAG}/idle/{module or 'root'}"] = float(share)
         hists: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
         if self.histograms:
             finite = [n for n in norms if n is not None and math.isfinite(n)]
@@ -731,7 +746,7 @@ class Dashboard:
             if t.writer is not None:
                 t.writer.add_text(TEXT_TAG, report.markdown(), step)
 
-    def _write_layout(self, trainer: Trainer, index: ParamIndex) -> None:
+    def _write_layout(self, trainer: Trainer, index: ParamIndex, idle: bool = False) -> None:
         self._layout_written = True
         keys: list[str] = []
         for opt in trainer.optimizers:
@@ -741,12 +756,15 @@ class Dashboard:
         charts = list(dict.fromkeys(_chart_of(k) for k in keys))
         for t in self._targets:
             if t.writer is not None:
-                t.writer.add_custom_scalars(custom_scalars_layout(charts, t.prefix, self.update_ratio))
+                t.writer.add_custom_scalars(custom_scalars_layout(charts, t.prefix, self.update_ratio, idle))
 
 
-def custom_scalars_layout(charts: Sequence[str], prefix: str = "", update_ratio: bool = False) -> dict[str, Any]:
+def custom_scalars_layout(
+    charts: Sequence[str], prefix: str = "", update_ratio: bool = False, idle: bool = False
+) -> dict[str, Any]:
     """The ``add_custom_scalars`` layout: one ``GradGuard`` section with the total norm, one chart of gradient norms
-    per top-level module (or ``ModuleList`` entry), the update ratios and the finding counts.
+    per top-level module (or ``ModuleList`` entry), the update ratios, the idle shares per module (``idle``) and the
+    finding counts.
 
     Example::
 
@@ -772,6 +790,8 @@ def custom_scalars_layout(charts: Sequence[str], prefix: str = "", update_ratio:
         else:
             for c in charts:
                 section[f"update / weight: {c}"] = ["Multiline", [rf"{p}update_ratio/{re.escape(c)}(\..*)?$"]]
+    if idle:
+        section["share of steps without a gradient, per module"] = ["Multiline", [rf"{p}idle/.*"]]
     section["findings so far, per kind"] = ["Multiline", [rf"{p}findings/.*"]]
     return {"GradGuard": section}
 

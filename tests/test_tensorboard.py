@@ -453,6 +453,34 @@ def test_dashboard_custom_scalars_layout_groups_every_gradguard_chart(tmp_path):
     }
 
 
+def test_dashboard_logs_idle_shares_per_module_when_given(tmp_path, monkeypatch):
+    guard = GradGuard(log_every_n_steps=2)
+    shares = {0: {"enc.0": 0.0, "aux": 1.0}, 2: {"enc.0": 0.25, "aux": 0.5, "": 0.125}}
+    log_step = guard._dashboard.log_step
+
+    def with_idle(trainer, *args, **kwargs):  # what the core's idle shares give the dashboard, step by step
+        log_step(trainer, *args, **kwargs, idle=shares.get(trainer.global_step, {}))
+
+    monkeypatch.setattr(guard._dashboard, "log_step", with_idle)
+    trainer, _ = fit(tmp_path, guard, max_steps=3)
+    acc = events(trainer)
+    assert scalars(acc, "gradguard/idle/enc.0") == {0: 0.0, 2: 0.25}
+    assert scalars(acc, "gradguard/idle/aux") == {0: 1.0, 2: 0.5}
+    assert scalars(acc, "gradguard/idle/root") == {2: 0.125}  # parameters of the root module
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
+    (regex,) = charts["share of steps without a gradient, per module"]
+    idle_tags = {t for t in gradguard_tags(acc) if "/idle/" in t}
+    assert idle_tags == {"gradguard/idle/enc.0", "gradguard/idle/aux", "gradguard/idle/root"}
+    assert {t for t in gradguard_tags(acc) if re.match(regex, t)} == idle_tags
+
+
+def test_dashboard_without_idle_shares_has_no_idle_chart():
+    assert "share of steps without a gradient, per module" not in custom_scalars_layout(["enc"])["GradGuard"]
+    assert "share of steps without a gradient, per module" in custom_scalars_layout(["enc"], idle=True)["GradGuard"]
+
+
 def test_custom_scalars_layout_honours_the_logger_prefix(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb", prefix="run")
     trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, logger=logger)
