@@ -25,7 +25,8 @@ lint: venv
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
 
-# benchmarks/run.py is written separately; this target fails until it exists.
+# ~10 minutes on 2 cores: prints the paired and scaling tables and writes benchmarks/results.md.
+# `$(VPY) benchmarks/run.py --quick` is the smoke run that `make test` does (tests/test_benchmark.py).
 bench: venv
 	$(VPY) benchmarks/run.py
 
