@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every configuration once")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     parser.add_argument("--no-100m", action="store_true", help="skip the 100 M-parameter row of the scaling table")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--only", action="append", help="run only the configurations whose name contains this")
     parser.add_argument("--quick", action="store_true", help="a tiny model, a few steps, one round; print only")
     args = parser.parse_args(argv)
     scaling = SCALING if not args.no_100m else SCALING[:-1]
@@ -344,7 +346,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         VOCAB, WIDTH, LAYERS, HEADS, FF, CONTEXT, BATCH = SIZES["quick"]
         scaling = [("100 tensors", 50, 8, 2)]
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    if args.only:
+        for name in [n for n in CONFIGS if n != "no callback" and not any(o in n for o in args.only)]:
+            del CONFIGS[name]
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_gradguard"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -385,12 +390,14 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             f"{', '.join(f'{x:.2f}' for x in ratios)} | {hooks} | {tracer:.2f} | {rss:.0f} |"
         )
     paired = "\n".join(lines)
-    never = runs["GradGuard diagnose='never', no dashboard"]
-    always = runs["GradGuard diagnose='always' (every step traced), no dashboard"]
-    traced = statistics.median(
-        statistics.median(a["steps"]) / statistics.median(n["steps"]) for a, n in zip(always, never, strict=True)
-    )
-    traced_line = f"Traced step / untraced step (diagnose='always' / diagnose='never', paired): **{traced:.3f}×**"
+    never = runs.get("GradGuard diagnose='never', no dashboard")
+    always = runs.get("GradGuard diagnose='always' (every step traced), no dashboard")
+    traced_line = ""
+    if never and always:
+        traced = statistics.median(
+            statistics.median(a["steps"]) / statistics.median(n["steps"]) for a, n in zip(always, never, strict=True)
+        )
+        traced_line = f"Traced step / untraced step (diagnose='always' / diagnose='never', paired): **{traced:.3f}×**"
     print()
     print(paired)
     print()
@@ -429,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     RESULTS.write_text(
         "# GradGuard benchmark\n\n"
-        f"Written by `make bench` (`python benchmarks/run.py`, {elapsed / 60:.1f} min; the paired table "
+        f"Written by `python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip()
+        + f" ({elapsed / 60:.1f} min; the paired table "
         f"{paired_s / 60:.1f} min). {env}; load average at the end {load:.1f} (the machine is shared: compare the "
         "ratios per round).\n\n"
         "## Paired table\n\n"
