@@ -2,8 +2,8 @@
 
 Two stages, so that the cheap one runs every step and the expensive one only when it is needed:
 
-* :func:`measure_grads` is the one fused pass over the gradients (``torch._foreach_norm`` per device and dtype,
-  one host sync). It says which parameters have no gradient, a non-finite one or an all-zero one.
+* :func:`measure_grads` is the one fused pass over the gradients (grouped once per parameter list; one
+  synchronising host transfer). It says which parameters have no gradient, a non-finite one or an all-zero one.
 * :func:`classify` turns those candidates into :class:`~lightning_gradguard.findings.Finding` objects using
   what is known about the step: which parameters the losses' autograd graphs reach (:func:`reached_params`)
   and, on traced steps, the tracer's dataflow facts (:class:`StepFacts`).
