@@ -193,10 +193,11 @@ def _fit_to_step_3_and_resume_to_6(tmp_path, skip_aux_at, **options) -> tuple[di
 
 
 def test_resume_keeps_the_idle_run_of_a_parameter_that_is_never_used(tmp_path):
-    # aux is never used: with idle_window=4 it becomes `unused` at step 3, after the checkpoint (steps 0-2 are idle).
+    # aux is never used: with idle_window=4 it becomes `unused` at step 3, after the checkpoint (steps 0-2 are idle);
+    # the finding is dated back to the first step of the run and counts every step without a gradient (0-5).
     reference = GradGuard(on_unused="warn", idle_window=4)
     _fit(tmp_path / "reference", reference, 6, range(100))
-    assert _aux_entries(reference.report) == [("unused", "aux.bias", 0, 3), ("unused", "aux.weight", 0, 3)]
+    assert _aux_entries(reference.report) == [("unused", "aux.bias", 0, 6), ("unused", "aux.weight", 0, 6)]
     saved, resumed = _fit_to_step_3_and_resume_to_6(tmp_path, range(100), idle_window=4)
     assert saved["report"]["findings"] == [], "the checkpoint is taken while aux is idle, not yet a finding"
     assert _aux_entries(resumed.report) == _aux_entries(reference.report)  # neither lost nor counted twice
