@@ -18,7 +18,8 @@ pytest.importorskip("transformers")
 #: `enable_input_require_grads`; Longformer, whose all-zero global-attention gradients inside it must stay `zero`),
 #: a non-reentrant one (GPT-2), and idle by design: LayerDrop (wav2vec2), MoE routing (Switch), drop_path
 #: (ConvNeXt), CLIP's text pooling (the last layer's attention projections get an all-zero gradient on some steps);
-#: planted: a detached embedding feeding reentrant checkpoints (every layer inside is `detached`), a never-called head
+#: planted: a detached embedding feeding reentrant checkpoints (every layer inside is `detached`), ViT's frozen
+#: embeddings feeding reentrant checkpoints (a real cut at the checkpoint call), a never-called head
 #: beside LayerDrop (raised, while the idle layers are not).
 SUBSET = [
     "bigbird",
@@ -32,6 +33,7 @@ SUBSET = [
     "convnext",
     "clip",
     "llama+ckpt-reentrant/detach-emb",
+    "vit+ckpt-reentrant/frozen-emb-all",
     "wav2vec2/dead-head",
 ]
 
