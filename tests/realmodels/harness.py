@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_gradguard import Finding, GradGuard, GradGuardError, check_step
 
@@ -284,12 +285,14 @@ class Recorder(Callback):
         self.steps.append(grad_status(pl_module, named, loss_of))
 
 
-def _trainer(tmp: str, callbacks: list[Callback]) -> Trainer:
+def _trainer(tmp: str, callbacks: list[Callback], tensorboard: bool = False) -> Trainer:
+    logger = TensorBoardLogger(tmp, name="sweep") if tensorboard else False
     return Trainer(
         max_steps=STEPS,
         accelerator="cpu",
         devices=1,
-        logger=False,
+        logger=logger,
+        log_every_n_steps=4,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -299,15 +302,16 @@ def _trainer(tmp: str, callbacks: list[Callback]) -> Trainer:
     )
 
 
-def fit(config: Config, tmp: str, callbacks: list[Callback]) -> dict[str, torch.Tensor]:
-    """Train ``config`` for :data:`STEPS` seeded steps; the final parameters (re-raises what the run raised)."""
+def fit(config: Config, tmp: str, callbacks: list[Callback], tensorboard: bool = False) -> dict[str, torch.Tensor]:
+    """Train ``config`` for :data:`STEPS` seeded steps; the final parameters (re-raises what the run raised).
+    ``tensorboard``: log to a TensorBoard logger (GradGuard then draws its dashboards too)."""
     built = config.build()
     module = SweepModule(built.model)
     loader = torch.utils.data.DataLoader([built.batch(i) for i in range(STEPS)], batch_size=None)
     seed_all(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _trainer(tmp, callbacks).fit(module, loader)
+        _trainer(tmp, callbacks, tensorboard).fit(module, loader)
     return {n: p.detach().clone() for n, p in module.model.named_parameters()}
 
 
@@ -352,17 +356,18 @@ class Outcome:
     miss: list[str] = field(default_factory=list)  # true, but not reported
     idle: list[str] = field(default_factory=list)  # idle by design, reported
     changed: list[str] = field(default_factory=list)  # parameters not bit-identical to the run without the guard
+    shares: list[str] = field(default_factory=list)  # idle shares of the report that disagree with the truth
     note: str = ""
 
     @property
     def ok(self) -> bool:
-        return not (self.crash or self.fp or self.miss or self.changed)
+        return not (self.crash or self.fp or self.miss or self.changed or self.shares)
 
     def cell(self) -> str:
         if self.crash:
             return f"CRASH {self.crash}"
         parts = []
-        for label, items in (("FP", self.fp), ("miss", self.miss), ("changed", self.changed)):
+        for label, items in (("FP", self.fp), ("miss", self.miss), ("changed", self.changed), ("shares", self.shares)):
             if items:
                 parts.append(f"{label} {len(items)}: {_short(items)}")
         if self.idle:
@@ -454,6 +459,28 @@ def compare(truth: Truth, reported: Iterable[tuple[str, str]]) -> Outcome:
     return out
 
 
+def wrong_shares(steps: Sequence[dict[str, str]], truth: Truth, shares: dict[str, float]) -> list[str]:
+    """The report's idle share per module against the truth: between the share of steps on which all of the
+    module's parameters, and on which any of them, lacked a usable gradient; every idle parameter under some module
+    of the report."""
+    out = []
+    shares = {m.removeprefix("model."): v for m, v in shares.items()}
+    names = list(truth.healthy)
+    for module, share in shares.items():
+        under = [n for n in names if n.startswith(module + ".") or n == module]
+        if not under:
+            out.append(f"{module}: no such module")
+            continue
+        all_ = sum(all(n in st for n in under) for st in steps) / len(steps)
+        any_ = sum(any(n in st for n in under) for st in steps) / len(steps)
+        if not (all_ - 1e-9 <= share <= any_ + 1e-9):
+            out.append(f"{module} {share:.2f} not in [{all_:.2f}, {any_:.2f}]")
+    for n in truth.idle():
+        if not any(n.startswith(m + ".") or n == m for m in shares):
+            out.append(f"{n}: idle, in no module's share")
+    return out
+
+
 def _reported(findings: Iterable[Finding]) -> list[tuple[str, str]]:
     """``(param, kind)`` of GradGuard's findings, named as in the `transformers` model (``model.`` stripped)."""
     return [(f.param.removeprefix("model."), f.kind) for f in findings]
@@ -539,6 +566,7 @@ def run_config(config: Config, tmp: str) -> Result:
             params = fit(config, tmp, [guard])
             outcome = compare(truth, _reported(guard.findings))
             outcome.fp += wrong_where(config, guard.findings)
+            outcome.shares = wrong_shares(recorder.steps, truth, guard.report.idle_shares())
             outcome.changed = _changed(ref_params, params)
         except Exception as err:  # noqa: BLE001 - a crash is a result
             outcome = Outcome(crash=_crash(err))
@@ -548,7 +576,7 @@ def run_config(config: Config, tmp: str) -> Result:
     expect_raise = any(kinds & RAISING for kinds in truth.dead().values())
     guard = GradGuard()
     try:
-        params = fit(config, tmp, [guard])
+        params = fit(config, tmp, [guard], tensorboard=True)  # its dashboards on a real model, too
         res.defaults = Outcome(changed=_changed(ref_params, params))
         if expect_raise:
             res.defaults.miss.append("no raise")

@@ -8,7 +8,7 @@ from torch import nn
 
 from lightning_gradguard import Finding
 
-from .harness import Result, Truth, compare, configs, grad_status, run_config, wrong_where
+from .harness import Result, Truth, compare, configs, grad_status, run_config, wrong_shares, wrong_where
 from .zoo import ARCHS
 
 pytest.importorskip("transformers")
@@ -132,3 +132,15 @@ def test_wrong_where_names_a_detached_embedding_blamed_on_another_line() -> None
     assert wrong_where(config, [same_file])  # the file, but not the planted line
     assert wrong_where(config, [Finding("detached", "model.model.embed_tokens.weight", "", where=None)])
     assert not wrong_where(config, [Finding("unused", "model.lm_head.weight", "", where=None)])
+
+
+def test_wrong_shares_checks_the_reported_idle_share_against_the_truth() -> None:
+    steps = [{"layer.0.w": "unused", "layer.0.b": "unused"}, {}, {}, {"layer.0.w": "unused"}]
+    truth = Truth.of(steps, ["layer.0.w", "layer.0.b", "head.w"], window=3)
+    assert wrong_shares(steps, truth, {"model.layer.0": 0.25}) == []  # all of it on 1 step, some of it on 2
+    assert wrong_shares(steps, truth, {"model.layer.0": 0.5}) == []
+    assert wrong_shares(steps, truth, {"model.layer.0": 0.75}) == ["layer.0 0.75 not in [0.25, 0.50]"]
+    assert wrong_shares(steps, truth, {}) == [
+        "layer.0.w: idle, in no module's share",
+        "layer.0.b: idle, in no module's share",
+    ]
