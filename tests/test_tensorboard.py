@@ -402,11 +402,11 @@ def test_dashboard_text_report_when_findings_change_and_at_the_end(tmp_path):
         trainer, _ = fit(tmp_path, guard, Net(use_aux=False, nan_at=3), max_steps=5)
     text = texts(events(trainer))
     assert sorted(text) == [0, 3, 5]  # a new finding on step 0 and step 3; the end of fit at global_step 5
-    assert "| `aux.weight` | unused |" in text[0]
+    assert "| module `aux` (2 tensors, 17 parameters) | unused |" in text[0]  # aux.weight and aux.bias: one row
     assert "nonfinite" not in text[0]
-    assert "| `head.weight` | nonfinite | - | 3 | 1 |" in text[3]
-    assert "| `head.weight` | nonfinite | - | 3 | 2 |" in text[5]  # counted again on step 4
-    assert "| `aux.weight` | unused | - | 0 | 5 |" in text[5]
+    assert "| module `head` (2 tensors, 17 parameters) | nonfinite | - | 3 | 1 |" in text[3]  # grouped by module
+    assert "| module `head` (2 tensors, 17 parameters) | nonfinite | - | 3 | 2 |" in text[5]  # counted again on step 4
+    assert "| module `aux` (2 tensors, 17 parameters) | unused | - | 0 | 5 |" in text[5]
     header = "| parameter | kind | where | first step | count | what happened | fix |"
     assert all(header in t for t in text.values())
 
@@ -459,7 +459,8 @@ def test_dashboard_logs_idle_shares_per_module_when_given(tmp_path, monkeypatch)
     log_step = guard._dashboard.log_step
 
     def with_idle(trainer, *args, **kwargs):  # what the core's idle shares give the dashboard, step by step
-        log_step(trainer, *args, **kwargs, idle=shares.get(trainer.global_step, {}))
+        kwargs["idle"] = shares.get(trainer.global_step, {})
+        log_step(trainer, *args, **kwargs)
 
     monkeypatch.setattr(guard._dashboard, "log_step", with_idle)
     trainer, _ = fit(tmp_path, guard, max_steps=3)
@@ -612,7 +613,7 @@ def test_report_json_and_text_when_fit_fails(tmp_path, capsys):
     acc = EventAccumulator(str(path.parent), size_guidance={"tensors": 0})
     acc.Reload()
     (final,) = texts(acc).values()
-    assert "| `aux.bias` | unused |" in final
+    assert "| module `aux` (2 tensors, 17 parameters) | unused |" in final
 
 
 # ---------------------------------------------------------------------------------------------------------------------
