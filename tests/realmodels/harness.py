@@ -621,11 +621,12 @@ def table(results: Sequence[Result]) -> str:
     fps = sum(bool(o.fp) for r in results for o in r.outcomes.values())
     misses = sum(bool(o.miss) for r in results for o in r.outcomes.values())
     changed = sum(bool(o.changed) for r in results for o in r.outcomes.values())
+    shares = sum(bool(o.shares) for r in results for o in r.outcomes.values())
     idle = sum(r.idle_flagged for r in results)
     harness = sum(r.harness_error is not None for r in results)
     lines = [
         f"{len(results)} configurations of {len(archs)} architectures: {n_ok} fully right; runs with a crash: "
-        f"{crashes}, with a false positive: {fps}, with a miss: {misses}, changing training: {changed}; "
+        f"{crashes}, with a false positive: {fps}, with a miss: {misses}, changing training: {changed}, with wrong idle shares: {shares}; "
         f"configurations where idle-by-design parameters were flagged: {idle}; harness errors: {harness}.",
         "",
         "| configuration | family | params | truth over "
