@@ -626,8 +626,9 @@ def table(results: Sequence[Result]) -> str:
     harness = sum(r.harness_error is not None for r in results)
     lines = [
         f"{len(results)} configurations of {len(archs)} architectures: {n_ok} fully right; runs with a crash: "
-        f"{crashes}, with a false positive: {fps}, with a miss: {misses}, changing training: {changed}, with wrong idle shares: {shares}; "
-        f"configurations where idle-by-design parameters were flagged: {idle}; harness errors: {harness}.",
+        f"{crashes}, with a false positive: {fps}, with a miss: {misses}, changing training: {changed}, "
+        f"with wrong idle shares: {shares}; configurations where idle-by-design parameters were flagged: {idle}; "
+        f"harness errors: {harness}.",
         "",
         "| configuration | family | params | truth over "
         f"{STEPS} steps | check_step | GradGuard (all warn) | GradGuard (all warn, diagnose='always') | "
