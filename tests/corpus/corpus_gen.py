@@ -1,0 +1,485 @@
+"""A seeded generator of small models with one planted gradient bug (or none), and the ground truth.
+
+Each case is Python source written to a file (so that the ``path:line`` of every cut is known exactly): a ``Net``
+built from blocks (linear, conv, residual, attention, recurrent, embedding with a tied head, routing, BatchNorm /
+LayerNorm, dropout, activation checkpointing) and ``make_optimizers(model)``. :func:`generate` returns the
+:class:`Case`: source, training setup and the expected findings ``{(kind, param)}`` with, for each ``detached``
+parameter, the line that cut it. Everything follows from the generator's choices, never from running the guard.
+
+The trunk maps ``h`` ([B, D]) to ``h``; a cut planted after trunk block ``k`` severs the parameters of blocks
+``0..k`` (all their paths to the loss go through ``h``) except a tied embedding weight, which also reaches the loss
+through the tied head. A cut after the head leaves the loss without a graph, unless the tied head keeps one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+__all__ = ["BUG_KINDS", "SETUPS", "Case", "generate"]
+
+D, V = 16, 12  # features, vocabulary
+
+#: Training setups: plain loops under ``check_step`` and Lightning Trainers under ``GradGuard``.
+SETUPS = (
+    "plain",
+    "plain-bf16",
+    "plain-accum",
+    "plain-clip",
+    "plain-2opt",
+    "lit",
+    "lit-bf16",
+    "lit-accum",
+    "lit-clip",
+    "lit-manual2",
+)
+
+HEADER = '''"""Generated corpus case {name}: {title}"""
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+D, V = {D}, {V}
+
+
+class NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+class ZeroGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+'''
+
+
+@dataclass
+class Line:
+    """One line of ``Net.forward``: its code and the parameters (short names) it uses first."""
+
+    code: str
+    params: tuple[str, ...] = ()
+    view: bool = False  # only a view of `h`: under no_grad a view still requires grad, so it cuts nothing
+
+
+@dataclass
+class Block:
+    kind: str
+    name: str
+    init: list[str]
+    params: list[str]
+    lines: list[Line]
+    ends_affine: bool = False  # ends with a bias added per feature (no BatchNorm right after it)
+    tied: str | None = None  # a tied embedding weight (also reaches the loss through the head)
+    sparse: bool = False
+    linear: str | None = None  # the nn.Linear of a plain linear block (param-level cuts)
+    checkpointed: bool = False
+
+
+@dataclass
+class Case:
+    """One generated model, its training setup and the ground truth.
+
+    Attributes:
+        name: ``c0042``.
+        seed: the generator seed.
+        setup: one of :data:`SETUPS`.
+        kind: the planted kind (``"none"`` for a healthy model).
+        variant: the planted bug's variant (``"item_arith"``, ...).
+        source: the Python source of the module (``Net``, ``make_optimizers``).
+        expected: ``{(kind, param)}`` with param names as ``Net.named_parameters()`` gives them.
+        cut_lines: ``{param: line}`` for the detached parameters (line numbers in ``source``).
+        steps: optimizer steps to run.
+        graphless: the loss has no graph (``GradGuardError`` at backward).
+        blocks: the trunk's block kinds (for the report).
+    """
+
+    name: str
+    seed: int
+    setup: str
+    kind: str
+    variant: str
+    source: str = ""
+    expected: set[tuple[str, str]] = field(default_factory=set)
+    cut_lines: dict[str, int] = field(default_factory=dict)
+    steps: int = 1
+    graphless: bool = False
+    blocks: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- blocks
+def _block(kind: str, name: str, rng: random.Random, *, sparse_ok: bool) -> Block:
+    p = name
+    if kind == "linear":
+        act = rng.choice(["torch.tanh", "F.gelu", "torch.sigmoid"])
+        ckpt = rng.random() < 0.3
+        call = f"checkpoint(self.{p}_lin, h, use_reentrant=False)" if ckpt else f"self.{p}_lin(h)"
+        return Block(kind, p, [f"self.{p}_lin = nn.Linear(D, D)"], [f"{p}_lin.weight", f"{p}_lin.bias"],
+                     [Line(f"h = {act}({call})", (f"{p}_lin.weight", f"{p}_lin.bias"))],
+                     linear=None if ckpt else f"{p}_lin", checkpointed=ckpt)  # fmt: skip
+    if kind == "residual":
+        ps = (f"{p}_fc1.weight", f"{p}_fc1.bias", f"{p}_fc2.weight", f"{p}_fc2.bias")
+        return Block(kind, p, [f"self.{p}_fc1 = nn.Linear(D, D)", f"self.{p}_fc2 = nn.Linear(D, D)"], list(ps),
+                     [Line(f"h = h + self.{p}_fc2(F.gelu(self.{p}_fc1(h)))", ps)], ends_affine=True)  # fmt: skip
+    if kind == "conv":
+        ps = (f"{p}_conv.weight", f"{p}_conv.bias")
+        return Block(kind, p, [f"self.{p}_conv = nn.Conv1d(4, 4, 3, padding=1)"], list(ps),
+                     [Line("c = h.reshape(-1, 4, 4)", view=True),
+                      Line(f"h = torch.tanh(self.{p}_conv(c)).reshape(-1, D)", ps)])  # fmt: skip
+    if kind == "attention":
+        ps = (f"{p}_attn.in_proj_weight", f"{p}_attn.in_proj_bias", f"{p}_attn.out_proj.weight",
+              f"{p}_attn.out_proj.bias")  # fmt: skip
+        return Block(kind, p, [f"self.{p}_attn = nn.MultiheadAttention(4, 2, batch_first=True)"], list(ps),
+                     [Line("a = h.reshape(-1, 4, 4)", view=True),
+                      Line(f"a = a + self.{p}_attn(a, a, a, need_weights=False)[0]", ps),
+                      Line("h = a.reshape(-1, D)")], ends_affine=True)  # fmt: skip
+    if kind == "recurrent":
+        cell = rng.choice(["GRU", "LSTM", "RNN"])
+        ps = (f"{p}_rnn.weight_ih_l0", f"{p}_rnn.weight_hh_l0", f"{p}_rnn.bias_ih_l0", f"{p}_rnn.bias_hh_l0")
+        return Block(kind, p, [f"self.{p}_rnn = nn.{cell}(4, 4, batch_first=True)"], list(ps),
+                     [Line("s = h.reshape(-1, 4, 4)", view=True), Line(f"s, _ = self.{p}_rnn(s)", ps),
+                      Line("h = s.reshape(-1, D)")])  # fmt: skip
+    if kind == "embedding":
+        sparse = sparse_ok and rng.random() < 0.35
+        tied = not sparse and rng.random() < 0.6
+        opt = ", sparse=True" if sparse else ""
+        w = f"{p}_emb.weight"
+        return Block(kind, p, [f"self.{p}_emb = nn.Embedding(V, D{opt})"], [w],
+                     [Line(f"h = h + self.{p}_emb(tok).mean(1)", (w,))], tied=w if tied else None,
+                     sparse=sparse)  # fmt: skip
+    if kind == "routing":
+        ps_gate = (f"{p}_gate.weight", f"{p}_gate.bias")
+        ps_e = (f"{p}_e0.weight", f"{p}_e0.bias", f"{p}_e1.weight", f"{p}_e1.bias")
+        return Block(kind, p, [f"self.{p}_gate = nn.Linear(D, 2)", f"self.{p}_e0 = nn.Linear(D, D)",
+                               f"self.{p}_e1 = nn.Linear(D, D)"], [*ps_gate, *ps_e],
+                     [Line("r = h.clone()"), Line(f"g = torch.softmax(self.{p}_gate(r), -1)", ps_gate),
+                      Line(f"h = torch.tanh(g[:, :1] * self.{p}_e0(r) + g[:, 1:] * self.{p}_e1(r))", ps_e)])  # fmt: skip
+    if kind == "layernorm":
+        ps = (f"{p}_ln.weight", f"{p}_ln.bias")
+        return Block(kind, p, [f"self.{p}_ln = nn.LayerNorm(D)"], list(ps), [Line(f"h = self.{p}_ln(h)", ps)],
+                     ends_affine=True)  # fmt: skip
+    if kind == "batchnorm":
+        ps = (f"{p}_bn.weight", f"{p}_bn.bias")
+        return Block(kind, p, [f"self.{p}_bn = nn.BatchNorm1d(D)"], list(ps), [Line(f"h = self.{p}_bn(h)", ps)],
+                     ends_affine=True)  # fmt: skip
+    if kind == "dropout":
+        return Block(kind, p, [], [], [Line("h = F.dropout(h, 0.1, self.training)")])
+    raise ValueError(kind)
+
+
+BLOCK_KINDS = ("linear", "residual", "conv", "attention", "recurrent", "embedding", "routing", "layernorm",
+               "batchnorm", "dropout")  # fmt: skip
+
+
+def _trunk(rng: random.Random, *, sparse_ok: bool) -> list[Block]:
+    n = rng.randint(2, 4)
+    blocks: list[Block] = []
+    for i in range(n):
+        choices = [k for k in BLOCK_KINDS if not (k == "embedding" and any(b.kind == "embedding" for b in blocks))]
+        if blocks and blocks[-1].ends_affine:  # a per-feature bias right before BatchNorm has a zero gradient
+            choices.remove("batchnorm")
+        if blocks and blocks[-1].kind in ("dropout", "layernorm", "batchnorm"):
+            choices = [k for k in choices if k not in ("dropout", "layernorm", "batchnorm")]
+        blocks.append(_block(rng.choice(choices), f"b{i}", rng, sparse_ok=sparse_ok))
+    if not any(p != b.tied for b in blocks for p in b.params):
+        blocks.append(_block("linear", f"b{n}", rng, sparse_ok=sparse_ok))
+    return blocks
+
+
+# --------------------------------------------------------------------------- bugs
+#: Cuts planted on `h` after a trunk block: (variant, lines, index of the cut line). `x` is the raw input [B, D].
+CUTS: dict[str, list[str]] = {
+    "detach": ["h = h.detach()"],
+    "data": ["h = h.data"],
+    "numpy_from": ["h = torch.from_numpy(h.detach().float().numpy())"],
+    "numpy_as_tensor": ["h = torch.as_tensor(h.detach().float().cpu().numpy())"],
+    "numpy_asarray": ["h = torch.tensor(np.asarray(h.detach().float()))"],
+    "numpy_math_tensor": ["h = torch.tensor(np.tanh(h.detach().float().numpy()) * 2.0)"],
+    "numpy_math_from": ["h = torch.from_numpy(h.detach().float().numpy() * 2.0)"],
+    "numpy_math_2line": ["a = h.detach().float().numpy()", "h = torch.from_numpy(np.tanh(a) + 1.0)"],
+    "item": ["h = x * torch.tensor(h.abs().mean().item())"],
+    "item_arith": ["h = x * torch.tensor(h.abs().mean().item() * 0.5 + 1.0)"],
+    "item_2line": ["s = h.abs().mean().item()", "h = x * (s + 1.0)"],
+    "float": ["h = x * torch.tensor(float(h.abs().mean()))"],
+    "float_arith": ["h = x * (float(h.abs().mean()) + 1.0)"],
+    "tolist": ["h = torch.tensor(h.tolist())"],
+    "tolist_arith": ["h = torch.tensor([[v * 2.0 for v in row] for row in h.tolist()])"],
+    "legacy_tensor": ["h = torch.Tensor(h.tolist())"],
+    "parameter_leaf": ["h = nn.Parameter(h.detach().clone())"],
+    "copy_leaf": ["h = h.detach().clone().requires_grad_()"],
+    "compare": ["h = x * (h > 0).to(x.dtype)"],
+    "compare_mean": ["h = x * (h > h.mean()).float()"],
+    "argmax": ["h = x * F.one_hot(h.argmax(-1), D).to(x.dtype)"],
+    "topk": ["_, idx = h.topk(2, dim=-1)", "h = x * F.one_hot(idx[:, 0], D).to(x.dtype)"],
+    "int_cast": ["h = (h * 4).long().to(x.dtype)"],
+}
+#: Which line of a multi-line cut the guard should name (default: the first).
+CUT_LINE = {"numpy_math_2line": 0, "item_2line": 0, "topk": 0}
+
+NONFINITE = {
+    "nan_fn": ["h = NanGrad.apply(h)"],
+    "sqrt_zero": ["h = h + torch.sqrt(h - h.detach())"],
+}
+ZERO = {
+    "zero_fn": ["h = ZeroGrad.apply(h)"],
+    "times_zero": ["h = h.detach() + h * 0"],
+    "round": ["h = torch.round(h * 8) / 8"],
+}
+NO_GRAD = {
+    "no_grad": "with torch.no_grad():",
+    "set_grad_enabled": "with torch.set_grad_enabled(False):",
+    "inference_mode": "with torch.inference_mode():",
+}
+
+BUG_KINDS = ("detached", "unused", "frozen", "orphan", "stale", "nonfinite", "zero")
+
+
+def _affected(blocks: list[Block], k: int) -> list[str]:
+    """Trainable parameters of blocks 0..k whose every path to the loss goes through `h` after block k."""
+    out = []
+    for b in blocks[: k + 1]:
+        out += [p for p in b.params if p != b.tied]
+    return out
+
+
+def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict:
+    """Choose and describe the planted bug. Returns the plan the writer follows."""
+    plan: dict = {"after": None, "cut": None, "wrap": None, "extra": None, "frozen": [], "exclude": [],
+                  "copy": None, "head_cut": None, "param_cut": None, "reentrant": False}  # fmt: skip
+    with_params = [i for i, b in enumerate(blocks) if _affected(blocks, i)]
+    if kind == "detached":
+        r = rng.random()
+        linear_blocks = [i for i, b in enumerate(blocks) if b.linear]
+        if r < 0.1:
+            case.variant = "head_detach"
+            plan["head_cut"] = rng.choice(["out = out.detach()", "out = out.data", "out = torch.tensor(out.tolist())"])
+            return plan
+        if r < 0.2 and linear_blocks:
+            k = rng.choice(linear_blocks)
+            case.variant = rng.choice(["weight_data", "weight_copy"])
+            plan["param_cut"] = (k, case.variant)
+            return plan
+        if r < 0.25 and blocks[0].linear and not blocks[0].checkpointed:
+            case.variant = "checkpoint_reentrant"
+            plan["reentrant"] = True
+            return plan
+        if r < 0.45:
+            k = rng.choice([i for i in with_params if not blocks[i].checkpointed] or with_params)
+            case.variant = rng.choice(list(NO_GRAD))
+            plan["wrap"] = (k, NO_GRAD[case.variant])
+            return plan
+        case.variant = rng.choice(list(CUTS))
+        plan["after"] = rng.choice(with_params)
+        plan["cut"] = CUTS[case.variant]
+        return plan
+    if kind == "nonfinite":
+        case.variant = rng.choice(list(NONFINITE))
+        plan["after"] = rng.choice(with_params)
+        plan["cut"] = NONFINITE[case.variant]
+        return plan
+    if kind == "zero":
+        case.variant = rng.choice(list(ZERO))
+        plan["after"] = rng.choice(with_params)
+        plan["cut"] = ZERO[case.variant]
+        return plan
+    if kind == "unused":
+        case.variant = rng.choice(["never_called", "untaken_branch", "discarded"])
+        plan["extra"] = (rng.choice(["linear", "residual", "conv", "attention", "recurrent", "routing", "layernorm"]),
+                         case.variant, rng.randrange(len(blocks) + 1))  # fmt: skip
+        return plan
+    if kind == "frozen":
+        b = blocks[rng.choice([i for i, b in enumerate(blocks) if b.params])]
+        case.variant = rng.choice(["frozen_block", "frozen_tensor"])
+        plan["frozen"] = list(b.params) if case.variant == "frozen_block" else [rng.choice(b.params)]
+        return plan
+    if kind == "orphan":
+        case.variant = rng.choice(["head_missing", "block_missing"])
+        if case.variant == "head_missing":
+            plan["exclude"] = ["head.weight", "head.bias"]
+        else:
+            b = blocks[rng.choice([i for i, b in enumerate(blocks) if b.params])]
+            plan["exclude"] = list(b.params)
+        return plan
+    if kind == "stale":
+        case.variant = rng.choice(["copy_head", "copy_model"])
+        plan["copy"] = "head" if case.variant == "copy_head" else "model"
+        return plan
+    raise ValueError(kind)
+
+
+# --------------------------------------------------------------------------- writer
+def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Case:
+    """The case of ``seed``: its kind (``None``: drawn, ~30 % healthy) and setup (``None``: drawn)."""
+    rng = random.Random(seed)
+    if kind is None:
+        kind = "none" if rng.random() < 0.3 else rng.choice(BUG_KINDS)
+    if setup is None:
+        setup = rng.choices(SETUPS, weights=[14, 8, 8, 8, 8, 6, 4, 4, 4, 4])[0]
+    case = Case(f"c{seed:04d}", seed, setup, kind, "healthy" if kind == "none" else "")
+    sparse_ok = "clip" not in setup and setup != "plain-2opt"
+    blocks = _trunk(rng, sparse_ok=sparse_ok)
+    case.blocks = [b.kind + ("(ckpt)" if b.checkpointed else "") + ("(sparse)" if b.sparse else "") for b in blocks]
+    plan = _bug(kind, rng, blocks, case) if kind != "none" else {}
+    tied = next((b.tied for b in blocks if b.tied), None)
+    sparse = any(b.sparse for b in blocks)
+    src = HEADER.format(name=case.name, title=f"{kind}/{case.variant} under {setup}", D=D, V=V).splitlines()
+    init = src  # __init__ body follows
+    for b in blocks:
+        init += [f"        {line}" for line in b.init]
+    extra = plan.get("extra")
+    extra_block = _block(extra[0], "extra", rng, sparse_ok=False) if extra else None
+    if extra_block is not None:
+        init += [f"        {line}" for line in extra_block.init]
+    init.append("        self.head = nn.Linear(D, 1)")
+    for p in plan.get("frozen", []):
+        init.append(f"        self.{p}.requires_grad_(False)")
+    src.append("")
+    src.append("    def forward(self, x, tok):")
+    src.append("        h = x")
+    cut_lines: dict[str, int] = {}
+    expected: set[tuple[str, str]] = set()
+
+    def emit(code: str, indent: int = 8) -> int:
+        src.append(" " * indent + code)
+        return len(src)  # 1-based line number
+
+    for i, b in enumerate(blocks):
+        wrap = plan.get("wrap")
+        if extra and extra[2] == i:
+            _emit_extra(extra_block, extra[1], emit)
+        if wrap and wrap[0] == i:
+            emit(wrap[1])
+            first = None
+            for line in b.lines:
+                n = emit(line.code, 12)
+                if first is None and not line.view:
+                    first = n
+                for p in line.params:
+                    if p != b.tied:
+                        cut_lines.setdefault(p, n)
+            if "inference_mode" in wrap[1]:
+                emit("h = h.clone()")
+            for p in _affected(blocks, i):
+                cut_lines.setdefault(p, first)  # upstream parameters: the block's first line (`h` enters)
+            continue
+        pc = plan.get("param_cut")
+        if pc and pc[0] == i:
+            w = f"self.{b.linear}.weight"
+            w = f"{w}.data" if pc[1] == "weight_data" else f"{w}.detach().clone().requires_grad_()"
+            act = b.lines[0].code.split("(")[0].removeprefix("h = ")
+            n = emit(f"h = {act}(F.linear(h, {w}, self.{b.linear}.bias))")
+            cut_lines[f"{b.linear}.weight"] = n
+            continue
+        if i == 0 and plan.get("reentrant"):
+            act = b.lines[0].code.split("(")[0].removeprefix("h = ")
+            n = emit(f"h = {act}(checkpoint(self.{b.linear}, x, use_reentrant=True))")
+            for p in b.params:
+                cut_lines[p] = n
+            continue
+        for line in b.lines:
+            emit(line.code)
+        if plan.get("after") == i:
+            cut = plan["cut"]
+            lines = [emit(c) for c in cut]
+            if kind == "detached":
+                at = lines[CUT_LINE.get(case.variant, 0)]
+                for p in _affected(blocks, i):
+                    cut_lines[p] = at
+            elif kind == "nonfinite":  # a tied weight's other path adds a finite gradient to a NaN one: still NaN
+                expected |= {("nonfinite", p) for b in blocks[: i + 1] for p in b.params}
+            elif kind == "zero":
+                expected |= {("zero", p) for p in _affected(blocks, i)}
+    if extra and extra[2] == len(blocks):
+        _emit_extra(extra_block, extra[1], emit)
+    emit("out = self.head(h).squeeze(-1)")
+    if plan.get("head_cut"):
+        n = emit(plan["head_cut"])
+        cut_lines = {"head.weight": n, "head.bias": n}
+        if not tied:
+            for b in blocks:
+                for p in b.params:
+                    cut_lines[p] = n
+            case.graphless = True
+    if tied:
+        emit(f"lm = h @ self.{tied}.t()")
+        emit("return out, lm")
+    else:
+        emit("return out, None")
+    expected |= {("detached", p) for p in cut_lines}
+    if extra_block is not None:
+        expected |= {("unused", p) for p in extra_block.params}
+    expected |= {("frozen", p) for p in plan.get("frozen", [])}
+
+    # the optimizers
+    names = [p for b in blocks for p in b.params]
+    if extra_block is not None:
+        names += extra_block.params
+    names += ["head.weight", "head.bias"]
+    two = setup in ("plain-2opt", "lit-manual2")
+    optim = "torch.optim.SGD(params, lr=0.01)" if sparse else rng.choice(
+        ["torch.optim.SGD(params, lr=0.01)", "torch.optim.SGD(params, lr=0.01, momentum=0.9)",
+         "torch.optim.Adam(params, lr=1e-3)", "torch.optim.AdamW(params, lr=1e-3)"])  # fmt: skip
+    src += ["", "", "def make_optimizers(model):", "    named = dict(model.named_parameters())"]
+    exclude = plan.get("exclude", [])
+    expected |= {("orphan", p) for p in exclude}
+    if plan.get("copy") == "head":
+        src.append("    copies = dict(zip(['head.weight', 'head.bias'], copy.deepcopy(model.head).parameters()))")
+        expected |= {("stale", "head.weight"), ("stale", "head.bias"), ("orphan", "head.weight"),
+                     ("orphan", "head.bias")}  # fmt: skip
+    elif plan.get("copy") == "model":
+        src.append("    copies = dict(copy.deepcopy(model).named_parameters())")
+        expected |= {("stale", p) for p in names} | {("orphan", p) for p in names}
+        expected -= {("orphan", p) for p in cut_lines}
+    else:
+        src.append("    copies = {}")
+    src.append(f"    exclude = {exclude!r}")
+    src.append("    chosen = [(n, copies.get(n, p)) for n, p in named.items() if n not in exclude]")
+    if two:
+        src.append("    groups = [[p for n, p in chosen if not n.startswith('head.')],")
+        src.append("              [p for n, p in chosen if n.startswith('head.')]]")
+    else:
+        src.append("    groups = [[p for n, p in chosen]]")
+    src.append("    return [make(params) for params in groups if params]")
+    src += ["", "", "def make(params):", f"    return {optim}", ""]
+    if kind == "nonfinite" and setup == "plain-clip":
+        # clip_grad_norm_ before the step multiplies every gradient by max_norm / nan: all are NaN by then
+        expected = {("nonfinite", p) for p in names}
+    case.source = "\n".join(src)
+    case.expected = expected
+    case.cut_lines = cut_lines
+    case.steps = 1 if kind == "nonfinite" else (4 if setup.startswith("lit") else rng.choice([1, 2]))
+    return case
+
+
+def _emit_extra(block: Block, variant: str, emit) -> None:  # noqa: ANN001
+    """The unused module: never called, behind a branch never taken, or its output discarded."""
+    if variant == "never_called":
+        return
+    if variant == "untaken_branch":
+        emit("if h.shape[0] > 10_000:")
+        for line in block.lines:
+            emit(line.code, 12)
+        return
+    emit("keep = h")
+    for line in block.lines:
+        emit(line.code)
+    emit("h = keep  # the block's output is discarded")

@@ -1,0 +1,416 @@
+"""Run the generated bug corpus through GradGuard / check_step and score it against the ground truth.
+
+``python tests/corpus/corpus_run.py`` (``make corpus``) runs every case in one process, prints the confusion
+matrix (planted kind vs reported kinds, plus ``none`` and ``crash``), the parameter and ``where`` accuracy, and
+writes ``docs/corpus.md``. ``--n``, ``--only`` and ``--no-write`` select a part of it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from corpus_gen import BUG_KINDS, Case, generate  # noqa: E402
+
+from lightning_gradguard import GradGuard, GradGuardError, check_step  # noqa: E402
+
+__all__ = ["N_CASES", "Result", "run_case", "score"]
+
+#: The corpus: seeds 0..N_CASES-1 (about 30 % healthy).
+N_CASES = 780
+KINDS = ("none", *BUG_KINDS)
+
+
+@dataclass
+class Result:
+    """A case's outcome: what the guard reported and how it compares with the ground truth."""
+
+    case: Case
+    got: set[tuple[str, str]] = field(default_factory=set)
+    wheres: dict[tuple[str, str], str | None] = field(default_factory=dict)
+    messages: dict[tuple[str, str], str] = field(default_factory=dict)
+    crash: str | None = None
+    raised: bool = False
+    seconds: float = 0.0
+
+    @property
+    def reported_kinds(self) -> set[str]:
+        return {k for k, _ in self.got}
+
+    @property
+    def expected_kinds(self) -> set[str]:
+        return {k for k, _ in self.case.expected}
+
+    @property
+    def kinds_ok(self) -> bool:
+        return self.crash is None and self.reported_kinds == self.expected_kinds
+
+    @property
+    def params_ok(self) -> bool:
+        # a stale tensor has no name of its own (the guard names the parameter it looks like): count-free compare
+        def norm(s: set[tuple[str, str]]) -> set[tuple[str, str]]:
+            return {(k, "*" if k == "stale" else p) for k, p in s}
+
+        return self.crash is None and norm(self.got) == norm(self.case.expected)
+
+    def where_hits(self, path: str) -> tuple[int, int]:
+        """(right, total) over the detached parameters with a known cut line."""
+        right = 0
+        for p, line in self.case.cut_lines.items():
+            w = self.wheres.get(("detached", p))
+            if w and ":" in w:
+                wpath, wline = w.rsplit(":", 1)
+                if os.path.abspath(wpath) == os.path.abspath(path) and wline == str(line):
+                    right += 1
+        return right, len(self.case.cut_lines)
+
+    @property
+    def label(self) -> str:
+        """The confusion-matrix column: the planted kind when the reported kinds are right."""
+        if self.crash is not None:
+            return "crash"
+        if not self.got:
+            return "none"
+        if self.kinds_ok:
+            return self.case.kind
+        label = "+".join(sorted(self.reported_kinds))
+        if self.hedged:
+            label += " (hedged)"
+        return label
+
+    @property
+    def hedged(self) -> bool:
+        """Every parameter that should be `detached` but came as `unused` has a message that says it may be cut."""
+        wrong = [p for p in self.case.cut_lines if ("unused", p) in self.got]
+        return bool(wrong) and all(_hedges(self.messages.get(("unused", p), "")) for p in wrong)
+
+
+def _hedges(message: str) -> bool:
+    """An `unused` message that does not claim it with confidence (the value may have left through a number)."""
+    m = message.lower()
+    return "may have" in m or "python number" in m or "cannot tell" in m or "could not follow" in m
+
+
+# --------------------------------------------------------------------------- running
+def _batches(seed: int, n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    from corpus_gen import D, V
+
+    return [(torch.randn(4, D, generator=g), torch.randint(0, V, (4, 4), generator=g), torch.randn(4, generator=g))
+            for _ in range(n)]  # fmt: skip
+
+
+def _loss(out: torch.Tensor, lm: torch.Tensor | None, y: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    loss = F.mse_loss(out.float(), y)
+    if lm is not None:
+        loss = loss + F.cross_entropy(lm.float(), tok[:, 0])
+    return loss
+
+
+def _load(case: Case, folder: str):  # noqa: ANN202 - a generated module
+    path = os.path.join(folder, f"{case.name}.py")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(case.source)
+    spec = importlib.util.spec_from_file_location(f"corpus_{case.name}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path
+
+
+def _run_plain(case: Case, mod, net: torch.nn.Module, res: Result) -> None:  # noqa: ANN001
+    opts = mod.make_optimizers(net)
+    batches = _batches(case.seed)
+    micro = 2 if case.setup == "plain-accum" else 1
+    bf16 = case.setup == "plain-bf16"
+    for step in range(case.steps):
+        opt = opts[0] if case.setup != "plain-2opt" else None
+        chk = check_step(net, opt, step=step)
+        try:
+            with chk:
+                for o in opts:
+                    o.zero_grad()
+                for m in range(micro):
+                    x, tok, y = batches[step * micro + m]
+                    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+                    with ctx:
+                        out, lm = net(x, tok)
+                        loss = _loss(out, lm, y, tok)
+                    (loss / micro).backward()
+                if case.setup == "plain-clip":
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                for o in opts:
+                    o.step()
+        except GradGuardError as err:
+            res.raised = True
+            _collect(res, err.findings, "")
+            _collect(res, chk.findings, "")
+            return
+        _collect(res, chk.findings, "")
+
+
+class _Lit(LightningModule):
+    def __init__(self, net: torch.nn.Module, mod, manual: bool) -> None:  # noqa: ANN001
+        super().__init__()
+        self.net = net
+        self._mod = mod
+        self.automatic_optimization = not manual
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, tok, y = batch
+        out, lm = self.net(x, tok)
+        loss = _loss(out, lm, y, tok)
+        if self.automatic_optimization:
+            return loss
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        for o in opts:
+            o.zero_grad()
+        self.manual_backward(loss)
+        for o in opts:
+            o.step()
+        return None
+
+    def configure_optimizers(self):  # noqa: ANN201
+        opts = self._mod.make_optimizers(self.net)
+        return opts if len(opts) > 1 else opts[0]
+
+
+def _run_lit(case: Case, mod, net: torch.nn.Module, res: Result, folder: str) -> None:  # noqa: ANN001
+    guard = GradGuard(**dict.fromkeys(
+        ("on_frozen", "on_unused", "on_detached", "on_orphan", "on_stale", "on_nonfinite", "on_zero"), "warn"))  # fmt: skip
+    xs, toks, ys = zip(*_batches(case.seed, 16), strict=True)
+    ds = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(toks), torch.cat(ys))
+    data = torch.utils.data.DataLoader(ds, batch_size=4)
+    opts = {
+        "max_steps": case.steps,
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": folder,
+        "num_sanity_val_steps": 0,
+    }
+    if case.setup == "lit-bf16":
+        opts["precision"] = "bf16-mixed"
+    if case.setup == "lit-accum":
+        opts["accumulate_grad_batches"] = 2
+    if case.setup == "lit-clip":
+        opts["gradient_clip_val"] = 1.0
+    trainer = Trainer(callbacks=[guard], **opts)
+    try:
+        trainer.fit(_Lit(net, mod, manual=case.setup == "lit-manual2"), train_dataloaders=data)
+    except GradGuardError as err:
+        res.raised = True
+        _collect(res, err.findings, "net.")
+    _collect(res, guard.findings, "net.")
+    if not res.raised and case.setup != "lit-manual2" and trainer.global_step != case.steps:
+        raise AssertionError(f"corpus runner: the Trainer ran {trainer.global_step} steps, not {case.steps}")
+
+
+def _collect(res: Result, findings, prefix: str) -> None:  # noqa: ANN001
+    for f in findings:
+        name = f.param.removeprefix(prefix)
+        res.got.add((f.kind, name))
+        res.wheres.setdefault((f.kind, name), f.where)
+        res.messages.setdefault((f.kind, name), f.message)
+
+
+def run_case(case: Case, folder: str) -> tuple[Result, str]:
+    """Run one case (its source written to ``folder``); returns the result and the source's path."""
+    res = Result(case)
+    t0 = time.perf_counter()
+    path = ""
+    try:
+        mod, path = _load(case, folder)
+        torch.manual_seed(case.seed)
+        net = mod.Net()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if case.setup.startswith("plain"):
+                _run_plain(case, mod, net, res)
+            else:
+                _run_lit(case, mod, net, res, folder)
+    except Exception as err:  # noqa: BLE001 - a crash is a result
+        tb = traceback.extract_tb(err.__traceback__)
+        ours = [fr for fr in tb if "lightning_gradguard" in fr.filename and fr.name != "__torch_function__"]
+        inner = ours[-1] if ours else (tb[-1] if tb else None)
+        at = f" at {os.path.basename(inner.filename)}:{inner.lineno} ({inner.name})" if inner else ""
+        res.crash = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}{at}"
+    res.seconds = time.perf_counter() - t0
+    return res, path
+
+
+# --------------------------------------------------------------------------- scoring
+def score(results: list[tuple[Result, str]]) -> dict:
+    """Totals over a run."""
+    matrix: dict[str, Counter] = defaultdict(Counter)
+    where_right = where_total = 0
+    for res, path in results:
+        matrix[res.case.kind][res.label] += 1
+        r, t = res.where_hits(path)
+        where_right += r
+        where_total += t
+    buggy = [r for r, _ in results if r.case.kind != "none"]
+    healthy = [r for r, _ in results if r.case.kind == "none"]
+    return {
+        "matrix": matrix,
+        "buggy": len(buggy),
+        "healthy": len(healthy),
+        "kinds_ok": sum(r.kinds_ok for r in buggy),
+        "params_ok": sum(r.params_ok for r in buggy),
+        "healthy_fp": sum(bool(r.got) for r in healthy),
+        "crashes": sum(r.crash is not None for r, _ in results),
+        "where_right": where_right,
+        "where_total": where_total,
+        "cut_cases_ok": sum(r.where_hits(p)[0] == r.where_hits(p)[1] for r, p in results if r.case.cut_lines),
+        "cut_cases": sum(bool(r.case.cut_lines) for r, _ in results),
+    }
+
+
+def failure_class(res: Result, path: str) -> str | None:
+    """A short signature of what went wrong (``None``: all right)."""
+    c = res.case
+    if res.crash is not None:
+        return f"crash {c.kind}/{c.variant}: {res.crash}"
+    if c.kind == "none":
+        return f"false positive: {sorted(res.reported_kinds)} under {c.setup}" if res.got else None
+    r, t = res.where_hits(path)
+    if res.params_ok and r == t:
+        return None
+    if not res.kinds_ok:
+        return f"{c.kind}/{c.variant} reported as {res.label}"
+    if not res.params_ok:
+        return f"{c.kind}/{c.variant}: right kinds, wrong parameters"
+    return f"{c.kind}/{c.variant}: wrong `where`"
+
+
+def describe(res: Result, path: str) -> str:
+    """One paragraph about a failing case: what was expected and what came."""
+    c = res.case
+    miss = sorted(c.expected - res.got)
+    extra = sorted(res.got - c.expected)
+    lines = [f"{c.name} (seed {c.seed}, {c.setup}, trunk {'/'.join(c.blocks)})"]
+    if res.crash:
+        lines.append(f"crash: {res.crash}")
+    if miss:
+        lines.append(f"missing: {miss[:6]}{' ...' if len(miss) > 6 else ''}")
+    if extra:
+        lines.append(f"unexpected: {extra[:6]}{' ...' if len(extra) > 6 else ''}")
+    bad = []
+    for p, line in sorted(c.cut_lines.items()):
+        w = res.wheres.get(("detached", p))
+        if not (w and w.endswith(f":{line}")):
+            bad.append(f"{p}: want line {line}, got {w}")
+    if bad:
+        lines.append("where: " + "; ".join(bad[:3]))
+    return " | ".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=N_CASES, help="number of cases (seeds 0..n-1)")
+    parser.add_argument("--only", type=int, nargs="*", help="run these seeds only (prints each case's source)")
+    parser.add_argument("--no-write", action="store_true", help="do not write docs/corpus.md")
+    parser.add_argument("--out", default="docs/corpus.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    seeds = args.only if args.only else list(range(args.n))
+    t0 = time.perf_counter()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gradguard-corpus-") as folder:
+        for seed in seeds:
+            res, path = run_case(generate(seed), folder)
+            results.append((res, path))
+            if args.only:
+                print(res.case.source)
+                print(f"expected: {sorted(res.case.expected)}\ncut lines: {res.case.cut_lines}")
+                print(f"got: {sorted(res.got)}\nwheres: {res.wheres}\ncrash: {res.crash}")
+        elapsed = time.perf_counter() - t0
+        text = render(results, elapsed)
+    print(text)
+    if not args.no_write and not args.only:
+        Path(args.out).write_text(text, encoding="utf-8")
+    s = score(results)
+    ok = s["params_ok"] == s["buggy"] and s["healthy_fp"] == 0 and s["crashes"] == 0
+    return 0 if ok else 1
+
+
+def render(results: list[tuple[Result, str]], elapsed: float) -> str:
+    """The report: totals, the confusion matrix and every failure class with an example."""
+    s = score(results)
+    cols = [k for k in KINDS]
+    extra_cols = sorted({lab for row in s["matrix"].values() for lab in row} - set(cols) - {"crash"})
+    cols = cols + extra_cols + ["crash"]
+    out = ["# Generated bug corpus", ""]
+    out.append(f"`make corpus` ({len(results)} models, {elapsed:.0f} s): {s['buggy']} with one planted bug, "
+               f"{s['healthy']} healthy.")  # fmt: skip
+    out += [
+        "",
+        f"- right kinds: {s['kinds_ok']}/{s['buggy']} buggy models",
+        f"- right kinds and parameters: {s['params_ok']}/{s['buggy']}",
+        f"- right `where` (detached parameters): {s['where_right']}/{s['where_total']} "
+        f"({s['cut_cases_ok']}/{s['cut_cases']} models with a cut)",
+        f"- healthy models with a finding: {s['healthy_fp']}/{s['healthy']}",
+        f"- crashes: {s['crashes']}",
+        "",
+        "## Confusion matrix",
+        "",
+        "Rows: the planted kind. Columns: the kinds reported (the planted kind when exactly the expected kinds were "
+        "reported; a stale copy also leaves its originals orphaned). `none`: nothing reported.",
+        "",
+        "| planted \\ reported | " + " | ".join(cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for k in KINDS:
+        row = s["matrix"].get(k, Counter())
+        out.append(f"| {k} | " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+    by_setup: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for res, path in results:
+        by_setup[res.case.setup][1] += 1
+        by_setup[res.case.setup][0] += failure_class(res, path) is None
+    out += ["", "## By setup", "", "| setup | all right | models |", "|---|---|---|"]
+    out += [f"| {k} | {v[0]} | {v[1]} |" for k, v in sorted(by_setup.items())]
+    classes: dict[str, list[tuple[Result, str]]] = defaultdict(list)
+    for res, path in results:
+        fc = failure_class(res, path)
+        if fc:
+            classes[fc].append((res, path))
+    out += ["", "## Failures", ""]
+    if not classes:
+        out.append("None.")
+    for fc, items in sorted(classes.items(), key=lambda kv: -len(kv[1])):
+        seeds = ", ".join(str(r.case.seed) for r, _ in items[:12])
+        out.append(f"- **{fc}** — {len(items)} model(s); seeds {seeds}{' ...' if len(items) > 12 else ''}")
+        out.append(f"  - e.g. {describe(*items[0])}")
+    out += ["", "Re-run one case with its source and ground truth: `python tests/corpus/corpus_run.py --only SEED`."]
+    times = sorted(r.seconds for r, _ in results)
+    if times:
+        out.append(f"Per model: median {times[len(times) // 2]:.2f} s, max {times[-1]:.2f} s.")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
