@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench clean distclean
+.PHONY: venv test demo lint bench corpus clean distclean
 
 venv: $(STAMP)
 
@@ -28,6 +28,11 @@ lint: venv
 # benchmarks/run.py is written separately; this target fails until it exists.
 bench: venv
 	$(VPY) benchmarks/run.py
+
+# The generated bug corpus (tests/corpus/): ~1000 models with one planted bug or none, scored against the ground
+# truth; prints the confusion matrix and writes docs/corpus.md. `make test` runs a fixed tenth of it.
+corpus: venv
+	OMP_NUM_THREADS=1 $(VPY) tests/corpus/corpus_run.py
 
 # Build outputs, caches and training logs; keeps .venv (see distclean).
 clean:

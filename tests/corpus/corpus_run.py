@@ -24,7 +24,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch.nn.functional as F  # noqa: E402, N812
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ from lightning_gradguard import GradGuard, GradGuardError, check_step  # noqa: E
 __all__ = ["N_CASES", "Result", "run_case", "score"]
 
 #: The corpus: seeds 0..N_CASES-1 (about 30 % healthy).
-N_CASES = 780
+N_CASES = 1000
 KINDS = ("none", *BUG_KINDS)
 
 
@@ -130,7 +130,8 @@ def _load(case: Case, folder: str):  # noqa: ANN202 - a generated module
     with open(path, "w", encoding="utf-8") as fh:
         fh.write(case.source)
     spec = importlib.util.spec_from_file_location(f"corpus_{case.name}", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod, path
@@ -195,8 +196,8 @@ class _Lit(LightningModule):
 
 
 def _run_lit(case: Case, mod, net: torch.nn.Module, res: Result, folder: str) -> None:  # noqa: ANN001
-    guard = GradGuard(**dict.fromkeys(
-        ("on_frozen", "on_unused", "on_detached", "on_orphan", "on_stale", "on_nonfinite", "on_zero"), "warn"))  # fmt: skip
+    kinds = ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")
+    guard = GradGuard(**{f"on_{k}": "warn" for k in kinds})
     xs, toks, ys = zip(*_batches(case.seed, 16), strict=True)
     ds = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(toks), torch.cat(ys))
     data = torch.utils.data.DataLoader(ds, batch_size=4)
@@ -361,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
 def render(results: list[tuple[Result, str]], elapsed: float) -> str:
     """The report: totals, the confusion matrix and every failure class with an example."""
     s = score(results)
-    cols = [k for k in KINDS]
+    cols = list(KINDS)
     extra_cols = sorted({lab for row in s["matrix"].values() for lab in row} - set(cols) - {"crash"})
     cols = cols + extra_cols + ["crash"]
     out = ["# Generated bug corpus", ""]
