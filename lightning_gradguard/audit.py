@@ -24,10 +24,13 @@ from .trace import CutSite, Tracer
 __all__ = [
     "GradStats",
     "StepFacts",
+    "audit_layout",
     "audit_optimizers",
     "classify",
+    "find_orphans",
     "measure_grads",
     "reached_params",
+    "walk_graph",
 ]
 
 
@@ -159,14 +162,21 @@ def _l2_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
-def reached_params(grad_fns: Iterable[object]) -> set[int]:
-    """``id()`` of every leaf tensor whose ``AccumulateGrad`` node the autograd graphs of ``grad_fns`` reach.
+#: Backward nodes of ``torch.utils.checkpoint(..., use_reentrant=True)``: the parameters inside get their
+#: ``AccumulateGrad`` nodes only during the backward recompute, so a walk from the loss cannot see them.
+_OPAQUE_NODES = frozenset({"CheckpointFunctionBackward"})
 
-    In eager mode these are exactly the parameters that receive a gradient from those losses. The walk works
-    before and after ``backward()`` (saved tensors are freed, the structure is not).
+
+def walk_graph(grad_fns: Iterable[object]) -> tuple[set[int], bool]:
+    """``(reached, complete)``: the ``id()`` of every leaf tensor whose ``AccumulateGrad`` node the autograd graphs
+    of ``grad_fns`` reach, and whether that is every leaf that gets a gradient.
+
+    ``complete`` is ``False`` when the graphs pass through a reentrant activation checkpoint, whose parameters are
+    linked to the graph only while ``backward()`` recomputes the checkpointed function.
     """
     out: set[int] = set()
     seen: set[int] = set()
+    complete = True
     stack = [fn for fn in grad_fns if fn is not None]
     while stack:
         fn = stack.pop()
@@ -177,10 +187,22 @@ def reached_params(grad_fns: Iterable[object]) -> set[int]:
         if var is not None:
             out.add(id(var))
             continue
+        if complete and type(fn).__name__ in _OPAQUE_NODES:
+            complete = False
         for nxt, _ in fn.next_functions:  # type: ignore[attr-defined]
             if nxt is not None:
                 stack.append(nxt)
-    return out
+    return out, complete
+
+
+def reached_params(grad_fns: Iterable[object]) -> set[int]:
+    """``id()`` of every leaf tensor whose ``AccumulateGrad`` node the autograd graphs of ``grad_fns`` reach.
+
+    In eager mode these are exactly the parameters that receive a gradient from those losses, except those inside
+    a reentrant activation checkpoint (see :func:`walk_graph`). The walk works before and after ``backward()``
+    (saved tensors are freed, the structure is not).
+    """
+    return walk_graph(grad_fns)[0]
 
 
 @dataclass
@@ -194,6 +216,8 @@ class StepFacts:
         seen: on a traced step, the mask of parameters that took part in any op.
         tracer: the tracer that recorded the step (for its cut sites).
         compiled: the forward ran under ``torch.compile`` (no tracing; the graph walk over-approximates).
+        opaque: the graph walk passed through a reentrant activation checkpoint, so ``received`` misses the
+            parameters inside it (a parameter outside ``received`` may still have received a gradient).
     """
 
     received: set[int] | None = None
@@ -202,6 +226,7 @@ class StepFacts:
     seen: int = 0
     tracer: Tracer | None = None
     compiled: bool = False
+    opaque: bool = False
 
     @property
     def traced(self) -> bool:
@@ -246,7 +271,14 @@ def explain_missing(name: str, bit: int, facts: StepFacts, step: int) -> Finding
             site.where,
             site.fix(),
         )
-    if facts.seen >> bit & 1:
+    exits = facts.tracer.escapes_of(bit) if facts.tracer is not None else []
+    if exits:  # its value left torch: the loss may use it through a value the tracer could not follow
+        left = ", ".join(site.describe() for site in exits[:3]) + (" and elsewhere" if len(exits) > 3 else "")
+        msg = f"`{name}` received no gradient, and no torch operation carried its value to the loss; but its value "
+        msg += f"left torch this step through {left}. If the loss uses that value (re-wrapped after Python or numpy "
+        msg += "arithmetic, `torch.Tensor(...)`, `torch.from_numpy`), that is where its gradient path is cut: keep "
+        msg += "it a tensor. Otherwise its output was discarded."
+    elif facts.seen >> bit & 1:
         msg = f"`{name}` took part in the forward pass, but nothing it computed reached the loss (its output was "
         msg += "discarded)."
     else:
@@ -267,6 +299,15 @@ def explain_zero(name: str, bit: int, facts: StepFacts, step: int) -> Finding:
         site.where,
         site.fix(),
     )
+
+
+def _stale_zero(facts: StepFacts, bit: int) -> bool:
+    """An all-zero gradient of a parameter the loss's graph does not reach is left from an earlier step, unless
+    the walk could not see every parameter (a reentrant checkpoint): then only a traced step that shows the
+    parameter took no part in the forward pass says so."""
+    if not facts.opaque:
+        return True
+    return facts.traced and not facts.seen >> bit & 1
 
 
 def classify(
@@ -315,7 +356,7 @@ def classify(
                 )
             )
             continue
-        if i in zero and received is not None and id(p) not in received:
+        if i in zero and received is not None and id(p) not in received and _stale_zero(facts, bit):
             missing.add(i)  # a zeroed gradient left from an earlier step (`zero_grad(set_to_none=False)`)
             zero.discard(i)
         if i in missing:
@@ -351,6 +392,18 @@ def audit_optimizers(
             (it takes part in the loss). Trainable copies that nothing trains by gradient, such as an EMA model,
             then stay silent.
     """
+    stale, outside = audit_layout(index, optimizers, step)
+    return stale + find_orphans(index, outside, step, need_grad=orphans_need_grad)
+
+
+def audit_layout(
+    index: ParamIndex, optimizers: Sequence[torch.optim.Optimizer], step: int
+) -> tuple[list[Finding], list[int]]:
+    """What only changes with the optimizers' layout: ``(stale findings, bits of the parameters no optimizer holds)``.
+
+    Run it when a layout changes; run :func:`find_orphans` over the returned bits on every step (cheap: it looks
+    at those parameters only).
+    """
     findings = []
     held: set[int] = set()
     for k, opt in enumerate(optimizers):
@@ -372,19 +425,27 @@ def audit_optimizers(
                         step,
                     )
                 )
-    for bit, p in enumerate(index.params):
-        if not p.requires_grad or id(p) in held:
-            continue
-        if orphans_need_grad and p.grad is None:
+    outside = [bit for bit, p in enumerate(index.params) if id(p) not in held]
+    return findings, outside
+
+
+def find_orphans(index: ParamIndex, outside: Sequence[int], step: int, *, need_grad: bool = True) -> list[Finding]:
+    """``orphan`` findings for the trainable parameters among ``outside`` (bits of parameters no optimizer holds).
+
+    Args:
+        index: the model's parameters.
+        outside: from :func:`audit_layout`.
+        step: the step number findings carry.
+        need_grad: only those with a gradient (they take part in the loss); an EMA copy stays silent.
+    """
+    findings = []
+    for bit in outside:
+        p = index.params[bit]
+        if not p.requires_grad or (need_grad and p.grad is None):
             continue
         name = index.names[bit]
         findings.append(
-            _finding(
-                "orphan",
-                name,
-                f"`{name}` receives gradients, but no optimizer holds it: it is never updated.",
-                step,
-            )
+            _finding("orphan", name, f"`{name}` receives gradients, but no optimizer holds it: it is never updated.", step)
         )
     return findings
 

@@ -15,7 +15,8 @@ from .core import DIAGNOSE, GuardCore
 from .dashboard import Dashboard
 from .distributed import RankSync, rank_zero_warnings
 from .findings import Finding
-from .policy import Policy
+from .history import DEFAULT_WINDOW
+from .policy import Policy, function_site
 from .report import RunReport
 
 __all__ = ["GradGuard"]
@@ -57,7 +58,7 @@ class GradGuard(Callback):
         on_nonfinite: action for a NaN/Inf gradient.
         on_zero: action for a gradient that is exactly zero everywhere.
         ignore: fnmatch globs on parameter names (as ``named_parameters()`` gives them) never to report,
-            e.g. ``["pooler.*", "*.bias"]``.
+            e.g. ``["pooler.*", "*.bias"]``, or one glob as a string (``"pooler.*"``).
         diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
             the next step after a new problem shows up on an untraced step), ``"always"`` (every step; slower),
             ``"never"`` (no tracing: unused and detached are not told apart).
@@ -75,6 +76,14 @@ class GradGuard(Callback):
         write_report: write the run report as JSON at the end of ``fit`` and when it fails.
         report_path: where to write it; ``None``: ``gradguard_report.json`` in the first logger's ``log_dir``, else
             in the Trainer's ``default_root_dir``.
+        idle_window: idle is not dead: a parameter without a usable gradient (``None`` or all zero) on fewer than
+            this many checked steps in a row is *idle* on those steps (MoE routing, LayerDrop, stochastic depth),
+            shown in the report's idle shares, not a finding; a run of this many steps (counting from the start of
+            training) makes it ``unused`` or ``zero``. A parameter that gets no usable gradient on any step of a
+            shorter run is reported at the end of ``fit``. Reported at once whatever the window: ``detached`` (a
+            traced step shows the cut), and an all-zero gradient caused by a traced zero-derivative op. With the
+            default 16, a LayerDrop-0.1 layer raises a false alarm with a chance of about 1e-10 in a million steps.
+            ``1``: judge every step on its own.
 
     Dashboards, written on rank zero only at ``on_before_optimizer_step`` (accumulated, AMP-unscaled, before
     clipping) with ``step=trainer.global_step``. Scalars go to every logger (``log_metrics``); histograms, text and
@@ -119,7 +128,7 @@ class GradGuard(Callback):
         on_stale: Action = "raise",
         on_nonfinite: Action = "raise",
         on_zero: Action = "warn",
-        ignore: list[str] | None = None,
+        ignore: str | list[str] | None = None,
         diagnose: Literal["first", "on_finding", "always", "never"] = "on_finding",
         log_every_n_steps: int | None = None,
         norms: Literal["param", "module", "total"] = "module",
@@ -129,6 +138,7 @@ class GradGuard(Callback):
         update_ratio: bool = False,
         write_report: bool = True,
         report_path: str | None = None,
+        idle_window: int = DEFAULT_WINDOW,
     ) -> None:
         actions = {
             "frozen": on_frozen,
@@ -144,6 +154,8 @@ class GradGuard(Callback):
             raise ValueError(
                 f"`GradGuard(diagnose={diagnose!r})` must be one of 'first', 'on_finding', 'always', 'never'."
             )
+        if isinstance(idle_window, bool) or not isinstance(idle_window, int) or idle_window < 1:
+            raise ValueError(f"`GradGuard(idle_window={idle_window!r})` must be an integer >= 1 (checked steps).")
         self._dashboard = Dashboard(
             log_every_n_steps=log_every_n_steps,
             norms=norms,
@@ -171,8 +183,10 @@ class GradGuard(Callback):
         self.update_ratio = update_ratio
         self.write_report = write_report
         self.report_path = report_path
-        self._core = GuardCore(self._policy, diagnose)
+        self.idle_window = idle_window
+        self._core = GuardCore(self._policy, diagnose, idle_window)
         self._restored: dict[str, Any] | None = None
+        self._restored_history: dict[str, Any] | None = None
         self._reported = False
 
     def __repr__(self) -> str:
@@ -201,15 +215,20 @@ class GradGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._core = GuardCore(self._policy, self.diagnose)
+        self._core = GuardCore(self._policy, self.diagnose, self.idle_window)
         self._reported = False
         if self._restored is not None:
             self._core.report.load_dict(self._restored)
             self._restored = None
+        if self._restored_history is not None:
+            self._core.history.load_state_dict(self._restored_history)
+            self._restored_history = None
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._core.bind(pl_module)
+        # Warnings about frozen/orphan/stale parameters point at the user's `configure_optimizers`, not at `fit`.
+        self._policy.optimizer_site = function_site(type(pl_module).configure_optimizers)
         self._core.dist = RankSync.of(trainer.strategy.model, trainer.strategy.root_device)  # None: one process
         self._dashboard.start(trainer)
         if self._core.compiled and self.diagnose != "never":
@@ -284,7 +303,11 @@ class GradGuard(Callback):
     # ------------------------------------------------------------------ checkpoints
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"report": self._core.report.to_dict(), "warned": sorted(list(k) for k in self._policy.warned)}
+        return {
+            "report": self._core.report.to_dict(),
+            "warned": sorted(list(k) for k in self._policy.warned),
+            "history": self._core.history.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -293,3 +316,6 @@ class GradGuard(Callback):
             self._core.report.load_dict(self._restored)
         for kind, param in state_dict.get("warned", []):
             self._policy.warned.add((kind, param))
+        self._restored_history = state_dict.get("history")
+        if self._restored_history is not None:
+            self._core.history.load_state_dict(self._restored_history)

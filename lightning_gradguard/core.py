@@ -22,14 +22,16 @@ from torch import nn
 from .audit import (
     GradStats,
     StepFacts,
-    audit_optimizers,
+    audit_layout,
     classify,
     explain_missing,
     explain_zero,
+    find_orphans,
     measure_grads,
-    reached_params,
+    walk_graph,
 )
 from .findings import HINTS, Finding, GradGuardError
+from .history import MAX_TRACED_STEPS, History
 from .params import ParamIndex, module_of, optimizer_layout, optimizer_params
 from .policy import Policy
 from .report import RunReport
@@ -95,13 +97,21 @@ class GuardCore:
     Args:
         policy: what to do with findings.
         diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
-            the step after a parameter newly lacks a usable gradient on an untraced step), ``"always"``, ``"never"``.
+            the step after a parameter never explained before newly lacks a usable gradient on an untraced step;
+            at most :data:`~lightning_gradguard.history.MAX_TRACED_STEPS` steps in a run), ``"always"``,
+            ``"never"``.
+        idle_window: a parameter without a usable gradient on fewer than this many checked steps in a row is idle
+            (counted in :meth:`History.idle_shares`), not a finding; ``1`` judges each step at once. A ``detached``
+            parameter (a traced step shows the cut) and an all-zero gradient caused by a traced zero-derivative op
+            are reported at once whatever the window.
     """
 
-    def __init__(self, policy: Policy, diagnose: str = "on_finding") -> None:
+    def __init__(self, policy: Policy, diagnose: str = "on_finding", idle_window: int = 1) -> None:
         self.policy = policy
         self.diagnose = diagnose
+        self.history = History(idle_window)
         self.report = RunReport()
+        self.report.idle_provider = self.history.idle_shares
         self.index: ParamIndex | None = None
         self.tracer: Tracer | None = None
         self.compiled = False
@@ -110,7 +120,10 @@ class GuardCore:
         self._losses: list[_Loss] = []
         self._pending: dict[int, tuple[int, str]] = {}
         self._known: dict[int, Finding] = {}  # what a traced step found for a parameter lacking a gradient
+        self._probing: set[str] = set()  # newly idle parameters the next traced step is to look at
         self._consistency_key: tuple[Any, ...] | None = None
+        self._stale: list[Finding] = []  # stale tensors of the current optimizer layout
+        self._outside: list[int] = []  # bits of the parameters no optimizer of the current layout holds
         self._params_cache: dict[int, tuple[Any, list[torch.Tensor]]] = {}
         #: Under distributed training, agrees facts and decisions with the other ranks (see distributed.py);
         #: ``None`` in a single process, which then runs no collective.
@@ -127,6 +140,9 @@ class GuardCore:
             self.tracer.stop()
         self.index = index
         self.tracer = Tracer(index, on_backward=on_backward)
+        self._consistency_key = None
+        self._known.clear()
+        self.report.set_model(index.names, [p.numel() for p in index.params], self.policy)  # to group findings
 
     def params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """``optimizer``'s parameters in order, recomputed only when its param groups change."""
@@ -222,22 +238,22 @@ class GuardCore:
         kept = self.policy.keep(findings)
         self.report.add(kept)
         if kept:
-            return GradGuardError.from_findings(kept, step, head + detail)
+            return GradGuardError.from_findings(kept, step, head + detail, self.policy.sizes)
         return GradGuardError(head + detail, [])
 
     # ------------------------------------------------------------------ step
     def step_facts(self, *, need_received: bool) -> StepFacts:
         """Facts for the step whose losses were recorded since the last check."""
         losses = self._losses
-        received = reached_params(loss.grad_fn for loss in losses) if need_received else None
+        received, complete = walk_graph(loss.grad_fn for loss in losses) if need_received else (None, True)
         if losses and all(loss.facts is not None for loss in losses) and self.tracer is not None:
             dep = cuts = 0
             for loss in losses:
                 assert loss.facts is not None
                 dep |= loss.facts.dep
                 cuts |= loss.facts.cuts
-            return StepFacts(received, dep, cuts, self.tracer.seen, self.tracer, self.compiled)
-        return StepFacts(received, compiled=self.compiled)
+            return StepFacts(received, dep, cuts, self.tracer.seen, self.tracer, self.compiled, not complete)
+        return StepFacts(received, compiled=self.compiled, opaque=not complete)
 
     def check(
         self,
@@ -267,12 +283,15 @@ class GuardCore:
         assert index is not None, "GuardCore.bind() first"
         self.checks += 1
         stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
+        history = self.history
+        judged = history.count_check(params, self._names_among)
         findings: list[Finding] = []
         traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
-        key = tuple(optimizer_layout(opt) for opt in optimizers)
-        if optimizers and (key != self._consistency_key or traced_step):
-            self._consistency_key = key
-            findings += audit_optimizers(index, optimizers, step)
+        if traced_step:
+            history.traced_steps += 1
+        if optimizers:
+            findings += self._consistency(optimizers, step)
+        lacking: set[str] = set()
         if not stats.clean or self._pending:
             facts = self.step_facts(need_received=bool(stats.zero))
             if self.dist is not None:
@@ -280,7 +299,12 @@ class GuardCore:
             overflow_ok = bool(stats.nonfinite) and scaler is not None and float(scaler.get_scale()) > 1.0
             defer = self.diagnose in ("on_finding", "always") and self.can_trace
             found, pending = classify(index, stats, facts, step, overflow_ok=overflow_ok, defer=defer)
-            findings += self._settle_pending(found, pending, facts, step)
+            found, due = self._window(found, pending, facts, step, lacking)
+            findings += self._settle_pending(found, due, facts, step)
+        if traced_step and self._probing:
+            history.looked |= self._probing
+            self._probing.clear()
+        history.settle(judged, lacking)
         self._losses.clear()
         if self.dist is not None:
             findings = self.dist.combine(findings, step)
@@ -289,12 +313,88 @@ class GuardCore:
         if new and traced_step:
             for line in module_view(index, new):
                 self.report.note(line)
-        self._arm_after_check(new, traced_step)
+        self._arm_after_check(new, traced_step, step)
         self.policy.enforce(kept, step, context)
         return stats
 
+    def _names_among(self, params: Sequence[torch.Tensor]) -> list[str]:
+        index = self.index
+        assert index is not None
+        return [index.names[index.index[id(p)]] for p in params if id(p) in index.index]
+
+    def _consistency(self, optimizers: Sequence[torch.optim.Optimizer], step: int) -> list[Finding]:
+        """``stale`` and ``orphan`` findings of this step: the layout is audited when it changes; on every step only
+        the parameters outside every optimizer are looked at."""
+        index = self.index
+        assert index is not None
+        key = tuple(optimizer_layout(opt) for opt in optimizers)
+        if key != self._consistency_key:
+            self._consistency_key = key
+            self._stale, self._outside = audit_layout(index, optimizers, step)
+        out = [replace(f, step=step) for f in self._stale] if self._stale else []
+        if self._outside:
+            out += find_orphans(index, self._outside, step)
+        return out
+
+    def _window(
+        self,
+        found: list[Finding],
+        pending: list[tuple[int, str]],
+        facts: StepFacts,
+        step: int,
+        lacking: set[str],
+    ) -> tuple[list[Finding], list[tuple[int, str, int]]]:
+        """Apply the idle window to the parameters lacking a usable gradient on this step.
+
+        Each such parameter extends its run in :attr:`history` (its name goes into ``lacking``). It stays idle
+        (no finding) while the run is shorter than the window, unless a traced step shows a cause that is not
+        control flow: a ``detached`` parameter, or a zero-derivative op behind an all-zero gradient.
+
+        Returns:
+            ``(findings, due)``: ``due`` holds ``(bit, reason, first step of the run)`` of untraced candidates
+            whose run reached the window.
+        """
+        index = self.index
+        assert index is not None
+        history = self.history
+        window = history.window
+        out: list[Finding] = []
+        for f in found:
+            if f.kind not in ("unused", "detached", "zero"):
+                out.append(f)
+                continue
+            bit = index.bit_of[f.param]
+            first, run = history.lack(f.param, step, "zero" if f.kind == "zero" else "missing")
+            lacking.add(f.param)
+            if facts.traced:
+                self._known[bit] = f
+                history.looked.add(f.param)
+            if f.kind == "detached" or (f.kind == "zero" and f.where is not None):
+                out.append(f)  # not control flow: at once
+            elif run >= window:
+                out.append(self._dead(f, first, run))
+        due: list[tuple[int, str, int]] = []
+        for bit, reason in pending:
+            name = index.names[bit]
+            first, run = history.lack(name, step, reason)
+            lacking.add(name)
+            if run >= window:
+                due.append((bit, reason, first))
+            elif reason == "missing" and name not in history.looked:
+                self._probing.add(name)  # a cut that starts now is `detached` at once: let the next trace look
+        return out, due
+
+    def _dead(self, f: Finding, first: int, run: int) -> Finding:
+        """``f`` as the finding of a run of ``run`` steps without a usable gradient, dated to its ``first`` step."""
+        if self.history.window <= 1:
+            return replace(f, step=first)
+        return replace(f, step=first, message=(
+            f"{f.message} It got no usable gradient on {run} checked steps in a row, from step {first} "
+            f"(idle_window={self.history.window})."
+        ))  # fmt: skip
+
     def _settle_pending(
-        self, found: list[Finding], pending: list[tuple[int, str]], facts: StepFacts, step: int
+        self, found: list[Finding], due: list[tuple[int, str, int]], facts: StepFacts, step: int
     ) -> list[Finding]:
         """Keep untraced candidates for the next (traced) step; explain earlier ones now that it came."""
         index = self.index
@@ -304,50 +404,96 @@ class GuardCore:
             explained = {f.param for f in found}
             for bit, (first, reason) in self._pending.items():
                 name = index.names[bit]
+                self.history.looked.add(name)
                 if name in explained:  # the traced step shows the same problem: date it back to its first step
                     out = [replace(f, step=first) if f.param == name else f for f in out]
                 elif reason == "zero":
                     out.append(replace(explain_zero(name, bit, StepFacts(), first), message=(
-                        f"`{name}` received an all-zero gradient at step {first}, but not at the next (traced) step."
+                        f"`{name}` received an all-zero gradient {self._since(first, step)}, but not at the next "
+                        "(traced) step."
                     )))  # fmt: skip
                 else:
                     out.append(replace(explain_missing(name, bit, facts, first), where=None, message=(
-                        f"`{name}` received no gradient at step {first}, but did at the next (traced) step: something "
-                        f"on step {first} only left it out (a data-dependent branch that skipped it, or a cut taken on "
-                        "that step only); set diagnose='always' to name the line."
+                        f"`{name}` received no gradient {self._since(first, step)}, but did at the next (traced) "
+                        f"step: something on step {first} only left it out (a data-dependent branch that skipped it, "
+                        "or a cut taken on that step only); set diagnose='always' to name the line."
                     ), kind="unused", hint=HINTS["unused"]))  # fmt: skip
             self._pending.clear()
-        if facts.traced:
-            for f in found:
-                if f.kind in ("unused", "detached", "zero"):
-                    self._known[index.bit_of[f.param]] = f
-        for bit, reason in pending:
+        for bit, reason, first in due:
             known = self._known.get(bit)
+            name = index.names[bit]
             if known is not None and (known.kind == "zero") == (reason == "zero"):
-                out.append(replace(known, step=step))  # seen and explained before: no need to trace again
-            else:
-                self._pending.setdefault(bit, (step, reason))
+                out.append(self._dead(known, first, self.history.run_length(name)))  # explained before: no trace
+            elif self._may_trace(name):
+                self._pending.setdefault(bit, (first, reason))
+            else:  # explained before, or no trace left: say what the gradients show
+                untraced = StepFacts(compiled=self.compiled)
+                f = explain_missing(name, bit, untraced, step) if reason == "missing" else explain_zero(
+                    name, bit, untraced, step
+                )
+                out.append(self._dead(f, first, self.history.run_length(name)))
         return out
 
-    def _arm_after_check(self, new: list[Finding], traced_step: bool) -> None:
+    def _since(self, first: int, step: int) -> str:
+        return f"at step {first}" if self.history.window <= 1 else f"on every checked step from {first} to {step}"
+
+    def _may_trace(self, name: str) -> bool:
+        """A trace may still explain ``name``: tracing is possible, and it was never looked at by a traced step."""
+        if self.diagnose not in ("on_finding", "always") or not self.can_trace or name in self.history.looked:
+            return False
+        if self.diagnose == "always":
+            return True
+        if self.history.traced_steps < MAX_TRACED_STEPS:
+            return True
+        self._note_budget()
+        return False
+
+    def _note_budget(self) -> None:
+        history = self.history
+        if history.budget_spent is None:
+            history.budget_spent = self.checks
+            self.report.note(
+                f"GradGuard traced {history.traced_steps} steps, its budget under diagnose='on_finding' "
+                f"({MAX_TRACED_STEPS}); later findings are explained from gradients alone (set diagnose='always' "
+                "to trace every step)."
+            )
+
+    def _arm_after_check(self, new: list[Finding], traced_step: bool, step: int) -> None:
         if self.diagnose == "always":
             self._armed = True
         elif self.diagnose == "never" or self.diagnose == "first":
             self._armed = False
         else:  # on_finding: trace the next step when something new turned up that a trace can explain
-            self._armed = bool(self._pending) or (bool(new) and not traced_step)
+            want = bool(self._pending) or bool(self._probing) or (bool(new) and not traced_step)
+            self._armed = want and self.history.traced_steps < MAX_TRACED_STEPS
+            if want and not self._armed:
+                self._probing.clear()
+                self._note_budget()
 
     def finish(self, step: int) -> None:
-        """End of the run: report candidates still waiting for a traced step as they are."""
-        if not self._pending or self.index is None:
+        """End of the run: report candidates still waiting for a traced step as they are, and parameters that got
+        no usable gradient on any checked step of a run shorter than the idle window."""
+        index = self.index
+        if index is None:
             return
         facts = StepFacts(compiled=self.compiled)
         explain = {"missing": explain_missing, "zero": explain_zero}
-        findings = [
-            explain[reason](self.index.names[bit], bit, facts, first) for bit, (first, reason) in self._pending.items()
-        ]
-        findings = [replace(self._known.get(self.index.bit_of[f.param], f), step=f.step) for f in findings]
+        findings = []
+        for bit, (first, reason) in self._pending.items():
+            f = explain[reason](index.names[bit], bit, facts, first)
+            findings.append(self._dead(self._known.get(bit, f), first, self.history.run_length(index.names[bit])))
         self._pending.clear()
+        for name, first, run, reason in self.history.never_usable():
+            bit = index.bit_of.get(name)
+            if bit is None or run >= self.history.window:
+                continue  # reported when the run reached the window
+            known = self._known.get(bit)
+            f = known if known is not None else explain[reason](name, bit, facts, first)
+            findings.append(replace(f, step=first, message=(
+                f"{f.message} It got no usable gradient on any of the {run} checked steps of the run."
+            )))  # fmt: skip
+        if not findings:
+            return
         kept = self.policy.keep(findings)
         self.report.add(kept)
         self.policy.enforce(kept, step)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["KINDS", "Finding", "GradGuardError", "Kind", "format_findings"]
+__all__ = ["KINDS", "Finding", "FindingGroup", "GradGuardError", "Kind", "format_findings", "group_findings"]
 
 Kind = Literal["frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero"]
 
@@ -76,13 +76,176 @@ class Finding:
         return f"{self.param}: {self.kind}{where}: {self.message}"
 
 
-def format_findings(findings: Sequence[Finding]) -> str:
-    """A compact multi-line listing: ``name: kind (where): message`` and the fix hint, one finding per line."""
+#: How many parameter names an error or warning lists per group; the rest are in ``err.findings`` and the report.
+MAX_NAMES = 5
+
+
+def count_text(n: int) -> str:
+    """``n`` for people: ``2.3 M``, ``40.1 k``, ``512``.
+
+    Example::
+
+        >>> count_text(2_345_678), count_text(40_100), count_text(512)
+        ('2.3 M', '40.1 k', '512')
+    """
+    for size, unit in ((1_000_000_000, "B"), (1_000_000, "M"), (1_000, "k")):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class FindingGroup:
+    """Findings of one kind on every checked tensor of one module, or a single finding.
+
+    Attributes:
+        kind: the findings' kind.
+        module: the module whose every checked tensor has this finding (``""``: the whole model), or ``None`` for a
+            single tensor that does not make up a module of its own.
+        findings: the findings, one per tensor, in the order given.
+        numel: the number of parameters (elements) of those tensors, ``0`` when unknown.
+    """
+
+    kind: str
+    module: str | None
+    findings: tuple[Finding, ...]
+    numel: int = 0
+
+    @property
+    def params(self) -> list[str]:
+        return [f.param for f in self.findings]
+
+    @property
+    def label(self) -> str:
+        """``module `backbone` (100 tensors, 2.3 M parameters)``, or the parameter's name in backticks."""
+        if self.module is None or len(self.findings) == 1:
+            return f"`{self.findings[0].param}`"
+        size = f", {count_text(self.numel)} parameters" if self.numel else ""
+        what = f"module `{self.module}`" if self.module else "every parameter of the model"
+        return f"{what} ({len(self.findings)} tensors{size})"
+
+    @property
+    def where(self) -> str | None:
+        """The findings' common ``where``; several different ones joined with ``", "`` (at most three)."""
+        wheres = list(dict.fromkeys(f.where for f in self.findings if f.where))
+        if not wheres:
+            return None
+        return ", ".join(wheres[:3]) + (f" and {len(wheres) - 3} more" if len(wheres) > 3 else "")
+
+    @property
+    def message(self) -> str:
+        """The findings' message with the group's label for the parameter's name, when the messages agree."""
+        first = self.findings[0]
+        if len(self.findings) == 1:
+            return first.message
+        template = first.message.replace(f"`{first.param}`", "\0")
+        if all(f.message.replace(f"`{f.param}`", "\0") == template for f in self.findings):
+            return template.replace("\0", self.label)
+        return f"{self.label}: {SUMMARIES.get(self.kind, self.kind)}" + (f" (e.g. {first.message})")
+
+    @property
+    def hint(self) -> str:
+        return self.findings[0].hint
+
+    def line(self) -> str:
+        """The group in one line: ``param: kind (where): message`` for one tensor, ``kind (where): message`` (the
+        message names the module) for several."""
+        where = f" ({self.where})" if self.where else ""
+        if len(self.findings) == 1:
+            return f"{self.findings[0].param}: {self.kind}{where}: {self.message}"
+        return f"{self.kind}{where}: {self.message}"
+
+    def lines(self, limit: int = MAX_NAMES) -> list[str]:
+        """:meth:`line`, then (several tensors) ``name: kind`` for the first ``limit`` of them and how many more
+        there are, then the fix; the lines after the first are indented."""
+        out = [self.line()]
+        if len(self.findings) > 1:
+            out += [f"    {f.param}: {f.kind}" for f in self.findings[:limit]]
+            if len(self.findings) > limit:
+                out.append(f"    ... and {len(self.findings) - limit} more")
+        if self.hint and self.hint not in self.message:
+            out.append(f"    fix: {self.hint}")
+        return out
+
+
+#: One phrase per kind, for a group whose findings' messages differ.
+SUMMARIES: dict[str, str] = {
+    "frozen": "in the optimizer but `requires_grad=False`: never updated",
+    "unused": "no gradient: the loss does not depend on them",
+    "detached": "no gradient: the loss depends on them, but their gradient path is cut",
+    "orphan": "they receive gradients, but no optimizer holds them: never updated",
+    "stale": "the optimizer holds copies of them, not the model's tensors",
+    "nonfinite": "NaN or Inf in their gradients",
+    "zero": "their gradients are exactly zero everywhere",
+}
+
+
+def _ancestors(name: str) -> list[str]:
+    """The modules that contain parameter ``name``, outermost first: ``"a.b.w"`` -> ``["", "a", "a.b"]``."""
+    parts = name.split(".")[:-1]
+    return ["", *(".".join(parts[: i + 1]) for i in range(len(parts)))]
+
+
+def group_findings(findings: Sequence[Finding], sizes: Mapping[str, int] | None = None) -> list[FindingGroup]:
+    """Group ``findings`` per kind by the largest module all of whose checked tensors have a finding of that kind.
+
+    Args:
+        findings: findings of any kinds (each ``(kind, param)`` once).
+        sizes: every checked tensor of the model, ``name -> numel`` (ignored parameters left out). Without it,
+            each finding is its own group.
+
+    Returns:
+        Groups in :data:`KINDS` order, then in the order of their first finding. A tensor whose module also holds
+        tensors without that finding stays a group of its own.
+
+    Example::
+
+        >>> fs = [Finding("frozen", f"backbone.{i}.{w}", "") for i in range(2) for w in ("weight", "bias")]
+        >>> sizes = {"backbone.0.weight": 4, "backbone.0.bias": 2, "backbone.1.weight": 4, "backbone.1.bias": 2,
+        ...          "head.weight": 2}
+        >>> [(g.module, len(g.findings), g.numel) for g in group_findings(fs, sizes)]
+        [('backbone', 4, 12)]
+        >>> [g.module for g in group_findings(fs[:3], sizes)]
+        ['backbone.0', None]
+    """
+    by_kind: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_kind.setdefault(f.kind, []).append(f)
+    order = sorted(by_kind, key=lambda k: KINDS.index(k) if k in KINDS else len(KINDS))
+    if not sizes:
+        return [FindingGroup(k, None, (f,)) for k in order for f in by_kind[k]]
+    total: dict[str, int] = {}
+    for name in sizes:
+        for module in _ancestors(name):
+            total[module] = total.get(module, 0) + 1
+    groups: list[FindingGroup] = []
+    for kind in order:
+        members = by_kind[kind]
+        have: dict[str, int] = {}
+        for f in members:
+            if f.param in sizes:
+                for module in _ancestors(f.param):
+                    have[module] = have.get(module, 0) + 1
+        keyed: dict[tuple[str | None, str], list[Finding]] = {}
+        for f in members:
+            module = None
+            if f.param in sizes:
+                module = next((m for m in _ancestors(f.param) if have.get(m) == total[m] and total[m] > 1), None)
+            keyed.setdefault((module, f.param if module is None else ""), []).append(f)
+        for (module, _), group in keyed.items():
+            numel = sum(sizes.get(f.param, 0) for f in group)
+            groups.append(FindingGroup(kind, module, tuple(group), numel))
+    return groups
+
+
+def format_findings(findings: Sequence[Finding], sizes: Mapping[str, int] | None = None) -> str:
+    """A compact multi-line listing, one entry per group (see :func:`group_findings` and
+    :meth:`FindingGroup.lines`): the group's line, the first few of its tensors, the fix."""
     lines = []
-    for f in sorted(findings, key=lambda f: KINDS.index(f.kind) if f.kind in KINDS else len(KINDS)):
-        lines.append(f"  - {f}")
-        if f.hint and f.hint not in f.message:
-            lines.append(f"      fix: {f.hint}")
+    for group in group_findings(findings, sizes):
+        first, *rest = group.lines()
+        lines.append(f"  - {first}")
+        lines += [f"  {line}" for line in rest]
     return "\n".join(lines)
 
 
@@ -94,9 +257,13 @@ class GradGuardError(RuntimeError):
         super().__init__(message)
 
     @classmethod
-    def from_findings(cls, findings: Sequence[Finding], step: int | None, context: str = "") -> GradGuardError:
-        """An error whose text lists ``findings`` with their fixes."""
+    def from_findings(
+        cls, findings: Sequence[Finding], step: int | None, context: str = "", sizes: Mapping[str, int] | None = None
+    ) -> GradGuardError:
+        """An error whose text lists ``findings`` grouped by module (``sizes``: see :func:`group_findings`), with
+        their fixes; ``.findings`` keeps every one of them."""
         n = len(findings)
         at = f" at step {step}" if step is not None else ""
-        head = context or f"{n} parameter{'s' if n != 1 else ''} got no usable gradient{at}"
-        return cls(f"{head}:\n{format_findings(findings)}", findings)
+        head = context or f"{n} parameter tensor{'s' if n != 1 else ''} got no usable gradient{at}"
+        more = "" if n <= MAX_NAMES else "\n  (`err.findings` and the run report list every tensor)"
+        return cls(f"{head}:\n{format_findings(findings, sizes)}{more}", findings)

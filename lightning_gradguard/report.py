@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .findings import KINDS, Finding
+from .findings import KINDS, Finding, FindingGroup, group_findings
+
+if TYPE_CHECKING:
+    from .policy import Policy
 
 __all__ = ["Entry", "RunReport"]
 
@@ -40,6 +44,43 @@ class RunReport:
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], Entry] = {}
         self.notes: list[str] = []
+        #: Gives :meth:`idle_shares` (set by the guard's core to its history's ``idle_shares``).
+        self.idle_provider: Callable[[], dict[str, float]] | None = None
+        self._idle: dict[str, float] = {}
+        #: Every checked tensor of the model, ``name -> numel`` (ignored ones left out); ``None`` until known.
+        self.sizes: dict[str, int] | None = None
+        #: The ``ignore`` globs, and the names of the model's parameters they matched.
+        self.ignore: list[str] = []
+        self.ignored: list[str] = []
+        self._loaded_groups: list[dict[str, Any]] = []
+
+    def idle_shares(self) -> dict[str, float]:
+        """Per module that was idle on some checked steps (no usable gradient, fewer than ``idle_window`` steps in a
+        row), the share of its checked steps on which it was: ``{"encoder.layers.3": 0.1, ...}``."""
+        return self.idle_provider() if self.idle_provider is not None else dict(self._idle)
+
+    def set_model(self, names: Sequence[str], numels: Sequence[int], policy: Policy | None = None) -> None:
+        """Tell the report (and ``policy``, for its warnings and errors) the model's parameters, so that findings are
+        grouped by module, and which of them ``policy``'s ``ignore`` globs leave out."""
+        ignore = list(policy.ignore) if policy is not None else []
+        self.ignore = ignore
+        self.ignored = [n for n in names if any(fnmatch.fnmatchcase(n, g) for g in ignore)]
+        skipped = set(self.ignored)
+        self.sizes = {n: int(k) for n, k in zip(names, numels, strict=True) if n not in skipped}
+        if policy is not None:
+            policy.sizes = self.sizes
+
+    def groups(self) -> list[FindingGroup]:
+        """The run's findings grouped by module (see :func:`~lightning_gradguard.findings.group_findings`)."""
+        if self.sizes is None and self._loaded_groups:  # a report read back from JSON: its groups as written
+            by_key = {e.finding.key: e.finding for e in self._entries.values()}
+            out = []
+            for g in self._loaded_groups:
+                members = tuple(by_key[(g["kind"], p)] for p in g["params"] if (g["kind"], p) in by_key)
+                if members:
+                    out.append(FindingGroup(g["kind"], g.get("module"), members, int(g.get("numel", 0))))
+            return out
+        return group_findings(self.findings, self.sizes)
 
     def add(self, findings: Iterable[Finding]) -> list[Finding]:
         """Record ``findings`` of one step; return those never seen before in this run."""
@@ -80,13 +121,29 @@ class RunReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values: ``{"findings": [...], "counts": {...}, "notes": [...]}``."""
+        """Plain values: ``{"findings": [...], "counts": {...}, "notes": [...], "groups": [...], "ignore": [...],
+        "ignored": [...], "idle": {module: share}}``: one finding per tensor; ``groups`` says how they group by module
+        (``kind``, ``module`` or ``None``, ``numel``, ``params``); ``ignored`` lists the parameters ``ignore`` matched;
+        ``idle`` the share of checked steps on which a module was idle."""
         rows = []
         for e in self._entries.values():
             row = e.finding.to_dict()
             row.update(first_step=e.finding.step, last_step=e.last_step, count=e.count)
             rows.append(row)
-        return {"findings": rows, "counts": self.counts(), "notes": list(self.notes)}
+        groups = [
+            {"kind": g.kind, "module": g.module, "numel": g.numel, "params": g.params}
+            for g in self.groups()
+            if len(g.findings) > 1
+        ]
+        return {
+            "findings": rows,
+            "counts": self.counts(),
+            "notes": list(self.notes),
+            "groups": groups,
+            "ignore": list(self.ignore),
+            "ignored": list(self.ignored),
+            "idle": self.idle_shares(),
+        }
 
     def load_dict(self, d: dict[str, Any]) -> None:
         """Restore from :meth:`to_dict` (unknown keys ignored)."""
@@ -95,6 +152,31 @@ class RunReport:
             f = Finding.from_dict(row)
             self._entries[f.key] = Entry(f, int(row.get("count", 1)), int(row.get("last_step", f.step)))
         self.notes = list(d.get("notes", []))
+        self._idle = {str(k): float(v) for k, v in d.get("idle", {}).items()}
+        self.ignore = list(d.get("ignore", self.ignore))
+        self.ignored = list(d.get("ignored", self.ignored))
+        self._loaded_groups = list(d.get("groups", []))
+        if self._loaded_groups:  # with the JSON's groups, regrouping without the model would only split them
+            self.sizes = None
+
+    @classmethod
+    def read_json(cls, path: str | os.PathLike[str]) -> RunReport:
+        """A report written by :meth:`write_json`."""
+        with open(os.fspath(path), encoding="utf-8") as fh:
+            data = json.load(fh)
+        if not isinstance(data, dict) or not isinstance(data.get("findings"), list):
+            raise ValueError(f"{os.fspath(path)} is not a GradGuard run report (no 'findings' list).")
+        report = cls()
+        report.load_dict(data)
+        return report
+
+    def ignored_line(self) -> str:
+        """``"N parameters not checked (ignore=[...])"``, or ``""`` when ``ignore`` matched nothing."""
+        if not self.ignored:
+            return ""
+        n = len(self.ignored)
+        names = ", ".join(self.ignored[:5]) + (f", ... ({n - 5} more)" if n > 5 else "")
+        return f"{n} parameter tensor{'s' if n != 1 else ''} not checked (ignore={self.ignore!r}): {names}"
 
     def write_json(self, path: str | os.PathLike[str]) -> str:
         """Write :meth:`to_dict` as JSON to ``path`` (folders created); return the path."""
@@ -104,30 +186,64 @@ class RunReport:
             json.dump(self.to_dict(), fh, indent=2)
         return path
 
+    def _rows(self) -> list[tuple[FindingGroup, int, int]]:
+        """Each group with its first step and its largest count."""
+        rows = []
+        for g in self.groups():
+            entries = [self._entries[f.key] for f in g.findings if f.key in self._entries]
+            first = min((e.finding.step for e in entries), default=g.findings[0].step)
+            count = max((e.count for e in entries), default=1)
+            rows.append((g, first, count))
+        return rows
+
+    def _clean_text(self) -> str:
+        if self.ignored:
+            return "GradGuard: every checked parameter received a usable gradient."
+        return "GradGuard: every parameter received a usable gradient."
+
     def table(self) -> str:
-        """A plain-text table: finding, kind, where, first step, count, fix hint."""
+        """A plain-text table, one row per group of findings (one kind on every checked tensor of a module, or one
+        tensor): parameter or module, kind, where, first step, count, fix hint; then the notes and what ``ignore``
+        left out."""
+        ignored = self.ignored_line()
         if not self._entries:
-            text = "GradGuard: every parameter received a usable gradient."
-            return text + "".join(f"\n  note: {n}" for n in self.notes)
+            lines = [self._clean_text()]
+            lines += [f"  note: {n}" for n in self.notes]
+            lines += [f"  {ignored}"] if ignored else []
+            return "\n".join(lines) + self._idle_lines("\n  ")
         header = ("parameter", "kind", "where", "first step", "count", "fix")
-        rows = [
-            (e.finding.param, e.finding.kind, e.finding.where or "-", str(e.finding.step), str(e.count), e.finding.hint)
-            for e in sorted(self._entries.values(), key=lambda e: (KINDS.index(e.finding.kind), e.finding.param))
-        ]
+        rows = []
+        for g, first, count in self._rows():
+            name = g.findings[0].param if g.module is None or len(g.findings) == 1 else g.label
+            rows.append((name, g.kind, g.where or "-", str(first), str(count), g.hint))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
-        lines = [f"GradGuard run report: {len(rows)} finding{'s' if len(rows) != 1 else ''}", fmt.format(*header)]
-        lines.append(fmt.format(*("-" * w for w in widths), "---"))
+        n = len(self._entries)
+        head = f"GradGuard run report: {n} finding{'s' if n != 1 else ''}"
+        if len(rows) != n:
+            head += f" in {len(rows)} group{'s' if len(rows) != 1 else ''}"
+        lines = [head, fmt.format(*header), fmt.format(*("-" * w for w in widths), "---")]
         lines += [fmt.format(*r) for r in rows]
         lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        lines += [ignored] if ignored else []
+        return "\n".join(lines) + self._idle_lines("\n")
+
+    def _idle_lines(self, sep: str) -> str:
+        """The idle section of :meth:`table`: one line per idle module, most idle first."""
+        shares = self.idle_shares()
+        if not shares:
+            return ""
+        rows = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
+        head = f"{sep}idle (share of checked steps without a usable gradient, not a finding):"
+        return head + "".join(f"{sep}  {m or '(root)'}: {v:.1%}" for m, v in rows)
 
     def markdown(self) -> str:
-        """The table as GitHub markdown (TensorBoard's Text tab renders it): parameter, kind, where, first step,
-        count, what happened, fix."""
+        """The table as GitHub markdown (TensorBoard's Text tab renders it): parameter or module, kind, where, first
+        step, count, what happened, fix."""
+        ignored = self.ignored_line()
         if not self._entries:
-            text = "**GradGuard:** every parameter received a usable gradient."
-            return text + "".join(f"\n\n{_md_cell(n)}" for n in self.notes)
+            text = "**" + self._clean_text().replace("GradGuard:", "GradGuard:**", 1)
+            return text + "".join(f"\n\n{_md_cell(n)}" for n in [*self.notes, *([ignored] if ignored else [])])
         n = len(self._entries)
         lines = [
             f"**GradGuard run report:** {n} finding{'s' if n != 1 else ''}",
@@ -135,12 +251,12 @@ class RunReport:
             "| parameter | kind | where | first step | count | what happened | fix |",
             "|---|---|---|---|---|---|---|",
         ]
-        for e in sorted(self._entries.values(), key=lambda e: (KINDS.index(e.finding.kind), e.finding.param)):
-            f = e.finding
-            where = f"`{f.where}`" if f.where else "-"
-            cells = (f"`{f.param}`", f.kind, where, str(f.step), str(e.count), _md_cell(f.message), _md_cell(f.hint))
+        for g, first, count in self._rows():
+            name = f"`{g.findings[0].param}`" if g.module is None or len(g.findings) == 1 else g.label
+            where = f"`{g.where}`" if g.where else "-"
+            cells = (name, g.kind, where, str(first), str(count), _md_cell(g.message), _md_cell(g.hint))
             lines.append("| " + " | ".join(cells) + " |")
-        lines += [f"\n{_md_cell(n)}" for n in self.notes]
+        lines += [f"\n{_md_cell(n)}" for n in [*self.notes, *([ignored] if ignored else [])]]
         return "\n".join(lines)
 
 

@@ -2,42 +2,68 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.overrides import TorchFunctionMode
 
+from ._frames import user_stacklevel
 from .core import GuardCore
 from .findings import Finding
-from .policy import DEFAULT_ACTIONS, Policy
+from .policy import DEFAULT_ACTIONS, GradGuardWarning, Policy
 
 __all__ = ["check_step"]
+
+OptimizerArg = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 
 
 class check_step:  # noqa: N801 - used like a function: `with check_step(model, opt):`
     """Check one training step of a plain PyTorch loop: every parameter the optimizer steps must get a usable
     gradient.
 
-    Run the forward pass, the loss, ``backward()`` and ``optimizer.step()`` inside the block. The step is traced,
-    so a parameter without a gradient is classified (``frozen``, ``unused``, ``detached``, ``zero``,
-    ``nonfinite``, ``orphan``, ``stale``) and a detached one names the line that cut its gradient path.
+    Run the forward pass, the loss and ``backward()`` inside the block, and ``optimizer.step()`` too where you can.
+    The step is traced, so a parameter without a gradient is classified (``frozen``, ``unused``, ``detached``,
+    ``zero``, ``nonfinite``, ``orphan``, ``stale``) and a detached one names the line that cut its gradient path.
 
-    The check runs just before each ``optimizer.step()`` in the block (with ``optimizer=None``: of any optimizer).
-    With ``optimizer=None`` and no optimizer stepping, it runs when the block ends, over the model's trainable
-    parameters. A given optimizer that does not step (a ``GradScaler`` skipped it) leaves nothing to judge. A loss
-    without a graph raises :class:`~lightning_gradguard.GradGuardError` at ``backward()`` (torch would fail there
-    anyway), naming the parameters that were cut and where.
+    When the check runs:
+
+    * just before each ``step()`` in the block of a given optimizer (with ``optimizer=None``: of any optimizer),
+      over that optimizer's parameters. With several optimizers (a GAN), each judges its own parameters;
+    * when the block ends, for each given optimizer that did not step although ``backward()`` ran in the block
+      (``optimizer.step()`` comes after the block; the block is one micro-batch of gradient accumulation, so
+      wrap the whole accumulation window instead to judge the summed gradients). With ``optimizer=None`` and no
+      optimizer stepping, the model's trainable parameters are judged;
+    * ``orphan`` and ``stale`` when the block ends, against every optimizer given or seen stepping in it: a
+      parameter that any of them holds is never an orphan;
+    * with a ``scaler``, a step the :class:`torch.amp.GradScaler` skips (``scaler.step(opt)`` found inf/NaN) is
+      judged at ``scaler.step``: its non-finite gradients are an overflow and stay silent while the loss scale is
+      above 1; once the scale has fallen to 1 or below they are ``nonfinite`` (as in :class:`GradGuard`).
+      Without ``scaler``, a step the scaler skipped counts as not taken and is judged when the block ends.
+
+    A block in which no ``backward()`` ran warns (:class:`~lightning_gradguard.GradGuardWarning`) instead of
+    passing silently. A loss without a graph raises :class:`~lightning_gradguard.GradGuardError` at
+    ``backward()`` (torch would fail there anyway), naming the parameters that were cut and where.
 
     Args:
         model: the model whose parameters are checked.
-        optimizer: the optimizer that steps them; ``None``: any optimizer that steps inside the block.
+        optimizer: the optimizer that steps them, or a list of them; ``None``: any optimizer that steps inside the
+            block.
+        scaler: the :class:`torch.amp.GradScaler` of a mixed-precision loop, if any. While the block runs,
+            ``scaler.step`` is wrapped (and restored afterwards) to see the steps it skips.
         strict: raise :class:`~lightning_gradguard.GradGuardError` for findings whose default action is
             ``"raise"`` (unused, detached, stale, nonfinite). Otherwise every finding is a warning.
         ignore: fnmatch globs on parameter names never to report.
         step: the step number the findings carry.
         trace: trace the forward pass (needed to tell ``detached`` from ``unused`` and to name the line).
+
+    Raises:
+        TypeError: ``model``, ``optimizer`` or ``scaler`` is of the wrong type.
+        ValueError: ``ignore`` is not a list of glob strings, or ``optimizer`` is an empty list.
 
     Example::
 
@@ -56,8 +82,9 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: OptimizerArg = None,
         *,
+        scaler: Any = None,
         strict: bool = False,
         ignore: Sequence[str] | None = None,
         step: int = 0,
@@ -65,18 +92,27 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"`check_step(model={model!r})` must be a `torch.nn.Module`.")
-        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"`check_step(optimizer={optimizer!r})` must be a `torch.optim.Optimizer` or None.")
+        if scaler is not None and not (callable(getattr(scaler, "step", None)) and hasattr(scaler, "get_scale")):
+            raise TypeError(f"`check_step(scaler={scaler!r})` must be a `torch.amp.GradScaler` or None.")
         actions = DEFAULT_ACTIONS if strict else dict.fromkeys(DEFAULT_ACTIONS, "warn")
         self.model = model
         self.optimizer = optimizer
+        self.optimizers: list[torch.optim.Optimizer] = _as_optimizers(optimizer)
+        self.scaler = scaler
         self.strict = strict
         self.step = step
         self.trace = trace
         self._core = GuardCore(Policy(actions, ignore, owner="check_step"), "always" if trace else "never")
         self._handle: torch.utils.hooks.RemovableHandle | None = None
-        self._stepped = False
-        self._step = step
+        self._spy: _BackwardSpy | None = None
+        self._scaler_had_step: tuple[bool, Any] | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._backwards = 0
+        self._step_calls = 0
+        self._seen: list[torch.optim.Optimizer] = []  # every optimizer that stepped (or was skipped) in the block
+        self._judged: set[int] = set()  # ids of the given optimizers (or, without any, seen ones) already judged
 
     @property
     def findings(self) -> list[Finding]:
@@ -88,13 +124,17 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         """The :class:`~lightning_gradguard.report.RunReport` of the block."""
         return self._core.report
 
+    # ------------------------------------------------------------------ the block
     def __enter__(self) -> check_step:
+        self._reset()
         core = self._core
         core.bind(self.model, on_backward=self._on_backward)
-        if self.optimizer is not None:
-            self._handle = self.optimizer.register_step_pre_hook(self._on_step)
-        else:
-            self._handle = register_optimizer_step_pre_hook(self._on_step)
+        self._handle = register_optimizer_step_pre_hook(self._on_step)  # every optimizer: the ones seen matter too
+        if self.scaler is not None:
+            self._wrap_scaler()
+        if not self.trace:
+            self._spy = _BackwardSpy(self._on_backward)
+            self._spy.__enter__()
         core.begin_batch()
         return self
 
@@ -102,30 +142,173 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         core = self._core
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._unhook()
         if exc_type is not None:
             core.abort()
             return
         core.end_batch()
         try:
-            if not self._stepped and self.optimizer is None and core.has_losses:
-                params = [p for p in self.model.parameters() if p.requires_grad]
-                core.check(params, self._step)
-            core.finish(self._step)
+            if self._backwards:
+                self._judge_unstepped()
+            else:
+                self._warn_no_backward()
+            known = _unique([*self.optimizers, *self._seen])
+            if known:  # orphans and stale tensors, once every optimizer of the block is known
+                core.check([], self.step, optimizers=known)
+            core.finish(self.step)
         finally:
             core.abort()
 
+    def _unhook(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._spy is not None:
+            self._spy.__exit__(None, None, None)
+            self._spy = None
+        if self._scaler_had_step is not None:
+            had, previous = self._scaler_had_step
+            if had:
+                self.scaler.step = previous
+            else:
+                del self.scaler.step
+            self._scaler_had_step = None
+
+    # ------------------------------------------------------------------ events
     def _on_backward(self, loss: torch.Tensor) -> None:
-        self._core.record_loss(loss, self._step)
+        self._backwards += 1
+        self._core.record_loss(loss, self.step)
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self._step_calls += 1
+        self._judge(optimizer)
+
+    def _wrap_scaler(self) -> None:
+        scaler = self.scaler
+        self._scaler_had_step = ("step" in vars(scaler), vars(scaler).get("step"))
+        original: Callable[..., Any] = scaler.step
+
+        def step(optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+            before = self._step_calls
+            out = original(optimizer, *args, **kwargs)
+            if self._step_calls == before:  # the scaler found inf/NaN and skipped `optimizer.step()`
+                self._judge(optimizer, skipped=True)
+            return out
+
+        scaler.step = step
+
+    # ------------------------------------------------------------------ judging
+    def _judge(self, optimizer: torch.optim.Optimizer, *, skipped: bool = False) -> None:
+        """Judge ``optimizer``'s parameters now (it is about to step, or the scaler skipped it)."""
+        if not any(_same(optimizer, o) for o in self._seen):
+            self._seen.append(optimizer)
+        target = self._target(optimizer)
+        if target is None:  # an optimizer the user did not ask about: only seen, for the orphan check
+            return
+        self._judged.add(id(target))
+        scaler = self._enabled_scaler()
+        scale = 1.0
+        if scaler is not None and not skipped and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scale = float(scaler.get_scale())  # fused optimizers unscale inside `step()`
         core = self._core
         core.pause()
-        self._stepped = True
-        opts = [optimizer]
-        core.check(core.params_of(optimizer), self._step, optimizers=opts)
-        self._step += 1
-        if core.tracer is not None:
-            core.tracer.paused = False  # more forward passes may follow in the same block
+        try:
+            core.check(core.params_of(optimizer), self.step, scaler=scaler, scale=scale)
+        finally:
+            if core.tracer is not None:
+                core.tracer.paused = False  # more forward passes may follow in the same block
+
+    def _judge_unstepped(self) -> None:
+        """At the block's end, after a backward: judge the given optimizers that did not step."""
+        core = self._core
+        scaler = self._enabled_scaler()
+        scale = float(scaler.get_scale()) if scaler is not None else 1.0  # `scaler.step` has not unscaled them
+        context = (
+            f"Parameters got no usable gradient at step {self.step}, judged when the `check_step` block ended "
+            "because no optimizer.step() ran inside it"
+        )
+        if scaler is None:
+            context += " (if a GradScaler skipped that step, pass `check_step(..., scaler=scaler)`)"
+        if not self.optimizers:
+            if not self._seen:
+                params = [p for p in self.model.parameters() if p.requires_grad]
+                core.check(params, self.step, scaler=scaler, scale=scale, context=context)
+            return
+        for opt in self.optimizers:
+            if id(opt) not in self._judged:
+                core.check(core.params_of(opt), self.step, scaler=scaler, scale=scale, context=context)
+
+    def _target(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
+        if not self.optimizers:
+            return optimizer
+        return next((o for o in self.optimizers if _same(optimizer, o)), None)
+
+    def _enabled_scaler(self) -> Any:
+        scaler = self.scaler
+        if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
+            return None
+        return scaler
+
+    def _warn_no_backward(self) -> None:
+        if self._seen:
+            what = (
+                "an optimizer stepped on gradients computed before the block, so they were judged without knowing "
+                "what cut them"
+            )
+        else:
+            what = "nothing was checked"
+        warnings.warn(
+            f"GradGuard: no `backward()` ran inside `check_step(...)`: {what}. Put the forward pass, the loss and "
+            "`loss.backward()` inside the `with check_step(...)` block.",
+            GradGuardWarning,
+            stacklevel=user_stacklevel(2),
+        )
+
+
+class _BackwardSpy(TorchFunctionMode):
+    """Sees ``Tensor.backward`` / ``torch.autograd.backward`` when the forward pass is not traced."""
+
+    def __init__(self, on_backward: Callable[[torch.Tensor], None]) -> None:
+        super().__init__()
+        self.on_backward = on_backward
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
+        if getattr(func, "__name__", "") == "backward" and args:
+            first = args[0]
+            for t in first if isinstance(first, (list, tuple)) else (first,):
+                if isinstance(t, torch.Tensor):
+                    self.on_backward(t)
+        return func(*args, **(kwargs or {}))
+
+
+def _same(a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> bool:
+    """The same optimizer, also through a wrapper that shares its param groups (Lightning Fabric's)."""
+    return a is b or a.param_groups is b.param_groups
+
+
+def _unique(optimizers: Sequence[torch.optim.Optimizer]) -> list[torch.optim.Optimizer]:
+    out: list[torch.optim.Optimizer] = []
+    for o in optimizers:
+        if not any(_same(o, k) for k in out):
+            out.append(o)
+    return out
+
+
+def _as_optimizers(optimizer: object) -> list[torch.optim.Optimizer]:
+    """``optimizer`` as a list, or a ``TypeError`` / ``ValueError`` naming the bad value."""
+    if optimizer is None:
+        return []
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return [optimizer]
+    if isinstance(optimizer, (list, tuple)):
+        if not optimizer:
+            raise ValueError("`check_step(optimizer=[])` must hold at least one optimizer; pass None for any.")
+        for o in optimizer:
+            if not isinstance(o, torch.optim.Optimizer):
+                raise TypeError(
+                    f"`check_step(optimizer=[...])` must hold `torch.optim.Optimizer`s, got {o!r} in {optimizer!r}."
+                )
+        return list(optimizer)
+    raise TypeError(
+        f"`check_step(optimizer={optimizer!r})` must be a `torch.optim.Optimizer`, a list of them, or None."
+    )

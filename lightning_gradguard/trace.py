@@ -5,23 +5,53 @@ While it is active, :class:`Tracer` (a ``TorchFunctionMode``) sees every torch c
 
 ``dep``
     parameters whose *value* flowed into the tensor, through any op, differentiable or not, including
-    ``.item()``/``.tolist()``/numpy round-trips (followed by object identity and shared memory).
+    ``.item()``/``.tolist()``/numpy round-trips: followed by object identity, shared memory and, where identity is
+    lost, by a per-step catch-all (see below).
 ``grad``
     parameters that still have a gradient path to the tensor (cleared where the graph is cut).
 ``cuts``
     the cut sites (:class:`CutSite`) the value passed through.
 
 A *cut site* is an op whose input had a gradient path to some parameters and whose output has none
-(``.detach()``, ``.data``, ``no_grad``/``inference_mode``, a reentrant checkpoint without grad inputs,
+(``.detach()``, ``.data``, ``no_grad``/``inference_mode``, a reentrant checkpoint none of whose inputs requires grad,
 non-differentiable ops such as ``argmax``, ``.item()``/numpy escapes, a parameter copied into a new leaf), or
 an op whose derivative is zero everywhere (``round``, ``sign``, ...). Each site remembers the user's ``path:line``
 (the innermost frame outside torch, lightning, torchmetrics, numpy, the standard library and this package) and
-the parameters it severed. The tracer holds tensors only through weak references and forgets everything at
-:meth:`Tracer.reset`.
+the parameters it severed.
+
+Values that leave torch are followed as far as they can be:
+
+* the exact object ``.item()``/``.tolist()``/``float()``/``.numpy()`` returned, by identity (and the elements of a
+  ``.tolist()`` list, within a budget);
+* an array that shares memory with one that went to numpy (``torch.from_numpy(arr)`` after ``np.tanh(arr,
+  out=arr)``), by data pointer;
+* a numpy value of unknown identity (numpy arithmetic), and a tensor built by the invisible ``torch.from_numpy``
+  (a CPU tensor whose storage numpy owns), carry everything that went to numpy this step;
+* a Python float that does not look like a constant typed in the code (more than 8 characters in ``repr``: Python
+  arithmetic on an escaped number) carries everything that left torch as a Python number this step, when it
+  re-enters torch (``torch.tensor(v * 0.5)``, ``loss * v``); ``torch.tensor(0.5)`` or ``lr=3e-4`` are not tainted;
+* a tensor built by the legacy ``torch.Tensor(list)`` constructor (invisible to function modes) is matched by value
+  against the Python floats that escaped;
+* a new leaf that shares storage with a traced tensor (``nn.Parameter(h.detach().clone())``, built through the
+  invisible ``Tensor._make_subclass``) carries that tensor's facts and a ``copy`` cut site.
+
+Every escape is also listed in :meth:`Tracer.escapes_of`, so that a parameter whose value left torch but could
+not be followed back into the loss is not reported as certainly unused.
+
+A reentrant checkpoint (``checkpoint(fn, x, use_reentrant=True)``) runs ``fn`` under ``no_grad`` and recomputes it
+with a graph during backward: when some tensor input requires grad, the ops inside carry their gradient paths as if
+grad mode were on (a non-differentiable op inside still cuts); when none does, it is one ``checkpoint`` cut site,
+located at the line that called ``checkpoint(...)``.
+
+Memory: across ops the tracer holds tensors and numpy arrays (whose ``.base`` may be a tensor) only through weak
+references, and no stack frame (a ``no_grad`` region is remembered by its frame's ``id`` and code object). Python
+numbers and lists that escaped are held until :meth:`Tracer.reset` (they hold no tensor). Everything is forgotten
+at :meth:`Tracer.reset`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import weakref
@@ -31,6 +61,7 @@ from types import FrameType
 from typing import Any
 
 import torch
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._frames import format_where, frame_where, is_library_file
@@ -44,7 +75,14 @@ _ESCAPES = frozenset({"item", "tolist", "__float__", "__int__", "__index__", "__
 _ESCAPE_SPELLING = {"numpy": ".numpy()", "__array__": "np.asarray(tensor)", "item": ".item()", "tolist": ".tolist()",
                     "__float__": "float(tensor)", "__int__": "int(tensor)", "__index__": "int(tensor)",
                     "__complex__": "complex(tensor)"}  # fmt: skip
-_CREATORS = frozenset({"tensor", "as_tensor", "asarray", "scalar_tensor", "from_numpy"})
+_CREATORS = frozenset({"tensor", "as_tensor", "asarray", "scalar_tensor", "from_numpy", "full", "new_tensor",
+                       "new_full"})  # fmt: skip
+#: Escapes whose result is a Python number or a list of them.
+_TO_PYTHON = frozenset({"item", "tolist", "__float__", "__int__", "__index__", "__complex__"})
+#: A Python float whose ``repr`` is at most this long looks like a constant typed in the code (``0.5``, ``3e-4``).
+_CONSTANT_REPR = 8
+#: Python floats of one list (``torch.tensor([...])``) checked against the catch-all.
+_CATCH_ALL_ITEMS = 16
 _ZERO_DERIVATIVE = frozenset({"round", "round_", "floor", "floor_", "ceil", "ceil_", "trunc", "trunc_", "sign",
                               "sign_", "sgn", "sgn_", "fix", "fix_"})  # fmt: skip
 _SKIP_OUTPUT = frozenset({"backward", "register_hook", "register_post_accumulate_grad_hook", "__bool__", "size",
@@ -69,6 +107,9 @@ class CutSite:
         where: the user's ``path:line``, or ``None`` if no user frame was on the stack.
         mask: the parameters whose gradient path this site severed.
         entered: for ``no_grad``: where the no-grad region was entered.
+        note: for ``checkpoint``: what is true of the checkpoint's inputs.
+        calls: how many times the op cut a gradient path here this step.
+        losses: how many losses of this step (seen by :meth:`Tracer.facts`) carry this site.
     """
 
     kind: str
@@ -76,10 +117,22 @@ class CutSite:
     where: str | None
     mask: int = 0
     entered: str | None = None
+    note: str | None = None
+    calls: int = 0
+    losses: int = 0
+
+    @property
+    def reused(self) -> bool:
+        """One result of this ``.detach()``/``.data`` fed several losses (a GAN's ``fake.detach()`` made for the
+        discriminator's loss and reused in the generator's): the cut is wanted in one of them."""
+        return self.kind in ("detach", "data") and self.losses > max(self.calls, 1)
 
     def describe(self) -> str:
         """What happened here, in a few words, e.g. ``"`.detach()` at model.py:42"``."""
         at = f" at {self.where}" if self.where else ""
+        if self.reused:
+            spelled = "`.data`" if self.kind == "data" else f"`.{self.op}()`"
+            return f"{spelled}{at}, whose result another loss of this step also uses (and may need detached),"
         if self.kind == "detach":
             return f"`.{self.op}()`{at}"
         if self.kind == "data":
@@ -90,27 +143,38 @@ class CutSite:
         if self.kind == "inference_mode":
             return f"`{self.op}` under `torch.inference_mode()`{at}"
         if self.kind == "checkpoint":
-            return f"`checkpoint(..., use_reentrant=True)`{at}, none of whose inputs requires grad"
+            note = self.note or "none of its inputs requires grad"
+            return f"`checkpoint(..., use_reentrant=True)`{at}, whose forward records no graph because {note},"
         if self.kind == "escape":
             trip = " (a round-trip through numpy)" if self.op in ("numpy", "__array__") else ""
             return f"`{_ESCAPE_SPELLING.get(self.op, self.op)}`{at}{trip}"
         if self.kind == "copy":
-            return f"a copy into a new leaf (`.requires_grad_()`){at}"
+            how = "`nn.Parameter(...)`" if self.op == "Parameter" else "`.requires_grad_()`"
+            return f"a copy into a new leaf ({how}){at}"
         if self.kind == "zero_derivative":
             return f"`{self.op}`{at}, whose derivative is zero everywhere"
         return f"non-differentiable `{self.op}`{at}"
 
     def fix(self) -> str:
         """What to change at this site, e.g. ``"remove the `.detach()`"``."""
+        if self.reused:
+            spelled = "`.data`" if self.kind == "data" else f"`.{self.op}()`"
+            return (
+                f"in this loss use the tensor from before the {spelled}, not its detached result; keep the "
+                f"{spelled} for the loss that needs it (e.g. the discriminator's)"
+            )
         return {
             "detach": f"remove the `.{self.op}()`",
             "data": "use the tensor itself, not its `.data`",
             "no_grad": "move the computation out of `torch.no_grad()`",
             "inference_mode": "move the computation out of `torch.inference_mode()`",
-            "checkpoint": "make an input of the checkpoint require grad, or pass `use_reentrant=False`",
+            "checkpoint": "make an input of the checkpoint require grad (in `transformers`: "
+            "`model.enable_input_require_grads()`), or pass `use_reentrant=False`",
             "escape": "keep the value a tensor instead of leaving torch through "
             f"`{_ESCAPE_SPELLING.get(self.op, self.op)}` and re-wrapping it",
-            "copy": "use the parameter itself, not a detached copy",
+            "copy": "use the tensor itself, not a new leaf copied from it"
+            if self.op == "Parameter"
+            else "use the parameter itself, not a detached copy",
             "zero_derivative": f"replace `{self.op}` by a differentiable op (e.g. a straight-through estimator)",
         }.get(self.kind, f"replace the non-differentiable `{self.op}`, or keep its result out of the loss")
 
@@ -152,18 +216,27 @@ class Tracer(TorchFunctionMode):
     def reset(self) -> None:
         """Forget everything recorded (call between steps)."""
         self._prov: dict[int, tuple[weakref.ref, int, int, int]] = {}
+        # id -> (the object, or a weak reference to an array; dep; cuts). Python numbers and lists hold no tensor.
         self._escapes: dict[int, tuple[object, int, int]] = {}
-        self._ptrs: dict[int, tuple[int, int]] = {}
-        self._numpy = (0, 0)
+        self._ptrs: dict[int, tuple[int, int]] = {}  # data pointer of an escaped array -> (dep, cuts)
+        self._cut_ptrs: dict[int, tuple[int, int]] = {}  # data pointer of a traced value without gradient path
+        self._numpy = (0, 0)  # (dep, cuts) of everything that went to numpy this step
+        self._pynum = (0, 0)  # (dep, cuts) of everything that left torch as a Python number this step
+        self._pyvals: dict[float, tuple[int, int]] = {}  # non-integer floats that escaped, by value
         self._site_keys: dict[tuple[str, str, str | None], int] = {}
         self.sites: list[CutSite] = []
+        self._exits: dict[tuple[str, str | None], CutSite] = {}
         self.seen = 0
-        self._grad_off: list[tuple[FrameType | None, str | None]] = []
+        self._losses: list[weakref.ref] = []
+        # One entry per no-grad region entered from user code: (id of its frame, its code object, its `path:line`).
+        self._grad_off: list[tuple[int, object, str | None]] = []
+        # The reentrant checkpoint whose forward runs now: (id of its frame, code, inputs require grad, site bit).
+        self._ckpt: tuple[int, object, bool, int] | None = None
 
     @property
     def recorded(self) -> bool:
         """Something was recorded since the last :meth:`reset`."""
-        return bool(self._prov or self.sites or self._escapes or self.seen or self._ptrs)
+        return bool(self._prov or self.sites or self._escapes or self.seen or self._ptrs or self._exits)
 
     def start(self) -> Tracer:
         """Push the mode (it stays active until :meth:`stop`)."""
@@ -177,12 +250,20 @@ class Tracer(TorchFunctionMode):
         if self.active:
             self.active = False
             self._grad_off.clear()
+            self._ckpt = None
             self.__exit__(None, None, None)
 
     # ---------------------------------------------------------------- queries
     def facts(self, t: torch.Tensor) -> LossFacts:
-        """The masks the tracer carries for ``t`` (all zero for a tensor it never saw)."""
+        """The masks the tracer carries for the loss ``t`` (all zero for a tensor it never saw).
+
+        Each loss asked about is counted once on the cut sites it carries (:attr:`CutSite.losses`).
+        """
         dep, grad, cuts = self._lookup(t)
+        if cuts and not any(r() is t for r in self._losses):
+            self._losses.append(weakref.ref(t))
+            for site in self.site_bits(cuts):
+                site.losses += 1
         return LossFacts(dep, grad, cuts)
 
     def site_bits(self, cuts: int) -> list[CutSite]:
@@ -197,6 +278,15 @@ class Tracer(TorchFunctionMode):
                 found = site
         return found
 
+    def escapes_of(self, param_bit: int) -> list[CutSite]:
+        """Where the value of parameter ``param_bit`` left torch this step (``.item()``, ``.tolist()``, numpy, ...).
+
+        Each is an ``"escape"`` :class:`CutSite` whose ``mask`` is the parameters whose *value* left there (whether
+        or not a gradient path was cut). A parameter listed here that got no gradient and that the loss is not known
+        to depend on may still feed the loss through a value the tracer could not follow.
+        """
+        return [site for site in self._exits.values() if site.mask >> param_bit & 1]
+
     # ---------------------------------------------------------------- internals
     def _lookup(self, t: torch.Tensor) -> tuple[int, int, int]:
         i = self._params.get(id(t))
@@ -206,28 +296,97 @@ class Tracer(TorchFunctionMode):
         r = self._prov.get(id(t))
         if r is not None and r[0]() is t:
             return r[1], r[2], r[3]
-        if self._ptrs and t.device.type == "cpu" and t.layout == torch.strided:
-            try:
-                hit = self._ptrs.get(t.data_ptr())
-            except RuntimeError:  # tensors without storage (subclasses, functional wrappers)
-                return _ZERO
-            if hit is not None:
-                return hit[0], 0, hit[1]
+        hit = self._unseen(t)
+        self._prov[id(t)] = (weakref.ref(t), *hit)  # a tensor first seen here keeps what it was first taken to be
+        return hit
+
+    def _unseen(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """Facts for a tensor no traced op made: an input, a buffer, or one built by an invisible constructor."""
+        if not (self._ptrs or self._numpy[0] or self._pyvals or self._cut_ptrs):
+            return _ZERO
+        if t.layout != torch.strided or not (type(t) is _TENSOR or type(t) is nn.Parameter):
+            return _ZERO
+        try:
+            ptr = t.data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (functional wrappers, meta)
+            return _ZERO
+        if t.requires_grad and t.is_leaf:  # a new leaf, e.g. `nn.Parameter(h.detach().clone())`
+            hit = self._cut_ptrs.get(ptr)
+            return self._new_leaf(hit[0], hit[1]) if hit is not None else _ZERO
+        if t.device.type != "cpu":
+            return _ZERO
+        hit = self._ptrs.get(ptr)
+        if hit is not None:  # memory an escaped numpy array owns or shares (`torch.from_numpy(arr)`)
+            return hit[0], 0, hit[1]
+        if self._numpy[0] and not t.untyped_storage().resizable() and not t.is_shared():
+            return self._numpy[0], 0, self._numpy[1]  # storage owned by numpy: `torch.from_numpy(np_result)`
+        if self._pyvals and t.is_floating_point() and t.numel() > 0:
+            return self._by_value(t)
         return _ZERO
+
+    def _new_leaf(self, dep: int, cuts: int) -> tuple[int, int, int]:
+        """A leaf sharing memory with a traced value that has no gradient path: a copy of it into a new leaf."""
+        where = None
+        for site in self.site_bits(cuts):  # the leaf is made where its source was cut, when that is a user line
+            if site.kind in ("detach", "data") and site.mask & dep:
+                where = site.where
+        if where is None:
+            where, _ = self._locate(sys._getframe(4), "copy")
+        key = ("copy", "Parameter", where)
+        idx = self._site_keys.get(key)
+        if idx is None:
+            idx = len(self.sites)
+            self._site_keys[key] = idx
+            self.sites.append(CutSite("copy", "Parameter", where, dep))
+        else:
+            self.sites[idx].mask |= dep
+        return dep, 0, cuts | 1 << idx
+
+    def _by_value(self, t: torch.Tensor) -> tuple[int, int, int]:
+        """A tensor of Python floats that escaped, rebuilt by a constructor the mode does not see."""
+        sample = t.detach().reshape(-1)[:8].tolist()
+        dep = cuts = 0
+        for v in sample:
+            if v == int(v) if math.isfinite(v) else True:
+                continue  # 0.0, 1.0, ...: say nothing about where a value came from
+            hit = self._pyvals.get(v)
+            if hit is None:
+                return _ZERO
+            dep |= hit[0]
+            cuts |= hit[1]
+        return (dep, 0, cuts) if dep else _ZERO
 
     def _record(self, t: torch.Tensor, dep: int, grad: int, cuts: int) -> None:
         if id(t) in self._params:
             return
         self._prov[id(t)] = (weakref.ref(t), dep, grad, cuts)
+        if dep and not grad:  # a value without a gradient path: a new leaf sharing its memory is a copy of it
+            try:  # noqa: SIM105 - cheaper than contextlib.suppress on a hot path
+                self._cut_ptrs[t.data_ptr()] = (dep, cuts)
+            except (RuntimeError, NotImplementedError):
+                pass
 
-    def _escaped(self, obj: object) -> tuple[int, int] | None:
+    def _escaped(self, obj: object, depth: int = 0) -> tuple[int, int] | None:
         hit = self._escapes.get(id(obj))
-        if hit is not None and hit[0] is obj:
-            return hit[1], hit[2]
-        if isinstance(obj, (list, tuple)):
+        if hit is not None:
+            held = hit[0]
+            if (held() if isinstance(held, weakref.ref) else held) is obj:
+                return hit[1], hit[2]
+        if isinstance(obj, float):
+            if self._pynum[0] and len(repr(obj)) > _CONSTANT_REPR:
+                # Python arithmetic on an escaped number makes a new float: it is taken to carry everything that
+                # left torch as a Python number this step (a constant typed in the code has a short repr).
+                return self._pynum
+            return None
+        if isinstance(obj, (list, tuple)) and depth < 4:
             dep = cuts = 0
+            budget = _CATCH_ALL_ITEMS
             for x in obj[:_MAX_ESCAPED_ITEMS]:
-                sub = self._escaped(x)
+                if isinstance(x, float) and id(x) not in self._escapes:
+                    if budget <= 0:
+                        continue
+                    budget -= 1
+                sub = self._escaped(x, depth + 1)
                 if sub is not None:
                     dep |= sub[0]
                     cuts |= sub[1]
@@ -245,32 +404,48 @@ class Tracer(TorchFunctionMode):
         if idx is None:
             idx = len(self.sites)
             self._site_keys[key] = idx
-            self.sites.append(CutSite(kind, op, where, mask, entered))
+            self.sites.append(CutSite(kind, op, where, mask, entered, calls=1))
         else:
-            self.sites[idx].mask |= mask
+            site = self.sites[idx]
+            site.mask |= mask
+            site.calls += 1
         return 1 << idx
 
     def _locate(self, frame: FrameType | None, kind: str) -> tuple[str | None, str | None]:
         """The user's ``path:line`` for a site whose op was called from ``frame``."""
-        entry, entered = (None, None)
+        entry_id, entry_code, entered = (None, None, None)
         if kind == "no_grad" and self._grad_off:
-            entry, entered = self._grad_off[-1]
+            entry_id, entry_code, entered = self._grad_off[-1]
         first_user = None
-        in_checkpoint = False
         f = frame
         while f is not None:
-            if entry is not None and f is entry:
+            if entry_id is not None and id(f) == entry_id and f.f_code is entry_code:
                 return frame_where(f), entered
-            filename = f.f_code.co_filename
-            if filename.endswith(_CHECKPOINT_FILE):
-                in_checkpoint = True
-                first_user = None
-            elif first_user is None and not is_library_file(filename):
+            if first_user is None and not is_library_file(f.f_code.co_filename):
                 first_user = f
-                if not in_checkpoint and entry is None:
+                if entry_id is None:
                     break
             f = f.f_back
         return (frame_where(first_user) if first_user is not None else None), entered
+
+    def _scan(self, a: object) -> tuple[int, int, int]:
+        """(dep, grad, cuts) of one argument of a torch call."""
+        if isinstance(a, _TENSOR):
+            return self._lookup(a)
+        dep = grad = cuts = 0
+        if isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, _TENSOR):
+                    d, g, c = self._lookup(b)
+                    dep |= d
+                    grad |= g
+                    cuts |= c
+        if self._escapes or self._numpy[0] or self._pynum[0]:
+            hit = self._escaped(a)
+            if hit is not None:
+                dep |= hit[0]
+                cuts |= hit[1]
+        return dep, grad, cuts
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: C901 - one hot loop, kept flat
         if kwargs is None:
@@ -287,32 +462,23 @@ class Tracer(TorchFunctionMode):
         for a in args:
             if isinstance(a, _TENSOR):
                 d, g, c = self._lookup(a)
-                dep |= d
-                grad |= g
-                cuts |= c
-            elif isinstance(a, (list, tuple)):
-                for b in a:
-                    if isinstance(b, _TENSOR):
-                        d, g, c = self._lookup(b)
-                        dep |= d
-                        grad |= g
-                        cuts |= c
-                if self._escapes or self._numpy[0]:
-                    hit = self._escaped(a)
-                    if hit is not None:
-                        dep |= hit[0]
-                        cuts |= hit[1]
-            elif self._escapes or self._numpy[0]:
-                hit = self._escaped(a)
-                if hit is not None:
-                    dep |= hit[0]
-                    cuts |= hit[1]
+            elif isinstance(a, (int, bool, str)) or a is None:
+                continue
+            else:
+                d, g, c = self._scan(a)
+            dep |= d
+            grad |= g
+            cuts |= c
         for a in kwargs.values():
             if isinstance(a, _TENSOR):
                 d, g, c = self._lookup(a)
-                dep |= d
-                grad |= g
-                cuts |= c
+            elif isinstance(a, (float, list, tuple)) and (self._escapes or self._numpy[0] or self._pynum[0]):
+                d, g, c = self._scan(a)
+            else:
+                continue
+            dep |= d
+            grad |= g
+            cuts |= c
 
         out = func(*args, **kwargs)
         if not (dep or cuts) or name in _SKIP_OUTPUT:
@@ -349,6 +515,9 @@ class Tracer(TorchFunctionMode):
     def _record_outputs(self, out, dep, grad, cuts, op, frame, depth=0) -> None:
         if isinstance(out, _TENSOR):
             if grad and not out.requires_grad:
+                if op is not None and self._through_checkpoint(out, op[1], frame):
+                    self._record(out, dep, grad, cuts)
+                    return
                 cuts |= self._cut(op, grad, frame)
                 self._record(out, dep, 0, cuts)
             else:
@@ -356,6 +525,59 @@ class Tracer(TorchFunctionMode):
         elif isinstance(out, (list, tuple)) and depth < 2:
             for o in out:
                 self._record_outputs(o, dep, grad, cuts, op, frame, depth + 1)
+
+    def _through_checkpoint(self, out: torch.Tensor, name: str, frame: FrameType | None) -> bool:
+        """``out`` was made inside a reentrant checkpoint some of whose inputs require grad, by an op that the
+        backward recompute differentiates: its gradient path is kept."""
+        if torch.is_grad_enabled() or name in ("detach", "detach_", "__get__"):
+            return False
+        ckpt = self._checkpoint(frame)
+        return ckpt is not None and ckpt[2] and (out.is_floating_point() or out.is_complex())
+
+    def _checkpoint(self, frame: FrameType | None) -> tuple[int, object, bool, int] | None:
+        """The reentrant checkpoint whose forward ``frame`` runs in (computed once per checkpoint call), or ``None``.
+
+        ``CheckpointFunction.forward`` runs the checkpointed function under ``no_grad``: found on the stack, its
+        ``args`` say whether an input requires grad.
+        """
+        f = frame
+        while f is not None:
+            code = f.f_code
+            if code.co_filename.endswith(_CHECKPOINT_FILE) and code.co_name == "forward":
+                break
+            f = f.f_back
+        else:
+            return None
+        ckpt = self._ckpt
+        if ckpt is not None and ckpt[0] == id(f) and ckpt[1] is f.f_code:
+            return ckpt
+        inputs = [a for a in f.f_locals.get("args", ()) if isinstance(a, _TENSOR)]
+        through = any(a.requires_grad for a in inputs)
+        bit = 0
+        if not through:
+            caller = f.f_back
+            while caller is not None and is_library_file(caller.f_code.co_filename):
+                caller = caller.f_back
+            where = frame_where(caller) if caller is not None else None
+            dep = 0
+            for a in inputs:
+                dep |= self._lookup(a)[0]
+            note = {0: "it has no tensor input", 1: "its only tensor input does not require grad"}.get(
+                len(inputs), f"none of its {len(inputs)} tensor inputs requires grad"
+            )
+            if any(not self.index.params[b].requires_grad for b in self.index.bits(dep)):
+                note += " (computed from frozen parameters)"
+            elif dep:
+                note += " (computed from parameters through a cut gradient path)"
+            key = ("checkpoint", "checkpoint", where)
+            idx = self._site_keys.get(key)
+            if idx is None:
+                idx = len(self.sites)
+                self._site_keys[key] = idx
+                self.sites.append(CutSite("checkpoint", "checkpoint", where, 0, None, note))
+            bit = 1 << idx
+        self._ckpt = ckpt = (id(f), f.f_code, through, bit)
+        return ckpt
 
     def _cut(self, op: tuple[Any, str] | None, grad: int, frame: FrameType | None) -> int:
         func, name = op if op is not None else (None, "tensor")
@@ -367,36 +589,53 @@ class Tracer(TorchFunctionMode):
             kind = "inference_mode"
         elif not torch.is_grad_enabled():
             kind = "no_grad"
-            if self._in_checkpoint(frame):
-                kind = "checkpoint"
+            ckpt = self._checkpoint(frame)
+            if ckpt is not None:
+                if ckpt[2]:  # grad inputs: only a non-differentiable op inside cuts
+                    kind = "nondiff"
+                else:
+                    site = self.sites[ckpt[3].bit_length() - 1]
+                    site.mask |= grad
+                    return ckpt[3]
         else:
             kind = "nondiff"
         return self._site(kind, name, grad, frame)
 
-    @staticmethod
-    def _in_checkpoint(frame: FrameType | None) -> bool:
-        f = frame
-        while f is not None:
-            if f.f_code.co_filename.endswith(_CHECKPOINT_FILE):
-                return True
-            f = f.f_back
-        return False
-
     def _escape(self, name: str, out: object, dep: int, grad: int, cuts: int) -> None:
+        frame = sys._getframe(2)
         if grad:
-            cuts |= self._site("escape", name, grad, sys._getframe(2))
+            cuts |= self._site("escape", name, grad, frame)
         elif cuts:  # `.detach().numpy()` on one line is one escape, not a `.detach()` to remove
-            where, _ = self._locate(sys._getframe(2), "escape")
+            where, _ = self._locate(frame, "escape")
             for idx in self.index.bits(cuts):
                 site = self.sites[idx]
                 if site.kind == "detach" and site.where == where:
                     del self._site_keys[(site.kind, site.op, site.where)]
                     site.kind, site.op = "escape", name
                     self._site_keys.setdefault((site.kind, site.op, site.where), idx)
+        where, _ = self._locate(frame, "escape")
+        exit_ = self._exits.get((name, where))
+        if exit_ is None:
+            self._exits[(name, where)] = CutSite("escape", name, where, dep)
+        else:
+            exit_.mask |= dep
+        if name in _TO_PYTHON:
+            self._pynum = (self._pynum[0] | dep, self._pynum[1] | cuts)
         if isinstance(out, bool) or (isinstance(out, int) and -5 <= out <= 256):
             return  # interned by CPython: its identity says nothing
+        if name in ("numpy", "__array__"):
+            self._numpy = (self._numpy[0] | dep, self._numpy[1] | cuts)
+            try:
+                self._escapes[id(out)] = (weakref.ref(out), dep, cuts)  # an array's `.base` may be the tensor
+                ptr = out.__array_interface__["data"][0]  # type: ignore[attr-defined]
+            except (AttributeError, KeyError, TypeError):
+                return
+            self._ptrs[ptr] = (dep, cuts)
+            return
         self._escapes[id(out)] = (out, dep, cuts)
-        if isinstance(out, list):
+        if isinstance(out, float):
+            self._remember_value(out, dep, cuts)
+        elif isinstance(out, list):
             stack, budget = [out], _MAX_ESCAPED_ITEMS
             while stack and budget > 0:
                 for x in stack.pop()[:budget]:
@@ -405,13 +644,12 @@ class Tracer(TorchFunctionMode):
                         stack.append(x)
                     elif isinstance(x, float):
                         self._escapes[id(x)] = (x, dep, cuts)
-        elif name in ("numpy", "__array__"):
-            self._numpy = (self._numpy[0] | dep, self._numpy[1] | cuts)
-            try:
-                ptr = out.__array_interface__["data"][0]  # type: ignore[attr-defined]
-            except (AttributeError, KeyError, TypeError):
-                return
-            self._ptrs[ptr] = (dep, cuts)
+                        self._remember_value(x, dep, cuts)
+
+    def _remember_value(self, v: float, dep: int, cuts: int) -> None:
+        if math.isfinite(v) and v != int(v):
+            old = self._pyvals.get(v)
+            self._pyvals[v] = (dep, cuts) if old is None else (old[0] | dep, old[1] | cuts)
 
     def _grad_mode(self, func, args, kwargs):
         enabled = bool(args[0]) if args else bool(kwargs.get("mode", True))
@@ -419,7 +657,10 @@ class Tracer(TorchFunctionMode):
             frame = sys._getframe(1)
             while frame is not None and is_library_file(frame.f_code.co_filename):
                 frame = frame.f_back
-            self._grad_off.append((frame, frame_where(frame) if frame is not None else None))
+            if frame is None:
+                self._grad_off.append((0, None, None))
+            else:
+                self._grad_off.append((id(frame), frame.f_code, frame_where(frame)))
         elif enabled and self._grad_off:
             self._grad_off.pop()
         return func(*args, **kwargs)

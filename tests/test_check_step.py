@@ -123,7 +123,7 @@ def test_warns_by_default_and_raises_when_strict():
         model["a"](torch.randn(2, 4)).sum().backward()
         opt.step()
 
-    with pytest.warns(GradGuardWarning, match="b.weight"), check_step(model, opt) as chk:
+    with pytest.warns(GradGuardWarning, match=r"b\.(weight|bias): unused"), check_step(model, opt) as chk:
         step()
     assert {(f.kind, f.param) for f in chk.findings} == {("unused", "b.weight"), ("unused", "b.bias")}
     before = model["a"].weight.detach().clone()
@@ -166,23 +166,164 @@ def test_optimizer_over_a_copy_is_stale():
         opt.step()
 
 
-def test_grad_scaler_skipped_steps_are_not_checked():
+def _amp_step(model, opt, scaler, factor):
+    opt.zero_grad()
+    scaler.scale(model(torch.randn(2, 4)).sum() * factor).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def test_grad_scaler_skipped_overflow_steps_stay_silent():
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    before = model.weight.detach().clone()
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradGuardWarning)
+        for step in range(2):
+            with check_step(model, opt, scaler=scaler, strict=True, step=step) as chk:
+                _amp_step(model, opt, scaler, 1e30)  # inf gradients: the scaler skips `opt.step()`
+            assert chk.findings == []
+    assert torch.equal(model.weight, before)  # both steps were skipped: the silence is about skipped steps
+    assert scaler.get_scale() == 2.0**98
+    assert "step" not in vars(scaler)  # `scaler.step` is the class's again
+
+
+def test_persistent_nan_under_a_grad_scaler_is_nonfinite_once_the_scale_falls_to_one():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scales = []
+    with pytest.raises(GradGuardError, match="weight: nonfinite") as err:  # noqa: PT012 - the loop is the point
+        for step in range(4):
+            scales.append(scaler.get_scale())
+            with check_step(model, opt, scaler=scaler, strict=True, step=step):
+                _amp_step(model, opt, scaler, float("nan"))
+    assert scales == [4.0, 2.0, 1.0]  # silent while the scale was above 1, raised at scale 1
+    assert {(f.kind, f.step) for f in err.value.findings} == {("nonfinite", 2)}
+    assert "step" not in vars(scaler)  # restored although the block raised
+
+
+def test_a_step_the_scaler_skipped_is_judged_without_the_scaler_argument():
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    says = r"pass `check_step\(\.\.\., scaler=scaler\)`[\s\S]*weight: nonfinite"
+    with pytest.raises(GradGuardError, match=says), check_step(model, opt, strict=True):
+        _amp_step(model, opt, scaler, 1e30)
+
+
+def test_optimizer_stepping_after_the_block_is_judged_when_the_block_ends():
+    model = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        pytest.raises(GradGuardError, match=r"block ended[\s\S]*b.weight: unused"),
+        check_step(model, opt, strict=True),
+    ):
+        model["a"](torch.randn(2, 4)).sum().backward()
+    opt.zero_grad()
+    with warnings.catch_warnings():  # nearest correct: every parameter used, the step still after the block
+        warnings.simplefilter("error")
         with check_step(model, opt, strict=True) as chk:
-            scaler.scale(model(torch.randn(2, 4)).sum() * 1e30).backward()
-            scaler.step(opt)  # inf gradients: the scaler skips `opt.step()`, so nothing is judged
-            scaler.update()
+            (model["a"](torch.randn(2, 4)) + model["b"](torch.randn(2, 4))).sum().backward()
+        opt.step()
+    assert chk.findings == []
+
+
+def test_block_end_check_works_untraced():
+    model = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(GradGuardWarning, match=r"b\.(weight|bias): unused"), check_step(model, opt, trace=False) as chk:
+        model["a"](torch.randn(2, 4)).sum().backward()
+    assert {(f.kind, f.param) for f in chk.findings} == {("unused", "b.weight"), ("unused", "b.bias")}
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_block_without_backward_warns(trace):
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    says = r"no `backward\(\)` ran inside .*nothing was checked"
+    with pytest.warns(GradGuardWarning, match=says), check_step(model, opt, trace=trace) as chk:
+        model(torch.randn(2, 4))
+    assert chk.findings == []
+    model(torch.randn(2, 4)).sum().backward()
+    says = "stepped on gradients computed before the block"
+    with pytest.warns(GradGuardWarning, match=says), check_step(model, opt, trace=trace) as chk:
+        opt.step()
+    assert chk.findings == []
+
+
+class GAN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.G = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.D = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def gan_block(gan, opt_g, opt_d, order, *, bug=False):
+    """One iteration of a plain GAN loop; with ``bug``, the generator loss reuses the detached fake."""
+    real = torch.randn(6, 4)
+    for which in order:
+        fake = gan.G(torch.randn(6, 3))
+        if which == "D":
+            opt_d.zero_grad()
+            d_loss = nn.functional.softplus(gan.D(fake.detach())).mean() + nn.functional.softplus(-gan.D(real)).mean()
+            d_loss.backward()
+            opt_d.step()
+        else:
+            opt_g.zero_grad()
+            g_in = fake.detach() if bug else fake  # BUG: gan detach
+            nn.functional.softplus(-gan.D(g_in)).mean().backward()
+            opt_g.step()
+
+
+@pytest.mark.parametrize("order", ["DG", "GD"])
+@pytest.mark.parametrize("given", ["none", "list"])
+def test_gan_each_optimizer_judges_its_own_parameters_and_none_is_an_orphan(order, given):
+    gan = GAN()
+    opt_g = torch.optim.Adam(gan.G.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(gan.D.parameters(), lr=1e-3)
+    arg = None if given == "none" else [opt_g, opt_d]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(2):
+            with check_step(gan, arg, strict=True, step=step) as chk:
+                gan_block(gan, opt_g, opt_d, order)
+            assert chk.findings == []
+    with pytest.raises(GradGuardError) as err, check_step(gan, arg, strict=True):
+        gan_block(gan, opt_g, opt_d, order, bug=True)
+    found = {(f.kind, f.param) for f in err.value.findings}
+    assert found == {("detached", n) for n in ("G.0.weight", "G.0.bias", "G.2.weight", "G.2.bias")}
+    assert {f.where for f in err.value.findings} == {where("BUG: gan detach")}
+
+
+def test_a_parameter_no_optimizer_holds_is_still_an_orphan():
+    gan = GAN()
+    opt_g = torch.optim.SGD(gan.G.parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(gan.D[0].parameters(), lr=0.1)  # BUG: the last layer of D is in no optimizer
+    with pytest.warns(GradGuardWarning, match="orphan"), check_step(gan, [opt_g, opt_d]) as chk:
+        gan_block(gan, opt_g, opt_d, "DG")
+    assert {(f.kind, f.param) for f in chk.findings} == {("orphan", "D.2.weight"), ("orphan", "D.2.bias")}
+
+
+def test_only_the_given_optimizer_is_judged_but_the_others_hold_their_parameters():
+    gan = GAN()
+    opt_g = torch.optim.SGD(gan.G.parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(gan.D.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with check_step(gan, opt_g, strict=True) as chk:  # D steps too: its parameters are held, not orphans
+            gan_block(gan, opt_g, opt_d, "GD")
     assert chk.findings == []
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"model": "net"}, "model='net'"),
     ({"optimizer": "adam"}, "optimizer='adam'"),
-    ({"ignore": "b.*"}, r"ignore='b.\*'"),
+    ({"ignore": [3]}, r"ignore=.*3"),
+    ({"optimizer": [torch.optim.SGD([nn.Parameter(torch.ones(1))]), "adam"]}, "'adam'"),
+    ({"optimizer": []}, r"optimizer=\[\]"),
+    ({"scaler": "amp"}, "scaler='amp'"),
 ])  # fmt: skip
 def test_bad_arguments_fail_at_construction(kwargs, match):
     args = {"model": nn.Linear(2, 1), **kwargs}

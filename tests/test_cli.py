@@ -329,3 +329,56 @@ def test_demo_script_without_bug_trains_cleanly(tmp_path: Path) -> None:
     assert "== no findings ==" in out
     assert GradGuardError.__name__ not in out
     assert "max_steps=20" in out  # trained to the end
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Short names in any user's LightningCLI script: the script imports `lightning_gradguard` but never names GradGuard.
+
+SHORT_NAME_SCRIPT = """
+import contextlib, io, sys
+{imports}
+from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
+
+def callbacks(*args):
+    cli = LightningCLI(BoringModel, BoringDataModule, run=False, args=[*args, "--trainer.logger=false"])
+    return [type(c).__name__ for c in cli.trainer.callbacks]
+
+print("plus", callbacks("--trainer.callbacks+=GradGuard"))
+print("yaml", callbacks("--config", sys.argv[1]))
+out = io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+    LightningCLI(BoringModel, BoringDataModule, run=False, args=["--trainer.callbacks.help", "GradGuard"])
+print("help", "--trainer.callbacks.on_unused" in out.getvalue())
+"""
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import lightning_gradguard\nfrom lightning.pytorch.cli import LightningCLI",
+        "from lightning.pytorch.cli import LightningCLI\nimport lightning_gradguard",
+    ],
+    ids=["package_first", "lightning_first"],
+)
+def test_short_name_resolves_in_a_fresh_script(tmp_path: Path, imports: str) -> None:
+    script = tmp_path / "user_train.py"
+    script.write_text(SHORT_NAME_SCRIPT.format(imports=imports))
+    config = tmp_path / "short.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: GradGuard\n      init_args:\n        on_zero: ignore\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script), str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEMO_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = dict(
+        line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in {"plus", "yaml", "help"}
+    )
+    assert "'GradGuard'" in lines["plus"], proc.stdout
+    assert "'GradGuard'" in lines["yaml"], proc.stdout
+    assert lines["help"] == "True", proc.stdout + proc.stderr

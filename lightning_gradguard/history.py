@@ -1,0 +1,188 @@
+"""What the guard remembers across optimizer steps: idle runs, idle shares, what a traced step explained.
+
+Plain data keyed by parameter name, so that :meth:`History.state_dict` survives a resume (and a model rebuilt with
+the same names). Work per step is proportional to the parameters lacking a usable gradient, never to all of them.
+
+**Idle is not dead.** A trainable parameter with no usable gradient on a step (``grad is None`` or all zero) is
+*idle* on that step while its current run of such steps is shorter than ``window`` checked steps (counting from the
+start of training); once the run reaches ``window`` it is a finding (``unused``, ``zero``). Routing that sends no
+token to an expert, LayerDrop and stochastic depth make parts idle on some steps and train fine; a part that gets
+nothing on ``window`` checked steps in a row, from the first step on, is dead.
+
+With the default ``window = 16``, a LayerDrop-0.1 layer (dropped on each step independently with probability 0.1)
+has a run of 16 drops starting at a given step with probability ``0.9 * 0.1**16 = 9e-17``; over a million steps
+the chance of a false alarm is about ``1e6 * 9e-17 = 9e-11`` per layer (2e-9 for a 24-layer wav2vec2). A part
+dropped with probability ``p`` has about ``1e6 * (1 - p) * p**16`` false alarms in a million steps: 4e-3 for
+``p = 0.3``, 15 for ``p = 0.5`` (raise ``idle_window`` for such models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .params import module_of
+
+__all__ = ["DEFAULT_WINDOW", "MAX_TRACED_STEPS", "History"]
+
+#: Default length (checked steps) of a run without a usable gradient that makes an idle parameter a finding.
+DEFAULT_WINDOW = 16
+
+#: Under ``diagnose="on_finding"`` a run traces at most this many optimizer steps (the first included).
+MAX_TRACED_STEPS = 8
+
+
+class History:
+    """Per-parameter memory of one run.
+
+    Args:
+        window: a parameter lacking a usable gradient on fewer than this many checked steps in a row is idle, not
+            a finding; ``1`` judges every step at once (``check_step``).
+
+    Attributes:
+        traced_steps: optimizer steps whose forward pass was traced.
+        budget_spent: the step at which ``MAX_TRACED_STEPS`` stopped a trace that would have explained a finding,
+            or ``None``.
+    """
+
+    def __init__(self, window: int = 1) -> None:
+        self.window = window
+        self.traced_steps = 0
+        self.budget_spent: int | None = None
+        self._groups: dict[tuple[int, int, int], list[Any]] = {}  # key -> [names, name set, checks]
+        self._base: dict[str, list[int]] = {}  # restored name -> [checked, idle]
+        self._idle: dict[str, int] = {}  # name -> checked steps without a usable gradient
+        self._gaps: dict[str, list[Any]] = {}  # name -> [first step of the current run, its length, last reason]
+        self.looked: set[str] = set()  # a traced step looked at it while (or just after) it lacked a gradient
+
+    # ------------------------------------------------------------------ per step
+    def count_check(self, params: Sequence[torch.Tensor], names_of: Any) -> set[str]:
+        """Count one checked step of ``params``; return their names (cached per parameter list).
+
+        ``names_of(params)`` gives the names of the model's parameters among ``params``; it is called only for a
+        parameter list not seen before.
+        """
+        key = (id(params), len(params), id(params[0]) if params else 0)
+        group = self._groups.get(key)
+        if group is None:
+            names = list(names_of(params))
+            group = self._groups[key] = [names, set(names), 0]
+        group[2] += 1
+        return group[1]
+
+    def lack(self, name: str, step: int, reason: str = "missing") -> tuple[int, int]:
+        """``name`` has no usable gradient on this checked step (``reason``: ``"missing"`` or ``"zero"``):
+        ``(first step of the run, run length)``."""
+        self._idle[name] = self._idle.get(name, 0) + 1
+        gap = self._gaps.get(name)
+        if gap is None:
+            gap = self._gaps[name] = [step, 0, reason]
+        gap[1] += 1
+        gap[2] = reason
+        return gap[0], gap[1]
+
+    def run_length(self, name: str) -> int:
+        """Checked steps in a row on which ``name`` lacked a usable gradient, up to its last check (0: none)."""
+        gap = self._gaps.get(name)
+        return gap[1] if gap else 0
+
+    def never_usable(self) -> list[tuple[str, int, int, str]]:
+        """``(name, first step, run length, last reason)`` of the parameters that had no usable gradient on any of
+        their checked steps."""
+        if not self._gaps:
+            return []
+        checked = self.checked()
+        return [(n, g[0], g[1], g[2]) for n, g in self._gaps.items() if g[1] >= checked.get(n, 0)]
+
+    def settle(self, judged: set[str], lacking: set[str]) -> None:
+        """End the runs of parameters judged on this step that have a usable gradient again."""
+        if not self._gaps:
+            return
+        for name in [n for n in self._gaps if n in judged and n not in lacking]:
+            del self._gaps[name]
+
+    def in_run(self, name: str) -> bool:
+        """``name`` lacked a usable gradient on its last checked step."""
+        return name in self._gaps
+
+    @property
+    def has_runs(self) -> bool:
+        return bool(self._gaps)
+
+    # ------------------------------------------------------------------ reading
+    def checked(self) -> dict[str, int]:
+        """Checked steps per parameter name (those before a resume included)."""
+        out = {name: v[0] for name, v in self._base.items()}
+        for names, _, count in self._groups.values():
+            for name in names:
+                out[name] = out.get(name, 0) + count
+        return out
+
+    def idle_shares(self) -> dict[str, float]:
+        """Per module, the share of its checked steps on which it got no usable gradient; only idle modules.
+
+        A module's share pools its own parameters (``idle steps / checked steps``). A module whose every parameter
+        below it has the same counts is shown once, under the highest such name (``encoder.layers.3`` rather than
+        each of its linear layers). Modules never idle are left out. ``""`` is the root module.
+        """
+        checked = self.checked()
+        idle = {name: v[1] for name, v in self._base.items()}
+        for name, n in self._idle.items():
+            idle[name] = idle.get(name, 0) + n
+        if not any(idle.values()):
+            return {}
+        counts = {name: (idle.get(name, 0), n) for name, n in checked.items() if n}
+        below: dict[str, set[tuple[int, int]]] = {}  # module prefix -> the distinct counts of the params under it
+        for name, c in counts.items():
+            parts = name.split(".")[:-1]
+            for k in range(len(parts) + 1):
+                below.setdefault(".".join(parts[:k]), set()).add(c)
+        pooled: dict[str, list[int]] = {}
+        for name, (i, n) in counts.items():
+            owner = module_of(name)
+            parts = owner.split(".") if owner else []
+            for k in range(len(parts) + 1):  # the highest ancestor whose parameters all share these counts
+                prefix = ".".join(parts[:k])
+                if below.get(prefix) == {(i, n)}:
+                    owner = prefix
+                    break
+            acc = pooled.setdefault(owner, [0, 0])
+            acc[0] += i
+            acc[1] += n
+        return {m: i / n for m, (i, n) in sorted(pooled.items()) if i}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values: per parameter ``[checked, idle, run start, run length, last reason]``, and the tracing
+        counters."""
+        checked = self.checked()
+        params: dict[str, list[int]] = {}
+        for name, n in checked.items():
+            base_idle = self._base.get(name, [0, 0])[1]
+            gap = self._gaps.get(name, [0, 0, "missing"])
+            params[name] = [n, base_idle + self._idle.get(name, 0), gap[0], gap[1], gap[2]]
+        return {
+            "window": self.window,
+            "params": params,
+            "traced_steps": self.traced_steps,
+            "budget_spent": self.budget_spent,
+            "looked": sorted(self.looked),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (missing keys take their defaults; the window stays this run's option)."""
+        self._groups.clear()
+        self._idle.clear()
+        self._gaps.clear()
+        self._base = {}
+        for name, row in dict(state.get("params", {})).items():
+            row = [*row, 0, 0, 0, 0][:4] + [str(row[4]) if len(row) > 4 else "missing"]
+            self._base[name] = [int(row[0]), int(row[1])]
+            if int(row[3]) > 0:
+                self._gaps[name] = [int(row[2]), int(row[3]), row[4]]
+        self.traced_steps = int(state.get("traced_steps", 0))
+        spent = state.get("budget_spent")
+        self.budget_spent = None if spent is None else int(spent)
+        self.looked = set(state.get("looked", []))
