@@ -32,10 +32,12 @@ SETUPS = (
     "lit-accum",
     "lit-clip",
     "lit-manual2",
+    "lit-long",
 )
 
 HEADER = '''"""Generated corpus case {name}: {title}"""
 import copy
+import math
 
 import numpy as np
 import torch
@@ -93,6 +95,7 @@ class Block:
     sparse: bool = False
     linear: str | None = None  # the nn.Linear of a plain linear block (param-level cuts)
     checkpointed: bool = False
+    inner: tuple[int, str, tuple[str, ...]] | None = None  # a cut inside the block: (line, code with {cut}, params)
 
 
 @dataclass
@@ -125,6 +128,7 @@ class Case:
     graphless: bool = False
     blocks: list[str] = field(default_factory=list)
     at: int | None = None  # the trunk block after which a cut / NaN / zero is planted
+    unfollowable: bool = False  # the value truly leaves torch (through `str`): `unused` must then hedge
 
 
 # --------------------------------------------------------------------------- blocks
@@ -140,7 +144,8 @@ def _block(kind: str, name: str, rng: random.Random, *, sparse_ok: bool) -> Bloc
     if kind == "residual":
         ps = (f"{p}_fc1.weight", f"{p}_fc1.bias", f"{p}_fc2.weight", f"{p}_fc2.bias")
         return Block(kind, p, [f"self.{p}_fc1 = nn.Linear(D, D)", f"self.{p}_fc2 = nn.Linear(D, D)"], list(ps),
-                     [Line(f"h = h + self.{p}_fc2(F.gelu(self.{p}_fc1(h)))", ps)], ends_affine=True)  # fmt: skip
+                     [Line(f"h = h + self.{p}_fc2(F.gelu(self.{p}_fc1(h)))", ps)], ends_affine=True,
+                     inner=(0, f"h = h + self.{p}_fc2(F.gelu(self.{p}_fc1(h))){{cut}}", ps))  # fmt: skip
     if kind == "conv":
         ps = (f"{p}_conv.weight", f"{p}_conv.bias")
         return Block(kind, p, [f"self.{p}_conv = nn.Conv1d(4, 4, 3, padding=1)"], list(ps),
@@ -152,7 +157,8 @@ def _block(kind: str, name: str, rng: random.Random, *, sparse_ok: bool) -> Bloc
         return Block(kind, p, [f"self.{p}_attn = nn.MultiheadAttention(4, 2, batch_first=True)"], list(ps),
                      [Line("a = h.reshape(-1, 4, 4)", view=True),
                       Line(f"a = a + self.{p}_attn(a, a, a, need_weights=False)[0]", ps),
-                      Line("h = a.reshape(-1, D)")], ends_affine=True)  # fmt: skip
+                      Line("h = a.reshape(-1, D)")], ends_affine=True,
+                     inner=(1, f"a = a + self.{p}_attn(a, a, a, need_weights=False)[0]{{cut}}", ps))  # fmt: skip
     if kind == "recurrent":
         cell = rng.choice(["GRU", "LSTM", "RNN"])
         ps = (f"{p}_rnn.weight_ih_l0", f"{p}_rnn.weight_hh_l0", f"{p}_rnn.bias_ih_l0", f"{p}_rnn.bias_hh_l0")
@@ -166,7 +172,8 @@ def _block(kind: str, name: str, rng: random.Random, *, sparse_ok: bool) -> Bloc
         w = f"{p}_emb.weight"
         return Block(kind, p, [f"self.{p}_emb = nn.Embedding(V, D{opt})"], [w],
                      [Line(f"h = h + self.{p}_emb(tok).mean(1)", (w,))], tied=w if tied else None,
-                     sparse=sparse)  # fmt: skip
+                     sparse=sparse,
+                     inner=None if tied else (0, f"h = h + self.{p}_emb(tok).mean(1){{cut}}", (w,)))  # fmt: skip
     if kind == "routing":
         ps_gate = (f"{p}_gate.weight", f"{p}_gate.bias")
         ps_e = (f"{p}_e0.weight", f"{p}_e0.bias", f"{p}_e1.weight", f"{p}_e1.bias")
@@ -174,7 +181,7 @@ def _block(kind: str, name: str, rng: random.Random, *, sparse_ok: bool) -> Bloc
                                f"self.{p}_e1 = nn.Linear(D, D)"], [*ps_gate, *ps_e],
                      [Line("r = h.clone()"), Line(f"g = torch.softmax(self.{p}_gate(r), -1)", ps_gate),
                       Line(f"h = torch.tanh(g[:, :1] * self.{p}_e0(r) + g[:, 1:] * self.{p}_e1(r))",
-                           ps_e)])  # fmt: skip
+                           ps_e)], inner=(1, f"g = torch.softmax(self.{p}_gate(r), -1){{cut}}", ps_gate))  # fmt: skip
     if kind == "layernorm":
         ps = (f"{p}_ln.weight", f"{p}_ln.bias")
         return Block(kind, p, [f"self.{p}_ln = nn.LayerNorm(D)"], list(ps), [Line(f"h = self.{p}_ln(h)", ps)],
@@ -233,18 +240,48 @@ CUTS: dict[str, list[str]] = {
     "argmax": ["h = x * F.one_hot(h.argmax(-1), D).to(x.dtype)"],
     "topk": ["_, idx = h.topk(2, dim=-1)", "h = x * F.one_hot(idx[:, 0], D).to(x.dtype)"],
     "int_cast": ["h = (h * 4).long().to(x.dtype)"],
+    "detach_inplace": ["h = h * 1.0", "h.detach_()"],
+    "math_item": ["h = x * torch.tensor(math.tanh(h.abs().mean().item()))"],
+    "np_scalar_item": ["h = x * torch.tensor(np.float32(h.abs().mean().item()) * 2)"],
+    "as_tensor_tolist": ["h = torch.as_tensor(h.tolist())"],
+    "new_tensor_tolist": ["h = x.new_tensor(h.tolist())"],
+    "np_array_tolist": ["h = torch.from_numpy(np.array(h.tolist(), dtype=np.float32))"],
+    "numpy_clip_from": ["h = torch.from_numpy(np.clip(h.detach().float().numpy(), -1.0, 1.0))"],
+    "stack_rows": ["h = torch.stack([torch.tensor(row) for row in h.tolist()])"],
+    "where_compare": ["h = torch.where(h > 0, x, -x)"],
+    "gather_argmax": ["h = x * torch.gather(x, 1, h.argmax(-1, keepdim=True))"],
+    "deepcopy_detach": ["h = copy.deepcopy(h.detach())"],
+    "item_str": ["h = x * float(str(round(h.abs().mean().item(), 4)))"],
+    "item_format": ['h = x * float(f"{h.abs().mean().item():.4f}")'],
 }
+#: Values that truly leave torch (through text): a guard cannot follow them, and its `unused` must say so.
+UNFOLLOWABLE = {"item_str", "item_format"}
 #: Which line of a multi-line cut the guard should name (default: the first).
-CUT_LINE = {"numpy_math_2line": 0, "item_2line": 0, "topk": 0}
+CUT_LINE = {"numpy_math_2line": 0, "item_2line": 0, "topk": 0, "detach_inplace": 1}
+#: Cuts inside a block's branch (residual branch, attention, embedding term, router): only its parameters.
+INNER_CUTS = {"inner_detach": ".detach()", "inner_data": ".data"}
+
+#: Healthy decoys after a trunk block: look like bugs, are not (the gradient still flows through `h`).
+DECOYS = {
+    "decoy_center": ["h = h - h.detach().mean(0, keepdim=True)"],
+    "decoy_item_log": ["self.last = h.abs().mean().item()"],
+    "decoy_no_grad_stat": ["with torch.no_grad():", "    self.stat = h.abs().mean()"],
+    "decoy_leaky": ["h = torch.where(h > 0, h, 0.1 * h)"],
+    "decoy_onehot_gate": ["h = h + h * F.one_hot(h.argmax(-1), D).to(h.dtype)"],
+    "decoy_numpy_log": ["self.last = float(np.asarray(h.detach().float()).mean())"],
+}
 
 NONFINITE = {
     "nan_fn": ["h = NanGrad.apply(h)"],
     "sqrt_zero": ["h = h + torch.sqrt(h - h.detach())"],
+    "nan_forward": ['h = h + float("nan")'],  # the loss is NaN: every gradient is
 }
 ZERO = {
     "zero_fn": ["h = ZeroGrad.apply(h)"],
     "times_zero": ["h = h.detach() + h * 0"],
     "round": ["h = torch.round(h * 8) / 8"],
+    "sign": ["h = x * torch.sign(h)"],
+    "floor": ["h = torch.floor(h * 4) / 4"],
 }
 NO_GRAD = {
     "no_grad": "with torch.no_grad():",
@@ -253,6 +290,8 @@ NO_GRAD = {
 }
 
 BUG_KINDS = ("detached", "unused", "frozen", "orphan", "stale", "nonfinite", "zero")
+#: Seeds below this draw kind and setup at random; from it on, they walk every (kind, setup) pair in turn.
+N_RANDOM = 1600
 
 
 def _affected(blocks: list[Block], k: int) -> list[str]:
@@ -265,7 +304,7 @@ def _affected(blocks: list[Block], k: int) -> list[str]:
 
 def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict:
     """Choose and describe the planted bug. Returns the plan the writer follows."""
-    plan: dict = {"after": None, "cut": None, "wrap": None, "extra": None, "frozen": [], "exclude": [],
+    plan: dict = {"inner": None, "after": None, "cut": None, "wrap": None, "extra": None, "frozen": [], "exclude": [],
                   "copy": None, "head_cut": None, "param_cut": None, "reentrant": False}  # fmt: skip
     with_params = [i for i, b in enumerate(blocks) if _affected(blocks, i)]
     if kind == "detached":
@@ -280,11 +319,17 @@ def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict
             case.variant = rng.choice(["weight_data", "weight_copy"])
             plan["param_cut"] = (k, case.variant)
             return plan
-        if r < 0.25 and blocks[0].linear and not blocks[0].checkpointed:
+        inner = [i for i, b in enumerate(blocks) if b.inner]
+        if r < 0.32 and inner:
+            k = rng.choice(inner)
+            case.variant = rng.choice(list(INNER_CUTS))
+            plan["inner"] = (k, INNER_CUTS[case.variant])
+            return plan
+        if r < 0.37 and blocks[0].linear and not blocks[0].checkpointed:
             case.variant = "checkpoint_reentrant"
             plan["reentrant"] = True
             return plan
-        if r < 0.45:
+        if r < 0.52:
             k = rng.choice([i for i in with_params if not blocks[i].checkpointed] or with_params)
             case.variant = rng.choice(list(NO_GRAD))
             plan["wrap"] = (k, NO_GRAD[case.variant])
@@ -294,7 +339,7 @@ def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict
         plan["cut"] = CUTS[case.variant]
         return plan
     if kind == "nonfinite":
-        case.variant = rng.choice(list(NONFINITE))
+        case.variant = rng.choice([v for v in NONFINITE if v != "nan_forward" or not any(b.sparse for b in blocks)])
         plan["after"] = rng.choice(with_params)
         plan["cut"] = NONFINITE[case.variant]
         return plan
@@ -302,6 +347,17 @@ def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict
         case.variant = rng.choice(list(ZERO))
         plan["after"] = rng.choice(with_params)
         plan["cut"] = ZERO[case.variant]
+        return plan
+    if kind == "none":
+        r = rng.random()
+        if r < 0.15 and case.setup.startswith("lit"):
+            case.variant = "idle_branch"  # taken on every other forward: idle, not unused, under GradGuard
+            plan["extra"] = (rng.choice(["linear", "residual", "conv", "routing"]), "idle_branch",
+                             rng.randrange(len(blocks) + 1))  # fmt: skip
+        elif r < 0.6:
+            case.variant = rng.choice(list(DECOYS))
+            plan["after"] = rng.randrange(len(blocks))
+            plan["cut"] = DECOYS[case.variant]
         return plan
     if kind == "unused":
         case.variant = rng.choice(["never_called", "untaken_branch", "discarded"])
@@ -333,15 +389,20 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     """The case of ``seed``: its kind (``None``: drawn, ~30 % healthy, ~40 % of the rest ``detached`` since cuts
     have the most variants) and setup (``None``: drawn)."""
     rng = random.Random(seed)
+    if seed >= N_RANDOM and kind is None and setup is None:
+        j = seed - N_RANDOM
+        setup = SETUPS[j % len(SETUPS)]
+        kind = ("none", *BUG_KINDS)[j // len(SETUPS) % (len(BUG_KINDS) + 1)]
     if kind is None:
-        kind = "none" if rng.random() < 0.3 else rng.choices(BUG_KINDS, weights=[4, 1, 1, 1, 1, 1, 1])[0]
+        kind = "none" if rng.random() < 0.3 else rng.choices(BUG_KINDS, weights=[5, 1, 1, 1, 1, 1, 1])[0]
     if setup is None:
-        setup = rng.choices(SETUPS, weights=[14, 8, 8, 8, 8, 6, 4, 4, 4, 4])[0]
+        setup = rng.choices(SETUPS, weights=[14, 8, 8, 8, 8, 6, 4, 4, 4, 4, 4])[0]
     case = Case(f"c{seed:04d}", seed, setup, kind, "healthy" if kind == "none" else "")
     sparse_ok = "clip" not in setup and setup != "plain-2opt"
     blocks = _trunk(rng, sparse_ok=sparse_ok)
     case.blocks = [b.kind + ("(ckpt)" if b.checkpointed else "") + ("(sparse)" if b.sparse else "") for b in blocks]
-    plan = _bug(kind, rng, blocks, case) if kind != "none" else {}
+    plan = _bug(kind, rng, blocks, case)
+    case.unfollowable = case.variant in UNFOLLOWABLE
     case.at = plan.get("after")
     tied = next((b.tied for b in blocks if b.tied), None)
     sparse = any(b.sparse for b in blocks)
@@ -354,6 +415,7 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     if extra_block is not None:
         init += [f"        {line}" for line in extra_block.init]
     init.append("        self.head = nn.Linear(D, 1)")
+    init.append("        self.calls = 0")
     for p in plan.get("frozen", []):
         init.append(f"        self.{p}.requires_grad_(False)")
     src.append("")
@@ -361,6 +423,7 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     src.append("        h = x")
     cut_lines: dict[str, int] = {}
     expected: set[tuple[str, str]] = set()
+    nan_forward = False
 
     def emit(code: str, indent: int = 8) -> int:
         src.append(" " * indent + code)
@@ -399,8 +462,14 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
             for p in b.params:
                 cut_lines[p] = n
             continue
-        for line in b.lines:
-            emit(line.code)
+        inner = plan.get("inner")
+        for j, line in enumerate(b.lines):
+            if inner and inner[0] == i and b.inner and b.inner[0] == j:
+                n = emit(b.inner[1].format(cut=inner[1]))
+                for p in b.inner[2]:
+                    cut_lines[p] = n
+            else:
+                emit(line.code)
         if plan.get("after") == i:
             cut = plan["cut"]
             lines = [emit(c) for c in cut]
@@ -408,6 +477,8 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
                 at = lines[CUT_LINE.get(case.variant, 0)]
                 for p in _affected(blocks, i):
                     cut_lines[p] = at
+            elif kind == "nonfinite" and case.variant == "nan_forward":
+                nan_forward = True
             elif kind == "nonfinite":  # a tied weight's other path adds a finite gradient to a NaN one: still NaN
                 expected |= {("nonfinite", p) for b in blocks[: i + 1] for p in b.params}
             elif kind == "zero":
@@ -429,7 +500,7 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     else:
         emit("return out, None")
     expected |= {("detached", p) for p in cut_lines}
-    if extra_block is not None:
+    if extra_block is not None and extra[1] != "idle_branch":
         expected |= {("unused", p) for p in extra_block.params}
     expected |= {("frozen", p) for p in plan.get("frozen", [])}
 
@@ -464,19 +535,29 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
         src.append("    groups = [[p for n, p in chosen]]")
     src.append("    return [make(params) for params in groups if params]")
     src += ["", "", "def make(params):", f"    return {optim}", ""]
-    if kind == "nonfinite" and setup == "plain-clip":
+    if (kind == "nonfinite" and setup == "plain-clip") or nan_forward:
         # clip_grad_norm_ before the step multiplies every gradient by max_norm / nan: all are NaN by then
         expected = {("nonfinite", p) for p in names}
     case.source = "\n".join(src)
     case.expected = expected
     case.cut_lines = cut_lines
     case.steps = 1 if kind == "nonfinite" else (4 if setup.startswith("lit") else rng.choice([1, 2]))
+    if case.variant == "idle_branch":
+        case.steps = 6
+    if setup == "lit-long" and kind != "nonfinite":
+        case.steps = 20  # longer than GradGuard's idle window (16): `unused` is judged during the run
     return case
 
 
 def _emit_extra(block: Block, variant: str, emit) -> None:  # noqa: ANN001
     """The unused module: never called, behind a branch never taken, or its output discarded."""
     if variant == "never_called":
+        return
+    if variant == "idle_branch":
+        emit("self.calls += 1")
+        emit("if self.calls % 2 == 0:")
+        for line in block.lines:
+            emit(line.code, 12)
         return
     if variant == "untaken_branch":
         emit("if h.shape[0] > 10_000:")
