@@ -27,6 +27,8 @@ SETUPS = (
     "plain-accum",
     "plain-clip",
     "plain-2opt",
+    "plain-2opt-list",
+    "plain-fp16-scaler",
     "lit",
     "lit-bf16",
     "lit-accum",
@@ -199,11 +201,13 @@ BLOCK_KINDS = ("linear", "residual", "conv", "attention", "recurrent", "embeddin
                "batchnorm", "dropout")  # fmt: skip
 
 
-def _trunk(rng: random.Random, *, sparse_ok: bool) -> list[Block]:
+def _trunk(rng: random.Random, *, sparse_ok: bool, fp16: bool = False) -> list[Block]:
     n = rng.randint(2, 4)
     blocks: list[Block] = []
     for i in range(n):
         choices = [k for k in BLOCK_KINDS if not (k == "embedding" and any(b.kind == "embedding" for b in blocks))]
+        if fp16:  # oneDNN has no float16 LSTM on the CPU: the model itself would fail
+            choices.remove("recurrent")
         if blocks and blocks[-1].ends_affine:  # a per-feature bias right before BatchNorm has a zero gradient
             choices.remove("batchnorm")
         if blocks and blocks[-1].kind in ("dropout", "layernorm", "batchnorm"):
@@ -377,8 +381,8 @@ def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict
             b = blocks[rng.choice([i for i, b in enumerate(blocks) if b.params])]
             plan["exclude"] = list(b.params)
         return plan
-    if kind == "stale":
-        case.variant = rng.choice(["copy_head", "copy_model"])
+    if kind == "stale":  # a GradScaler asserts on an optimizer none of whose tensors has a gradient: copy the head
+        case.variant = "copy_head" if case.setup == "plain-fp16-scaler" else rng.choice(["copy_head", "copy_model"])
         plan["copy"] = "head" if case.variant == "copy_head" else "model"
         return plan
     raise ValueError(kind)
@@ -396,10 +400,10 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     if kind is None:
         kind = "none" if rng.random() < 0.3 else rng.choices(BUG_KINDS, weights=[5, 1, 1, 1, 1, 1, 1])[0]
     if setup is None:
-        setup = rng.choices(SETUPS, weights=[14, 8, 8, 8, 8, 6, 4, 4, 4, 4, 4])[0]
+        setup = rng.choices(SETUPS, weights=[14, 8, 8, 8, 6, 4, 5, 6, 4, 4, 4, 4, 4])[0]
     case = Case(f"c{seed:04d}", seed, setup, kind, "healthy" if kind == "none" else "")
-    sparse_ok = "clip" not in setup and setup != "plain-2opt"
-    blocks = _trunk(rng, sparse_ok=sparse_ok)
+    sparse_ok = "clip" not in setup and "2opt" not in setup
+    blocks = _trunk(rng, sparse_ok=sparse_ok, fp16=setup == "plain-fp16-scaler")
     case.blocks = [b.kind + ("(ckpt)" if b.checkpointed else "") + ("(sparse)" if b.sparse else "") for b in blocks]
     plan = _bug(kind, rng, blocks, case)
     case.unfollowable = case.variant in UNFOLLOWABLE
@@ -509,7 +513,7 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     if extra_block is not None:
         names += extra_block.params
     names += ["head.weight", "head.bias"]
-    two = setup in ("plain-2opt", "lit-manual2")
+    two = setup in ("plain-2opt", "plain-2opt-list", "lit-manual2")
     optim = "torch.optim.SGD(params, lr=0.01)" if sparse else rng.choice(
         ["torch.optim.SGD(params, lr=0.01)", "torch.optim.SGD(params, lr=0.01, momentum=0.9)",
          "torch.optim.Adam(params, lr=1e-3)", "torch.optim.AdamW(params, lr=1e-3)"])  # fmt: skip
@@ -544,6 +548,8 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     case.steps = 1 if kind == "nonfinite" else (4 if setup.startswith("lit") else rng.choice([1, 2]))
     if case.variant == "idle_branch":
         case.steps = 6
+    if setup == "plain-fp16-scaler":
+        case.steps = 20  # a NaN is an overflow the scaler skips until the scale has fallen to 1 (16 halvings)
     if setup == "lit-long" and kind != "nonfinite":
         case.steps = 20  # longer than GradGuard's idle window (16): `unused` is judged during the run
     return case

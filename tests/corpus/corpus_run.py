@@ -153,29 +153,52 @@ def _load(case: Case, folder: str):  # noqa: ANN202 - a generated module
     return mod, path
 
 
-def _run_plain(case: Case, mod, net: torch.nn.Module, res: Result) -> None:  # noqa: ANN001
+class _NoGuard:
+    """Stands in for ``check_step`` to run a case without the guard (is a crash the guard's?)."""
+
+    findings: list = []
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        pass
+
+    def __enter__(self) -> _NoGuard:
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        return None
+
+
+def _run_plain(case: Case, mod, net: torch.nn.Module, res: Result, guard: bool = True) -> None:  # noqa: ANN001
     opts = mod.make_optimizers(net)
-    batches = _batches(case.seed)
     micro = 2 if case.setup == "plain-accum" else 1
-    bf16 = case.setup == "plain-bf16"
+    dtype = {"plain-bf16": torch.bfloat16, "plain-fp16-scaler": torch.float16}.get(case.setup)
+    scaler = torch.amp.GradScaler("cpu") if case.setup == "plain-fp16-scaler" else None
+    batches = _batches(case.seed, max(8, case.steps * micro))
     for step in range(case.steps):
-        opt = opts[0] if case.setup != "plain-2opt" else None
-        chk = check_step(net, opt, step=step)
+        opt = {"plain-2opt": None, "plain-2opt-list": opts}.get(case.setup, opts[0])
+        chk = (check_step if guard else _NoGuard)(net, opt, step=step, scaler=scaler)
         try:
             with chk:
                 for o in opts:
                     o.zero_grad()
                 for m in range(micro):
                     x, tok, y = batches[step * micro + m]
-                    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+                    ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
                     with ctx:
                         out, lm = net(x, tok)
                         loss = _loss(out, lm, y, tok)
+                    if scaler is not None:
+                        loss = scaler.scale(loss)
                     (loss / micro).backward()
                 if case.setup == "plain-clip":
                     torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
                 for o in opts:
-                    o.step()
+                    if scaler is not None:
+                        scaler.step(o)
+                    else:
+                        o.step()
+                if scaler is not None:
+                    scaler.update()
         except GradGuardError as err:
             res.raised = True
             _collect(res, err.findings, "")
@@ -211,7 +234,7 @@ class _Lit(LightningModule):
         return opts if len(opts) > 1 else opts[0]
 
 
-def _run_lit(case: Case, mod, net: torch.nn.Module, res: Result, folder: str) -> None:  # noqa: ANN001
+def _run_lit(case: Case, mod, net: torch.nn.Module, res: Result, folder: str, guard_on: bool = True) -> None:  # noqa: ANN001
     kinds = ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")
     guard = GradGuard(**{f"on_{k}": "warn" for k in kinds})
     xs, toks, ys = zip(*_batches(case.seed, 16), strict=True)
@@ -234,7 +257,7 @@ def _run_lit(case: Case, mod, net: torch.nn.Module, res: Result, folder: str) ->
         opts["accumulate_grad_batches"] = 2
     if case.setup == "lit-clip":
         opts["gradient_clip_val"] = 1.0
-    trainer = Trainer(callbacks=[guard], **opts)
+    trainer = Trainer(callbacks=[guard] if guard_on else [], **opts)
     try:
         trainer.fit(_Lit(net, mod, manual=case.setup == "lit-manual2"), train_dataloaders=data)
     except GradGuardError as err:
@@ -253,8 +276,11 @@ def _collect(res: Result, findings, prefix: str) -> None:  # noqa: ANN001
         res.messages.setdefault((f.kind, name), f.message)
 
 
-def run_case(case: Case, folder: str) -> tuple[Result, str]:
-    """Run one case (its source written to ``folder``); returns the result and the source's path."""
+def run_case(case: Case, folder: str, guard: bool = True) -> tuple[Result, str]:
+    """Run one case (its source written to ``folder``); returns the result and the source's path.
+
+    A crash is re-run without the guard: if the model fails there too, the case is invalid (``crash`` says so).
+    """
     res = Result(case)
     t0 = time.perf_counter()
     path = ""
@@ -266,15 +292,17 @@ def run_case(case: Case, folder: str) -> tuple[Result, str]:
         with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
             warnings.simplefilter("ignore")
             if case.setup.startswith("plain"):
-                _run_plain(case, mod, net, res)
+                _run_plain(case, mod, net, res, guard)
             else:
-                _run_lit(case, mod, net, res, folder)
+                _run_lit(case, mod, net, res, folder, guard)
     except Exception as err:  # noqa: BLE001 - a crash is a result
         tb = traceback.extract_tb(err.__traceback__)
         ours = [fr for fr in tb if "lightning_gradguard" in fr.filename and fr.name != "__torch_function__"]
         inner = ours[-1] if ours else (tb[-1] if tb else None)
         at = f" at {os.path.basename(inner.filename)}:{inner.lineno} ({inner.name})" if inner else ""
         res.crash = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}{at}"
+        if guard and run_case(case, folder, guard=False)[0].crash is not None:
+            res.crash = "INVALID CASE (fails without the guard too): " + res.crash
     res.seconds = time.perf_counter() - t0
     return res, path
 
@@ -310,7 +338,7 @@ def failure_class(res: Result, path: str) -> str | None:
     """A short signature of what went wrong (``None``: all right)."""
     c = res.case
     if res.crash is not None:
-        return f"crash {c.kind}/{c.variant}: {res.crash}"
+        return f"crash: {res.crash}"
     if c.kind == "none":
         return f"false positive: {sorted(res.reported_kinds)} under {c.setup}" if res.got else None
     r, t = res.where_hits(path)
@@ -460,6 +488,9 @@ def render(results: list[tuple[Result, str]], elapsed: float) -> str:
     for fc, items in sorted(classes.items(), key=lambda kv: -len(kv[1])):
         seeds = ", ".join(str(r.case.seed) for r, _ in items[:12])
         out.append(f"- **{fc}** — {len(items)} model(s); seeds {seeds}{' ...' if len(items) > 12 else ''}")
+        if fc.startswith("crash"):
+            kinds = Counter(f"{r.case.kind}/{r.case.variant} under {r.case.setup}" for r, _ in items)
+            out.append(f"  - cases: {', '.join(f'{k} ({n})' for k, n in kinds.most_common(8))}")
         out.append(f"  - e.g. {describe(*items[0])}")
     out += ["", "Re-run one case with its source and ground truth: `python tests/corpus/corpus_run.py --only SEED`."]
     times = sorted(r.seconds for r, _ in results)
