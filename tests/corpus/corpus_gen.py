@@ -35,6 +35,7 @@ SETUPS = (
     "lit-clip",
     "lit-manual2",
     "lit-long",
+    "lit-always",
 )
 
 HEADER = '''"""Generated corpus case {name}: {title}"""
@@ -358,6 +359,14 @@ def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict
             case.variant = "idle_branch"  # taken on every other forward: idle, not unused, under GradGuard
             plan["extra"] = (rng.choice(["linear", "residual", "conv", "routing"]), "idle_branch",
                              rng.randrange(len(blocks) + 1))  # fmt: skip
+        elif r < 0.25:
+            b = blocks[rng.choice([i for i, b in enumerate(blocks) if b.params])]
+            case.variant = "frozen_filtered"  # frozen, and left out of the optimizer: silent
+            plan["frozen"] = list(b.params)
+            plan["filtered"] = True
+        elif r < 0.33:
+            case.variant = "ema"  # a trainable EMA copy of the head, updated under no_grad, in no optimizer: silent
+            plan["ema"] = True
         elif r < 0.6:
             case.variant = rng.choice(list(DECOYS))
             plan["after"] = rng.randrange(len(blocks))
@@ -400,7 +409,7 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     if kind is None:
         kind = "none" if rng.random() < 0.3 else rng.choices(BUG_KINDS, weights=[5, 1, 1, 1, 1, 1, 1])[0]
     if setup is None:
-        setup = rng.choices(SETUPS, weights=[14, 8, 8, 8, 6, 4, 5, 6, 4, 4, 4, 4, 4])[0]
+        setup = rng.choices(SETUPS, weights=[14, 8, 8, 8, 6, 4, 5, 6, 4, 4, 4, 4, 4, 4])[0]
     case = Case(f"c{seed:04d}", seed, setup, kind, "healthy" if kind == "none" else "")
     sparse_ok = "clip" not in setup and "2opt" not in setup
     blocks = _trunk(rng, sparse_ok=sparse_ok, fp16=setup == "plain-fp16-scaler")
@@ -419,6 +428,8 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     if extra_block is not None:
         init += [f"        {line}" for line in extra_block.init]
     init.append("        self.head = nn.Linear(D, 1)")
+    if plan.get("ema"):
+        init.append("        self.ema_head = copy.deepcopy(self.head)")
     init.append("        self.calls = 0")
     for p in plan.get("frozen", []):
         init.append(f"        self.{p}.requires_grad_(False)")
@@ -490,6 +501,10 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     if extra and extra[2] == len(blocks):
         _emit_extra(extra_block, extra[1], emit)
     emit("out = self.head(h).squeeze(-1)")
+    if plan.get("ema"):
+        emit("with torch.no_grad():")
+        emit("for e, p in zip(self.ema_head.parameters(), self.head.parameters()):", 12)
+        emit("e.mul_(0.9).add_(p, alpha=0.1)", 16)
     if plan.get("head_cut"):
         n = emit(plan["head_cut"])
         cut_lines = {"head.weight": n, "head.bias": n}
@@ -506,7 +521,8 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     expected |= {("detached", p) for p in cut_lines}
     if extra_block is not None and extra[1] != "idle_branch":
         expected |= {("unused", p) for p in extra_block.params}
-    expected |= {("frozen", p) for p in plan.get("frozen", [])}
+    if not plan.get("filtered"):
+        expected |= {("frozen", p) for p in plan.get("frozen", [])}
 
     # the optimizers
     names = [p for b in blocks for p in b.params]
@@ -530,7 +546,11 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
         expected -= {("orphan", p) for p in cut_lines}
     else:
         src.append("    copies = {}")
+    if plan.get("ema"):
+        exclude = [*exclude, "ema_head.weight", "ema_head.bias"]
     src.append(f"    exclude = {exclude!r}")
+    if plan.get("filtered"):
+        src.append("    named = {n: p for n, p in named.items() if p.requires_grad}")
     src.append("    chosen = [(n, copies.get(n, p)) for n, p in named.items() if n not in exclude]")
     if two:
         src.append("    groups = [[p for n, p in chosen if not n.startswith('head.')],")

@@ -236,7 +236,8 @@ class _Lit(LightningModule):
 
 def _run_lit(case: Case, mod, net: torch.nn.Module, res: Result, folder: str, guard_on: bool = True) -> None:  # noqa: ANN001
     kinds = ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")
-    guard = GradGuard(**{f"on_{k}": "warn" for k in kinds})
+    diagnose = "always" if case.setup == "lit-always" else "on_finding"
+    guard = GradGuard(**{f"on_{k}": "warn" for k in kinds}, diagnose=diagnose)
     xs, toks, ys = zip(*_batches(case.seed, 16), strict=True)
     ds = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(toks), torch.cat(ys))
     data = torch.utils.data.DataLoader(ds, batch_size=4)
