@@ -30,6 +30,8 @@ def _subset() -> list[int]:
 
 SUBSET = _subset()
 
+TWO_OPTIMIZERS = ("plain-2opt", "plain-2opt-list", "lit-manual2")
+
 #: Known failures being fixed elsewhere: (predicate on the case, cause). Strict xfail: a fix turns them red.
 KNOWN = [
     (
@@ -48,7 +50,7 @@ KNOWN = [
         "so `unused` (hedged) instead of `detached`",
     ),
     (
-        lambda c: c.variant == "head_detach" and not c.graphless and c.setup in ("plain-2opt", "plain-2opt-list", "lit-manual2"),
+        lambda c: c.variant == "head_detach" and not c.graphless and c.setup in TWO_OPTIMIZERS,
         "two optimizers stepping after one backward: the first optimizer's check clears the step's losses "
         "(core.GuardCore.check: `self._losses.clear()`), so the second one (the head's) is judged untraced: "
         "`unused` without a line instead of `detached`",
