@@ -14,7 +14,7 @@ through the tied head. A cut after the head leaves the loss without a graph, unl
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = ["BUG_KINDS", "SETUPS", "Case", "generate"]
 
@@ -99,6 +99,8 @@ class Block:
     linear: str | None = None  # the nn.Linear of a plain linear block (param-level cuts)
     checkpointed: bool = False
     inner: tuple[int, str, tuple[str, ...]] | None = None  # a cut inside the block: (line, code with {cut}, params)
+    method: tuple[str, str] | None = None  # a method of Net the block calls through checkpoint: (def line, return line)
+    reentrant: bool = False
 
 
 @dataclass
@@ -149,6 +151,14 @@ def _block(kind: str, name: str, rng: random.Random, *, sparse_ok: bool) -> Bloc
         return Block(kind, p, [f"self.{p}_fc1 = nn.Linear(D, D)", f"self.{p}_fc2 = nn.Linear(D, D)"], list(ps),
                      [Line(f"h = h + self.{p}_fc2(F.gelu(self.{p}_fc1(h)))", ps)], ends_affine=True,
                      inner=(0, f"h = h + self.{p}_fc2(F.gelu(self.{p}_fc1(h))){{cut}}", ps))  # fmt: skip
+    if kind == "ckpt_residual":  # a residual branch in a method, under activation checkpointing
+        ps = (f"{p}_fc1.weight", f"{p}_fc1.bias", f"{p}_fc2.weight", f"{p}_fc2.bias")
+        reentrant = rng.random() < 0.5  # kept only where `h` requires grad (see _grad_inputs)
+        return Block(kind, p, [f"self.{p}_fc1 = nn.Linear(D, D)", f"self.{p}_fc2 = nn.Linear(D, D)"], list(ps),
+                     [Line(f"h = checkpoint(self.{p}_fn, h, use_reentrant={{reentrant}})", ps)], ends_affine=True,
+                     reentrant=reentrant,
+                     checkpointed=True, inner=(-1, f"return h + self.{p}_fc2(F.gelu(self.{p}_fc1(h))){{cut}}", ps),
+                     method=(f"def {p}_fn(self, h):", f"return h + self.{p}_fc2(F.gelu(self.{p}_fc1(h)))"))  # fmt: skip
     if kind == "conv":
         ps = (f"{p}_conv.weight", f"{p}_conv.bias")
         return Block(kind, p, [f"self.{p}_conv = nn.Conv1d(4, 4, 3, padding=1)"], list(ps),
@@ -198,8 +208,8 @@ def _block(kind: str, name: str, rng: random.Random, *, sparse_ok: bool) -> Bloc
     raise ValueError(kind)
 
 
-BLOCK_KINDS = ("linear", "residual", "conv", "attention", "recurrent", "embedding", "routing", "layernorm",
-               "batchnorm", "dropout")  # fmt: skip
+BLOCK_KINDS = ("linear", "residual", "ckpt_residual", "conv", "attention", "recurrent", "embedding", "routing",
+               "layernorm", "batchnorm", "dropout")  # fmt: skip
 
 
 def _trunk(rng: random.Random, *, sparse_ok: bool, fp16: bool = False) -> list[Block]:
@@ -297,6 +307,28 @@ NO_GRAD = {
 BUG_KINDS = ("detached", "unused", "frozen", "orphan", "stale", "nonfinite", "zero")
 #: Seeds below this draw kind and setup at random; from it on, they walk every (kind, setup) pair in turn.
 N_RANDOM = 1600
+
+
+def _grad_inputs(blocks: list[Block], plan: dict, kind: str, variant: str) -> list[bool]:
+    """Per trunk block, whether `h` requires grad where it enters (a reentrant checkpoint without such an input
+    records no graph: a cut of its own, which only the `checkpoint_reentrant` variant plants)."""
+    frozen = set(plan.get("frozen", []))
+    out = []
+    rg = False
+    for i, b in enumerate(blocks):
+        out.append(rg)
+        wrap, pc, inner = plan.get("wrap"), plan.get("param_cut"), plan.get("inner")
+        if (wrap and wrap[0] == i) or (i == 0 and plan.get("reentrant")):
+            rg = False
+        elif inner and inner[0] == i:  # the block's own contribution is cut; a router's experts still count
+            rg = rg or (b.kind == "routing" and any(p not in frozen for p in b.params))
+        elif pc and pc[0] == i:
+            rg = True  # the bias still has its path
+        else:
+            rg = rg or any(p not in frozen for p in b.params)
+        if plan.get("after") == i and kind == "detached":
+            rg = variant in ("copy_leaf", "parameter_leaf")  # a new leaf that requires grad
+    return out
 
 
 def _affected(blocks: list[Block], k: int) -> list[str]:
@@ -416,9 +448,13 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     case.blocks = [b.kind + ("(ckpt)" if b.checkpointed else "") + ("(sparse)" if b.sparse else "") for b in blocks]
     plan = _bug(kind, rng, blocks, case)
     case.unfollowable = case.variant in UNFOLLOWABLE
-    case.at = plan.get("after")
+    placed = [plan.get("wrap"), plan.get("inner"), plan.get("param_cut")]
+    case.at = plan.get("after") if plan.get("after") is not None else next((p[0] for p in placed if p), None)
     tied = next((b.tied for b in blocks if b.tied), None)
     sparse = any(b.sparse for b in blocks)
+    cut_lines: dict[str, int] = {}
+    expected: set[tuple[str, str]] = set()
+    nan_forward = False
     src = HEADER.format(name=case.name, title=f"{kind}/{case.variant} under {setup}", D=D, V=V).splitlines()
     init = src  # __init__ body follows
     for b in blocks:
@@ -434,17 +470,28 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
     for p in plan.get("frozen", []):
         init.append(f"        self.{p}.requires_grad_(False)")
     src.append("")
+    for i, b in enumerate(blocks):
+        if b.method:
+            src.append(f"    {b.method[0]}")
+            inner = plan.get("inner")
+            if inner and inner[0] == i:
+                src.append(f"        {b.inner[1].format(cut=inner[1])}")
+                for p in b.inner[2]:
+                    cut_lines[p] = len(src)
+            else:
+                src.append(f"        {b.method[1]}")
+            src.append("")
     src.append("    def forward(self, x, tok):")
     src.append("        h = x")
-    cut_lines: dict[str, int] = {}
-    expected: set[tuple[str, str]] = set()
-    nan_forward = False
 
     def emit(code: str, indent: int = 8) -> int:
         src.append(" " * indent + code)
         return len(src)  # 1-based line number
 
+    grad_in = _grad_inputs(blocks, plan, kind, case.variant)
     for i, b in enumerate(blocks):
+        if b.method:
+            b.lines = [replace(b.lines[0], code=b.lines[0].code.format(reentrant=b.reentrant and grad_in[i]))]
         wrap = plan.get("wrap")
         if extra and extra[2] == i:
             _emit_extra(extra_block, extra[1], emit)
@@ -479,7 +526,7 @@ def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Ca
             continue
         inner = plan.get("inner")
         for j, line in enumerate(b.lines):
-            if inner and inner[0] == i and b.inner and b.inner[0] == j:
+            if inner and inner[0] == i and b.inner and b.inner[0] == j and not b.method:
                 n = emit(b.inner[1].format(cut=inner[1]))
                 for p in b.inner[2]:
                     cut_lines[p] = n
