@@ -18,14 +18,19 @@ $(STAMP): pyproject.toml constraints.txt
 test: venv
 	$(VPY) -m pytest -q
 
+# Trains a small model with a planted `.detach()`; GradGuard stopping it with a GradGuardError is the point.
+# Logs and gradguard_report.json: lightning_logs/demo/version_N. Then the same check as a CI preflight (exit 1).
 demo: venv
 	$(VPY) examples/train.py fit --config configs/demo.yaml
+	-$(VPY) -m lightning_gradguard check --config configs/demo.yaml --cli examples/train.py:DemoCLI --steps 1 \
+		--report lightning_logs/demo/preflight_report.json
 
 lint: venv
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
 
-# benchmarks/run.py is written separately; this target fails until it exists.
+# benchmarks/run.py: what GradGuard costs per training step (a few minutes; `--quick` for a smoke run);
+# it rewrites benchmarks/results.md, which also says how to read the numbers.
 bench: venv
 	$(VPY) benchmarks/run.py
 

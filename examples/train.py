@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -133,9 +133,13 @@ class DemoData(LightningDataModule):
 
 
 class DemoCLI(LightningCLI):
-    """LightningCLI that keeps a handle on itself: when ``fit`` raises, ``LightningCLI(...)`` never returns."""
+    """LightningCLI for the demo's model and data, that keeps a handle on itself: when ``fit`` raises,
+    ``LightningCLI(...)`` never returns. ``gradguard check --cli examples/train.py:DemoCLI`` uses it too."""
 
     last: DemoCLI | None = None
+
+    def __init__(self, model_class: Any = DemoModel, datamodule_class: Any = DemoData, *args: Any, **kwargs: Any):
+        super().__init__(model_class, datamodule_class, *args, **kwargs)
 
     def before_fit(self) -> None:
         DemoCLI.last = self
@@ -161,10 +165,24 @@ def main(args: list[str] | None = None) -> int:
         # Show it and the findings, and exit 0: the demo did its job.
         print(f"GradGuardError: {err}")
         print_findings(DemoCLI.last)
+        print(
+            "\nThis GradGuardError is the demo's point: the model plants a bug (--model.bug), and GradGuard stopped "
+            "training at the first optimizer step instead of letting it run on. Try --model.bug=none for a clean "
+            "run, or another bug (see examples/train.py)."
+        )
+        print_log_dir(DemoCLI.last)
         return 0
     if cli.subcommand == "fit":
         print_findings(cli)
+        print_log_dir(cli)
     return 0
+
+
+def print_log_dir(cli: LightningCLI | None) -> None:
+    """Say where the run's logs and GradGuard's JSON report went."""
+    log_dir = cli.trainer.log_dir if cli is not None else None
+    if log_dir:
+        print(f"Logs and GradGuard's report (gradguard_report.json): {log_dir}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import importlib
 import importlib.util
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -124,37 +123,38 @@ def run_check(
         kwargs["subclass_mode_model"] = True
     if not cli and not data:
         kwargs["subclass_mode_data"] = True
-    with tempfile.TemporaryDirectory(prefix="gradguard-check-") as scratch:
-        args = [a for c in configs for a in ("--config", c)]
-        args += list(overrides)
-        args += [
-            f"--trainer.max_steps={steps}",
-            "--trainer.max_epochs=-1",
-            "--trainer.limit_val_batches=0",
-            "--trainer.num_sanity_val_steps=0",
-            "--trainer.enable_checkpointing=false",
-            "--trainer.enable_progress_bar=false",
-            "--trainer.logger=false",
-            f"--trainer.default_root_dir={scratch}",
-        ]
+    args = [a for c in configs for a in ("--config", c)]
+    args += list(overrides)
+    args += [
+        f"--trainer.max_steps={steps}",
+        "--trainer.max_epochs=-1",
+        "--trainer.limit_val_batches=0",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.logger=false",  # the report goes to the Trainer's default_root_dir (or --report)
+    ]
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it gets `args` and sys.argv holds others
+    try:
         parsed = cli_class(args=args, **kwargs)
-        trainer = parsed.trainer
-        guards = [cb for cb in trainer.callbacks if isinstance(cb, GradGuard)]
-        if not guards:
-            guards = [GradGuard(diagnose="always", write_report=False)]
-            trainer.callbacks.append(guards[0])
-        for guard in guards:
-            guard.diagnose = "always"  # every step of the check is traced (the core is rebuilt at `setup`)
-        print(f"gradguard check: {steps} optimizer step(s) of {', '.join(configs)}, every step traced", flush=True)
-        failed: GradGuardError | None = None
-        try:
-            trainer.fit(parsed.model, datamodule=parsed.datamodule)
-        except GradGuardError as err:
-            failed = err
-        for guard in guards:
-            print(guard.report.table())
-            if report_path:
-                print(f"gradguard check: report written to {guard.report.write_json(report_path)}")
+    finally:
+        sys.argv = argv
+    trainer = parsed.trainer
+    guards = [cb for cb in trainer.callbacks if isinstance(cb, GradGuard)]
+    if not guards:
+        guards = [GradGuard()]
+        trainer.callbacks.append(guards[0])
+    for guard in guards:
+        guard.diagnose = "always"  # every step of the check is traced (the core is rebuilt at `setup`)
+        if report_path:
+            guard.report_path = guard._dashboard.report_path = report_path
+    print(f"gradguard check: {steps} optimizer step(s) of {', '.join(configs)}, every step traced", flush=True)
+    failed: GradGuardError | None = None
+    try:
+        trainer.fit(parsed.model, datamodule=parsed.datamodule)  # GradGuard prints its report at the end
+    except GradGuardError as err:
+        failed = err
     if failed is not None:
         print(f"\nGradGuardError: {failed}")
         print("gradguard check: FAILED (a finding whose action is 'raise')")

@@ -1,4 +1,6 @@
-"""What GradGuard reports: the seven finding kinds, :class:`Finding` and :class:`GradGuardError`."""
+"""What GradGuard reports: the seven finding kinds, :class:`Finding` and :class:`GradGuardError`; findings grouped
+by module for people (:func:`group_findings`), computed here once and used by every sink (warnings, errors, the run
+report)."""
 
 from __future__ import annotations
 

@@ -35,18 +35,20 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
     * just before each ``step()`` in the block of a given optimizer (with ``optimizer=None``: of any optimizer),
       over that optimizer's parameters. With several optimizers (a GAN), each judges its own parameters;
     * when the block ends, for each given optimizer that did not step although ``backward()`` ran in the block
-      (``optimizer.step()`` comes after the block; the block is one micro-batch of gradient accumulation, so
-      wrap the whole accumulation window instead to judge the summed gradients). With ``optimizer=None`` and no
-      optimizer stepping, the model's trainable parameters are judged;
+      (``optimizer.step()`` comes after the block, say). With ``optimizer=None`` and no optimizer stepping, the
+      model's trainable parameters are judged. With gradient accumulation, put the whole accumulation window in
+      one block: a block per micro-batch judges each micro-batch's gradients on their own;
     * ``orphan`` and ``stale`` when the block ends, against every optimizer given or seen stepping in it: a
-      parameter that any of them holds is never an orphan;
+      parameter that any of them holds is never an orphan (an orphan's gradient is still there then, since no
+      ``optimizer.zero_grad()`` clears it; a ``model.zero_grad()`` inside the block would);
     * with a ``scaler``, a step the :class:`torch.amp.GradScaler` skips (``scaler.step(opt)`` found inf/NaN) is
       judged at ``scaler.step``: its non-finite gradients are an overflow and stay silent while the loss scale is
       above 1; once the scale has fallen to 1 or below they are ``nonfinite`` (as in :class:`GradGuard`).
       Without ``scaler``, a step the scaler skipped counts as not taken and is judged when the block ends.
 
-    A block in which no ``backward()`` ran warns (:class:`~lightning_gradguard.GradGuardWarning`) instead of
-    passing silently. A loss without a graph raises :class:`~lightning_gradguard.GradGuardError` at
+    Under ``torch.compile`` the forward pass is not traced: findings come from the gradients alone, with
+    ``where=None``. A block in which no ``backward()`` ran warns (:class:`~lightning_gradguard.GradGuardWarning`)
+    instead of passing silently. A loss without a graph raises :class:`~lightning_gradguard.GradGuardError` at
     ``backward()`` (torch would fail there anyway), naming the parameters that were cut and where.
 
     Args:
@@ -132,10 +134,10 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         self._handle = register_optimizer_step_pre_hook(self._on_step)  # every optimizer: the ones seen matter too
         if self.scaler is not None:
             self._wrap_scaler()
-        if not self.trace:
+        core.begin_batch()
+        if not core.tracing:  # trace=False, or a compiled model: the tracer is off, but backward must be seen
             self._spy = _BackwardSpy(self._on_backward)
             self._spy.__enter__()
-        core.begin_batch()
         return self
 
     def __exit__(
@@ -145,6 +147,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         self._unhook()
         if exc_type is not None:
             core.abort()
+            self._seen = []
             return
         core.end_batch()
         try:
@@ -158,6 +161,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
             core.finish(self.step)
         finally:
             core.abort()
+            self._seen = []  # hold no optimizer (nor its tensors) the user did not give past the block
 
     def _unhook(self) -> None:
         if self._handle is not None:

@@ -77,9 +77,10 @@ def assert_gradients_flow(
         >>> assert_gradients_flow(model, lambda m: m(x).detach().pow(2).mean())
         Traceback (most recent call last):
         ...
-        lightning_gradguard.testing.GradientFlowError: Gradients do not flow to 2 parameters of Linear (1 step checked):
-          - weight: detached (...): The loss depends on `weight`, but `.detach()` at ... cuts its gradient path: ...
-          - bias: detached ...
+        lightning_gradguard.testing.GradientFlowError: Gradients do not flow to 2 parameter tensors of Linear (...):
+          - detached (...): The loss depends on every parameter of the model (2 tensors, 5 parameters), but ...
+              weight: detached
+              bias: detached
 
     In a pytest test::
 
@@ -135,10 +136,11 @@ def assert_gradients_flow(
     if failed:
         n = len({f.param for f in failed})
         head = (
-            f"Gradients do not flow to {n} parameter{'s' if n != 1 else ''} of {type(model).__name__} "
+            f"Gradients do not flow to {n} parameter tensor{'s' if n != 1 else ''} of {type(model).__name__} "
             f"({steps} step{'s' if steps != 1 else ''} checked)"
         )
-        raise GradientFlowError(str(GradGuardError.from_findings(failed, None, head)), failed)
+        sizes = getattr(check.report, "sizes", None)  # group findings by module, as the guard's own errors do
+        raise GradientFlowError(str(GradGuardError.from_findings(failed, None, head, sizes)), failed)
 
 
 def _loss_of(model: nn.Module, batch_or_loss_fn: Any) -> Callable[[int], torch.Tensor]:

@@ -335,9 +335,11 @@ def test_plain_pytorch_use_does_not_import_lightning():
     code = (
         "import sys, torch\n"
         "from lightning_gradguard import check_step\n"
+        "from lightning_gradguard.testing import assert_gradients_flow\n"
         "m = torch.nn.Linear(2, 1)\n"
         "with check_step(m) as c:\n"
         "    m(torch.ones(1, 2)).sum().backward()\n"
+        "assert_gradients_flow(m, lambda m: m(torch.ones(1, 2)).sum())\n"
         "print(len(c.findings), sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'tensorboard')))\n"
     )
     import subprocess
@@ -345,3 +347,39 @@ def test_plain_pytorch_use_does_not_import_lightning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT}, check=True)  # fmt: skip
     assert out.stdout.strip() == "0 []"
+
+
+def test_compiled_model_is_judged_from_gradients_and_its_backward_is_seen():
+    model = nn.ModuleDict({"a": torch.compile(nn.Linear(4, 1), backend="eager"), "b": nn.Linear(4, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(GradGuardWarning, match=r"b\.(weight|bias): unused"), check_step(model, opt) as chk:
+        model["a"](torch.randn(2, 4)).sum().backward()  # the step comes after the block: judged at its end
+    assert {(f.kind, f.param, f.where) for f in chk.findings} == {
+        ("unused", "b.weight", None),
+        ("unused", "b.bias", None),
+    }
+    opt.zero_grad()
+    with warnings.catch_warnings():  # nearest correct: both used
+        warnings.simplefilter("error")
+        with check_step(model, opt, strict=True) as chk:
+            (model["a"](torch.randn(2, 4)) + model["b"](torch.randn(2, 4))).sum().backward()
+            opt.step()
+    assert chk.findings == []
+
+
+def test_gradient_accumulation_window_in_one_block_judges_the_summed_gradients():
+    model = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with check_step(model, opt, strict=True) as chk:
+            for micro in range(4):  # `b` takes part in one micro-batch only: its summed gradient is usable
+                out = model["a"](torch.randn(2, 4))
+                if micro == 2:
+                    out = out + model["b"](torch.randn(2, 4))
+                out.sum().backward()
+            opt.step()
+    assert chk.findings == []
+    opt.zero_grad()
+    with pytest.raises(GradGuardError, match="b.weight: unused"), check_step(model, opt, strict=True):
+        model["a"](torch.randn(2, 4)).sum().backward()  # one micro-batch per block: judged on its own at the end

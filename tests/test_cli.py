@@ -297,6 +297,7 @@ def run_demo(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
             "configs/demo.yaml",
             *args,
             f"--trainer.default_root_dir={tmp_path / 'logs'}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
             "--trainer.enable_progress_bar=false",
         ],
         cwd=REPO,
@@ -361,6 +362,9 @@ print("help", "--trainer.callbacks.on_unused" in out.getvalue())
     ids=["package_first", "lightning_first"],
 )
 def test_short_name_resolves_in_a_fresh_script(tmp_path: Path, imports: str) -> None:
+    """The choice: `import lightning_gradguard` alone never imports Lightning (tests/test_check_step.py checks that
+    `check_step` keeps it out); GradGuard is imported right after `lightning.pytorch.cli` is (import hook), or at once
+    when Lightning is already loaded, so the parser built afterwards knows the short name in either import order."""
     script = tmp_path / "user_train.py"
     script.write_text(SHORT_NAME_SCRIPT.format(imports=imports))
     config = tmp_path / "short.yaml"
@@ -382,3 +386,46 @@ def test_short_name_resolves_in_a_fresh_script(tmp_path: Path, imports: str) -> 
     assert "'GradGuard'" in lines["plus"], proc.stdout
     assert "'GradGuard'" in lines["yaml"], proc.stdout
     assert lines["help"] == "True", proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Overrides when GradGuard is not the last callback, and `ignore` as one string
+
+
+def write_two_callbacks_yaml(tmp_path: Path, guard_last: bool) -> Path:
+    config = yaml.safe_load(DEMO_YAML.read_text())
+    monitor = {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}
+    callbacks = config["trainer"]["callbacks"]
+    config["trainer"]["callbacks"] = [*callbacks, monitor] if not guard_last else [monitor, *callbacks]
+    path = tmp_path / "two_callbacks.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_short_override_reaches_gradguard_when_it_is_last(demo: ModuleType, tmp_path: Path) -> None:
+    path = write_two_callbacks_yaml(tmp_path, guard_last=True)
+    (guard,) = guards_of(make_cli(demo, tmp_path, "--config", str(path), "--trainer.callbacks.on_unused=warn").trainer)
+    assert guard.on_unused == "warn"
+    assert guard.on_detached == "raise"  # the YAML's other init_args stay
+
+
+def test_short_override_fails_when_gradguard_is_not_last(demo: ModuleType, tmp_path: Path) -> None:
+    """The documented limit: the override goes to the last callback (here LearningRateMonitor), which rejects it."""
+    path = write_two_callbacks_yaml(tmp_path, guard_last=False)
+    with pytest.raises(SystemExit):
+        make_cli(demo, tmp_path, "--config", str(path), "--trainer.callbacks.on_unused=warn")
+
+
+def test_restating_the_callback_list_overrides_gradguard_anywhere(demo: ModuleType, tmp_path: Path) -> None:
+    path = write_two_callbacks_yaml(tmp_path, guard_last=False)
+    listing = "[{class_path: GradGuard, init_args: {on_unused: warn}}, {class_path: LearningRateMonitor}]"
+    cli = make_cli(demo, tmp_path, "--config", str(path), f"--trainer.callbacks={listing}")
+    (guard,) = guards_of(cli.trainer)
+    assert guard.on_unused == "warn"
+    assert [type(cb).__name__ for cb in cli.trainer.callbacks][:2] == ["GradGuard", "LearningRateMonitor"]
+
+
+def test_yaml_ignore_takes_one_string(demo: ModuleType, tmp_path: Path) -> None:
+    path = write_demo_yaml(tmp_path, ignore="aux.*")
+    (guard,) = guards_of(make_cli(demo, tmp_path, "--config", str(path)).trainer)
+    assert guard.ignore == ["aux.*"]

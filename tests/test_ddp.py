@@ -57,7 +57,7 @@ DDP_SCENARIOS = (
     "accumulate",
     "accumulate_last_skips",
 )
-FIND_UNUSED_SCENARIOS = ("unused_all", "unused_rank1", "accumulate_last_skips")
+FIND_UNUSED_SCENARIOS = ("unused_all", "unused_rank1", "accumulate_last_skips", "unused_rank0_detached_rank1")
 SHARDED_SCENARIOS = ("clean", "unused")
 
 
@@ -296,6 +296,28 @@ def test_ddp_find_unused_true_accumulation_is_judged_per_optimizer_step(find_unu
 
 
 @pytest.mark.ddp
+def test_ddp_find_unused_true_ranks_agree_on_detached_when_one_rank_cut_and_the_other_skipped(find_unused):
+    """The dependence rows: rank 0 never calls `aux`, rank 1 calls it and `.detach()`es it. No rank gives `aux` a
+    gradient; rank 1's traced loss depends on it, so every rank calls it `detached`, not `unused` (rank 0 alone
+    would), and raises at the same step."""
+    records = find_unused.ranks("unused_rank0_detached_rank1")
+    assert [r["status"] for r in records] == ["raised", "raised"]
+    assert {r["hook"] for r in records} == {"on_before_optimizer_step"}
+    assert [r["step"] for r in records] == [0, 0]
+    for r in records:
+        assert [(f["kind"], f["param"], f["ranks"]) for f in r["findings"]] == [
+            ("detached", "aux.weight", []),
+            ("detached", "aux.bias", []),
+        ]
+    line = where("cut on rank 1: aux", str(SCRIPTS / "run_ddp.py")).rsplit(":", 1)[1]
+    assert all(f["where"].endswith(f"run_ddp.py:{line}") for f in records[1]["findings"])  # the rank that cut it
+    assert all(f["where"] in (None, records[1]["findings"][0]["where"]) for f in records[0]["findings"])  # Limits
+    times = [r["time"] for r in records]
+    assert max(times) - min(times) < SPREAD
+    assert_all_ended(records)
+
+
+@pytest.mark.ddp
 def test_ddp_spawn_unused_on_rank1_only_raises_on_all_ranks(spawn):
     records = spawn.ranks("unused_rank1")
     assert_raised_together(records, "on_before_backward")
@@ -310,6 +332,8 @@ NAMES = ["body.0.weight", "body.0.bias", "body.2.weight", "body.2.bias", "heads.
 def assert_global_norms(records: list[dict]) -> None:
     for r in records:
         assert r["names"] == NAMES
+        assert [n for n, _, _ in r["norms"]] == NAMES, "nothing was measured (no sync object at the first step?)"
+        assert all(measured is not None for _, measured, _ in r["norms"]), "every parameter of the clean run has a norm"
         for name, measured, reference in r["norms"]:
             assert measured == pytest.approx(reference, rel=1e-5, abs=1e-7), name
     assert records[0]["norms"] == records[1]["norms"]
@@ -331,7 +355,7 @@ def test_fsdp_unused_parameter_in_a_used_unit_is_an_all_zero_gradient(fsdp):
     findings = assert_agree(records)
     assert [(f["kind"], f["param"]) for f in findings] == [("zero", "heads.aux.weight"), ("zero", "heads.aux.bias")]
     assert "it may be unused" in findings[0]["message"]
-    assert fsdp.output.count("GradGuard: heads.aux.weight: zero:") == 1  # warned by rank zero only
+    assert fsdp.output.count("GradGuard: zero: module `heads.aux`") == 1  # warned by rank zero only, one group
     assert_all_ended(records)
 
 

@@ -16,3 +16,21 @@ def test_readme_line_references_point_at_planted_bugs():
         with open(os.path.join(ROOT, path), encoding="utf-8") as fh:
             text = fh.read().splitlines()[int(line) - 1]
         assert "# BUG" in text, f"README quotes {path}:{line}, which is now: {text.strip()!r}"
+
+
+def test_readme_links_point_at_files_in_the_repo():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", fh.read())
+    local = [t for t in targets if "://" not in t and not t.startswith("mailto:")]
+    assert "docs/why-no-gradients.md" in local  # the article the README retells
+    for target in local:
+        path = os.path.normpath(os.path.join(ROOT, target))
+        assert path.startswith(ROOT + os.sep), f"README links outside the repository: {target}"
+        assert os.path.exists(path), f"README links to a missing file: {target}"
+
+
+def test_shipped_article_is_the_one_the_tests_use():
+    shipped = os.path.join(ROOT, "docs", "why-no-gradients.md")
+    tested = os.path.join(ROOT, "tests", "data", "why-no-gradients.md")
+    with open(shipped, encoding="utf-8") as a, open(tested, encoding="utf-8") as b:
+        assert a.read() == b.read()

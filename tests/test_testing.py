@@ -51,7 +51,7 @@ def test_healthy_model_passes_and_is_left_unchanged():
 
 
 def test_unused_head_fails_with_the_findings():
-    with pytest.raises(GradientFlowError, match=r"do not flow to 2 parameters of TwoHeads") as err:
+    with pytest.raises(GradientFlowError, match=r"do not flow to 2 parameter tensors of TwoHeads") as err:
         assert_gradients_flow(TwoHeads("unused"), mse)
     assert isinstance(err.value, AssertionError)
     assert {(f.kind, f.param) for f in err.value.findings} == {("unused", "aux.weight"), ("unused", "aux.bias")}

@@ -35,8 +35,8 @@ class Probe(GradGuard):
     """GradGuard that writes, on every rank, what it did to ``OUT/<tag>.rank<r>.json``: raised (in which hook) or
     finished. Subclasses add fields (``_fields``) and record raises in more hooks (``_recording``)."""
 
-    def __init__(self, out: str, tag: str) -> None:
-        super().__init__()
+    def __init__(self, out: str, tag: str, **options) -> None:
+        super().__init__(**options)
         self._out = out
         self._tag = tag
 
@@ -73,7 +73,8 @@ class Probe(GradGuard):
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_end(self, trainer, pl_module):
-        super().on_train_end(trainer, pl_module)
+        with self._recording(trainer, "on_train_end"):  # the end of `fit` reports what a short run left idle
+            super().on_train_end(trainer, pl_module)
         self._record(trainer, "finished")
 
 

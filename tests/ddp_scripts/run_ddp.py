@@ -41,6 +41,8 @@ class Net(SyntheticModule):
             out = out + self.aux(h)
         elif s == "detached":
             out = out + self.aux(h).detach()  # cut: aux
+        elif s == "unused_rank0_detached_rank1" and rank == 1:
+            out = out + self.aux(h).detach()  # cut on rank 1: aux
         elif s == "accumulate_last_skips" and batch_idx % 2 == 0:
             out = out + self.aux(h)  # only the first micro-batch of each optimizer step uses aux
         loss = ((out.squeeze(-1) - y) ** 2).mean()
@@ -67,6 +69,10 @@ class DDPProbe(Probe):
             super().on_before_backward(trainer, pl_module, loss)
 
 
+#: Scenarios run with GradGuard's default ``idle_window``: a cut is reported at once, on every rank alike.
+DEFAULT_WINDOW = ("unused_rank0_detached_rank1",)
+
+
 def strategy_for(name: str):
     if name == "ddp":
         return DDPStrategy(timeout=PG_TIMEOUT)
@@ -82,7 +88,8 @@ def main(out: str, strategy: str, scenarios: list[str]) -> None:
         trainer = make_trainer(
             out,
             strategy_for(strategy),
-            DDPProbe(out, scenario),
+            # Judge each step on its own (the scenarios are about one step), except where the default must hold too.
+            DDPProbe(out, scenario, **({} if scenario in DEFAULT_WINDOW else {"idle_window": 1})),
             max_steps=3,
             accumulate_grad_batches=2 if scenario.startswith("accumulate") else 1,
         )

@@ -80,7 +80,7 @@ class NormProbe(Probe):
     sharding library's own (see ``references``)."""
 
     def __init__(self, out: str, tag: str) -> None:
-        super().__init__(out, tag)
+        super().__init__(out, tag, idle_window=1)  # judge each step on its own: the scenarios are about one step
         self._norms: list = []
 
     def _fields(self, trainer, status, error, hook):

@@ -1,0 +1,196 @@
+"""Messages for people at scale: findings grouped by module in warnings, errors and the report; every tensor kept in
+``err.findings`` and the JSON report; warnings about the optimizer point at ``configure_optimizers``."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from conftest import make_trainer, where
+from lightning_gradguard import Finding, GradGuard, GradGuardError, GradGuardWarning, check_step
+from lightning_gradguard.findings import group_findings
+from lightning_gradguard.report import RunReport
+
+N_BLOCKS = 25
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def batches(features: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(24, features)), batch_size=8)
+
+
+class FrozenBackbone(LightningModule):
+    """A frozen 25-block backbone (100 tensors) handed to the optimizer with the trainable head."""
+
+    def __init__(self, keep_trainable: str | None = None) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(*[Block() for _ in range(N_BLOCKS)])
+        self.head = nn.Linear(8, 1)
+        self.backbone.requires_grad_(False)
+        if keep_trainable:
+            self.get_parameter(keep_trainable).requires_grad_(True)
+
+    def training_step(self, batch, batch_idx):
+        return self.head(self.backbone(batch[0])).pow(2).mean()
+
+    def configure_optimizers(self):
+        params = list(self.parameters())
+        return torch.optim.SGD(params, lr=0.1)  # OPTIMIZER
+
+    def train_dataloader(self):
+        return batches(8)
+
+
+class NanEverywhere(LightningModule):
+    """A NaN loss: 1000 tensors get a NaN gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(500))
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        for layer in self.layers:
+            x = layer(x)
+        return x.sum() * float("nan")
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return batches(2)
+
+
+def fit_recording(tmp_path, model, guard, **kwargs):
+    trainer = make_trainer(tmp_path, [guard], **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
+    return [w for w in caught if issubclass(w.category, GradGuardWarning)]
+
+
+def test_frozen_backbone_gives_one_warning_at_configure_optimizers(tmp_path):
+    guard = GradGuard(report_path=str(tmp_path / "report.json"))
+    caught = fit_recording(tmp_path, FrozenBackbone(), guard)
+
+    assert len(caught) == 1  # was one per tensor: 100 (and 438 console lines)
+    (w,) = caught
+    text = str(w.message)
+    assert "module `backbone` (100 tensors, 3.6 k parameters)" in text
+    assert len(text.splitlines()) <= 8
+    assert f"{w.filename}:{w.lineno}".endswith(where("OPTIMIZER"))  # not at `trainer.fit`
+
+    assert len(guard.findings) == 4 * N_BLOCKS  # every tensor is kept
+    table = guard.report.table()
+    assert "100 findings in 1 group" in table
+    assert len(table.splitlines()) == 4  # title, header, rule, one row
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert len(data["findings"]) == 4 * N_BLOCKS  # the JSON keeps one entry per tensor
+    assert [(g["kind"], g["module"], len(g["params"])) for g in data["groups"]] == [("frozen", "backbone", 100)]
+
+
+def test_one_trainable_tensor_splits_the_group(tmp_path):
+    """Nearest correct: `backbone` is not all frozen, so it is not one group; its frozen blocks are."""
+    guard = GradGuard()
+    caught = fit_recording(tmp_path, FrozenBackbone(keep_trainable="backbone.24.fc2.bias"), guard)
+
+    modules = {g.module for g in group_findings(guard.findings, guard.report.sizes)}
+    assert "backbone" not in modules
+    assert {f"backbone.{i}" for i in range(N_BLOCKS - 1)} | {"backbone.24.fc1", None} == modules
+    assert len(caught) == N_BLOCKS + 1  # one per group: 24 blocks, backbone.24.fc1, backbone.24.fc2.weight
+    assert not any("backbone.24.fc2.bias" in str(w.message) for w in caught)
+
+
+def test_nan_in_1000_tensors_is_a_short_error_keeping_every_tensor(tmp_path):
+    guard = GradGuard(report_path=str(tmp_path / "report.json"))
+    with pytest.raises(GradGuardError) as err:
+        make_trainer(tmp_path, [guard]).fit(NanEverywhere())
+
+    text = str(err.value)
+    assert len(text.splitlines()) <= 10  # was 2000
+    assert "every parameter of the model (1000 tensors, 3.0 k parameters)" in text
+    assert "layers.0.weight: nonfinite" in text
+    assert "... and 995 more" in text
+    assert len(err.value.findings) == 1000
+    assert {f.kind for f in err.value.findings} == {"nonfinite"}
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert len(data["findings"]) == 1000
+
+
+def test_group_findings_by_largest_module():
+    sizes = {"enc.0.weight": 6, "enc.0.bias": 2, "enc.1.weight": 6, "enc.1.bias": 2, "head.weight": 3}
+    frozen = [Finding("frozen", n, f"`{n}` is frozen.") for n in ("enc.0.weight", "enc.0.bias", "enc.1.weight")]
+    groups = group_findings([*frozen, Finding("zero", "head.weight", "")], sizes)
+    assert [(g.kind, g.module, g.params, g.numel) for g in groups] == [
+        ("frozen", "enc.0", ["enc.0.weight", "enc.0.bias"], 8),
+        ("frozen", None, ["enc.1.weight"], 6),
+        ("zero", None, ["head.weight"], 3),
+    ]
+    assert groups[0].message == "module `enc.0` (2 tensors, 8 parameters) is frozen."
+    # Without the model's layout nothing is grouped.
+    assert [g.module for g in group_findings(frozen)] == [None, None, None]
+
+
+def test_different_kinds_never_share_a_group():
+    sizes = {"m.weight": 4, "m.bias": 2}
+    groups = group_findings([Finding("unused", "m.weight", ""), Finding("detached", "m.bias", "")], sizes)
+    assert [(g.kind, g.module) for g in groups] == [("detached", None), ("unused", None)]
+
+
+@pytest.mark.filterwarnings("ignore::lightning_gradguard.GradGuardWarning")
+def test_ignore_takes_one_string_and_the_report_lists_what_it_left_out(tmp_path):
+    guard = GradGuard(ignore="backbone.*", on_frozen="raise")
+    assert guard.ignore == ["backbone.*"]
+    make_trainer(tmp_path, [guard]).fit(FrozenBackbone())  # frozen backbone ignored: no raise
+
+    assert guard.findings == []
+    table = guard.report.table()
+    assert "every parameter received" not in table
+    assert "every checked parameter received a usable gradient" in table
+    assert "100 parameter tensors not checked (ignore=['backbone.*'])" in table
+    data = guard.report.to_dict()
+    assert data["ignore"] == ["backbone.*"]
+    assert len(data["ignored"]) == 100
+
+
+def test_clean_report_without_ignore_claims_every_parameter(tmp_path):
+    guard = GradGuard()
+    model = FrozenBackbone()
+    model.backbone.requires_grad_(True)
+    make_trainer(tmp_path, [guard]).fit(model)
+    assert guard.report.table() == "GradGuard: every parameter received a usable gradient."
+
+
+def test_check_step_accepts_one_ignore_string():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with check_step(model, opt, ignore="0.*") as chk:
+        loss = model[1](torch.ones(1, 2)).sum()  # model[0] unused, but ignored
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert chk.findings == []
+
+
+def test_report_reads_back_its_groups(tmp_path):
+    report = RunReport()
+    report.set_model(["a.w", "a.b", "c"], [3, 1, 2])
+    report.add([Finding("unused", "a.w", "`a.w` unused."), Finding("unused", "a.b", "`a.b` unused.")])
+    path = report.write_json(tmp_path / "r.json")
+    again = RunReport.read_json(path)
+    assert again.table() == report.table()
+    assert "module `a` (2 tensors, 4 parameters)" in again.table()
