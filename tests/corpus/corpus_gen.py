@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field, replace
 
-__all__ = ["BUG_KINDS", "SETUPS", "Case", "generate"]
+__all__ = ["BUG_KINDS", "N_SEEDS", "SETUPS", "VARIANTS", "Case", "generate"]
 
 D, V = 16, 12  # features, vocabulary
 
@@ -430,11 +430,40 @@ def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict
 
 
 # --------------------------------------------------------------------------- writer
+VARIANTS: dict[str, list[str]] = {
+    "none": ["healthy", "idle_branch", "frozen_filtered", "ema", *DECOYS],
+    "detached": ["head_detach", "weight_data", "weight_copy", "checkpoint_reentrant", *INNER_CUTS, *NO_GRAD, *CUTS],
+    "unused": ["never_called", "untaken_branch", "discarded"],
+    "frozen": ["frozen_block", "frozen_tensor"],
+    "orphan": ["head_missing", "block_missing"],
+    "stale": ["copy_head", "copy_model"],
+    "nonfinite": list(NONFINITE),
+    "zero": list(ZERO),
+}
+#: Every (kind, variant, setup) a case can have: seeds from WALK_START on take them in turn.
+WALK = [(k, v, s) for k, vs in VARIANTS.items() for v in vs for s in SETUPS
+        if not (v == "idle_branch" and not s.startswith("lit"))
+        and not (v == "copy_model" and "scaler" in s)]  # fmt: skip
+WALK_START = N_RANDOM + 4 * len(SETUPS) * (len(BUG_KINDS) + 1)
+N_SEEDS = WALK_START + len(WALK)
+
+
 def generate(seed: int, kind: str | None = None, setup: str | None = None) -> Case:
     """The case of ``seed``: its kind (``None``: drawn, ~30 % healthy, ~40 % of the rest ``detached`` since cuts
-    have the most variants) and setup (``None``: drawn)."""
-    rng = random.Random(seed)
-    if seed >= N_RANDOM and kind is None and setup is None:
+    have the most variants) and setup (``None``: drawn). Seeds from ``N_RANDOM`` on walk every (kind, setup) pair;
+    from ``WALK_START`` on, every (kind, variant, setup) of :data:`WALK` (drawn until the variant comes)."""
+    if WALK_START <= seed < N_SEEDS and kind is None and setup is None:
+        kind, want, setup = WALK[seed - WALK_START]
+        for attempt in range(5000):
+            case = _generate(seed, kind, setup, random.Random(seed * 10_000 + attempt))
+            if case.variant == want:
+                return case
+        raise RuntimeError(f"corpus_gen: no {kind}/{want} under {setup} in 5000 draws")
+    return _generate(seed, kind, setup, random.Random(seed))
+
+
+def _generate(seed: int, kind: str | None, setup: str | None, rng: random.Random) -> Case:
+    if N_RANDOM <= seed < WALK_START and kind is None and setup is None:
         j = seed - N_RANDOM
         setup = SETUPS[j % len(SETUPS)]
         kind = ("none", *BUG_KINDS)[j // len(SETUPS) % (len(BUG_KINDS) + 1)]

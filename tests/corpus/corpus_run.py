@@ -29,15 +29,15 @@ import torch.nn.functional as F  # noqa: E402, N812
 from lightning.pytorch import LightningModule, Trainer  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from corpus_gen import BUG_KINDS, N_RANDOM, SETUPS, Case, generate  # noqa: E402
+from corpus_gen import BUG_KINDS, N_SEEDS, Case, generate  # noqa: E402
 
 from lightning_gradguard import GradGuard, GradGuardError, check_step  # noqa: E402
 
 __all__ = ["N_CASES", "Result", "run_case", "score"]
 
-#: The corpus: seeds 0..N_CASES-1. The first N_RANDOM draw kind and setup (about 30 % healthy); the rest walk
-#: every (kind, setup) pair four times.
-N_CASES = N_RANDOM + 4 * len(SETUPS) * (len(BUG_KINDS) + 1)
+#: The corpus: seeds 0..N_CASES-1. The first N_RANDOM draw kind and setup (about 30 % healthy); the next walk
+#: every (kind, setup) pair four times, the last every (kind, variant, setup) once.
+N_CASES = N_SEEDS
 KINDS = ("none", *BUG_KINDS)
 
 
@@ -495,8 +495,8 @@ def render(results: list[tuple[Result, str]], elapsed: float) -> str:
     if not classes:
         out.append("None.")
     for fc, items in sorted(classes.items(), key=lambda kv: -len(kv[1])):
-        seeds = ", ".join(str(r.case.seed) for r, _ in items[:12])
-        out.append(f"- **{fc}** — {len(items)} model(s); seeds {seeds}{' ...' if len(items) > 12 else ''}")
+        seeds = ", ".join(str(r.case.seed) for r, _ in items)
+        out.append(f"- **{fc}** — {len(items)} model(s); seeds {seeds}")
         if fc.startswith("crash"):
             kinds = Counter(f"{r.case.kind}/{r.case.variant} under {r.case.setup}" for r, _ in items)
             out.append(f"  - cases: {', '.join(f'{k} ({n})' for k, n in kinds.most_common(8))}")
