@@ -330,6 +330,7 @@ def score(results: list[tuple[Result, str]]) -> dict:
         "kinds_ok": sum(r.kinds_ok for r in buggy),
         "params_ok": sum(r.params_ok for r in buggy),
         "healthy_fp": sum(bool(r.got) for r in healthy),
+        "hedged_ok": sum(r.kinds_ok and r.judged != r.got for r in buggy),
         "crashes": sum(r.crash is not None for r, _ in results),
         "where_right": where_right,
         "where_total": where_total,
@@ -413,14 +414,15 @@ def main(argv: list[str] | None = None) -> int:
 ABOUT = """\
 Each model is Python source generated from a seed (`tests/corpus/corpus_gen.py`) and imported from a file, so the
 `path:line` of every cut is known. A trunk of 2-4 blocks (linear, optionally under non-reentrant activation
-checkpointing; residual MLP; Conv1d; multi-head attention; GRU/LSTM/RNN; embedding, dense with a tied head or
-`sparse=True`; soft routing over two experts; LayerNorm; BatchNorm; dropout) feeds a linear head. One bug is planted
-at a random place, or none; the ground truth (kinds, parameter names, and the line of each cut) follows from the
-construction, never from running the guard. Healthy models include decoys that look like bugs but are not (a
-`.detach()`-ed batch mean subtracted, `.item()`/numpy only for logging, a `no_grad` statistic, `torch.where`
-on a comparison, a one-hot of `argmax` multiplying `h`, a frozen block left out of the optimizer, a trainable EMA
-copy of the head updated under `no_grad` and in no optimizer) and, under Lightning, a branch taken on every other
-batch (idle, not unused, inside GradGuard's `idle_window`).
+checkpointing; residual MLP, also as a method of the model under reentrant or non-reentrant checkpointing; Conv1d;
+multi-head attention; GRU/LSTM/RNN; embedding, dense with a tied head or `sparse=True`; soft routing over two
+experts; LayerNorm; BatchNorm; dropout) feeds a linear head. One bug is planted at a random place, or none; the
+ground truth (kinds, parameter names, and the line of each cut) follows from the construction, never from running
+the guard. Healthy models include decoys that look like bugs but are not (a `.detach()`-ed batch mean subtracted,
+`.item()`/numpy only for logging, a `no_grad` statistic, `torch.where` on a comparison, a one-hot of `argmax`
+multiplying `h`, a frozen block left out of the optimizer, a trainable EMA copy of the head updated under `no_grad`
+and in no optimizer) and, under Lightning, a branch taken on every other batch (idle, not unused, inside GradGuard's
+`idle_window`).
 
 Setups: `plain` (`check_step(model, opt)`, 1-2 blocks), `plain-bf16` (autocast), `plain-accum` (two micro-batches),
 `plain-clip` (`clip_grad_norm_` before the step: a NaN then reaches every gradient), `plain-2opt`
@@ -428,12 +430,12 @@ Setups: `plain` (`check_step(model, opt)`, 1-2 blocks), `plain-bf16` (autocast),
 (float16 autocast, `GradScaler`, `check_step(..., scaler=)`, 20 steps: a NaN counts once the scale has fallen to 1);
 `lit` (Trainer, 4 steps), `lit-bf16` (`bf16-mixed`), `lit-accum` (`accumulate_grad_batches=2`), `lit-clip`
 (`gradient_clip_val`), `lit-manual2` (manual optimization, two optimizers), `lit-long` (20 steps, beyond the idle
-window), `lit-always` (`diagnose="always"`). GradGuard runs with every action `"warn"`; a loss
-without a graph raises `GradGuardError`, whose findings are scored. A planted NaN runs one step (the update spreads
-it to every parameter). Bugs: cuts after a block (`.detach()`, `.data`, `detach_()`, numpy round trips, `.item()`/
+window), `lit-always` (`diagnose="always"`). GradGuard runs with every action `"warn"`; a loss without a graph
+raises `GradGuardError`, whose findings are scored. A planted NaN runs one step (the update spreads it to every
+parameter). Bugs: cuts after a block (`.detach()`, `.data`, `detach_()`, numpy round trips, `.item()`/
 `float()`/`.tolist()` re-wrapped with or without Python/`math`/numpy arithmetic, `torch.Tensor(list)`,
-`nn.Parameter`, copied leaves, `deepcopy`, comparisons, `argmax`/`topk`/`gather` indices, integer casts), cuts inside
-a block (residual branch, attention, embedding term, router), `no_grad`/`set_grad_enabled(False)`/
+`nn.Parameter`, copied leaves, `deepcopy`, comparisons, `argmax`/`topk`/`gather` indices, integer casts), cuts
+inside a block (residual branch, attention, embedding term, router), `no_grad`/`set_grad_enabled(False)`/
 `inference_mode` around a block, `.data`/copy of one weight, a reentrant checkpoint without grad inputs, a cut after
 the head; never-called module, branch never taken, discarded output; frozen weights in the optimizer; a block or the
 head missing from the optimizer; an optimizer over a copy of the head or the model; NaN/Inf gradients (custom
@@ -456,7 +458,8 @@ def render(results: list[tuple[Result, str]], elapsed: float) -> str:
         "",
         "## Result",
         "",
-        f"- right kinds: {s['kinds_ok']}/{s['buggy']} buggy models",
+        f"- right kinds: {s['kinds_ok']}/{s['buggy']} buggy models (counting {s['hedged_ok']} `str` round trips "
+        "reported `unused` with a message that says the value left torch)",
         f"- right kinds and parameters: {s['params_ok']}/{s['buggy']}",
         f"- right `where` (detached parameters): {s['where_right']}/{s['where_total']} "
         f"({s['cut_cases_ok']}/{s['cut_cases']} models with a cut)",
