@@ -318,6 +318,7 @@ def classify(
     *,
     overflow_ok: bool = False,
     defer: bool = False,
+    skip_empty: bool = True,
 ) -> tuple[list[Finding], list[tuple[int, str]]]:
     """Findings for one optimizer step.
 
@@ -329,6 +330,8 @@ def classify(
         overflow_ok: non-finite gradients are an AMP overflow the grad scaler skips: not findings.
         defer: on an untraced step, return parameters that lack a gradient (or whose gradient is zero) as
             *pending* instead of classifying them, so that a traced step can explain them.
+        skip_empty: parameters with no elements have nothing to learn: never findings. Pass ``False`` where a
+            parameter is a rank's local view of a sharded one (FSDP1 ``use_orig_params``), which may be empty.
 
     Returns:
         ``(findings, pending)``: ``pending`` holds ``(index bit, "missing" | "zero")`` left for a traced step.
@@ -356,6 +359,8 @@ def classify(
                 )
             )
             continue
+        if skip_empty and p.numel() == 0:
+            continue  # nothing to learn: its gradient, if any, is empty (all zero, trivially)
         if i in zero and received is not None and id(p) not in received and _stale_zero(facts, bit):
             missing.add(i)  # a zeroed gradient left from an earlier step (`zero_grad(set_to_none=False)`)
             zero.discard(i)
@@ -444,9 +449,8 @@ def find_orphans(index: ParamIndex, outside: Sequence[int], step: int, *, need_g
         if not p.requires_grad or (need_grad and p.grad is None):
             continue
         name = index.names[bit]
-        findings.append(
-            _finding("orphan", name, f"`{name}` receives gradients, but no optimizer holds it: it is never updated.", step)
-        )
+        message = f"`{name}` receives gradients, but no optimizer holds it: it is never updated."
+        findings.append(_finding("orphan", name, message, step))
     return findings
 
 

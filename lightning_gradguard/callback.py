@@ -44,6 +44,10 @@ class GradGuard(Callback):
     ``zero``      gradient exactly zero everywhere                                         warn
     ============  ========================================================================  =======
 
+    Idle is not dead: a missing or all-zero gradient becomes ``unused`` or ``zero`` only after ``idle_window``
+    checked steps in a row (routing, LayerDrop and stochastic depth skip parts on some steps by design); until then
+    the part is *idle*, and the run report shows each idle module's share of steps (``report.idle_shares()``).
+
     Gradients are judged at ``on_before_optimizer_step``: accumulated over micro-batches, AMP-unscaled, before
     clipping, for the parameters of the optimizer that steps. The always-on check is one fused norm pass with one
     host sync; the forward pass is traced (to tell *detached* from *unused* and find the line) only on the steps

@@ -12,6 +12,7 @@ Adapters call :meth:`GuardCore.begin_batch` / :meth:`GuardCore.end_batch` around
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from ._frames import user_stacklevel
 from .audit import (
     GradStats,
     StepFacts,
@@ -30,10 +32,10 @@ from .audit import (
     measure_grads,
     walk_graph,
 )
-from .findings import HINTS, Finding, GradGuardError
+from .findings import HINTS, Finding, GradGuardError, group_findings
 from .history import MAX_TRACED_STEPS, History
 from .params import ParamIndex, module_of, optimizer_layout, optimizer_params
-from .policy import Policy
+from .policy import GradGuardWarning, Policy
 from .report import RunReport
 from .trace import LossFacts, Tracer
 
@@ -119,8 +121,8 @@ class GuardCore:
         self._armed = diagnose != "never"
         self._losses: list[_Loss] = []
         self._pending: dict[int, tuple[int, str]] = {}
-        self._known: dict[int, Finding] = {}  # what a traced step found for a parameter lacking a gradient
         self._probing: set[str] = set()  # newly idle parameters the next traced step is to look at
+        self._runs: dict[tuple[str, str], int] = {}  # findings of this step that end a run: its length
         self._consistency_key: tuple[Any, ...] | None = None
         self._stale: list[Finding] = []  # stale tensors of the current optimizer layout
         self._outside: list[int] = []  # bits of the parameters no optimizer of the current layout holds
@@ -141,7 +143,6 @@ class GuardCore:
         self.index = index
         self.tracer = Tracer(index, on_backward=on_backward)
         self._consistency_key = None
-        self._known.clear()
         self.report.set_model(index.names, [p.numel() for p in index.params], self.policy)  # to group findings
 
     def params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -298,7 +299,10 @@ class GuardCore:
                 facts = self.dist.merge_facts(facts)
             overflow_ok = bool(stats.nonfinite) and scaler is not None and float(scaler.get_scale()) > 1.0
             defer = self.diagnose in ("on_finding", "always") and self.can_trace
-            found, pending = classify(index, stats, facts, step, overflow_ok=overflow_ok, defer=defer)
+            sharded = self.dist is not None and bool(self.dist.sharded)
+            found, pending = classify(
+                index, stats, facts, step, overflow_ok=overflow_ok, defer=defer, skip_empty=not sharded
+            )
             found, due = self._window(found, pending, facts, step, lacking)
             findings += self._settle_pending(found, due, facts, step)
         if traced_step and self._probing:
@@ -309,13 +313,31 @@ class GuardCore:
         if self.dist is not None:
             findings = self.dist.combine(findings, step)
         kept = self.policy.keep(findings)
-        new = self.report.add(kept)
-        if new and traced_step:
-            for line in module_view(index, new):
-                self.report.note(line)
+        new = self._add(kept)
+        if new:
+            self._note_modules(new)
         self._arm_after_check(new, traced_step, step)
         self.policy.enforce(kept, step, context)
         return stats
+
+    def _add(self, kept: list[Finding]) -> list[Finding]:
+        """Add ``kept`` to the report; a new finding that ends a run of steps counts every step of the run."""
+        new = self.report.add(kept)
+        if self._runs:
+            if new:
+                runs = {key: run for key, run in self._runs.items() if run > 1}
+                for entry in self.report.entries:
+                    if entry.finding.key in runs and entry.count == 1:
+                        entry.count = runs[entry.finding.key]
+            self._runs.clear()
+        return new
+
+    def _note_modules(self, new: list[Finding]) -> None:
+        """Report notes for modules all of whose parameters a traced step explained alike (see :func:`module_view`)."""
+        assert self.index is not None
+        traced = {f.key for f in self.history.known.values()}
+        for line in module_view(self.index, [f for f in new if f.key in traced]):
+            self.report.note(line)
 
     def _names_among(self, params: Sequence[torch.Tensor]) -> list[str]:
         index = self.index
@@ -363,11 +385,11 @@ class GuardCore:
             if f.kind not in ("unused", "detached", "zero"):
                 out.append(f)
                 continue
-            bit = index.bit_of[f.param]
             first, run = history.lack(f.param, step, "zero" if f.kind == "zero" else "missing")
+            first = first if window > 1 else step
             lacking.add(f.param)
             if facts.traced:
-                self._known[bit] = f
+                history.known[f.param] = f
                 history.looked.add(f.param)
             if f.kind == "detached" or (f.kind == "zero" and f.where is not None):
                 out.append(f)  # not control flow: at once
@@ -377,6 +399,7 @@ class GuardCore:
         for bit, reason in pending:
             name = index.names[bit]
             first, run = history.lack(name, step, reason)
+            first = first if window > 1 else step
             lacking.add(name)
             if run >= window:
                 due.append((bit, reason, first))
@@ -386,6 +409,7 @@ class GuardCore:
 
     def _dead(self, f: Finding, first: int, run: int) -> Finding:
         """``f`` as the finding of a run of ``run`` steps without a usable gradient, dated to its ``first`` step."""
+        self._runs[f.key] = run
         if self.history.window <= 1:
             return replace(f, step=first)
         return replace(f, step=first, message=(
@@ -413,33 +437,41 @@ class GuardCore:
                         "(traced) step."
                     )))  # fmt: skip
                 else:
+                    then = f"on step {first} only" if self.history.window <= 1 else "on those steps only"
                     out.append(replace(explain_missing(name, bit, facts, first), where=None, message=(
                         f"`{name}` received no gradient {self._since(first, step)}, but did at the next (traced) "
-                        f"step: something on step {first} only left it out (a data-dependent branch that skipped it, "
-                        "or a cut taken on that step only); set diagnose='always' to name the line."
+                        f"step: something {then} left it out (a data-dependent branch that skipped it, or a cut taken "
+                        "on that step only); set diagnose='always' to name the line."
                     ), kind="unused", hint=HINTS["unused"]))  # fmt: skip
             self._pending.clear()
         for bit, reason, first in due:
-            known = self._known.get(bit)
             name = index.names[bit]
+            known = self.history.known.get(name)
             if known is not None and (known.kind == "zero") == (reason == "zero"):
                 out.append(self._dead(known, first, self.history.run_length(name)))  # explained before: no trace
-            elif self._may_trace(name):
+            elif self._may_trace(name, known is not None):
                 self._pending.setdefault(bit, (first, reason))
             else:  # explained before, or no trace left: say what the gradients show
                 untraced = StepFacts(compiled=self.compiled)
-                f = explain_missing(name, bit, untraced, step) if reason == "missing" else explain_zero(
-                    name, bit, untraced, step
+                f = (
+                    explain_missing(name, bit, untraced, step)
+                    if reason == "missing"
+                    else explain_zero(name, bit, untraced, step)
                 )
                 out.append(self._dead(f, first, self.history.run_length(name)))
         return out
 
     def _since(self, first: int, step: int) -> str:
-        return f"at step {first}" if self.history.window <= 1 else f"on every checked step from {first} to {step}"
+        if self.history.window <= 1:
+            return f"at step {first}"
+        return f"on every checked step from {first} to {step - 1} ({self.history.window} in a row)"
 
-    def _may_trace(self, name: str) -> bool:
-        """A trace may still explain ``name``: tracing is possible, and it was never looked at by a traced step."""
-        if self.diagnose not in ("on_finding", "always") or not self.can_trace or name in self.history.looked:
+    def _may_trace(self, name: str, other_reason: bool = False) -> bool:
+        """A trace may still explain ``name``: tracing is possible, and no traced step looked at it (or only at a
+        gradient lacking for the other reason, ``other_reason``: all zero instead of none, or the reverse)."""
+        if self.diagnose not in ("on_finding", "always") or not self.can_trace:
+            return False
+        if name in self.history.looked and not other_reason:
             return False
         if self.diagnose == "always":
             return True
@@ -481,22 +513,39 @@ class GuardCore:
         findings = []
         for bit, (first, reason) in self._pending.items():
             f = explain[reason](index.names[bit], bit, facts, first)
-            findings.append(self._dead(self._known.get(bit, f), first, self.history.run_length(index.names[bit])))
+            known = self.history.known.get(f.param, f)
+            findings.append(self._dead(known, first, self.history.run_length(f.param)))
         self._pending.clear()
+        short = []  # never usable in a run shorter than the window: warned about, never raised
+        window = self.history.window
         for name, first, run, reason in self.history.never_usable():
             bit = index.bit_of.get(name)
-            if bit is None or run >= self.history.window:
+            if bit is None or run >= window:
                 continue  # reported when the run reached the window
-            known = self._known.get(bit)
-            f = known if known is not None else explain[reason](name, bit, facts, first)
-            findings.append(replace(f, step=first, message=(
-                f"{f.message} It got no usable gradient on any of the {run} checked steps of the run."
+            known = self.history.known.get(name)
+            if known is None or (known.kind == "zero") != (reason == "zero"):
+                known = explain[reason](name, bit, facts, first)
+            self._runs[known.key] = run
+            short.append(replace(known, step=first, message=(
+                f"{known.message} It got no usable gradient on any of the {run} checked steps of the run, fewer "
+                f"than idle_window={window}: too few to tell a dead part from one idle by design (routing, "
+                "LayerDrop), so this is a warning."
             )))  # fmt: skip
-        if not findings:
-            return
         kept = self.policy.keep(findings)
-        self.report.add(kept)
+        kept_short = self.policy.keep(short)
+        if not kept and not kept_short:
+            return
+        self._note_modules(self._add(kept + kept_short))
+        self._warn(kept_short)
         self.policy.enforce(kept, step)
+
+    def _warn(self, findings: list[Finding]) -> None:
+        """Warn once per group of ``findings`` (as :meth:`Policy.enforce` does), whatever their kind's action."""
+        new = [f for f in findings if f.key not in self.policy.warned]
+        for group in group_findings(new, self.policy.sizes):
+            self.policy.warned.update(f.key for f in group.findings)
+            text = "GradGuard: " + "\n".join(group.lines())
+            warnings.warn(text, GradGuardWarning, stacklevel=user_stacklevel(2))
 
     @property
     def findings(self) -> list[Finding]:

@@ -7,13 +7,22 @@ the same names). Work per step is proportional to the parameters lacking a usabl
 *idle* on that step while its current run of such steps is shorter than ``window`` checked steps (counting from the
 start of training); once the run reaches ``window`` it is a finding (``unused``, ``zero``). Routing that sends no
 token to an expert, LayerDrop and stochastic depth make parts idle on some steps and train fine; a part that gets
-nothing on ``window`` checked steps in a row, from the first step on, is dead.
+nothing on ``window`` checked steps in a row, from the first step on, is dead. A run of fit shorter than the window
+reports, at its end, the parameters that got no usable gradient on any of its steps. Not control flow, so reported
+at once whatever the window: ``detached`` (a traced step shows the loss depends on the parameter through a cut),
+and an all-zero gradient that a traced step blames on a zero-derivative op. Under DDP with
+``find_unused_parameters=False`` a skipped parameter is named at once by ``distributed.py`` (DDP itself would fail
+on the next step).
 
 With the default ``window = 16``, a LayerDrop-0.1 layer (dropped on each step independently with probability 0.1)
 has a run of 16 drops starting at a given step with probability ``0.9 * 0.1**16 = 9e-17``; over a million steps
 the chance of a false alarm is about ``1e6 * 9e-17 = 9e-11`` per layer (2e-9 for a 24-layer wav2vec2). A part
-dropped with probability ``p`` has about ``1e6 * (1 - p) * p**16`` false alarms in a million steps: 4e-3 for
-``p = 0.3``, 15 for ``p = 0.5`` (raise ``idle_window`` for such models).
+dropped with probability ``p`` has about ``1e6 * (1 - p) * p**16`` false alarms in a million steps: 3e-3 for
+``p = 0.3``, 8 for ``p = 0.5`` (raise ``idle_window`` for such models: 40 brings ``p = 0.5`` to 5e-7).
+
+A persistently idle part (a dead expert after a routing collapse) gets no warning of its own: idle on 95 % of
+steps, a run of 16 (``0.95**16 = 0.44`` at each start) comes within a few dozen steps and makes it a finding; below
+that, its share in :meth:`History.idle_shares` (the run report, and TensorBoard) shows it.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .findings import Finding
 from .params import module_of
 
 __all__ = ["DEFAULT_WINDOW", "MAX_TRACED_STEPS", "History"]
@@ -43,8 +53,8 @@ class History:
 
     Attributes:
         traced_steps: optimizer steps whose forward pass was traced.
-        budget_spent: the step at which ``MAX_TRACED_STEPS`` stopped a trace that would have explained a finding,
-            or ``None``.
+        budget_spent: the check (counting checked optimizer steps from 1) at which ``MAX_TRACED_STEPS`` first
+            stopped a trace that was wanted, or ``None``.
     """
 
     def __init__(self, window: int = 1) -> None:
@@ -56,6 +66,8 @@ class History:
         self._idle: dict[str, int] = {}  # name -> checked steps without a usable gradient
         self._gaps: dict[str, list[Any]] = {}  # name -> [first step of the current run, its length, last reason]
         self.looked: set[str] = set()  # a traced step looked at it while (or just after) it lacked a gradient
+        #: What a traced step found for a parameter lacking a usable gradient (reused instead of tracing again).
+        self.known: dict[str, Finding] = {}
 
     # ------------------------------------------------------------------ per step
     def count_check(self, params: Sequence[torch.Tensor], names_of: Any) -> set[str]:
@@ -169,6 +181,7 @@ class History:
             "traced_steps": self.traced_steps,
             "budget_spent": self.budget_spent,
             "looked": sorted(self.looked),
+            "known": [f.to_dict() for f in self.known.values()],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -186,3 +199,7 @@ class History:
         spent = state.get("budget_spent")
         self.budget_spent = None if spent is None else int(spent)
         self.looked = set(state.get("looked", []))
+        self.known = {}
+        for row in state.get("known", []):
+            f = Finding.from_dict(row)
+            self.known[f.param] = f

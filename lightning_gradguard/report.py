@@ -243,7 +243,8 @@ class RunReport:
         ignored = self.ignored_line()
         if not self._entries:
             text = "**" + self._clean_text().replace("GradGuard:", "GradGuard:**", 1)
-            return text + "".join(f"\n\n{_md_cell(n)}" for n in [*self.notes, *([ignored] if ignored else [])])
+            notes = "".join(f"\n\n{_md_cell(n)}" for n in [*self.notes, *([ignored] if ignored else [])])
+            return text + notes + self._idle_markdown()
         n = len(self._entries)
         lines = [
             f"**GradGuard run report:** {n} finding{'s' if n != 1 else ''}",
@@ -257,7 +258,15 @@ class RunReport:
             cells = (name, g.kind, where, str(first), str(count), _md_cell(g.message), _md_cell(g.hint))
             lines.append("| " + " | ".join(cells) + " |")
         lines += [f"\n{_md_cell(n)}" for n in [*self.notes, *([ignored] if ignored else [])]]
-        return "\n".join(lines)
+        return "\n".join(lines) + self._idle_markdown()
+
+    def _idle_markdown(self) -> str:
+        shares = self.idle_shares()
+        if not shares:
+            return ""
+        rows = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
+        cells = ", ".join(f"`{m or '(root)'}` {v:.1%}" for m, v in rows)
+        return f"\n\n**Idle** (share of checked steps without a usable gradient, not a finding): {cells}"
 
 
 def _md_cell(text: str) -> str:

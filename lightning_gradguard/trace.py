@@ -88,6 +88,13 @@ _ZERO_DERIVATIVE = frozenset({"round", "round_", "floor", "floor_", "ceil", "cei
 _SKIP_OUTPUT = frozenset({"backward", "register_hook", "register_post_accumulate_grad_hook", "__bool__", "size",
                           "dim", "numel", "__len__", "__repr__", "__format__", "__str__"})  # fmt: skip
 
+#: Ops that need more than "one tensor out, masks of the inputs": everything else takes the fast path.
+_SPECIAL = (
+    _SKIP_OUTPUT | _ESCAPES | _ZERO_DERIVATIVE | _CREATORS | {"__get__", "__setitem__", "requires_grad_", "detach",
+                                                               "detach_"}
+)  # fmt: skip
+_is_compiling = torch.compiler.is_compiling
+
 #: Frames of this file run a reentrant checkpoint's forward under no_grad.
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
@@ -219,7 +226,8 @@ class Tracer(TorchFunctionMode):
         # id -> (the object, or a weak reference to an array; dep; cuts). Python numbers and lists hold no tensor.
         self._escapes: dict[int, tuple[object, int, int]] = {}
         self._ptrs: dict[int, tuple[int, int]] = {}  # data pointer of an escaped array -> (dep, cuts)
-        self._cut_ptrs: dict[int, tuple[int, int]] = {}  # data pointer of a traced value without gradient path
+        # data pointer of a traced value without a gradient path -> (dep, cuts, its shape)
+        self._cut_ptrs: dict[int, tuple[int, int, torch.Size]] = {}
         self._numpy = (0, 0)  # (dep, cuts) of everything that went to numpy this step
         self._pynum = (0, 0)  # (dep, cuts) of everything that left torch as a Python number this step
         self._pyvals: dict[float, tuple[int, int]] = {}  # non-integer floats that escaped, by value
@@ -227,6 +235,7 @@ class Tracer(TorchFunctionMode):
         self.sites: list[CutSite] = []
         self._exits: dict[tuple[str, str | None], CutSite] = {}
         self.seen = 0
+        self._escaping = False  # a value left torch this step: non-tensor arguments are worth a look
         self._losses: list[weakref.ref] = []
         # One entry per no-grad region entered from user code: (id of its frame, its code object, its `path:line`).
         self._grad_off: list[tuple[int, object, str | None]] = []
@@ -311,8 +320,8 @@ class Tracer(TorchFunctionMode):
         except (RuntimeError, NotImplementedError):  # tensors without storage (functional wrappers, meta)
             return _ZERO
         if t.requires_grad and t.is_leaf:  # a new leaf, e.g. `nn.Parameter(h.detach().clone())`
-            hit = self._cut_ptrs.get(ptr)
-            return self._new_leaf(hit[0], hit[1]) if hit is not None else _ZERO
+            hit = self._cut_ptrs.get(ptr)  # same memory and shape: not a later tensor that reuses freed memory
+            return self._new_leaf(hit[0], hit[1]) if hit is not None and hit[2] == t.shape else _ZERO
         if t.device.type != "cpu":
             return _ZERO
         hit = self._ptrs.get(ptr)
@@ -362,7 +371,7 @@ class Tracer(TorchFunctionMode):
         self._prov[id(t)] = (weakref.ref(t), dep, grad, cuts)
         if dep and not grad:  # a value without a gradient path: a new leaf sharing its memory is a copy of it
             try:  # noqa: SIM105 - cheaper than contextlib.suppress on a hot path
-                self._cut_ptrs[t.data_ptr()] = (dep, cuts)
+                self._cut_ptrs[t.data_ptr()] = (dep, cuts, t.shape)
             except (RuntimeError, NotImplementedError):
                 pass
 
@@ -440,7 +449,7 @@ class Tracer(TorchFunctionMode):
                     dep |= d
                     grad |= g
                     cuts |= c
-        if self._escapes or self._numpy[0] or self._pynum[0]:
+        if self._escaping:
             hit = self._escaped(a)
             if hit is not None:
                 dep |= hit[0]
@@ -448,43 +457,69 @@ class Tracer(TorchFunctionMode):
         return dep, grad, cuts
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: C901 - one hot loop, kept flat
-        if kwargs is None:
-            kwargs = {}
-        if self.paused or torch.compiler.is_compiling():
-            return func(*args, **kwargs)
+        if self.paused or _is_compiling():
+            return func(*args, **kwargs) if kwargs else func(*args)
         name = getattr(func, "__name__", "")
         if name == "_set_grad_enabled":
-            return self._grad_mode(func, args, kwargs)
+            return self._grad_mode(func, args, kwargs or {})
         if name == "backward" and self.on_backward is not None and args and isinstance(args[0], _TENSOR):
             self.on_backward(args[0])
+        if name in _SKIP_OUTPUT or (name == "__get__" and getattr(func, "__self__", None) is not _DATA_DESCRIPTOR):
+            return func(*args, **kwargs) if kwargs else func(*args)  # no value flows: `.shape`, `.size()`, ...
 
+        # The masks of the inputs: parameters and traced tensors inline (the common case), the rest in `_lookup`.
+        params = self._params
+        prov = self._prov
+        escaping = self._escaping
         dep = grad = cuts = 0
         for a in args:
             if isinstance(a, _TENSOR):
+                i = params.get(id(a))
+                if i is not None:
+                    dep |= 1 << i
+                    if a.requires_grad:
+                        grad |= 1 << i
+                    continue
+                r = prov.get(id(a))
+                if r is not None and r[0]() is a:
+                    dep |= r[1]
+                    grad |= r[2]
+                    cuts |= r[3]
+                    continue
                 d, g, c = self._lookup(a)
-            elif isinstance(a, (int, bool, str)) or a is None:
-                continue
-            else:
+            elif escaping or isinstance(a, (list, tuple)):
                 d, g, c = self._scan(a)
+            else:
+                continue
             dep |= d
             grad |= g
             cuts |= c
-        for a in kwargs.values():
-            if isinstance(a, _TENSOR):
-                d, g, c = self._lookup(a)
-            elif isinstance(a, (float, list, tuple)) and (self._escapes or self._numpy[0] or self._pynum[0]):
-                d, g, c = self._scan(a)
-            else:
-                continue
-            dep |= d
-            grad |= g
-            cuts |= c
-
-        out = func(*args, **kwargs)
-        if not (dep or cuts) or name in _SKIP_OUTPUT:
+        if kwargs:
+            for a in kwargs.values():
+                if isinstance(a, _TENSOR):
+                    d, g, c = self._lookup(a)
+                elif escaping and isinstance(a, (float, list, tuple)):
+                    d, g, c = self._scan(a)
+                else:
+                    continue
+                dep |= d
+                grad |= g
+                cuts |= c
+            out = func(*args, **kwargs)
+        else:
+            out = func(*args)
+        if not (dep or cuts):
             return out
-        if name == "__get__" and getattr(func, "__self__", None) is not _DATA_DESCRIPTOR:
-            return out  # other attribute reads (`.grad`, `.is_cuda`, ...) carry no value
+        if name not in _SPECIAL and isinstance(out, _TENSOR):  # the common case: one tensor out of a plain op
+            self.seen |= dep
+            if out.requires_grad or not grad:
+                if out.requires_grad and id(out) not in params:
+                    prov[id(out)] = (weakref.ref(out), dep, grad, cuts)
+                else:
+                    self._record(out, dep, 0, cuts)  # also remembers its memory (for a copy into a new leaf)
+                return out
+            self._record_outputs(out, dep, grad, cuts, (func, name), sys._getframe(1))
+            return out
         if name in _ESCAPES:
             self.seen |= dep
             self._escape(name, out, dep, grad, cuts)
@@ -500,7 +535,7 @@ class Tracer(TorchFunctionMode):
         frame = sys._getframe(1)
         if name in _ZERO_DERIVATIVE and grad:
             cuts |= self._site("zero_derivative", name, grad, frame)
-        elif name == "requires_grad_" and not grad and (args[1:2] or [kwargs.get("requires_grad", True)])[0]:
+        elif name == "requires_grad_" and not grad and (args[1:2] or [(kwargs or {}).get("requires_grad", True)])[0]:
             # A parameter's own value made into a new leaf (`p.detach().clone().requires_grad_()`): exactly one
             # parameter flows into it, with that parameter's shape. Anything else keeps its earlier cut as culprit.
             src = self.index.params[dep.bit_length() - 1] if dep and dep & (dep - 1) == 0 else None
@@ -602,6 +637,7 @@ class Tracer(TorchFunctionMode):
         return self._site(kind, name, grad, frame)
 
     def _escape(self, name: str, out: object, dep: int, grad: int, cuts: int) -> None:
+        self._escaping = True
         frame = sys._getframe(2)
         if grad:
             cuts |= self._site("escape", name, grad, frame)
@@ -652,6 +688,7 @@ class Tracer(TorchFunctionMode):
             self._pyvals[v] = (dep, cuts) if old is None else (old[0] | dep, old[1] | cuts)
 
     def _grad_mode(self, func, args, kwargs):
+        self._ckpt = None  # a checkpoint's forward leaves its `no_grad` here: look again at the next one
         enabled = bool(args[0]) if args else bool(kwargs.get("mode", True))
         if not enabled and torch.is_grad_enabled():
             frame = sys._getframe(1)

@@ -169,7 +169,7 @@ def test_dashboard_total_norms_only(tmp_path):
 
 
 def test_dashboard_finding_counts_per_kind(tmp_path):
-    guard = GradGuard(on_unused="warn", on_nonfinite="warn", log_every_n_steps=1)
+    guard = GradGuard(on_unused="warn", on_nonfinite="warn", log_every_n_steps=1, idle_window=1)
     with pytest.warns(UserWarning, match="GradGuard"):
         trainer, _ = fit(tmp_path, guard, Net(use_aux=False, nan_at=2), max_steps=4)
     acc = events(trainer)
@@ -295,7 +295,7 @@ def test_dashboard_value_histograms_count_every_gradient_value(tmp_path):
 
 
 def test_dashboard_text_report_when_findings_change_and_at_the_end(tmp_path):
-    guard = GradGuard(on_unused="warn", on_nonfinite="warn", log_every_n_steps=50)
+    guard = GradGuard(on_unused="warn", on_nonfinite="warn", log_every_n_steps=50, idle_window=1)
     with pytest.warns(UserWarning, match="GradGuard"):
         trainer, _ = fit(tmp_path, guard, Net(use_aux=False, nan_at=3), max_steps=5)
     text = texts(events(trainer))
@@ -474,7 +474,7 @@ def test_report_json_at_report_path_or_not_at_all(tmp_path):
 
 
 def test_report_json_and_text_when_fit_fails(tmp_path, capsys):
-    guard = GradGuard()  # unused parameters raise
+    guard = GradGuard(idle_window=1)  # unused parameters raise at once
     with pytest.raises(GradGuardError, match="aux"):
         fit(tmp_path, guard, Net(use_aux=False), max_steps=3)
     (path,) = tmp_path.rglob(REPORT_FILE)

@@ -365,7 +365,7 @@ def test_compiled_model_steps_aside_and_falls_back_to_gradients(tmp_path, recwar
             return self.net.head(self.net.enc(batch[0]).detach()).mean()
 
     with pytest.raises(GradGuardError) as err:
-        make_trainer(tmp_path, [GradGuard()]).fit(Lit(cut_detach), loader())
+        make_trainer(tmp_path, [GradGuard(idle_window=1)]).fit(Lit(cut_detach), loader())
     names = {f.param for f in err.value.findings}
     assert names == {"net.enc.weight", "net.enc.bias", "aux.weight", "aux.bias"}  # `_orig_mod.` stripped
     assert all(f.where is None for f in err.value.findings)
