@@ -311,6 +311,48 @@ def run_case(case: Case, folder: str, guard: bool = True) -> tuple[Result, str]:
     return res, path
 
 
+def validate_case(case: Case, folder: str) -> list[str]:
+    """Check the ground truth against raw torch, without the guard: one fp32 forward/backward, then each parameter's
+    gradient must be what its expected kinds say (``None`` for detached/unused, all zero, non-finite, or usable).
+
+    Returns the disagreements (empty: the construction holds). Cases whose truth depends on more than one step or on
+    the setup (idle branches, a graphless loss, clipping a NaN into every gradient) are skipped.
+    """
+    if case.graphless or case.variant == "idle_branch" or (case.kind == "nonfinite" and case.setup == "plain-clip"):
+        return []
+    mod, _ = _load(case, folder)
+    torch.manual_seed(case.seed)
+    net = mod.Net()
+    x, tok, y = _batches(case.seed)[0]
+    out, lm = net(x, tok)
+    _loss(out, lm, y, tok).backward()
+    kinds: dict[str, set[str]] = defaultdict(set)
+    for k, p in case.expected:
+        kinds[p].add(k)
+    held = {id(p) for opt in mod.make_optimizers(net) for g in opt.param_groups for p in g["params"]}
+    bad = []
+    for name, p in net.named_parameters():
+        k, g = kinds.get(name, set()), p.grad
+        if g is not None and g.is_sparse:
+            g = g.coalesce().values()
+        if "frozen" in k:
+            ok = not p.requires_grad
+        elif k & {"detached", "unused"}:
+            ok = g is None
+        elif "zero" in k:
+            ok = g is not None and not bool(g.ne(0).any())
+        elif "nonfinite" in k:
+            ok = g is not None and not bool(torch.isfinite(g).all())
+        elif not p.requires_grad or (id(p) not in held and "orphan" not in k):
+            continue  # frozen and left out, or an EMA copy: nothing to say
+        else:
+            ok = g is not None and bool(torch.isfinite(g).all()) and bool(g.ne(0).any())
+        if not ok:
+            state = "None" if g is None else f"norm {float(g.double().norm()):.3g}"
+            bad.append(f"{case.name} {name}: expected {sorted(k) or 'a usable gradient'}, torch gives {state}")
+    return bad
+
+
 # --------------------------------------------------------------------------- scoring
 def score(results: list[tuple[Result, str]]) -> dict:
     """Totals over a run."""
@@ -384,12 +426,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=int, nargs="*", help="run these seeds only (prints each case's source)")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/corpus.md")
     parser.add_argument("--out", default="docs/corpus.md")
+    parser.add_argument("--validate", action="store_true", help="check the ground truth against raw torch only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning_gradguard").setLevel(logging.ERROR)
     seeds = args.only if args.only else list(range(args.n))
+    with tempfile.TemporaryDirectory(prefix="gradguard-corpus-") as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checked = [validate_case(generate(seed), folder) for seed in seeds]
+    bad = [line for lines in checked for line in lines]
+    validated = f"{len(seeds) - sum(bool(lines) for lines in checked)}/{len(seeds)}"
+    if args.validate or bad:
+        print("\n".join(bad[:50]) or f"ground truth holds for all {len(seeds)} models (one fp32 step, raw torch)")
+        return 1 if bad else 0
     t0 = time.perf_counter()
     results = []
     # below the working directory, so that the `where` paths come relative (as for a user's own code)
@@ -402,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"expected: {sorted(res.case.expected)}\ncut lines: {res.case.cut_lines}")
                 print(f"got: {sorted(res.got)}\nwheres: {res.wheres}\ncrash: {res.crash}")
         elapsed = time.perf_counter() - t0
-        text = render(results, elapsed)
+        text = render(results, elapsed, validated)
     print(text)
     if not args.no_write and not args.only:
         Path(args.out).write_text(text, encoding="utf-8")
@@ -444,7 +495,7 @@ Values sent through `str` truly cannot be followed: there `unused` is accepted i
 torch ("hedged")."""
 
 
-def render(results: list[tuple[Result, str]], elapsed: float) -> str:
+def render(results: list[tuple[Result, str]], elapsed: float, validated: str = "") -> str:
     """The report: totals, the confusion matrix and every failure class with an example."""
     s = score(results)
     cols = list(KINDS)
@@ -465,6 +516,8 @@ def render(results: list[tuple[Result, str]], elapsed: float) -> str:
         f"({s['cut_cases_ok']}/{s['cut_cases']} models with a cut)",
         f"- healthy models with a finding: {s['healthy_fp']}/{s['healthy']}",
         f"- crashes: {s['crashes']}",
+        f"- ground truth checked against raw torch (one fp32 step without the guard; `--validate`): {validated} "
+        "models agree",
         "",
         "## Confusion matrix",
         "",

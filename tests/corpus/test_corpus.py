@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from corpus_gen import N_RANDOM, Case, generate
-from corpus_run import N_CASES, describe, run_case
+from corpus_run import N_CASES, describe, run_case, validate_case
 
 #: Known failures being fixed elsewhere, by cause: the seeds of the full corpus that fail for it (docs/corpus.md
 #: lists them; `python tests/corpus/corpus_run.py --only SEED` shows one). Strict xfail: a fix turns them red.
@@ -80,3 +80,9 @@ def test_corpus_case(seed, folder):
     assert res.params_ok, describe(res, path)
     right, total = res.where_hits(path)
     assert right == total, describe(res, path)
+
+
+def test_ground_truth_holds_in_raw_torch(folder):
+    """The construction's expectations are what torch's gradients say, before any guard looks at them."""
+    bad = [line for seed in SUBSET for line in validate_case(generate(seed), folder)]
+    assert not bad, "\n".join(bad[:20])
