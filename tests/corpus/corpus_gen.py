@@ -36,6 +36,7 @@ SETUPS = (
     "lit-manual2",
     "lit-long",
     "lit-always",
+    "lit-window1",
 )
 
 HEADER = '''"""Generated corpus case {name}: {title}"""
@@ -387,7 +388,7 @@ def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict
         return plan
     if kind == "none":
         r = rng.random()
-        if r < 0.15 and case.setup.startswith("lit"):
+        if r < 0.15 and case.setup.startswith("lit") and case.setup != "lit-window1":
             case.variant = "idle_branch"  # taken on every other forward: idle, not unused, under GradGuard
             plan["extra"] = (rng.choice(["linear", "residual", "conv", "routing"]), "idle_branch",
                              rng.randrange(len(blocks) + 1))  # fmt: skip
@@ -406,8 +407,10 @@ def _bug(kind: str, rng: random.Random, blocks: list[Block], case: Case) -> dict
         return plan
     if kind == "unused":
         case.variant = rng.choice(["never_called", "untaken_branch", "discarded"])
-        plan["extra"] = (rng.choice(["linear", "residual", "conv", "attention", "recurrent", "routing", "layernorm"]),
-                         case.variant, rng.randrange(len(blocks) + 1))  # fmt: skip
+        kinds = ["linear", "residual", "conv", "attention", "recurrent", "routing", "layernorm"]
+        if case.setup == "plain-fp16-scaler":  # no float16 LSTM on the CPU
+            kinds.remove("recurrent")
+        plan["extra"] = (rng.choice(kinds), case.variant, rng.randrange(len(blocks) + 1))
         return plan
     if kind == "frozen":
         b = blocks[rng.choice([i for i, b in enumerate(blocks) if b.params])]
@@ -442,7 +445,7 @@ VARIANTS: dict[str, list[str]] = {
 }
 #: Every (kind, variant, setup) a case can have: seeds from WALK_START on take them in turn.
 WALK = [(k, v, s) for k, vs in VARIANTS.items() for v in vs for s in SETUPS
-        if not (v == "idle_branch" and not s.startswith("lit"))
+        if not (v == "idle_branch" and (not s.startswith("lit") or s == "lit-window1"))
         and not (v == "copy_model" and "scaler" in s)]  # fmt: skip
 WALK_START = N_RANDOM + 4 * len(SETUPS) * (len(BUG_KINDS) + 1)
 N_SEEDS = WALK_START + len(WALK)
@@ -470,7 +473,7 @@ def _generate(seed: int, kind: str | None, setup: str | None, rng: random.Random
     if kind is None:
         kind = "none" if rng.random() < 0.3 else rng.choices(BUG_KINDS, weights=[5, 1, 1, 1, 1, 1, 1])[0]
     if setup is None:
-        setup = rng.choices(SETUPS, weights=[14, 8, 8, 8, 6, 4, 5, 6, 4, 4, 4, 4, 4, 4])[0]
+        setup = rng.choices(SETUPS, weights=[14, 8, 8, 8, 6, 4, 5, 6, 4, 4, 4, 4, 4, 4, 4])[0]
     case = Case(f"c{seed:04d}", seed, setup, kind, "healthy" if kind == "none" else "")
     sparse_ok = "clip" not in setup and "2opt" not in setup
     blocks = _trunk(rng, sparse_ok=sparse_ok, fp16=setup == "plain-fp16-scaler")

@@ -240,7 +240,8 @@ class _Lit(LightningModule):
 def _run_lit(case: Case, mod, net: torch.nn.Module, res: Result, folder: str, guard_on: bool = True) -> None:  # noqa: ANN001
     kinds = ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")
     diagnose = "always" if case.setup == "lit-always" else "on_finding"
-    guard = GradGuard(**{f"on_{k}": "warn" for k in kinds}, diagnose=diagnose)
+    window = {"idle_window": 1} if case.setup == "lit-window1" else {}
+    guard = GradGuard(**{f"on_{k}": "warn" for k in kinds}, diagnose=diagnose, **window)
     xs, toks, ys = zip(*_batches(case.seed, 16), strict=True)
     ds = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(toks), torch.cat(ys))
     data = torch.utils.data.DataLoader(ds, batch_size=4)
@@ -483,18 +484,18 @@ Setups: `plain` (`check_step(model, opt)`, 1-2 blocks), `plain-bf16` (autocast),
 (float16 autocast, `GradScaler`, `check_step(..., scaler=)`, 20 steps: a NaN counts once the scale has fallen to 1);
 `lit` (Trainer, 4 steps), `lit-bf16` (`bf16-mixed`), `lit-accum` (`accumulate_grad_batches=2`), `lit-clip`
 (`gradient_clip_val`), `lit-manual2` (manual optimization, two optimizers), `lit-long` (20 steps, beyond the idle
-window), `lit-always` (`diagnose="always"`). GradGuard runs with every action `"warn"`; a loss without a graph
-raises `GradGuardError`, whose findings are scored. A planted NaN runs one step (the update spreads it to every
-parameter). Bugs: cuts after a block (`.detach()`, `.data`, `detach_()`, numpy round trips, `.item()`/
-`float()`/`.tolist()` re-wrapped with or without Python/`math`/numpy arithmetic, `torch.Tensor(list)`,
-`nn.Parameter`, copied leaves, `deepcopy`, comparisons, `argmax`/`topk`/`gather` indices, integer casts), cuts
-inside a block (residual branch, attention, embedding term, router), `no_grad`/`set_grad_enabled(False)`/
-`inference_mode` around a block, `.data`/copy of one weight, a reentrant checkpoint without grad inputs, a cut after
-the head; never-called module, branch never taken, discarded output; frozen weights in the optimizer; a block or the
-head missing from the optimizer; an optimizer over a copy of the head or the model; NaN/Inf gradients (custom
-backward, `sqrt(0)`, NaN in the forward); all-zero gradients (custom backward, `* 0`, `round`, `floor`, `sign`).
-Values sent through `str` truly cannot be followed: there `unused` is accepted if its message says the value left
-torch ("hedged")."""
+window), `lit-always` (`diagnose="always"`), `lit-window1` (`idle_window=1`: every step judged alone). GradGuard
+runs with every action `"warn"`; a loss without a graph raises `GradGuardError`, whose findings are scored. A
+planted NaN runs one step (the update spreads it to every parameter). Bugs: cuts after a block (`.detach()`,
+`.data`, `detach_()`, numpy round trips, `.item()`/ `float()`/`.tolist()` re-wrapped with or without
+Python/`math`/numpy arithmetic, `torch.Tensor(list)`, `nn.Parameter`, copied leaves, `deepcopy`, comparisons,
+`argmax`/`topk`/`gather` indices, integer casts), cuts inside a block (residual branch, attention, embedding term,
+router), `no_grad`/`set_grad_enabled(False)`/ `inference_mode` around a block, `.data`/copy of one weight, a
+reentrant checkpoint without grad inputs, a cut after the head; never-called module, branch never taken, discarded
+output; frozen weights in the optimizer; a block or the head missing from the optimizer; an optimizer over a copy of
+the head or the model; NaN/Inf gradients (custom backward, `sqrt(0)`, NaN in the forward); all-zero gradients
+(custom backward, `* 0`, `round`, `floor`, `sign`). Values sent through `str` truly cannot be followed: there
+`unused` is accepted if its message says the value left torch ("hedged")."""
 
 
 def render(results: list[tuple[Result, str]], elapsed: float, validated: str = "") -> str:
