@@ -29,8 +29,8 @@ lint: venv
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
 
-# benchmarks/run.py: what GradGuard costs per training step (a few minutes; `--quick` for a smoke run);
-# it rewrites benchmarks/results.md, which also says how to read the numbers.
+# ~10 minutes on 2 cores: prints the paired and scaling tables and writes benchmarks/results.md.
+# `$(VPY) benchmarks/run.py --quick` is the smoke run that `make test` does (tests/test_benchmark.py).
 bench: venv
 	$(VPY) benchmarks/run.py
 

@@ -2,8 +2,8 @@
 
 Two stages, so that the cheap one runs every step and the expensive one only when it is needed:
 
-* :func:`measure_grads` is the one fused pass over the gradients (``torch._foreach_norm`` per device and dtype,
-  one host sync). It says which parameters have no gradient, a non-finite one or an all-zero one.
+* :func:`measure_grads` is the one fused pass over the gradients (grouped once per parameter list; one
+  synchronising host transfer). It says which parameters have no gradient, a non-finite one or an all-zero one.
 * :func:`classify` turns those candidates into :class:`~lightning_gradguard.findings.Finding` objects using
   what is known about the step: which parameters the losses' autograd graphs reach (:func:`reached_params`)
   and, on traced steps, the tracer's dataflow facts (:class:`StepFacts`).
@@ -12,9 +12,13 @@ Two stages, so that the cheap one runs every step and the expensive one only whe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from typing import Any
 
+import numpy as np
 import torch
 
 from .findings import HINTS, Finding
@@ -30,6 +34,7 @@ __all__ = [
     "find_orphans",
     "measure_grads",
     "reached_params",
+    "to_host",
     "walk_graph",
 ]
 
@@ -43,8 +48,9 @@ class GradStats:
         norms: per parameter, the L2 norm of its (unscaled) gradient, or ``None`` when it has none.
         missing: indices (into ``params``) with ``grad is None``.
         nonfinite: indices whose gradient has a NaN or Inf element (confirmed element-wise).
-        zero: indices whose gradient is exactly zero everywhere.
+        zero: indices whose gradient is exactly zero everywhere (confirmed element-wise; an empty gradient is not).
         frozen: indices with ``requires_grad=False``.
+        syncs: device→host transfers the measurement took (1 on a clean step; 2 when a candidate was confirmed).
     """
 
     params: list[torch.Tensor]
@@ -53,10 +59,14 @@ class GradStats:
     nonfinite: list[int] = field(default_factory=list)
     zero: list[int] = field(default_factory=list)
     frozen: list[int] = field(default_factory=list)
+    syncs: int = 0
+    _total: float | None = field(default=None, repr=False, compare=False)
 
     @property
     def total_norm(self) -> float:
         """The L2 norm of all gradients together (``inf``/``nan`` if any is not finite)."""
+        if self._total is not None:
+            return self._total
         return math.sqrt(math.fsum(n * n for n in self.norms if n is not None))
 
     @property
@@ -65,73 +75,236 @@ class GradStats:
         return not (self.missing or self.nonfinite or self.zero or self.frozen)
 
 
-def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradStats:
-    """Per-parameter gradient norms in one fused pass, with at most one host sync.
+def to_host(t: torch.Tensor) -> np.ndarray:
+    """The one way :func:`measure_grads` reads device values: a *synchronising* copy to the host.
 
-    Gradients are grouped by device and dtype and reduced with ``torch._foreach_norm`` (half-precision ones in
-    float32; large float32/float64 CPU gradients with a BLAS dot product, see :func:`_l2_norms`). Only a
-    gradient whose norm is not finite or zero is looked at element-wise (one more sync, on such steps only), to tell
-    a real NaN/Inf from a finite gradient whose norm overflows, and an all-zero gradient from tiny values whose
-    squares underflow.
+    ``.cpu()`` on a CUDA tensor waits for the kernels that produce it and for the copy itself, so the values read are
+    the finished ones (an asynchronous ``non_blocking=True`` copy read without waiting can see stale memory: a NaN
+    norm read as 0). Every device→host read of the fused pass goes through here, so a test can count them.
+    """
+    return t.detach().cpu().numpy()
+
+
+_GRAD = operator.attrgetter("grad")
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_HALF = (torch.float16, torch.bfloat16)
+
+#: On the CPU, gradients with fewer elements than this are measured together, through one flattened copy.
+_FLAT_MAX = 16384
+
+
+def _take(indices: Sequence[int]) -> Callable[[Sequence[Any]], list[Any]]:
+    """A C-level getter of ``indices`` from a sequence, returning a list."""
+    if not indices:
+        return lambda seq: []
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda seq: [seq[i]]
+    get = operator.itemgetter(*indices)
+    return lambda seq: list(get(seq))
+
+
+#: Small CPU gradients of one shape are stacked (one copy, one row-wise norm) when at least this many share it.
+_STACK_MIN = 4
+
+
+@dataclass
+class _Plan:
+    """How to measure one parameter list's gradients, given which of them are ``None``: computed once, reused while
+    the list and its ``None`` pattern stay the same (a clean step then does no per-tensor Python work beyond
+    reading ``.grad``).
+
+    The grouping comes from the gradients seen when the plan was made; every step re-checks what can change under
+    it cheaply (the device and dtype of each group's copy; a changed layout or device raises), and
+    :func:`measure_grads` makes a new plan when a check fails.
+    """
+
+    stacks: list[tuple[Callable[[Sequence[Any]], list[Any]], int, int]]  # small CPU gradients of one shape
+    flat: Callable[[Sequence[Any]], list[Any]]  # the other small CPU gradients: one flattened copy, a segment sum
+    lengths: torch.Tensor | None
+    foreach: list[tuple[Callable[[Sequence[Any]], list[Any]], torch.dtype | None]]  # off the CPU, per dtype
+    single: list[list[int]]  # measured one by one, per device: large, sparse, complex, or odd gradients
+    order: np.ndarray  # the parameter index of each value, in the order they are transferred
+    device: torch.device | None
+
+
+def _make_plan(grads: Sequence[torch.Tensor | None]) -> _Plan:
+    small: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = {}
+    foreach: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    single: dict[torch.device, list[int]] = {}
+    device = None
+    for i, g in enumerate(grads):
+        if g is None:
+            continue
+        dense_float = g.layout == torch.strided and g.dtype.is_floating_point
+        if dense_float and g.device.type == "cpu" and g.numel() < _FLAT_MAX and device in (None, g.device):
+            device = g.device
+            small.setdefault((g.dtype, tuple(g.shape)), []).append(i)
+        elif dense_float and g.device.type != "cpu":
+            foreach.setdefault((g.device, g.dtype), []).append(i)
+        else:
+            single.setdefault(g.device, []).append(i)
+    stacks = []
+    stacked: list[int] = []
+    flat: list[int] = []
+    for (_, shape), idx in small.items():
+        if len(idx) >= _STACK_MIN:
+            stacks.append((_take(idx), len(idx), math.prod(shape)))
+            stacked += idx
+        else:
+            flat += idx
+    lengths = [grads[i].numel() for i in flat]  # type: ignore[union-attr]
+    groups = [(_take(idx), torch.float32 if dtype != torch.float64 else None) for (_, dtype), idx in foreach.items()]
+    order = stacked + flat + [i for idx in foreach.values() for i in idx] + [i for idx in single.values() for i in idx]
+    return _Plan(
+        stacks,
+        _take(flat),
+        torch.tensor(lengths, dtype=torch.int64) if flat else None,
+        groups,
+        list(single.values()),
+        np.asarray(order, dtype=np.int64),
+        device,
+    )
+
+
+def _run_plan(plan: _Plan, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor] | None:
+    """The plan's norms as 1-D float64 tensors (no sync), or ``None`` when the gradients no longer fit the plan."""
+    parts: list[torch.Tensor] = []
+    for take, rows, numel in plan.stacks:
+        x = torch.stack(take(grads))
+        if x.device != plan.device or not x.dtype.is_floating_point:
+            return None
+        x = x.reshape(rows, numel)
+        parts.append(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in _HALF else None).double())
+    if plan.lengths is not None:
+        flat = torch._C._nn.flatten_dense_tensors(plan.flat(grads))
+        if flat.device != plan.device or not flat.dtype.is_floating_point:
+            return None
+        if flat.dtype in _HALF:
+            flat = flat.float()
+        parts.append(torch.segment_reduce(flat * flat, "sum", lengths=plan.lengths).sqrt_().double())
+    for take, dtype in plan.foreach:
+        parts.append(torch.stack(torch._foreach_norm(take(grads), 2, dtype=dtype)).double())
+    for idx in plan.single:
+        parts.append(torch.stack([_norm(grads[i]).double().reshape(()) for i in idx]))  # type: ignore[arg-type]
+    return parts
+
+
+def _norm(g: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of one gradient of any layout and dtype, as a 0-dim tensor on its device (no sync)."""
+    if g.layout != torch.strided:
+        g = g.coalesce().values()
+    if g.dtype in _HALF:
+        return torch.linalg.vector_norm(g, dtype=torch.float32)
+    if g.device.type == "cpu" and g.numel() >= _DOT_MIN and g.is_contiguous() and g.dtype.is_floating_point:
+        v = g.view(-1)
+        return torch.dot(v, v).sqrt_()
+    return torch.linalg.vector_norm(g)
+
+
+_PLANS: dict[tuple[tuple[int, ...], tuple[int, ...]], _Plan] = {}
+_MAX_PLANS = 32
+
+
+def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradStats:
+    """Per-parameter gradient norms in one fused pass, read with one synchronising device→host transfer.
+
+    On the CPU the small gradients are measured together (one flattened copy, one segment sum of squares), the
+    large ones with a BLAS dot product each; off the CPU with ``torch._foreach_norm`` per device and dtype (half
+    precision in float32). How to group a parameter list is computed once and reused while the list and the set of
+    gradients that are ``None`` stay the same, so a clean step costs about two C-level passes over ``.grad``.
+
+    GPU: every value comes back through :func:`to_host`, a synchronising copy, once per call on a clean step. Only a
+    parameter whose norm is not finite or is zero is then looked at element-wise (one more transfer, on such steps
+    only): every such candidate goes through the same confirmation, which tells a NaN/Inf element (``nonfinite``)
+    from a finite gradient whose norm overflows, an all-zero gradient (``zero``) from tiny values whose squares
+    underflow, and re-measures the others in float64. So a non-finite gradient is reported whatever the first read
+    said of its norm (zero, NaN or Inf). The design implies that the guard waits, once per optimizer step, for the
+    backward pass to finish (the optimizer step and any gradient clipping wait for it anyway): ``raise`` happens
+    before the optimizer step it concerns.
 
     Args:
         params: the tensors to measure (an optimizer's parameters).
         scale: divide every norm by this (for gradients still multiplied by an AMP loss scale).
     """
-    norms: list[float | None] = [None] * len(params)
-    missing = []
-    frozen = []
-    groups: dict[tuple[torch.device, torch.dtype, torch.layout], tuple[list[int], list[torch.Tensor]]] = {}
-    for i, p in enumerate(params):
-        if not p.requires_grad:
-            frozen.append(i)
-        g = p.grad
-        if g is None:
-            missing.append(i)
-            continue
-        key = (g.device, g.dtype, g.layout)
-        if key not in groups:
-            groups[key] = ([], [])
-        idx, grads = groups[key]
-        idx.append(i)
-        grads.append(g)
-    stats = GradStats(list(params), norms, missing, frozen=frozen)
-    if not groups:
+    n = len(params)
+    grads = list(map(_GRAD, params))
+    missing = list(compress(range(n), map(operator.is_, grads, repeat(None))))
+    frozen = [] if all(map(_REQUIRES_GRAD, params)) else [i for i, p in enumerate(params) if not p.requires_grad]
+    stats = GradStats(list(params), [None] * n, missing, frozen=frozen)
+    if len(missing) == n:
+        stats._total = 0.0
         return stats
-    order: list[int] = []
-    parts = []
-    for (_device, dtype, layout), (idx, grads) in groups.items():
-        if layout != torch.strided:
-            reduced = [g.coalesce().values().norm(dtype=torch.float32) for g in grads]
-        elif dtype in (torch.float16, torch.bfloat16):
-            reduced = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        else:
-            reduced = _l2_norms(grads)
-        parts.append(torch.stack(reduced).to(device="cpu", dtype=torch.float64, non_blocking=True))
-        order.extend(idx)
-    values = torch.cat(parts).tolist()  # the one host sync
-    for i, v in zip(order, values, strict=True):
-        norms[i] = v / scale if scale != 1.0 else v
-        if v == 0.0:
-            stats.zero.append(i)
-        elif not math.isfinite(v):
-            g = params[i].grad
-            assert g is not None
-            if not bool(torch.isfinite(g).all()):
-                stats.nonfinite.append(i)
-            else:  # finite elements whose norm overflows the dtype: measure in float64
-                norms[i] = float(g.double().norm()) / scale
-    if stats.zero:  # a norm of 0 is also what a float32 sum of squares of ~1e-23 values underflows to
-        grads = [params[i].grad for i in stats.zero]
-        nonzero = torch.stack([g.ne(0).any().cpu() for g in grads if g is not None]).tolist()  # rare: 2nd sync
-        for i, g, flag in zip(list(stats.zero), grads, nonzero, strict=True):
-            if flag:
-                stats.zero.remove(i)
-                assert g is not None
-                norms[i] = float(g.double().norm()) / scale
-    stats.zero.sort()
-    stats.nonfinite.sort()
+    key = (tuple(map(id, params)), tuple(missing))
+    plan = _PLANS.get(key)
+    try:
+        parts = _run_plan(plan, grads) if plan is not None else None
+    except RuntimeError:  # a gradient changed device or layout under the plan
+        parts = None
+    if parts is None:
+        plan = _make_plan(grads)
+        parts = _run_plan(plan, grads)
+        assert parts is not None
+        if len(_PLANS) >= _MAX_PLANS:
+            del _PLANS[next(iter(_PLANS))]
+        _PLANS[key] = plan
+    values = _fetch(parts, stats)  # the one sync of a clean step (one per device when gradients span several)
+    norms = np.full(n, np.nan)
+    norms[plan.order] = values
+    bad = plan.order[~np.isfinite(values) | (values == 0.0)]
+    if len(bad):
+        _confirm(stats, grads, sorted(bad.tolist()), norms)
+    if scale != 1.0:
+        norms /= scale
+    present = norms.copy()
+    present[missing] = 0.0
+    stats._total = float(np.sqrt(np.dot(present, present)))
+    out = norms.tolist()
+    for i in missing:
+        out[i] = None
+    stats.norms = out
     return stats
+
+
+def _fetch(parts: list[torch.Tensor], stats: GradStats) -> np.ndarray:
+    """``torch.cat(parts)`` on the host: one :func:`to_host` per device."""
+    device = parts[0].device
+    if all(p.device == device for p in parts):
+        stats.syncs += 1
+        return to_host(torch.cat(parts) if len(parts) > 1 else parts[0])
+    stats.syncs += len({p.device for p in parts})
+    by_device: dict[torch.device, list[int]] = {}
+    for j, p in enumerate(parts):
+        by_device.setdefault(p.device, []).append(j)
+    host: list[np.ndarray | None] = [None] * len(parts)
+    for idx in by_device.values():
+        values = to_host(torch.cat([parts[j] for j in idx]))
+        for j, chunk in zip(idx, np.split(values, np.cumsum([len(parts[j]) for j in idx])[:-1]), strict=True):
+            host[j] = chunk
+    return np.concatenate(host)  # type: ignore[arg-type]
+
+
+def _confirm(stats: GradStats, grads: Sequence[torch.Tensor | None], candidates: list[int], norms: np.ndarray) -> None:
+    """Look element-wise at the gradients whose norm read zero or not finite (one more transfer, for all of them).
+
+    Each gets ``[all finite, any non-zero, float64 norm]``: a NaN/Inf element makes it ``nonfinite`` (checked first,
+    whatever the norm read); otherwise no non-zero element makes it ``zero``; otherwise the float64 norm replaces the
+    one that overflowed or underflowed. An empty gradient is neither.
+    """
+    rows = []
+    for i in candidates:
+        g = grads[i]
+        assert g is not None
+        v = (g.coalesce().values() if g.layout != torch.strided else g).reshape(-1)
+        rows.append(torch.stack([torch.isfinite(v).all().double(), v.ne(0).any().double(),
+                                 torch.linalg.vector_norm(v, dtype=torch.float64)]))  # fmt: skip
+    host = _fetch(rows, stats).reshape(-1, 3)
+    for i, g, (finite, nonzero, norm) in zip(candidates, (grads[i] for i in candidates), host.tolist(), strict=True):
+        norms[i] = norm
+        if not finite:
+            stats.nonfinite.append(i)
+        elif not nonzero and g is not None and g.numel() > 0:
+            stats.zero.append(i)
 
 
 #: On the CPU, gradients with at least this many elements are reduced with a BLAS dot product.

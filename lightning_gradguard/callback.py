@@ -264,7 +264,8 @@ class GradGuard(Callback):
                 params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler, scale=scale
             )
         if self._core.index is not None:
-            self._dashboard.log_step(trainer, optimizer, stats, self._core.index, self._core.report, scale)
+            idle = (self._core.report.idle_shares() or None) if self._dashboard.should_log(trainer) else None
+            self._dashboard.log_step(trainer, optimizer, stats, self._core.index, self._core.report, scale, idle=idle)
 
     @override
     def on_train_batch_end(

@@ -27,7 +27,7 @@ that, its share in :meth:`History.idle_shares` (the run report, and TensorBoard)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -132,14 +132,19 @@ class History:
                 out[name] = out.get(name, 0) + count
         return out
 
-    def idle_shares(self) -> dict[str, float]:
+    def idle_shares(self, exclude: Collection[str] = ()) -> dict[str, float]:
         """Per module, the share of its checked steps on which it got no usable gradient; only idle modules.
 
         A module's share pools its own parameters (``idle steps / checked steps``). A module whose every parameter
         below it has the same counts is shown once, under the highest such name (``encoder.layers.3`` rather than
         each of its linear layers). Modules never idle are left out. ``""`` is the root module.
+
+        Args:
+            exclude: parameter names left out (those already reported as findings: dead, not idle).
         """
         checked = self.checked()
+        if exclude:
+            checked = {name: n for name, n in checked.items() if name not in exclude}
         idle = {name: v[1] for name, v in self._base.items()}
         for name, n in self._idle.items():
             idle[name] = idle.get(name, 0) + n

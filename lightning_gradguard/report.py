@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Entry", "RunReport"]
 
+#: Kinds of finding whose parameter gets no usable gradient: the idle section leaves such parameters out.
+_DEAD_KINDS = frozenset({"frozen", "unused", "detached", "zero"})
+
 
 @dataclass
 class Entry:
@@ -44,8 +47,9 @@ class RunReport:
     def __init__(self) -> None:
         self._entries: dict[tuple[str, str], Entry] = {}
         self.notes: list[str] = []
-        #: Gives :meth:`idle_shares` (set by the guard's core to its history's ``idle_shares``).
-        self.idle_provider: Callable[[], dict[str, float]] | None = None
+        #: Gives :meth:`idle_shares` (set by the guard's core to its history's ``idle_shares``); called with the
+        #: names of the parameters reported as findings, which are dead rather than idle.
+        self.idle_provider: Callable[[set[str]], dict[str, float]] | None = None
         self._idle: dict[str, float] = {}
         #: Every checked tensor of the model, ``name -> numel`` (ignored ones left out); ``None`` until known.
         self.sizes: dict[str, int] | None = None
@@ -57,7 +61,10 @@ class RunReport:
     def idle_shares(self) -> dict[str, float]:
         """Per module that was idle on some checked steps (no usable gradient, fewer than ``idle_window`` steps in a
         row), the share of its checked steps on which it was: ``{"encoder.layers.3": 0.1, ...}``."""
-        return self.idle_provider() if self.idle_provider is not None else dict(self._idle)
+        if self.idle_provider is None:
+            return dict(self._idle)
+        dead = {param for kind, param in self._entries if kind in _DEAD_KINDS}
+        return self.idle_provider(dead)
 
     def set_model(self, names: Sequence[str], numels: Sequence[int], policy: Policy | None = None) -> None:
         """Tell the report (and ``policy``, for its warnings and errors) the model's parameters, so that findings are

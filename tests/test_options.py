@@ -272,11 +272,6 @@ def test_no_optimizer_says_each_parameter_is_never_updated(tmp_path):
     assert {(f.kind, f.param) for f in guard.findings} == {("orphan", "layer.weight"), ("orphan", "layer.bias")}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="audit (measure_grads, then classify) takes an empty (numel 0) gradient for an all-zero one: `zero`; a "
-    "parameter without elements has nothing to train and should be skipped (numel() == 0 -> clean)",
-)
 def test_empty_parameter_is_not_reported(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", GradGuardWarning)

@@ -290,6 +290,108 @@ def test_dashboard_value_histograms_count_every_gradient_value(tmp_path):
         assert torch.bincount(idx, minlength=len(limits)).tolist() == [int(c) for c in h.bucket]
 
 
+def reference_histogram(values: torch.Tensor, h: dict) -> None:
+    """``h`` (HistogramProto arguments) describes exactly the finite ``values``: checked with torch's bucketize."""
+    values = values[torch.isfinite(values)].double()
+    assert h["num"] == values.numel() == sum(h["bucket"])
+    assert h["min"] == pytest.approx(float(values.min()), rel=1e-6)
+    assert h["max"] == pytest.approx(float(values.max()), rel=1e-6)
+    assert h["sum"] == pytest.approx(float(values.sum()), abs=1e-5 * float(values.abs().sum()))
+    assert h["sum_squares"] == pytest.approx(float(values.square().sum()), rel=1e-5)
+    limits = torch.tensor(h["bucket_limit"], dtype=torch.float64)
+    idx = torch.bucketize(values, limits)
+    assert torch.bincount(idx, minlength=len(limits)).tolist() == [int(c) for c in h["bucket"]]
+
+
+def test_fused_value_histograms_match_a_reference_per_group():
+    from lightning_gradguard.dashboard import _fetch_histograms, histograms_counts
+
+    torch.manual_seed(0)
+    a = [torch.randn(40, 8), torch.randn(8) * 1e-3]
+    b = [torch.randn(5000).half() * 4]  # half precision, measured in float32
+    c = [torch.tensor([1.0, math.nan, -2.0, math.inf, 0.0, 0.25, -0.0, 1.125])]  # non-finite values are left out; edges
+    d = [torch.sparse_coo_tensor([[1, 3, 1]], torch.tensor([2.0, -1.0, 0.5]), (6,), check_invariants=True)]
+    e = [torch.empty(0)]
+    groups = [a, b, c, d, e]
+    for scale in (1.0, 8.0):
+        stats, counts = histograms_counts(groups, scale, finite=[True, True, False, True, True])
+        assert counts.shape == (5, lightning_gradguard.dashboard._NBINS)
+        protos = _fetch_histograms([(stats, counts)])
+        for group, h in zip(groups[:4], protos[:4], strict=True):
+            assert h is not None
+            dense = [t.to_dense() if t.is_sparse else t for t in group]
+            if group is d:
+                dense = [group[0].coalesce().values()]  # its stored values: duplicates summed, no implicit zeros
+            reference_histogram(torch.cat([t.float().flatten() for t in dense]) / scale, h)
+        assert protos[4] is None  # no values
+
+
+def test_fused_value_histograms_use_the_given_sums_of_squares():
+    from lightning_gradguard.dashboard import histograms_counts
+
+    stats, _ = histograms_counts([[torch.ones(4)], [torch.ones(9)]], squares=[4.0, 123.0])
+    assert stats[:, 4].tolist() == [4.0, 123.0]
+    assert stats[:, 2].tolist() == [4.0, 9.0]
+
+
+def test_single_histogram_counts_agrees_with_the_fused_one():
+    from lightning_gradguard.dashboard import histogram_counts, histograms_counts
+
+    tensors = [torch.randn(100), torch.randn(3, 3)]
+    s1, c1 = histogram_counts(tensors)
+    s2, c2 = histograms_counts([tensors, [torch.ones(2)]])
+    assert torch.equal(c1, c2[0])
+    assert torch.allclose(s1, s2[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TensorBoard's record checksums in C
+
+
+def test_fast_crc32c_gives_tensorboards_pure_python_values():
+    pytest.importorskip("google_crc32c")
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as pw
+
+    from lightning_gradguard.dashboard import use_fast_crc32c
+
+    assert use_fast_crc32c()
+    assert use_fast_crc32c()  # idempotent: still one wrapper around the pure-Python function
+    python = pw.crc32c.python
+    assert getattr(python, "python", None) is None
+    g = torch.Generator().manual_seed(0)
+    payloads = [b"", b"a", bytes(range(256)), bytearray(b"gradguard" * 1000)]
+    payloads += [bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist()) for n in (7, 4096, 65537)]
+    for data in payloads:
+        assert pw.crc32c(data) == python(data)
+        assert pw.masked_crc32c(data) == pw.u32(((python(data) >> 15) | pw.u32(python(data) << 17)) + 0xA282EAD8)
+    assert pw.crc32c([1, 2, 3]) == python([1, 2, 3])  # not bytes: TensorBoard's own function
+
+
+def test_event_files_written_with_the_fast_crc_read_back_with_tensorboards_pure_python_crc(tmp_path, monkeypatch):
+    pytest.importorskip("google_crc32c")
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as pw
+
+    guard = GradGuard(value_histograms=True, norms="param", log_every_n_steps=1)
+    trainer, rec = fit(tmp_path, guard, max_steps=3)
+    assert getattr(pw.crc32c, "python", None) is not None  # the dashboard switched the writer to the C CRC
+    monkeypatch.setattr(pw, "crc32c", pw.crc32c.python)  # read back checking every record with the pure-Python CRC
+    files = list(Path(trainer.logger.log_dir).glob("events.out.tfevents.*"))
+    assert files
+    records = 0
+    for path in files:
+        reader = pw.PyRecordReader_New(str(path))
+        while True:
+            try:
+                reader.GetNext()  # raises DataLossError on a checksum mismatch
+            except pw.errors.OutOfRangeError:
+                break
+            records += 1
+    assert records >= 3
+    acc = events(trainer)
+    assert scalars(acc, "gradguard/total_norm") == pytest.approx(rec.total, rel=1e-6)
+    assert len(acc.Histograms("gradguard/grad_values/head.weight")) == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Text report and layout
 
@@ -300,11 +402,11 @@ def test_dashboard_text_report_when_findings_change_and_at_the_end(tmp_path):
         trainer, _ = fit(tmp_path, guard, Net(use_aux=False, nan_at=3), max_steps=5)
     text = texts(events(trainer))
     assert sorted(text) == [0, 3, 5]  # a new finding on step 0 and step 3; the end of fit at global_step 5
-    assert "| `aux.weight` | unused |" in text[0]
+    assert "| module `aux` (2 tensors, 17 parameters) | unused |" in text[0]  # aux.weight and aux.bias: one row
     assert "nonfinite" not in text[0]
-    assert "| `head.weight` | nonfinite | - | 3 | 1 |" in text[3]
-    assert "| `head.weight` | nonfinite | - | 3 | 2 |" in text[5]  # counted again on step 4
-    assert "| `aux.weight` | unused | - | 0 | 5 |" in text[5]
+    assert "| module `head` (2 tensors, 17 parameters) | nonfinite | - | 3 | 1 |" in text[3]  # grouped by module
+    assert "| module `head` (2 tensors, 17 parameters) | nonfinite | - | 3 | 2 |" in text[5]  # counted again on step 4
+    assert "| module `aux` (2 tensors, 17 parameters) | unused | - | 0 | 5 |" in text[5]
     header = "| parameter | kind | where | first step | count | what happened | fix |"
     assert all(header in t for t in text.values())
 
@@ -349,6 +451,35 @@ def test_dashboard_custom_scalars_layout_groups_every_gradguard_chart(tmp_path):
         "gradguard/grad_norm/enc.0",
         "gradguard/grad_norm/enc.2",
     }
+
+
+def test_dashboard_logs_idle_shares_per_module_when_given(tmp_path, monkeypatch):
+    guard = GradGuard(log_every_n_steps=2)
+    shares = {0: {"enc.0": 0.0, "aux": 1.0}, 2: {"enc.0": 0.25, "aux": 0.5, "": 0.125}}
+    log_step = guard._dashboard.log_step
+
+    def with_idle(trainer, *args, **kwargs):  # what the core's idle shares give the dashboard, step by step
+        kwargs["idle"] = shares.get(trainer.global_step, {})
+        log_step(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(guard._dashboard, "log_step", with_idle)
+    trainer, _ = fit(tmp_path, guard, max_steps=3)
+    acc = events(trainer)
+    assert scalars(acc, "gradguard/idle/enc.0") == {0: 0.0, 2: 0.25}
+    assert scalars(acc, "gradguard/idle/aux") == {0: 1.0, 2: 0.5}
+    assert scalars(acc, "gradguard/idle/root") == {2: 0.125}  # parameters of the root module
+    (event,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
+    (regex,) = charts["share of steps without a gradient, per module"]
+    idle_tags = {t for t in gradguard_tags(acc) if "/idle/" in t}
+    assert idle_tags == {"gradguard/idle/enc.0", "gradguard/idle/aux", "gradguard/idle/root"}
+    assert {t for t in gradguard_tags(acc) if re.match(regex, t)} == idle_tags
+
+
+def test_dashboard_without_idle_shares_has_no_idle_chart():
+    assert "share of steps without a gradient, per module" not in custom_scalars_layout(["enc"])["GradGuard"]
+    assert "share of steps without a gradient, per module" in custom_scalars_layout(["enc"], idle=True)["GradGuard"]
 
 
 def test_custom_scalars_layout_honours_the_logger_prefix(tmp_path):
@@ -482,7 +613,7 @@ def test_report_json_and_text_when_fit_fails(tmp_path, capsys):
     acc = EventAccumulator(str(path.parent), size_guidance={"tensors": 0})
     acc.Reload()
     (final,) = texts(acc).values()
-    assert "| `aux.bias` | unused |" in final
+    assert "| module `aux` (2 tensors, 17 parameters) | unused |" in final
 
 
 # ---------------------------------------------------------------------------------------------------------------------
