@@ -100,8 +100,6 @@ class Result:
             return "crash"
         if not self.got:
             return "none"
-        if self.kinds_ok and self.judged != self.got:
-            return f"{self.case.kind} (unused, hedged)"
         if self.kinds_ok:
             return self.case.kind
         label = "+".join(sorted(self.reported_kinds))
@@ -525,7 +523,8 @@ def render(results: list[tuple[Result, str]], elapsed: float, validated: str = "
         "## Confusion matrix",
         "",
         "Rows: the planted kind. Columns: the kinds reported (the planted kind when exactly the expected kinds were "
-        "reported; a stale copy also leaves its originals orphaned). `none`: nothing reported.",
+        "reported; a stale copy also leaves its originals orphaned; a `str` round trip may be `unused` if hedged). "
+        "`none`: nothing reported; `(hedged)`: every wrong `unused` says the value left torch.",
         "",
         "| planted \\ reported | " + " | ".join(cols) + " |",
         "|---" * (len(cols) + 1) + "|",
