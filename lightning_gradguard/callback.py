@@ -191,6 +191,7 @@ class GradGuard(Callback):
         self._core = GuardCore(self._policy, diagnose, idle_window)
         self._restored: dict[str, Any] | None = None
         self._restored_history: dict[str, Any] | None = None
+        self._restored_pending: list[list[Any]] = []
         self._reported = False
 
     def __repr__(self) -> str:
@@ -227,6 +228,9 @@ class GradGuard(Callback):
         if self._restored_history is not None:
             self._core.history.load_state_dict(self._restored_history)
             self._restored_history = None
+        if self._restored_pending:
+            self._core.load_pending_state(self._restored_pending)
+            self._restored_pending = []
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -312,6 +316,7 @@ class GradGuard(Callback):
             "report": self._core.report.to_dict(),
             "warned": sorted(list(k) for k in self._policy.warned),
             "history": self._core.history.state_dict(),
+            "pending": self._core.pending_state(),
         }
 
     @override
@@ -324,3 +329,5 @@ class GradGuard(Callback):
         self._restored_history = state_dict.get("history")
         if self._restored_history is not None:
             self._core.history.load_state_dict(self._restored_history)
+        self._restored_pending = state_dict.get("pending", [])
+        self._core.load_pending_state(self._restored_pending)

@@ -121,6 +121,7 @@ class GuardCore:
         self._armed = diagnose != "never"
         self._losses: list[_Loss] = []
         self._pending: dict[int, tuple[int, str]] = {}
+        self._restored_pending: dict[str, tuple[int, str]] = {}  # from a checkpoint, until `bind` knows the bits
         self._probing: set[str] = set()  # newly idle parameters the next traced step is to look at
         self._runs: dict[tuple[str, str], int] = {}  # findings of this step that end a run: its length
         self._consistency_key: tuple[Any, ...] | None = None
@@ -144,6 +145,24 @@ class GuardCore:
         self.tracer = Tracer(index, on_backward=on_backward)
         self._consistency_key = None
         self.report.set_model(index.names, [p.numel() for p in index.params], self.policy)  # to group findings
+        if self._restored_pending:  # candidates saved in a checkpoint, by name: the next step is traced for them
+            for name, (first, reason) in self._restored_pending.items():
+                bit = index.bit_of.get(name)
+                if bit is not None:
+                    self._pending.setdefault(bit, (first, reason))
+            self._restored_pending = {}
+            if self._pending and self.diagnose in ("on_finding", "always"):
+                self._armed = True
+
+    def pending_state(self) -> list[list[Any]]:
+        """The candidates waiting for a traced step, as plain values ``[name, first step, reason]`` (checkpoints)."""
+        if self.index is None:
+            return [[name, first, reason] for name, (first, reason) in self._restored_pending.items()]
+        return [[self.index.names[bit], first, reason] for bit, (first, reason) in self._pending.items()]
+
+    def load_pending_state(self, rows: list[list[Any]]) -> None:
+        """Restore :meth:`pending_state`; the candidates are matched by name when the model is bound."""
+        self._restored_pending = {str(name): (int(first), str(reason)) for name, first, reason in rows}
 
     def params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         """``optimizer``'s parameters in order, recomputed only when its param groups change."""

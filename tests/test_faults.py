@@ -209,12 +209,6 @@ def test_resume_reference_run_reports_the_step_2_candidate_once(tmp_path):
     assert _aux_entries(guard.report) == [("unused", "aux.bias", 2, 1), ("unused", "aux.weight", 2, 1)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GradGuard.state_dict saves the report, the warned set and the idle history, not GuardCore._pending: a "
-    "candidate seen on an untraced step and waiting for the next (traced) step is lost when training resumes from "
-    "a checkpoint taken in between",
-)
 def test_resume_from_a_checkpoint_taken_while_a_candidate_is_pending_keeps_it_once(tmp_path):
     # The reference run (test above) reports aux at step 2, once. The checkpoint comes right after step 2.
     saved, resumed = _fit_to_step_3_and_resume_to_6(tmp_path, (2,), idle_window=1)
