@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench sweep clean distclean
+.PHONY: venv test demo lint bench sweep corpus clean distclean
 
 venv: $(STAMP)
 
@@ -38,6 +38,11 @@ sweep: venv
 # `$(VPY) benchmarks/run.py --quick` is the smoke run that `make test` does (tests/test_benchmark.py).
 bench: venv
 	$(VPY) benchmarks/run.py
+
+# The generated bug corpus (tests/corpus/): ~2000 models with one planted bug or none, scored against the ground
+# truth; prints the confusion matrix and writes docs/corpus.md. `make test` runs a fixed ~150 of them.
+corpus: venv
+	OMP_NUM_THREADS=1 $(VPY) tests/corpus/corpus_run.py
 
 # Build outputs, caches and training logs; keeps .venv (see distclean).
 clean:
