@@ -146,8 +146,9 @@ def test_flow_history_keeps_at_most_max_columns_covering_every_step():
         history.add(step, {"a": 10.0 ** (step % 4), "b": 1.0})
         assert len(history) <= 8
     spans = history.steps()
-    assert spans[0][0] == 0 and spans[-1][1] == 99
-    assert all(nxt[0] == prev[1] + 1 for prev, nxt in zip(spans, spans[1:]))  # contiguous, nothing dropped
+    assert spans[0][0] == 0
+    assert spans[-1][1] == 99
+    assert all(nxt[0] == prev[1] + 1 for prev, nxt in zip(spans, spans[1:], strict=False))  # contiguous
     assert history.stride == 16
     values, flags = history.matrix()
     assert (flags == 0).all()
