@@ -66,8 +66,7 @@ def luminance(image: np.ndarray, box: tuple[int, int, int, int]) -> float:
 
 
 def test_flow_picture_in_tensorboard_shows_a_vanishing_layer_darkest_and_an_exploding_one_brightest(tmp_path):
-    guard = GradGuard(log_every_n_steps=1)
-    guard._dashboard.flow_every = 2
+    guard = GradGuard(log_every_n_steps=1, flow_every=2)
     trainer = fit(tmp_path, guard, max_steps=6)
     pictures = images(trainer)
     assert sorted(pictures) == [0, 2, 4, 5]  # the first logged step, every 2nd after it, and the end
@@ -116,8 +115,7 @@ def test_flow_png_beside_the_report_decodes_and_the_report_names_it(tmp_path):
 
 
 def test_flow_every_zero_draws_nothing(tmp_path):
-    guard = GradGuard(log_every_n_steps=1)
-    guard._dashboard.flow_every = 0
+    guard = GradGuard(log_every_n_steps=1, flow_every=0)
     trainer = fit(tmp_path, guard, max_steps=2)
     assert images(trainer) == {}
     assert not (Path(trainer.logger.log_dir) / FLOW_FILE).exists()
@@ -134,6 +132,13 @@ def test_flow_no_picture_without_a_tensorboard_logger(tmp_path):
 def test_flow_options_are_checked(option, value):
     with pytest.raises(ValueError, match=rf"`GradGuard\({option}={value!r}\)`"):
         Dashboard(**{option: value})
+    if option == "flow_every":
+        with pytest.raises(ValueError, match=rf"`GradGuard\({option}={value!r}\)`"):
+            GradGuard(flow_every=value)
+
+
+def test_flow_every_is_in_the_repr():
+    assert "flow_every=3" in repr(GradGuard(flow_every=3))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
