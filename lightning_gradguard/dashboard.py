@@ -7,7 +7,13 @@ writes, on the steps it logs, only on rank zero:
 * scalars, through ``logger.log_metrics`` of every logger (TensorBoard, CSV, W&B, MLflow, ...);
 * histograms, the findings report as markdown text and a custom-scalars layout, to the loggers whose ``experiment``
   is a TensorBoard ``SummaryWriter``;
+* the gradient-flow picture (:mod:`~lightning_gradguard.flow`: per module, gradient norm and update ratio across
+  logged steps) to TensorBoard's Images tab on the first and every ``flow_every``-th logged step, and at the end of
+  ``fit`` as ``gradguard_flow.png`` beside the JSON report;
 * the run report as JSON at the end of ``fit``.
+
+Steps are Lightning's own: the dashboards are written in the batches where Lightning logs ``self.log`` values
+(``(step + 1) % log_every_n_steps == 0``, ``step``: the batches that stepped an optimizer so far), at that step.
 
 For a ``torch.utils.tensorboard.SummaryWriter`` the scalars and histograms of a step go out as one event
 (``add_scalar`` costs one hand-off to the writer thread per tag). Histograms use log-linear buckets (8 per octave,

@@ -114,6 +114,13 @@ def test_flow_png_beside_the_report_decodes_and_the_report_names_it(tmp_path):
     assert ((ratios > 0) & (ratios < 1)).all()
 
 
+@pytest.mark.parametrize("norms", ["param", "total"])
+def test_flow_rows_are_modules_whatever_norms_logs(tmp_path, norms):
+    guard = GradGuard(log_every_n_steps=1, norms=norms)
+    fit(tmp_path, guard, max_steps=2)
+    assert guard._dashboard.flow_picture().keys == ["enc", "head", "side", "boom"]
+
+
 def test_flow_every_zero_draws_nothing(tmp_path):
     guard = GradGuard(log_every_n_steps=1, flow_every=0)
     trainer = fit(tmp_path, guard, max_steps=2)
