@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -129,10 +129,17 @@ def test_flow_every_zero_draws_nothing(tmp_path):
     assert guard._dashboard._flow == {}
 
 
-def test_flow_no_picture_without_a_tensorboard_logger(tmp_path):
+def test_flow_no_picture_without_a_logger(tmp_path):
     guard = GradGuard(log_every_n_steps=1)
     fit(tmp_path, guard, max_steps=2, logger=False)
     assert not list(tmp_path.rglob(FLOW_FILE))
+
+
+def test_flow_png_with_a_csv_logger_only(tmp_path):
+    guard = GradGuard(log_every_n_steps=1)
+    trainer = fit(tmp_path, guard, max_steps=2, logger=CSVLogger(tmp_path, name="csv"))
+    png = Path(trainer.logger.log_dir) / FLOW_FILE
+    assert (np.asarray(Image.open(png).convert("RGB")) == guard._dashboard.flow_picture().image).all()
 
 
 @pytest.mark.parametrize(("option", "value"), [("flow_every", -1), ("flow_every", 1.5), ("flow_columns", 1)])
