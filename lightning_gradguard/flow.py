@@ -24,7 +24,7 @@ Example::
 
 from __future__ import annotations
 
-import math
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +62,10 @@ _INK = (30, 30, 30)
 class FlowHistory:
     """One panel's values per key across logged steps, in at most ``max_columns`` columns.
 
+    Each cell holds five numbers (the sum of log10 of the positive finite values, their count, and the counts of
+    zeros, non-finite values and missing gradients) in one float64 array: a logged step costs a few numpy operations,
+    merging columns is one vectorised sum.
+
     Args:
         max_columns: the most columns kept (>= 2); beyond, neighbouring columns merge pairwise.
     """
@@ -71,14 +75,15 @@ class FlowHistory:
             raise ValueError(f"`FlowHistory(max_columns={max_columns!r})` must be an int >= 2.")
         self.max_columns = max_columns
         self.keys: list[str] = []  # rows, in the order first seen
-        self._known: set[str] = set()
-        self._columns: list[dict[str, list[float]]] = []
+        self._row: dict[str, int] = {}
+        self._cells = np.zeros((8, max_columns + 1, 5))  # rows grow by doubling; one spare column before merging
+        self._seen = np.zeros((8, max_columns + 1), dtype=bool)  # recorded at all
         self._spans: list[list[int]] = []  # per column: [first step, last step, logged steps in it]
         self._stride = 1  # logged steps per column
 
     def __len__(self) -> int:
         """The number of columns."""
-        return len(self._columns)
+        return len(self._spans)
 
     def add(self, step: int, values: Mapping[str, float | None]) -> None:
         """Record one logged step: per key its value, ``None`` for no gradient (several calls with one step, e.g.
@@ -87,48 +92,60 @@ class FlowHistory:
             return
         span = self._spans[-1] if self._spans else None
         if span is not None and span[1] == step:
-            column = self._columns[-1]
+            pass
         elif span is not None and span[2] < self._stride and step > span[1]:
-            column = self._columns[-1]
             span[1] = step
             span[2] += 1
         else:
-            column = {}
-            self._columns.append(column)
             self._spans.append([step, step, 1])
-        for key, value in values.items():
-            cell = column.get(key)
-            if cell is None:
-                if key not in self._known:
-                    self._known.add(key)
-                    self.keys.append(key)
-                cell = column[key] = [0.0, 0, 0, 0, 0]
-            if value is None:
-                cell[_NONE] += 1
-            elif not math.isfinite(value):
-                cell[_BAD] += 1
-            elif value > 0:
-                cell[_LOG] += math.log10(value)
-                cell[_POS] += 1
-            else:
-                cell[_ZERO] += 1
-        if len(self._columns) > self.max_columns:
+        c = len(self._spans) - 1
+        rows = np.fromiter((self._row_of(k) for k in values), dtype=np.int64, count=len(values))
+        raw = list(values.values())
+        none = np.fromiter((v is None for v in raw), dtype=bool, count=len(raw))
+        v = np.fromiter((0.0 if x is None else x for x in raw), dtype=np.float64, count=len(raw))
+        finite = np.isfinite(v)
+        pos = finite & (v > 0) & ~none
+        cells = self._cells
+        np.add.at(cells[:, c, _LOG], rows[pos], np.log10(v[pos]))
+        np.add.at(cells[:, c, _POS], rows[pos], 1)
+        np.add.at(cells[:, c, _ZERO], rows[finite & (v <= 0) & ~none], 1)
+        np.add.at(cells[:, c, _BAD], rows[~finite], 1)
+        np.add.at(cells[:, c, _NONE], rows[none], 1)
+        self._seen[rows, c] = True
+        if len(self._spans) > self.max_columns:
             self._halve()
 
+    def _row_of(self, key: str) -> int:
+        r = self._row.get(key)
+        if r is None:
+            r = self._row[key] = len(self.keys)
+            self.keys.append(key)
+            if r >= len(self._cells):
+                self._cells = np.concatenate([self._cells, np.zeros_like(self._cells)])
+                self._seen = np.concatenate([self._seen, np.zeros_like(self._seen)])
+        return r
+
     def _halve(self) -> None:
-        columns, spans = [], []
-        for i in range(0, len(self._columns), 2):
-            column, span = self._columns[i], list(self._spans[i])
-            if i + 1 < len(self._columns):
-                for key, cell in self._columns[i + 1].items():
-                    mine = column.setdefault(key, [0.0, 0, 0, 0, 0])
-                    for j in range(5):
-                        mine[j] += cell[j]
-                nxt = self._spans[i + 1]
-                span = [span[0], nxt[1], span[2] + nxt[2]]
-            columns.append(column)
-            spans.append(span)
-        self._columns, self._spans = columns, spans
+        n = len(self._spans)
+        half = (n + 1) // 2
+        cells, seen = self._cells, self._seen
+        merged = cells[:, 0:n:2].copy()
+        merged[:, : n // 2] += cells[:, 1:n:2]
+        seen_merged = seen[:, 0:n:2].copy()
+        seen_merged[:, : n // 2] |= seen[:, 1:n:2]
+        cells[:] = 0.0
+        seen[:] = False
+        cells[:, :half] = merged
+        seen[:, :half] = seen_merged
+        spans = []
+        for i in range(0, n, 2):
+            a = self._spans[i]
+            if i + 1 < n:
+                b = self._spans[i + 1]
+                spans.append([a[0], b[1], a[2] + b[2]])
+            else:
+                spans.append(list(a))
+        self._spans = spans
         self._stride *= 2
 
     @property
@@ -148,22 +165,20 @@ class FlowHistory:
         a value over zero, zero over no gradient.
         """
         keys = self.keys if keys is None else list(keys)
-        values = np.full((len(keys), len(self._columns)), np.nan)
-        flags = np.full(values.shape, 4, dtype=np.int8)
-        for c, column in enumerate(self._columns):
-            for r, key in enumerate(keys):
-                cell = column.get(key)
-                if cell is None:
-                    continue
-                if cell[_BAD]:
-                    flags[r, c] = 2
-                elif cell[_POS]:
-                    flags[r, c] = 0
-                    values[r, c] = 10.0 ** (cell[_LOG] / cell[_POS])
-                elif cell[_ZERO]:
-                    flags[r, c] = 1
-                else:
-                    flags[r, c] = 3
+        n = len(self._spans)
+        rows = np.array([self._row.get(k, -1) for k in keys], dtype=np.int64)
+        known = rows >= 0
+        cells = np.zeros((len(keys), n, 5))
+        seen = np.zeros((len(keys), n), dtype=bool)
+        cells[known] = self._cells[rows[known], :n]
+        seen[known] = self._seen[rows[known], :n]
+        flags = np.full((len(keys), n), 4, dtype=np.int8)
+        flags[seen & (cells[..., _NONE] > 0)] = 3
+        flags[seen & (cells[..., _ZERO] > 0)] = 1
+        flags[seen & (cells[..., _POS] > 0)] = 0
+        flags[seen & (cells[..., _BAD] > 0)] = 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            values = np.where(flags == 0, 10.0 ** (cells[..., _LOG] / cells[..., _POS]), np.nan)
         return values, flags
 
 
@@ -193,6 +208,21 @@ def _colours(t: np.ndarray) -> np.ndarray:
     i = np.minimum(np.floor(x).astype(np.int64), len(_VIRIDIS) - 2)
     f = (x - i)[..., None]
     return np.rint(_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _label_strip(labels: tuple[str, ...], width: int, cell_h: int) -> np.ndarray:
+    """The row labels, right-aligned, one per ``cell_h`` pixels (read-only: pasted into each picture)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    image = Image.new("RGB", (width, max(1, len(labels)) * cell_h), _BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for r, label in enumerate(labels):
+        draw.text((width - 5, r * cell_h + cell_h // 2), label, fill=_INK, font=font, anchor="rm")
+    strip = np.asarray(image).copy()
+    strip.flags.writeable = False
+    return strip
 
 
 def _fmt(v: float) -> str:
@@ -261,8 +291,8 @@ def render_flow(histories: Mapping[str, FlowHistory], keys: Sequence[str] | None
         block = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
         canvas[y0 : y0 + block.shape[0], x0 : x0 + hm_w] = block
         picture.panels[name] = (x0, y0, x0 + hm_w, y0 + n_rows * cell_h)
-        for r, label in enumerate(labels):
-            text.append(((x0 - 5, y0 + r * cell_h + cell_h // 2), label, font, "rm"))
+        strip = _label_strip(tuple(labels), label_w, cell_h)  # drawn once per set of rows
+        canvas[y0 : y0 + strip.shape[0], margin : margin + label_w] = strip
         ya = y0 + n_rows * cell_h + 2
         text.append(((x0, ya), f"step {spans[0][0]}", font, "la"))
         if len(spans) > 1:
