@@ -215,7 +215,7 @@ def _label_strip(labels: tuple[str, ...], width: int, cell_h: int) -> np.ndarray
     """The row labels, right-aligned, one per ``cell_h`` pixels (read-only: pasted into each picture)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    font = ImageFont.load_default(size=11)
+    font = ImageFont.load_default(size=11 if cell_h >= 14 else 9)
     image = Image.new("RGB", (width, max(1, len(labels)) * cell_h), _BACKGROUND)
     draw = ImageDraw.Draw(image)
     for r, label in enumerate(labels):
@@ -245,10 +245,11 @@ def render_flow(histories: Mapping[str, FlowHistory], keys: Sequence[str] | None
     keys = list(keys)
     font = ImageFont.load_default(size=11)
     title_font = ImageFont.load_default(size=13)
-    labels = [k if len(k) <= 40 else ".." + k[-38:] for k in keys]
-    label_w = max([int(font.getlength(s)) for s in labels] + [40]) + 10
     n_rows = max(1, len(keys))
-    cell_h = 14 if n_rows <= 60 else 8
+    cell_h = 14 if n_rows <= 40 else 11  # with a 9-pixel label font: every row keeps its label
+    label_font = font if cell_h >= 14 else ImageFont.load_default(size=9)
+    labels = [k if len(k) <= 40 else ".." + k[-38:] for k in keys]
+    label_w = max([int(label_font.getlength(s)) for s in labels] + [40]) + 10
     ncols = max([len(h) for _, h in panels] + [1])
     cell_w = max(2, min(24, 640 // ncols))
     margin, title_h, axis_h, bar_h, legend_h = 10, 22, 16, 10, 34
