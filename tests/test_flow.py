@@ -114,6 +114,14 @@ def test_flow_png_beside_the_report_decodes_and_the_report_names_it(tmp_path):
     assert ((ratios > 0) & (ratios < 1)).all()
 
 
+def test_flow_picture_of_a_long_run_keeps_at_most_flow_columns(tmp_path):
+    guard = GradGuard(log_every_n_steps=1)
+    guard._dashboard.flow_columns = 4  # Dashboard(flow_columns=...); GradGuard keeps the default 200
+    fit(tmp_path, guard, max_steps=10)
+    history = guard._dashboard._flow["grad_norm"]
+    assert history.steps() == [(0, 3), (4, 7), (8, 9)]
+
+
 @pytest.mark.parametrize("norms", ["param", "total"])
 def test_flow_rows_are_modules_whatever_norms_logs(tmp_path, norms):
     guard = GradGuard(log_every_n_steps=1, norms=norms)
