@@ -66,8 +66,9 @@ class GradGuard(Callback):
         diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
             the next step after a new problem shows up on an untraced step), ``"always"`` (every step; slower),
             ``"never"`` (no tracing: unused and detached are not told apart).
-        log_every_n_steps: log the dashboards every this many optimizer steps (steps 0, n, 2n, ...); ``None``: the
-            Trainer's ``log_every_n_steps``; ``0``: never (the checks and the run report stay).
+        log_every_n_steps: log the dashboards in every n-th batch that steps an optimizer, at the same steps as
+            Lightning's own ``self.log`` (steps n-1, 2n-1, ...: ``(step + 1) % n == 0``); ``None``: the Trainer's
+            ``log_every_n_steps``; ``0``: never (the checks and the run report stay).
         norms: which gradient norms to log besides the total: ``"param"`` (one per parameter tensor), ``"module"``
             (one per module, over its own parameters) or ``"total"`` (the total only).
         max_norm_tags: at most this many norm tags per optimizer; beyond, modules are merged into their parents
@@ -88,9 +89,13 @@ class GradGuard(Callback):
             traced step shows the cut), and an all-zero gradient caused by a traced zero-derivative op. With the
             default 16, a LayerDrop-0.1 layer raises a false alarm with a chance of about 1e-10 in a million steps.
             ``1``: judge every step on its own.
+        flow_every: draw the gradient-flow picture (TensorBoard's Images tab) on the first logged step and every
+            this many logged steps after it, and at the end of ``fit`` (then also as ``gradguard_flow.png`` beside
+            the JSON report); ``0``: never.
 
     Dashboards, written on rank zero only at ``on_before_optimizer_step`` (accumulated, AMP-unscaled, before
-    clipping) with ``step=trainer.global_step``. Scalars go to every logger (``log_metrics``); histograms, text and
+    clipping) at Lightning's own logging step (the number of earlier batches that stepped an optimizer: with one
+    optimizer, ``trainer.global_step``). Scalars go to every logger (``log_metrics``); histograms, text, images and
     a custom-scalars layout (one ``GradGuard`` section in TensorBoard's Custom Scalars tab) to TensorBoard loggers:
 
     ======================================  =========  =============================================================
@@ -100,14 +105,23 @@ class GradGuard(Callback):
     ``gradguard/grad_norm/<name>``          scalar     L2 norm per parameter or module (``norms``)
     ``gradguard/total_update_ratio``        scalar     ``||w_after - w_before|| / ||w_before||`` (``update_ratio``)
     ``gradguard/update_ratio/<name>``       scalar     the same per parameter or module (``update_ratio``)
-    ``gradguard/findings/<kind>``           scalar     distinct findings of each of the seven kinds so far
+    ``gradguard/findings/<kind>``           scalar     distinct findings of a kind so far, only for kinds seen (one
+                                                       chart, added to the layout with the first finding)
     ``gradguard/epoch/total_norm_max``      scalar     max of the total norm over the epoch, synced across ranks
     ``gradguard/epoch/total_norm_mean``     scalar     mean of the total norm over the epoch, synced across ranks
     ``gradguard/grad_norms``                histogram  the per-parameter gradient norms (``histograms``)
     ``gradguard/grad_values/<name>``        histogram  gradient values per parameter or module (``value_histograms``)
     ``gradguard/report``                    text       the run report as a markdown table, when it changes and at the
                                                        end (TensorBoard stores it as ``gradguard/report/text_summary``)
+    ``gradguard/gradient_flow``             image      per module (rows, model order) the gradient norm across logged
+                                                       steps (columns), log-scale colour; a second panel of update
+                                                       ratios with ``update_ratio`` (``flow_every``)
     ======================================  =========  =============================================================
+
+    ``<name>`` is a module (``norms="module"``), a parameter (``"param"``), or a parent module when the tags are
+    merged to fit ``max_norm_tags``. A module that has parameters of its own *and* children with parameters gets
+    ``<module>.(own)`` for its own ones (``self_attn.(own)``: ``in_proj_weight``, ``in_proj_bias``; beside
+    ``self_attn.out_proj``), so that no tag is both a module and a part of its parent's tag.
 
     With several optimizers, ``total_norm``, ``total_update_ratio``, ``grad_norms`` and the epoch keys end in
     ``_opt<k>`` (``k``: the optimizer's index in ``trainer.optimizers``). The epoch statistics cover the steps
@@ -143,6 +157,7 @@ class GradGuard(Callback):
         write_report: bool = True,
         report_path: str | None = None,
         idle_window: int = DEFAULT_WINDOW,
+        flow_every: int = 10,
     ) -> None:
         actions = {
             "frozen": on_frozen,
@@ -169,6 +184,7 @@ class GradGuard(Callback):
             update_ratio=update_ratio,
             write_report=write_report,
             report_path=report_path,
+            flow_every=flow_every,
         )
         self.on_frozen = on_frozen
         self.on_unused = on_unused
@@ -188,6 +204,7 @@ class GradGuard(Callback):
         self.write_report = write_report
         self.report_path = report_path
         self.idle_window = idle_window
+        self.flow_every = flow_every
         self._core = GuardCore(self._policy, diagnose, idle_window)
         self._restored: dict[str, Any] | None = None
         self._restored_history: dict[str, Any] | None = None

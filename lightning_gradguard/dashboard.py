@@ -7,7 +7,13 @@ writes, on the steps it logs, only on rank zero:
 * scalars, through ``logger.log_metrics`` of every logger (TensorBoard, CSV, W&B, MLflow, ...);
 * histograms, the findings report as markdown text and a custom-scalars layout, to the loggers whose ``experiment``
   is a TensorBoard ``SummaryWriter``;
+* the gradient-flow picture (:mod:`~lightning_gradguard.flow`: per module, gradient norm and update ratio across
+  logged steps) to TensorBoard's Images tab on the first and every ``flow_every``-th logged step, and at the end of
+  ``fit`` as ``gradguard_flow.png`` beside the JSON report;
 * the run report as JSON at the end of ``fit``.
+
+Steps are Lightning's own: the dashboards are written in the batches where Lightning logs ``self.log`` values
+(``(step + 1) % log_every_n_steps == 0``, ``step``: the batches that stepped an optimizer so far), at that step.
 
 For a ``torch.utils.tensorboard.SummaryWriter`` the scalars and histograms of a step go out as one event
 (``add_scalar`` costs one hand-off to the writer thread per tag). Histograms use log-linear buckets (8 per octave,
@@ -33,6 +39,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from .audit import GradStats, _l2_norms
+from .flow import FLOW_FILE, FLOW_TAG, FlowHistory, FlowPicture, render_flow, write_png
 from .params import ParamIndex, module_of, optimizer_layout
 from .report import RunReport
 
@@ -44,6 +51,7 @@ __all__ = [
     "Dashboard",
     "custom_scalars_layout",
     "group_keys",
+    "own_keys",
     "histogram_counts",
     "histogram_proto_args",
     "histograms_counts",
@@ -312,7 +320,28 @@ def group_keys(names: Sequence[str | None], norms: str, max_tags: int) -> tuple[
         allowed = set(distinct[:max_tags])
         keys = [k if k in allowed else None for k in keys]
         how += f", the first {max_tags} of {len(distinct)}"
-    return keys, how
+    return own_keys(keys), how
+
+
+def own_keys(keys: Sequence[str | None]) -> list[str | None]:
+    """Rename a key that is also the parent of another key to ``<key>.(own)``: a module's own parameters, apart
+    from those of its children (so ``self_attn`` and ``self_attn.out_proj`` never both appear as tags, one of them
+    silently a part of the other).
+
+    Example::
+
+        >>> own_keys(["attn", "attn.out_proj", "attn", "mlp.0", None])
+        ['attn.(own)', 'attn.out_proj', 'attn.(own)', 'mlp.0', None]
+    """
+    distinct = {k for k in keys if k is not None}
+    prefixes = set()
+    for k in distinct:
+        parts = k.split(".")
+        prefixes.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    parents = distinct & prefixes
+    if not parents:
+        return list(keys)
+    return [f"{k}.(own)" if k in parents else k for k in keys]
 
 
 def _chart_of(key: str) -> str:
@@ -331,6 +360,7 @@ class _View:
     suffix: str
     groups: list[tuple[str, list[int]]]
     how: str
+    flow: list[tuple[str, list[int]]]  # the gradient-flow picture's rows: the `norms="module"` keys
 
 
 @dataclass
@@ -378,6 +408,23 @@ def _copy_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
+def _groups(keys: Sequence[str | None]) -> list[tuple[str, list[int]]]:
+    """The indices of each key, keys in the order first seen (``None``: left out)."""
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    return list(groups.items())
+
+
+def _group_norm(norms: Sequence[float | None], idx: Sequence[int]) -> float | None:
+    """The L2 norm over the tensors ``idx`` that have a gradient (``None``: none has)."""
+    present = [norms[i] for i in idx if norms[i] is not None]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else _root(math.fsum(n * n for n in present))  # type: ignore[operator,misc]
+
+
 def _root(v: float) -> float:
     return math.sqrt(v) if v >= 0 else math.nan
 
@@ -401,6 +448,8 @@ class Dashboard:
         update_ratio: bool = False,
         write_report: bool = True,
         report_path: str | None = None,
+        flow_every: int = 10,
+        flow_columns: int = 200,
         owner: str = "GradGuard",
     ) -> None:
         if log_every_n_steps is not None and (
@@ -420,6 +469,10 @@ class Dashboard:
                 raise ValueError(f"`{owner}({name}={value!r})` must be True or False.")
         if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
             raise ValueError(f"`{owner}(report_path={report_path!r})` must be a path or None.")
+        if isinstance(flow_every, bool) or not isinstance(flow_every, int) or flow_every < 0:
+            raise ValueError(f"`{owner}(flow_every={flow_every!r})` must be an int >= 0 (0: no gradient-flow picture).")
+        if isinstance(flow_columns, bool) or not isinstance(flow_columns, int) or flow_columns < 2:
+            raise ValueError(f"`{owner}(flow_columns={flow_columns!r})` must be an int >= 2.")
         self.log_every_n_steps = log_every_n_steps
         self.norms = norms
         self.max_norm_tags = max_norm_tags
@@ -428,6 +481,8 @@ class Dashboard:
         self.update_ratio = update_ratio
         self.write_report = write_report
         self.report_path = report_path
+        self.flow_every = flow_every
+        self.flow_columns = flow_columns
         self._reset()
 
     def _reset(self) -> None:
@@ -443,6 +498,15 @@ class Dashboard:
         self._said: set[str] = set()
         self._stepping_batches: int | None = None  # batches so far in which an optimizer stepped
         self._stepped = False  # an optimizer stepped in the current batch
+        self._layout_findings = False  # the layout written has the findings chart
+        self._layout_idle = False
+        self._flow: dict[str, FlowHistory] = {}  # panel -> history (rank zero, while logging)
+        self._flow_rank: dict[str, int] = {}  # row key -> position of its first parameter in the model
+        self._flow_logged = 0  # logged batch steps so far
+        self._flow_last = -1  # the last logged step counted
+        self._flow_due: int | None = None  # a logged step whose picture is to be drawn at the end of its batch
+        self._flow_drawn: int | None = None  # the step of the last picture written
+        self.flow_path: str | None = None  # the PNG written at the end of fit
 
     # ------------------------------------------------------------------ setup
     def start(self, trainer: Trainer) -> None:
@@ -481,9 +545,20 @@ class Dashboard:
         every = self.every(trainer)
         if not every or not self._targets:
             return False
-        if self._stepping_batches is None:  # first step of this fit (a resumed run continues the count)
+        return (self.step_of(trainer) + 1) % every == 0 or bool(trainer.should_stop)
+
+    def step_of(self, trainer: Trainer) -> int:
+        """The step Lightning logs the current batch's metrics at: the number of earlier batches in which an
+        optimizer stepped (Lightning's ``fit_loop.epoch_loop._batches_that_stepped``; with one optimizer, the
+        ``global_step`` before the step). GradGuard logs at the same steps as ``self.log`` and
+        ``LearningRateMonitor``: those of the batches where ``(step + 1) % log_every_n_steps == 0``."""
+        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+        n = getattr(loop, "_batches_that_stepped", None)
+        if isinstance(n, int):
+            return n
+        if self._stepping_batches is None:  # no fit loop (a stand-in Trainer): count stepping batches ourselves
             self._stepping_batches = trainer.global_step // max(1, len(trainer.optimizers))
-        return self._stepping_batches % every == 0
+        return self._stepping_batches
 
     def _view(self, trainer: Trainer, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
               index: ParamIndex) -> _View:  # fmt: skip
@@ -494,11 +569,15 @@ class Dashboard:
             k = next((i for i, o in enumerate(optimizers) if o is optimizer), len(self._views))
             suffix = f"_opt{k}" if len(optimizers) > 1 else ""
             keys, how = group_keys([index.name_of(p) for p in params], self.norms, self.max_norm_tags)
-            groups: dict[str, list[int]] = {}
-            for i, key in enumerate(keys):
-                if key is not None:
-                    groups.setdefault(key, []).append(i)
-            view = _View(layout, suffix, list(groups.items()), how)
+            groups = _groups(keys)
+            if self.norms == "module":
+                flow = groups
+            else:
+                flow = _groups(group_keys([index.name_of(p) for p in params], "module", self.max_norm_tags)[0])
+            for key, idx in flow:  # rows of the picture in model order
+                first = min((index.index.get(id(params[i]), len(index)) for i in idx), default=len(index))
+                self._flow_rank[key] = min(first, self._flow_rank.get(key, first))
+            view = _View(layout, suffix, groups, how, flow)
             self._views[id(optimizer)] = view
             if "depth" in how or "first" in how:
                 self._say(f"GradGuard: {len(params)} parameter tensors are more than max_norm_tags="
@@ -531,7 +610,7 @@ class Dashboard:
         self._stepped = True
         total = stats.total_norm
         k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-        step = trainer.global_step
+        step = self.step_of(trainer)
         self.record_total(k, step, total)
         if not self._targets:
             return
@@ -540,18 +619,20 @@ class Dashboard:
         if not self.should_log(trainer):
             return
         view = self._view(trainer, optimizer, stats.params, index)
-        if not self._layout_written:
-            self._write_layout(trainer, index, idle is not None)
+        counts = {kind: n for kind, n in report.counts().items() if n}  # only kinds seen: no flat-zero lines
+        if not self._layout_written or (counts and not self._layout_findings):
+            self._write_layout(trainer, index, idle is not None or self._layout_idle, bool(counts))
         norms = stats.norms
         metrics: dict[str, float] = {f"{TAG}/total_norm{view.suffix}": total}
         if self.norms != "total":
             for key, idx in view.groups:
-                present = [norms[i] for i in idx if norms[i] is not None]
-                if present:
-                    metrics[f"{TAG}/grad_norm/{key}"] = present[0] if len(present) == 1 else _root(
-                        math.fsum(n * n for n in present))  # type: ignore[operator]  # fmt: skip
-        for kind, n in report.counts().items():
+                value = _group_norm(norms, idx)
+                if value is not None:
+                    metrics[f"{TAG}/grad_norm/{key}"] = value
+        for kind, n in counts.items():
             metrics[f"{TAG}/findings/{kind}"] = float(n)
+        if self.flow_every:
+            self._add_flow("grad_norm", step, {key: _group_norm(norms, idx) for key, idx in view.flow})
         if idle:
             for module, share in idle.items():
                 metrics[f"{TAG}/idle/{module or 'root'}"] = float(share)
@@ -604,13 +685,50 @@ class Dashboard:
             self._snapshots.append(_Snapshot(k, step, view, idx, params, _copy_flat(params)))
 
     def end_batch(self) -> None:
-        """Log the update-to-weight ratios of this batch's logged steps and drop the parameter copies."""
+        """Log the update-to-weight ratios of this batch's logged steps and drop the parameter copies; draw the
+        gradient-flow picture when due."""
         if self._snapshots:
             self._flush_snapshots()
+        if self._flow_due is not None:
+            self._write_flow(self._flow_due)
+            self._flow_due = None
         if self._stepped:
             self._stepped = False
             if self._stepping_batches is not None:
                 self._stepping_batches += 1
+
+    # ------------------------------------------------------------------ gradient-flow picture
+    def _add_flow(self, panel: str, step: int, values: Mapping[str, float | None]) -> None:
+        """Record one logged step of a panel; a picture is due on the first logged step and every
+        ``flow_every``-th after it."""
+        history = self._flow.get(panel)
+        if history is None:
+            history = self._flow[panel] = FlowHistory(self.flow_columns)
+        history.add(step, values)
+        if panel == "grad_norm" and step != self._flow_last:
+            self._flow_last = step
+            self._flow_logged += 1
+            if (self._flow_logged - 1) % self.flow_every == 0:
+                self._flow_due = step
+
+    def flow_picture(self) -> FlowPicture | None:
+        """The gradient-flow picture of the run so far (rows in model order), or ``None`` before the first logged
+        step."""
+        if not any(len(h) for h in self._flow.values()):
+            return None
+        keys = list(dict.fromkeys(k for h in self._flow.values() for k in h.keys))
+        keys.sort(key=lambda k: self._flow_rank.get(k, len(self._flow_rank)))
+        return render_flow(self._flow, keys)
+
+    def _write_flow(self, step: int) -> FlowPicture | None:
+        picture = self.flow_picture()
+        if picture is None:
+            return None
+        for t in self._targets:
+            if t.writer is not None and hasattr(t.writer, "add_image"):
+                t.writer.add_image(FLOW_TAG, picture.image, step, dataformats="HWC")
+        self._flow_drawn = step
+        return picture
 
     def _flush_snapshots(self, only: int | None = None) -> None:
         keep = []
@@ -641,6 +759,13 @@ class Dashboard:
                 den = math.fsum(w2.get(i, 0.0) for i in idx)
                 if den > 0 and any(i in d2 for i in idx):
                     metrics[f"{TAG}/update_ratio/{key}"] = math.sqrt(math.fsum(d2.get(i, 0.0) for i in idx) / den)
+        if self.flow_every:
+            ratios: dict[str, float | None] = {}
+            for key, idx in view.flow:
+                den = math.fsum(w2.get(i, 0.0) for i in idx)
+                ratios[key] = math.sqrt(math.fsum(d2.get(i, 0.0) for i in idx) / den) if den > 0 and any(
+                    i in d2 for i in idx) else None  # fmt: skip
+            self._add_flow("update_ratio", snap.step, ratios)
         snap.before.clear()
         if metrics:
             self._write(metrics, [], snap.step)
@@ -698,15 +823,22 @@ class Dashboard:
         if self._finished or not self._started or not trainer.is_global_zero:
             return None
         self._finished = True
-        if self._targets:
-            self._write_text(report, trainer.global_step)
-        if not self.write_report:
-            return None
         path = (
             os.fspath(self.report_path)
             if self.report_path is not None
             else os.path.join(_log_dir(trainer), REPORT_FILE)
         )
+        last = self._flow_last
+        picture = None
+        if self._targets and self.flow_every and last >= 0:
+            picture = self._write_flow(last) if self._flow_drawn != last else self.flow_picture()
+        if picture is not None and self.write_report:
+            self.flow_path = write_png(picture, os.path.join(os.path.dirname(path), FLOW_FILE))
+            report.note(f"gradient-flow picture (gradient norm per module across logged steps): {self.flow_path}")
+        if self._targets:
+            self._write_text(report, self.step_of(trainer))
+        if not self.write_report:
+            return None
         return report.write_json(path)
 
     def release(self) -> None:
@@ -746,8 +878,11 @@ class Dashboard:
             if t.writer is not None:
                 t.writer.add_text(TEXT_TAG, report.markdown(), step)
 
-    def _write_layout(self, trainer: Trainer, index: ParamIndex, idle: bool = False) -> None:
+    def _write_layout(self, trainer: Trainer, index: ParamIndex, idle: bool = False, findings: bool = False) -> None:
+        """Write the custom-scalars layout; again (TensorBoard shows the last) when the first finding appears."""
         self._layout_written = True
+        self._layout_findings = findings
+        self._layout_idle = idle
         keys: list[str] = []
         for opt in trainer.optimizers:
             params = [p for g in opt.param_groups for p in g["params"]]
@@ -756,15 +891,19 @@ class Dashboard:
         charts = list(dict.fromkeys(_chart_of(k) for k in keys))
         for t in self._targets:
             if t.writer is not None:
-                t.writer.add_custom_scalars(custom_scalars_layout(charts, t.prefix, self.update_ratio, idle))
+                t.writer.add_custom_scalars(custom_scalars_layout(charts, t.prefix, self.update_ratio, idle, findings))
 
 
 def custom_scalars_layout(
-    charts: Sequence[str], prefix: str = "", update_ratio: bool = False, idle: bool = False
+    charts: Sequence[str],
+    prefix: str = "",
+    update_ratio: bool = False,
+    idle: bool = False,
+    findings: bool = True,
 ) -> dict[str, Any]:
     """The ``add_custom_scalars`` layout: one ``GradGuard`` section with the total norm, one chart of gradient norms
-    per top-level module (or ``ModuleList`` entry), the update ratios, the idle shares per module (``idle``) and the
-    finding counts.
+    per top-level module (or ``ModuleList`` entry), the update ratios, the idle shares per module (``idle``) and one
+    chart of the finding counts per kind (``findings``: the dashboard adds it when the first finding appears).
 
     Example::
 
@@ -792,7 +931,8 @@ def custom_scalars_layout(
                 section[f"update / weight: {c}"] = ["Multiline", [rf"{p}update_ratio/{re.escape(c)}(\..*)?$"]]
     if idle:
         section["share of steps without a gradient, per module"] = ["Multiline", [rf"{p}idle/.*"]]
-    section["findings so far, per kind"] = ["Multiline", [rf"{p}findings/.*"]]
+    if findings:
+        section["findings so far, per kind"] = ["Multiline", [rf"{p}findings/.*"]]
     return {"GradGuard": section}
 
 

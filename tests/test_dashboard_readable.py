@@ -1,0 +1,221 @@
+"""A dashboard a person can read: GradGuard's points at Lightning's own steps, one findings chart only once there is
+something to show, no tag that is both a module and a part of its parent. Read back from real TensorBoard files."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import nn
+
+from conftest import loader, make_trainer
+from lightning_gradguard import GradGuard
+from lightning_gradguard.dashboard import group_keys, own_keys
+
+
+class Logs(LightningModule):
+    """A small regression model that logs its loss with ``self.log`` (Lightning's own logging steps)."""
+
+    def __init__(self, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.nan_at = nan_at
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = ((self.net(x).squeeze(-1) - y) ** 2).mean()
+        self.log("train_loss", loss)
+        if self.nan_at is not None and self.global_step == self.nan_at:
+            loss = loss * float("nan")
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class TwoOptimizersLogs(LightningModule):
+    """Manual optimization with two optimizers (``global_step`` advances twice per batch); logs with ``self.log``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.gen = nn.Linear(8, 8)
+        self.disc = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        opt_g, opt_d = self.optimizers()
+        d_loss = self.disc(x).pow(2).mean() + self.disc(self.gen(x).detach()).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = -self.disc(self.gen(x)).mean()
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        self.log("d_loss", d_loss)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.gen.parameters(), lr=0.01), torch.optim.SGD(self.disc.parameters(), lr=0.01)
+
+
+def fit(tmp_path: Path, guard: GradGuard, model: LightningModule, n: int = 96, **kwargs):
+    kwargs.setdefault("logger", TensorBoardLogger(tmp_path, name="tb"))
+    trainer = make_trainer(tmp_path, [guard], **kwargs)
+    trainer.fit(model, loader(n=n))
+    return trainer
+
+
+def events(trainer) -> EventAccumulator:
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def steps(acc: EventAccumulator, tag: str) -> list[int]:
+    return sorted(e.step for e in acc.Scalars(tag))
+
+
+def charts_of(event) -> dict[str, list[str]]:
+    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    return {chart.title: list(chart.multiline.tag) for chart in layout.category[0].chart}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Steps
+
+
+@pytest.mark.parametrize(
+    ("every", "kwargs"),
+    [(3, {"max_steps": 10}), (4, {"max_steps": 6, "accumulate_grad_batches": 2}), (50, {"max_steps": 120, "n": 960})],
+)
+def test_dashboard_logs_at_the_steps_lightning_logs_self_log(tmp_path, every, kwargs):
+    trainer = fit(tmp_path, GradGuard(), Logs(), log_every_n_steps=every, **kwargs)
+    acc = events(trainer)
+    lightning = steps(acc, "train_loss")
+    assert lightning  # Lightning logged something: the comparison below means something
+    assert steps(acc, "gradguard/total_norm") == lightning
+    assert steps(acc, "gradguard/grad_norm/net.0") == lightning
+    assert lightning[0] == every - 1  # not 0, n, 2n: Lightning's (step + 1) % n == 0
+
+
+def test_dashboard_logs_at_lightnings_steps_with_two_optimizers(tmp_path):
+    trainer = fit(tmp_path, GradGuard(on_orphan="ignore"), TwoOptimizersLogs(), max_steps=12, log_every_n_steps=2)
+    acc = events(trainer)
+    lightning = steps(acc, "d_loss")
+    assert lightning == [1, 3, 5]  # the batch index, though global_step advances twice per batch
+    assert steps(acc, "gradguard/total_norm_opt0") == lightning
+    assert steps(acc, "gradguard/total_norm_opt1") == lightning
+
+
+def test_dashboard_explicit_log_every_n_steps_uses_the_same_rule(tmp_path):
+    trainer = fit(tmp_path, GradGuard(log_every_n_steps=4), Logs(), max_steps=9, log_every_n_steps=2)
+    acc = events(trainer)
+    assert steps(acc, "train_loss") == [1, 3, 5, 7]
+    assert steps(acc, "gradguard/total_norm") == [3, 7]  # a subset of Lightning's points
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Findings chart
+
+
+def test_dashboard_clean_run_has_no_findings_scalars_and_no_findings_chart(tmp_path):
+    trainer = fit(tmp_path, GradGuard(), Logs(), max_steps=4, log_every_n_steps=1)
+    acc = events(trainer)
+    assert not [t for t in acc.Tags()["scalars"] if "/findings/" in t]
+    layouts = acc.Tensors("custom_scalars__config__")
+    assert len(layouts) == 1
+    assert not [title for title in charts_of(layouts[0]) if "findings" in title]
+
+
+def test_dashboard_findings_chart_appears_with_the_first_finding_and_holds_only_seen_kinds(tmp_path):
+    guard = GradGuard(on_nonfinite="warn", log_every_n_steps=1)
+    with pytest.warns(UserWarning, match="nonfinite|NaN"):
+        trainer = fit(tmp_path, guard, Logs(nan_at=2), max_steps=4, log_every_n_steps=1)
+    acc = events(trainer)
+    findings = [t for t in acc.Tags()["scalars"] if "/findings/" in t]
+    assert findings == ["gradguard/findings/nonfinite"]
+    assert steps(acc, "gradguard/findings/nonfinite") == [2, 3]
+    layouts = acc.Tensors("custom_scalars__config__")
+    assert len(layouts) == 2  # written again when the first finding shows up (add_custom_scalars has no step)
+    assert "findings so far, per kind" not in charts_of(layouts[0])
+    (regex,) = charts_of(layouts[-1])["findings so far, per kind"]  # TensorBoard shows the last layout
+    assert [t for t in acc.Tags()["scalars"] if re.match(regex, t)] == findings
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parent and child tags
+
+
+class Encoder(LightningModule):
+    """A real ``nn.TransformerEncoderLayer``: ``self_attn`` owns ``in_proj_*`` and has a child ``out_proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d_model=4, nhead=2, dim_feedforward=8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.layer(x.view(-1, 2, 4))
+        return ((self.head(h.mean(1)).squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Grads(Callback):
+    def __init__(self) -> None:
+        self.norms: dict[int, dict[str, float]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.norms[trainer.global_step] = {n: float(p.grad.norm()) for n, p in pl_module.named_parameters()}
+
+
+def test_dashboard_names_a_modules_own_parameters_apart_from_its_childrens(tmp_path):
+    grads = Grads()
+    trainer = make_trainer(
+        tmp_path, [GradGuard(log_every_n_steps=1), grads], max_steps=2, logger=TensorBoardLogger(tmp_path, name="tb")
+    )
+    trainer.fit(Encoder(), loader(n=32))
+    acc = events(trainer)
+    tags = {t.removeprefix("gradguard/grad_norm/") for t in acc.Tags()["scalars"] if "/grad_norm/" in t}
+    assert tags == {
+        "layer.self_attn.(own)",
+        "layer.self_attn.out_proj",
+        "layer.linear1",
+        "layer.linear2",
+        "layer.norm1",
+        "layer.norm2",
+        "head",
+    }
+    for step in (0, 1):
+        g = grads.norms[step]
+        own = math.hypot(g["layer.self_attn.in_proj_weight"], g["layer.self_attn.in_proj_bias"])
+        logged = {e.step: e.value for e in acc.Scalars("gradguard/grad_norm/layer.self_attn.(own)")}
+        assert logged[step] == pytest.approx(own, rel=1e-5)
+    (layout,) = acc.Tensors("custom_scalars__config__")
+    (regex,) = charts_of(layout)["gradient norm: layer"]
+    assert {t for t in acc.Tags()["scalars"] if re.match(regex, t)} == {f"gradguard/grad_norm/{k}" for k in tags} - {
+        "gradguard/grad_norm/head"
+    }
+
+
+def test_own_keys_leaves_keys_without_children_alone():
+    assert own_keys(["enc.0", "enc.1", "head", None]) == ["enc.0", "enc.1", "head", None]
+    assert own_keys(["a", "a.b", "a.b.c"]) == ["a.(own)", "a.b.(own)", "a.b.c"]
+
+
+def test_group_keys_never_gives_a_parent_and_its_child():
+    names = ["blk.scale", "blk.attn.w", "blk.attn.out.w", "blk.mlp.w"]
+    for norms, cap in (("module", 100), ("param", 100), ("param", 3), ("module", 2)):
+        keys = {k for k in group_keys(names, norms, cap)[0] if k is not None}
+        assert not [(a, b) for a in keys for b in keys if b.startswith(a + ".")], (norms, cap, keys)
+    assert group_keys(names, "module", 100)[0] == ["blk.(own)", "blk.attn.(own)", "blk.attn.out", "blk.mlp"]

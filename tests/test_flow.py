@@ -1,0 +1,220 @@
+"""The gradient-flow picture: read back from the TensorBoard event file and the PNG a real Trainer wrote."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from conftest import loader, make_trainer
+from lightning_gradguard import GradGuard
+from lightning_gradguard.dashboard import REPORT_FILE, Dashboard
+from lightning_gradguard.flow import FLOW_FILE, FLOW_TAG, FlowHistory, render_flow
+
+
+class Planted(LightningModule):
+    """``enc`` → ``head``, plus a ``side`` branch scaled by 1e-8 (its gradients vanish) and a ``boom`` branch on the
+    input scaled by 1e3 (its gradients are the largest, and it has no parameters upstream to share them with)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 1)
+        self.side = nn.Linear(16, 1)
+        self.boom = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.tanh(self.enc(x))
+        out = self.head(h) + 1e-8 * self.side(h) + 1e3 * self.boom(x)
+        return ((out.squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def fit(tmp_path: Path, guard: GradGuard, max_steps: int = 6, **kwargs):
+    kwargs.setdefault("logger", TensorBoardLogger(tmp_path, name="tb"))
+    trainer = make_trainer(tmp_path, [guard], max_steps=max_steps, **kwargs)
+    trainer.fit(Planted(), loader(n=64))
+    return trainer
+
+
+def images(trainer) -> dict[int, np.ndarray]:
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    if FLOW_TAG not in acc.Tags()["images"]:
+        return {}
+    return {e.step: np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB"))
+            for e in acc.Images(FLOW_TAG)}  # fmt: skip
+
+
+def luminance(image: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    x0, y0, x1, y1 = box
+    cells = image[y0:y1, x0:x1].astype(np.float64)
+    return float((cells @ np.array([0.299, 0.587, 0.114])).mean())
+
+
+def test_flow_picture_in_tensorboard_shows_a_vanishing_layer_darkest_and_an_exploding_one_brightest(tmp_path):
+    guard = GradGuard(log_every_n_steps=1, flow_every=2)
+    trainer = fit(tmp_path, guard, max_steps=6)
+    pictures = images(trainer)
+    assert sorted(pictures) == [0, 2, 4, 5]  # the first logged step, every 2nd after it, and the end
+    final = guard._dashboard.flow_picture()
+    assert final.keys == ["enc", "head", "side", "boom"]  # model order
+    image = pictures[5]
+    assert image.shape == final.image.shape
+    assert (image == final.image).all()
+    assert guard._dashboard._flow["grad_norm"].steps() == [(s, s) for s in range(6)]  # one column per logged step
+    rows = {key: luminance(image, final.row_box("grad_norm", key)) for key in final.keys}
+    assert min(rows, key=rows.get) == "side"
+    assert max(rows, key=rows.get) == "boom"
+    assert list(final.panels) == ["grad_norm"]  # no update-ratio panel unless update_ratio=True
+
+
+def test_flow_picture_values_are_the_logged_module_norms(tmp_path):
+    guard = GradGuard(log_every_n_steps=1)
+    trainer = fit(tmp_path, guard, max_steps=3)
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    history = guard._dashboard._flow["grad_norm"]
+    values, flags = history.matrix(["enc", "head", "side", "boom"])
+    assert (flags == 0).all()
+    for r, key in enumerate(["enc", "head", "side", "boom"]):
+        logged = {e.step: e.value for e in acc.Scalars(f"gradguard/grad_norm/{key}")}
+        assert values[r].tolist() == pytest.approx([logged[s] for s in (0, 1, 2)], rel=1e-6)
+    assert values[2].max() < 1e-6 * values[3].min()  # side vanishes next to boom, by construction
+
+
+def test_flow_png_beside_the_report_decodes_and_the_report_names_it(tmp_path):
+    guard = GradGuard(log_every_n_steps=1, update_ratio=True)
+    trainer = fit(tmp_path, guard, max_steps=4)
+    png = Path(trainer.logger.log_dir) / FLOW_FILE
+    assert png.is_file()
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    final = guard._dashboard.flow_picture()
+    assert (pixels == final.image).all()
+    assert list(final.panels) == ["grad_norm", "update_ratio"]
+    assert guard._dashboard.flow_path == str(png)
+    report = json.loads((Path(trainer.logger.log_dir) / REPORT_FILE).read_text())
+    assert any(str(png) in note for note in report["notes"])
+    assert str(png) in guard.report.table()
+    ratios, flags = guard._dashboard._flow["update_ratio"].matrix(final.keys)
+    assert (flags == 0).all()
+    assert ((ratios > 0) & (ratios < 1)).all()
+
+
+def test_flow_picture_of_a_long_run_keeps_at_most_flow_columns(tmp_path):
+    guard = GradGuard(log_every_n_steps=1)
+    guard._dashboard.flow_columns = 4  # Dashboard(flow_columns=...); GradGuard keeps the default 200
+    fit(tmp_path, guard, max_steps=10)
+    history = guard._dashboard._flow["grad_norm"]
+    assert history.steps() == [(0, 3), (4, 7), (8, 9)]
+
+
+@pytest.mark.parametrize("norms", ["param", "total"])
+def test_flow_rows_are_modules_whatever_norms_logs(tmp_path, norms):
+    guard = GradGuard(log_every_n_steps=1, norms=norms)
+    fit(tmp_path, guard, max_steps=2)
+    assert guard._dashboard.flow_picture().keys == ["enc", "head", "side", "boom"]
+
+
+def test_flow_every_zero_draws_nothing(tmp_path):
+    guard = GradGuard(log_every_n_steps=1, flow_every=0)
+    trainer = fit(tmp_path, guard, max_steps=2)
+    assert images(trainer) == {}
+    assert not (Path(trainer.logger.log_dir) / FLOW_FILE).exists()
+    assert guard._dashboard._flow == {}
+
+
+def test_flow_no_picture_without_a_logger(tmp_path):
+    guard = GradGuard(log_every_n_steps=1)
+    fit(tmp_path, guard, max_steps=2, logger=False)
+    assert not list(tmp_path.rglob(FLOW_FILE))
+
+
+def test_flow_png_with_a_csv_logger_only(tmp_path):
+    guard = GradGuard(log_every_n_steps=1)
+    trainer = fit(tmp_path, guard, max_steps=2, logger=CSVLogger(tmp_path, name="csv"))
+    png = Path(trainer.logger.log_dir) / FLOW_FILE
+    assert (np.asarray(Image.open(png).convert("RGB")) == guard._dashboard.flow_picture().image).all()
+
+
+@pytest.mark.parametrize(("option", "value"), [("flow_every", -1), ("flow_every", 1.5), ("flow_columns", 1)])
+def test_flow_options_are_checked(option, value):
+    with pytest.raises(ValueError, match=rf"`GradGuard\({option}={value!r}\)`"):
+        Dashboard(**{option: value})
+    if option == "flow_every":
+        with pytest.raises(ValueError, match=rf"`GradGuard\({option}={value!r}\)`"):
+            GradGuard(flow_every=value)
+
+
+def test_flow_every_is_in_the_repr():
+    assert "flow_every=3" in repr(GradGuard(flow_every=3))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FlowHistory and render_flow (pure)
+
+
+def test_flow_history_keeps_at_most_max_columns_covering_every_step():
+    history = FlowHistory(max_columns=8)
+    for step in range(100):
+        history.add(step, {"a": 10.0 ** (step % 4), "b": 1.0})
+        assert len(history) <= 8
+    spans = history.steps()
+    assert spans[0][0] == 0
+    assert spans[-1][1] == 99
+    assert all(nxt[0] == prev[1] + 1 for prev, nxt in zip(spans, spans[1:], strict=False))  # contiguous
+    assert history.stride == 16
+    values, flags = history.matrix()
+    assert (flags == 0).all()
+    assert values[0, 0] == pytest.approx(10.0**1.5)  # geometric mean of 1, 10, 100, 1000 (x4)
+    assert values[1].tolist() == pytest.approx([1.0] * len(history))
+
+
+def test_flow_history_one_column_per_step_for_several_calls():
+    history = FlowHistory()
+    history.add(3, {"gen": 2.0})
+    history.add(3, {"disc": 4.0})  # a second optimizer stepping in the same batch
+    history.add(5, {"gen": 8.0})
+    assert history.steps() == [(3, 3), (5, 5)]
+    values, flags = history.matrix(["gen", "disc"])
+    assert values[0].tolist() == pytest.approx([2.0, 8.0])
+    assert flags[1].tolist() == [0, 4]  # disc not recorded at step 5
+
+
+def test_flow_cells_for_zero_missing_and_nonfinite_gradients():
+    history = FlowHistory()
+    history.add(0, {"ok": 1.0, "zero": 0.0, "none": None, "bad": math.nan})
+    history.add(1, {"ok": 2.0, "zero": 0.0, "none": None, "bad": math.inf})
+    _, flags = history.matrix()
+    assert flags.tolist() == [[0, 0], [1, 1], [3, 3], [2, 2]]
+    picture = render_flow({"grad_norm": history})
+    colours = {key: tuple(picture.image[(b := picture.row_box("grad_norm", key))[1] + 2, b[0] + 2])
+               for key in picture.keys}  # fmt: skip
+    assert colours["zero"] == (0, 0, 0)
+    assert colours["bad"] == (228, 26, 28)
+    assert colours["none"] == (190, 190, 190)
+    assert colours["ok"] == (68, 1, 84)  # the smallest value: viridis' darkest end
+
+
+def test_flow_history_rejects_a_bad_size():
+    with pytest.raises(ValueError, match=r"max_columns=1"):
+        FlowHistory(max_columns=1)
+
+
+def test_render_flow_without_data_says_so():
+    picture = render_flow({"grad_norm": FlowHistory()})
+    assert picture.panels == {}
+    assert picture.image.ndim == 3
