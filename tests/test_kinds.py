@@ -603,7 +603,7 @@ def test_sparse_embedding_gradients_are_measured(tmp_path):
 def test_report_is_printed_once_when_the_end_of_fit_raises(tmp_path, caplog):
     import logging
 
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")  # other test modules quiet Lightning's loggers
     with pytest.raises(GradGuardError):  # skipped on the last step, a step with no next traced step
         fit(tmp_path, SometimesSkipped(), GradGuard(idle_window=1), max_steps=3)
     assert caplog.text.count("GradGuard run report") == 1

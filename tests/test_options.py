@@ -60,6 +60,8 @@ INVALID: list[tuple[str, Any]] = [
     ("idle_window", 2.5),
     ("idle_window", True),
     ("idle_window", "16"),
+    ("flow_every", -1),
+    ("flow_every", 2.5),
 ]
 #: YAML strings that jsonargparse legitimately converts to the option's type ("10" -> 10, "yes" -> True, ...).
 CONVERTED_BY_THE_CLI = [

@@ -524,11 +524,16 @@ class Messages(logging.Handler):
         self.messages.append(record.getMessage())
 
     def __enter__(self) -> Messages:
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(self)
+        logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)  # other test modules quiet Lightning's loggers
+        logger.addHandler(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(self)
+        logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
 
 
 def test_dashboard_csv_logger_gets_the_scalars(tmp_path):
