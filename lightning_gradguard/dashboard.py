@@ -126,6 +126,8 @@ def _values(t: torch.Tensor, scale: float, finite: bool) -> torch.Tensor:
     v = t.detach()
     if v.layout != torch.strided:
         v = v.coalesce().values()
+    if v.is_complex():  # real and imaginary parts are values alike (a cast to real would drop the imaginary ones)
+        v = torch.view_as_real(v)
     v = v.reshape(-1)
     if v.dtype != torch.float32:
         v = v.float()

@@ -281,11 +281,6 @@ def test_empty_parameter_is_not_reported(tmp_path):
     assert guard.findings == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dashboard.histogram_counts casts a complex gradient with `.float()`, which drops the imaginary parts (and "
-    "torch warns once 'Casting complex values to real'): use torch.view_as_real (or abs) for complex tensors",
-)
 def test_complex_gradient_value_histogram_keeps_the_imaginary_part():
     from lightning_gradguard.dashboard import histogram_counts
 
