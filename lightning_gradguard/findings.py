@@ -210,6 +210,8 @@ def group_findings(findings: Sequence[Finding], sizes: Mapping[str, int] | None 
         >>> [g.module for g in group_findings(fs[:3], sizes)]
         ['backbone.0', None]
     """
+    if not findings:  # the common case of a clean step: no walk over the model's tensors
+        return []
     by_kind: dict[str, list[Finding]] = {}
     for f in findings:
         by_kind.setdefault(f.kind, []).append(f)

@@ -96,8 +96,6 @@ class Policy:
         if any(self.actions[f.kind] == "raise" for f in findings):
             raise GradGuardError.from_findings(findings, step, context, self.sizes)
         new = [f for f in findings if f.key not in self._warned]
-        if not new:  # a clean step (or nothing new): no grouping work, which is per tensor of the model
-            return
         for group in group_findings(new, self.sizes):
             self._warned.update(f.key for f in group.findings)
             text = "GradGuard: " + "\n".join(group.lines())
