@@ -417,10 +417,10 @@ class Tracer(TorchFunctionMode):
                 # A numpy value of unknown identity while model values went to numpy this step: after numpy
                 # arithmetic the identity is lost, so it is taken to carry everything that went to numpy.
                 return self._numpy
-            dtype = getattr(obj, "dtype", None)
-            if self._pynum[0] and getattr(obj, "shape", None) == () and getattr(dtype, "kind", "") in ("f", "c"):
-                if self._derived(float(obj.real)):  # type: ignore[attr-defined]
-                    return self._pynum  # `np.float32(t.item()) * 2`: a Python number that escaped, made a numpy scalar
+            # `np.float32(t.item()) * 2`: a Python number that escaped, made a numpy scalar
+            scalar = getattr(obj, "shape", None) == () and getattr(getattr(obj, "dtype", None), "kind", "") in "fc"
+            if self._pynum[0] and scalar and self._derived(float(obj.real)):  # type: ignore[attr-defined]
+                return self._pynum
         return None
 
     def _derived(self, v: float) -> bool:
