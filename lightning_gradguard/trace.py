@@ -418,7 +418,8 @@ class Tracer(TorchFunctionMode):
                 # arithmetic the identity is lost, so it is taken to carry everything that went to numpy.
                 return self._numpy
             # `np.float32(t.item()) * 2`: a Python number that escaped, made a numpy scalar
-            scalar = getattr(obj, "shape", None) == () and getattr(getattr(obj, "dtype", None), "kind", "") in "fc"
+            kind = getattr(getattr(obj, "dtype", None), "kind", None)
+            scalar = kind in ("f", "c") and getattr(obj, "shape", None) == ()
             if self._pynum[0] and scalar and self._derived(float(obj.real)):  # type: ignore[attr-defined]
                 return self._pynum
         return None
