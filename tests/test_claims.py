@@ -6,14 +6,17 @@ README must say so. ``tests/README_CLAIMS.md`` maps every README claim to its te
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule
+from lightning.fabric import Fabric
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -21,6 +24,7 @@ from torch import nn
 
 from conftest import loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
+from lightning_gradguard.testing import GradientFlowError
 from lightning_gradguard.trace import Tracer
 
 AUX = {"aux.weight", "aux.bias"}
@@ -404,3 +408,155 @@ def test_the_readmes_false_alarm_arithmetic(p, window, text, readme, formula):
     exact = expected_false_alarms(p, window, 1_000_000)
     assert exact == pytest.approx(formula, rel=1e-3)  # the README's formula, computed another way
     assert exact == pytest.approx(readme, rel=0.15)  # and rounded ("about")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The README's Python snippets run as printed, with the names they leave to the reader filled in.
+
+
+def readme_snippet(first_line: str) -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    [block] = [b for b in blocks if first_line in b]
+    return block
+
+
+class Pooled(LightningModule):
+    """``pooler`` is never called: the README's "Ten lines" ignore it with ``ignore=["pooler.*"]``."""
+
+    def __init__(self, cut: bool = False) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 16), nn.Tanh())
+        self.pooler = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 1)
+        self.cut = cut
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.encoder(x)
+        if self.cut:
+            h = h.detach()  # CLAIMS: ten lines cut
+        return ((self.head(h).squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class Data(LightningDataModule):
+    def train_dataloader(self):
+        return loader()
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_readme_ten_lines_run(tmp_path, monkeypatch, capsys, cut):
+    monkeypatch.chdir(tmp_path)  # the snippet's Trainer logs to ./lightning_logs
+    scope = {"model": Pooled(cut=cut), "data": Data()}
+    exec(readme_snippet("trainer.fit(model, datamodule=data)"), scope)  # noqa: S102 - the README's code
+    out = capsys.readouterr().out
+    if cut:
+        assert "got no usable gradient at step 0" in out  # `print(err)`
+        assert f"`.detach()` at {where('CLAIMS: ten lines cut')}" in out
+        assert {(f.kind, f.param) for f in scope["guard"].findings} == {
+            ("detached", "encoder.0.weight"),
+            ("detached", "encoder.0.bias"),
+        }
+    else:
+        assert scope["guard"].findings == []  # the never-called pooler is ignored, as the snippet says
+        assert out.strip().endswith("[]")
+
+
+def test_readme_check_step_loop_runs():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    scope = {
+        "loader": [(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(3)],
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+        "loss_fn": nn.functional.mse_loss,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a healthy loop: not one warning
+        exec(readme_snippet("with check_step(model, optimizer, step=step) as chk:"), scope)  # noqa: S102
+    assert scope["chk"].findings == []
+    scope["optimizer"] = torch.optim.SGD([*model.parameters(), nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.warns(GradGuardWarning, match="stale"):  # nearest wrong loop: an optimizer over a foreign tensor
+        exec(readme_snippet("with check_step(model, optimizer, step=step) as chk:"), scope)  # noqa: S102
+    assert {f.kind for f in scope["chk"].findings} == {"stale"}
+
+
+class HeadNeverCalled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(16, 1)
+        self.extra = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_readme_assert_gradients_flow_snippet_runs():
+    class MyLightningModule(Pooled):
+        def __init__(self) -> None:
+            super().__init__()
+            del self.pooler
+
+    scope = {
+        "torch": torch,
+        "MyNet": lambda: nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 1)),
+        "MyLightningModule": MyLightningModule,
+        "batch": next(iter(loader())),
+    }
+    exec(readme_snippet("def test_every_parameter_learns():"), scope)  # noqa: S102
+    scope["test_every_parameter_learns"]()
+    scope["MyNet"] = HeadNeverCalled  # nearest wrong model: the snippet's test fails, naming it
+    with pytest.raises(GradientFlowError, match=r"extra\.weight"):
+        scope["test_every_parameter_learns"]()
+
+
+def test_readme_fabric_snippet_runs():
+    fabric = Fabric(accelerator="cpu", devices=1)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    scope = {
+        "fabric": fabric,
+        "model": model,
+        "optimizer": torch.optim.SGD(model.parameters(), lr=0.1),
+        "loader": [(torch.randn(4, 8), torch.randn(4, 1)) for _ in range(3)],
+        "loss_fn": nn.functional.mse_loss,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradGuardWarning)
+        exec(readme_snippet("with check_fabric_step(fabric, model, optimizer, step=step):"), scope)  # noqa: S102
+    assert scope["model"].module is model  # the snippet set it up and trained it
+
+
+def test_readme_dashboard_snippet_runs():
+    scope = {"Trainer": Trainer, "GradGuard": GradGuard}
+    exec(readme_snippet('GradGuard(norms="module", update_ratio=True)'), scope)  # noqa: S102
+    [guard] = [c for c in scope["trainer"].callbacks if isinstance(c, GradGuard)]
+    assert (guard.norms, guard.update_ratio, scope["trainer"].log_every_n_steps) == ("module", True, 50)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TensorBoard, the run report: the README's JSON example has the report's fields.
+
+
+class AuxNeverCalled(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux = nn.Linear(16, 2)  # in the optimizer, never called
+
+
+def test_readme_report_json_example_has_the_fields_of_a_real_report(tmp_path):
+    [block] = re.findall(r"```json\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    example = json.loads(block)
+    guard = GradGuard(on_unused="warn", report_path=str(tmp_path / "report.json"))
+    with pytest.warns(GradGuardWarning, match="aux"):
+        fit(tmp_path, AuxNeverCalled(), guard, max_steps=2)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report) == list(example)
+    assert list(report["counts"]) == list(example["counts"])
+    assert list(report["findings"][0]) == list(example["findings"][0])
+    assert list(report["groups"][0]) == list(example["groups"][0])
+    assert [(f["kind"], f["param"], f["module"], f["where"]) for f in report["findings"]] == [
+        (f["kind"], f["param"], "aux", None) for f in example["findings"]
+    ]
+    assert report["notes"] == example["notes"]
+    assert report["findings"][0]["hint"] == example["findings"][0]["hint"]
