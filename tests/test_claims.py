@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from conftest import loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
@@ -560,3 +561,52 @@ def test_readme_report_json_example_has_the_fields_of_a_real_report(tmp_path):
     ]
     assert report["notes"] == example["notes"]
     assert report["findings"][0]["hint"] == example["findings"][0]["hint"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Limits: "A `no_grad` block nested inside a reentrant-checkpointed function whose inputs require grad is not seen as
+# a cut (grad mode is already off there): its parameters are `detached`, but no line is named."
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_no_grad_inside_a_reentrant_checkpoint_is_detached_without_a_line(reentrant):
+    def forward(m, x):
+        def block(h):
+            with torch.no_grad():
+                a = m.aux(h)  # CLAIMS: no_grad in a checkpoint
+            return h * 2 + a
+
+        h = m.enc(x)
+        return m.head(checkpoint(block, h, use_reentrant=reentrant)).mean()
+
+    findings = plain_step(Aux(), forward).findings
+    line = None if reentrant else where("CLAIMS: no_grad in a checkpoint")  # non-reentrant: the line is named
+    assert {(f.kind, f.param, f.where) for f in findings} == {("detached", p, line) for p in AUX}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Lightning Fabric: "Fabric calls only `on_after_setup` and `on_after_optimizer_step` on its callbacks".
+
+
+class EveryHook:
+    """A Fabric callback that answers to every hook name and records which ones Fabric called."""
+
+    def __init__(self) -> None:
+        self.called: list[str] = []
+
+    def __getattr__(self, name: str):
+        if not name.startswith("on_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: self.called.append(name)
+
+
+def test_fabric_calls_only_two_hooks_on_its_callbacks():
+    hooks = EveryHook()
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[hooks])
+    model = nn.Linear(4, 1)
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(2):
+        optimizer.zero_grad()
+        fabric.backward(model(torch.randn(2, 4)).sum())
+        optimizer.step()
+    assert hooks.called == ["on_after_setup", "on_after_optimizer_step", "on_after_optimizer_step"]
