@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -610,3 +613,54 @@ def test_fabric_calls_only_two_hooks_on_its_callbacks():
         fabric.backward(model(torch.randn(2, 4)).sum())
         optimizer.step()
     assert hooks.called == ["on_after_setup", "on_after_optimizer_step", "on_after_optimizer_step"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Preflight: "`--cli` names your `LightningCLI` subclass, as `module:Class` or `path/to/train.py:Class`; without it the
+# YAML's `model` and `data` need a `class_path`, or name the classes with `--model`/`--data`"; "`gradguard report`
+# ... (`--markdown` for a table)". (The path form, exit codes and `--report`: tests/test_preflight.py.)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gradguard(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_gradguard", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_preflight_cli_as_module_and_class_and_the_report_as_markdown(tmp_path):
+    report = tmp_path / "report.json"
+    root = f"--trainer.default_root_dir={tmp_path}"
+    args = ("--config", "configs/demo.yaml", "--steps", "1", "--report", str(report), root)
+    proc = gradguard(tmp_path, "check", *args, "--cli", "examples.train:DemoCLI")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the demo's planted `.detach()`
+    assert "encoder.0.weight: detached" in proc.stdout
+    shown = gradguard(tmp_path, "report", "--markdown", str(report))
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert "| parameter | kind | where | first step | count | what happened | fix |" in shown.stdout
+    assert "| detached |" in shown.stdout
+
+
+def test_preflight_names_the_model_and_data_classes_and_a_dead_module_fails_only_within_the_window(tmp_path):
+    """A never-called module gets no gradient on any of the `--steps`: fewer than `idle_window` (16) steps warn
+    (exit 0), as a short `fit` does; `--steps 16` reaches the window, and the check fails."""
+    config = tmp_path / "plain.yaml"
+    config.write_text("model:\n  bug: unused\ndata:\n  num_samples: 64\n")  # no class_path anywhere
+    root = f"--trainer.default_root_dir={tmp_path}"
+    classes = ("--model", "examples.train:DemoModel", "--data", "examples.train:DemoData")
+    short = gradguard(tmp_path, "check", "--config", str(config), "--steps", "3", root, *classes)
+    assert short.returncode == 0, short.stdout + short.stderr
+    assert "aux.weight: unused" in short.stdout + short.stderr  # a warning
+    full = gradguard(tmp_path, "check", "--config", str(config), "--steps", "16", root, *classes)
+    assert full.returncode == 1, full.stdout + full.stderr
+    assert "aux.weight: unused" in full.stdout
+    without = gradguard(tmp_path, "check", "--config", str(config), "--steps", "1", root)
+    assert without.returncode == 2, without.stdout + without.stderr  # bad usage: nothing says what to build
