@@ -664,3 +664,21 @@ def test_preflight_names_the_model_and_data_classes_and_a_dead_module_fails_only
     assert "aux.weight: unused" in full.stdout
     without = gradguard(tmp_path, "check", "--config", str(config), "--steps", "1", root)
     assert without.returncode == 2, without.stdout + without.stderr  # bad usage: nothing says what to build
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TensorBoard tags: "`gradguard/grad_values/<name>` | histogram | the gradient values per parameter or module, or `all`
+# with `norms="total"`".
+
+
+def test_value_histogram_with_norms_total_is_one_histogram_of_every_gradient_value(tmp_path):
+    guard = GradGuard(norms="total", value_histograms=True, log_every_n_steps=1)
+    trainer = fit(tmp_path, Net(), guard, logger=TensorBoardLogger(tmp_path, name="tb"), max_steps=2)
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
+    acc.Reload()
+    assert set(acc.Tags()["histograms"]) == {"gradguard/grad_norms", "gradguard/grad_values/all"}
+    n_values = sum(p.numel() for p in Net().parameters())
+    assert [(e.step, e.histogram_value.num) for e in acc.Histograms("gradguard/grad_values/all")] == [
+        (0, n_values),
+        (1, n_values),
+    ]
