@@ -682,3 +682,38 @@ def test_value_histogram_with_norms_total_is_one_histogram_of_every_gradient_val
         (0, n_values),
         (1, n_values),
     ]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# How it works: "a `raise` comes before the bad update".
+
+
+class NanAtStep1(Net):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == 1 else loss
+
+
+class WeightsAtBatchStart(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.weights = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+
+@pytest.mark.parametrize("action", ["raise", "warn"])
+def test_a_raise_comes_before_the_bad_update(tmp_path, action):
+    model, before = NanAtStep1(), WeightsAtBatchStart()
+    trainer = make_trainer(tmp_path, [GradGuard(on_nonfinite=action), before])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if action == "raise":
+            with pytest.raises(GradGuardError, match="nonfinite"):
+                trainer.fit(model, loader())
+        else:  # nearest correct: a warning lets the step update the weights with NaN
+            trainer.fit(model, loader())
+    assert trainer.global_step == (1 if action == "raise" else 3)
+    stepped = {n: torch.equal(p, before.weights[n]) for n, p in model.named_parameters()}
+    if action == "raise":
+        assert all(stepped.values())  # the weights of step 1's start: the NaN step never updated them
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    else:
+        assert not any(torch.isfinite(p).all() for p in model.parameters())
