@@ -6,10 +6,12 @@ README must say so. ``tests/README_CLAIMS.md`` maps every README claim to its te
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import re
+import runpy
 import subprocess
 import sys
 import warnings
@@ -717,3 +719,35 @@ def test_a_raise_comes_before_the_bad_update(tmp_path, action):
         assert all(torch.isfinite(p).all() for p in model.parameters())
     else:
         assert not any(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# "What `make demo` prints" and the article table's "what GradGuard says": the README quotes real output.
+
+
+def test_readme_quotes_the_demos_error_as_it_is_printed(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the error names `examples/train.py:74` relative to the working directory
+    spec = importlib.util.spec_from_file_location("gradguard_claims_train", ROOT / "examples" / "train.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    trainer = make_trainer(tmp_path, [GradGuard()], max_steps=1)
+    with pytest.raises(GradGuardError) as err:
+        trainer.fit(demo.DemoModel(bug="detach"), demo.DemoData())
+    text = README.read_text(encoding="utf-8")
+    quoted = text.split("What `make demo` prints", 1)[1].split("```\n", 2)[1]
+    assert quoted == f"GradGuardError: {err.value}\n"
+
+
+def test_readme_article_table_quotes_the_example_scripts_output(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(str(ROOT / "examples" / "why_no_gradients.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    rows = [line for line in README.read_text(encoding="utf-8").splitlines() if re.match(r"\| [123] \| ", line)]
+    assert len(rows) == 3
+    for row in rows:
+        said = row.rsplit(" | ", 1)[1].removesuffix(" |")
+        quotes = re.findall(r"``(.+?)``", said)  # the double-backtick spans are quoted verbatim (up to a `...`)
+        assert quotes, row
+        for quote in quotes:
+            for piece in quote.split(" ... "):
+                assert piece.strip() in out, piece
