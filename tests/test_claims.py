@@ -751,3 +751,20 @@ def test_readme_article_table_quotes_the_example_scripts_output(capsys, monkeypa
         for quote in quotes:
             for piece in quote.split(" ... "):
                 assert piece.strip() in out, piece
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Long runs: "`configs/monitoring.yaml` ...: every kind of finding warns ... instead of raising, the dashboards and
+# update ratios are logged every 50 steps, value histograms stay off." (It trains cleanly: tests/test_preflight.py.)
+
+
+def test_monitoring_config_warns_on_every_kind_and_logs_every_50_steps():
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / "monitoring.yaml").read_text(encoding="utf-8"))
+    [callback] = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("GradGuard")]
+    guard = GradGuard(**callback["init_args"])  # valid options
+    assert {k: v for k, v in callback["init_args"].items() if k.startswith("on_")} == {
+        f"on_{kind}": "warn" for kind in ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")
+    }
+    assert (guard.log_every_n_steps, guard.update_ratio, guard.value_histograms) == (50, True, False)
