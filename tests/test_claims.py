@@ -26,6 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from conftest import loader, make_trainer, where
@@ -768,3 +769,41 @@ def test_monitoring_config_warns_on_every_kind_and_logs_every_50_steps():
         f"on_{kind}": "warn" for kind in ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")
     }
     assert (guard.log_every_n_steps, guard.update_ratio, guard.value_histograms) == (50, True, False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TensorBoard: "the per-parameter norms of the one fused pass ..., and a logged step costs no extra pass or sync for
+# them"; `histograms`: the norm histogram reads its bucket counts once more per logged step.
+
+#: Calls that move a value to the host (`.numpy()` needs a CPU tensor already: it follows one of these).
+HOST_READS = frozenset({"item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__index__"})
+
+
+class HostReads(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in HOST_READS
+        return func(*args, **(kwargs or {}))
+
+
+class CountingGuard(GradGuard):
+    """GradGuard, counting the torch calls that read a value to the host inside its optimizer-step hook."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        with HostReads() as reads:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.reads = {**getattr(self, "reads", {}), trainer.global_step: reads.count}
+
+
+@pytest.mark.parametrize(("histograms", "extra"), [(False, 0), (True, 1)])
+def test_a_logged_step_reads_the_norms_no_extra_time(tmp_path, histograms, extra):
+    guard = CountingGuard(log_every_n_steps=2, norms="param", diagnose="never", histograms=histograms)
+    trainer = fit(tmp_path, Net(), guard, logger=TensorBoardLogger(tmp_path, name="tb"), max_steps=4)
+    assert sorted(scalars(trainer, "gradguard/total_norm")) == [1, 3]  # steps 1 and 3 are logged
+    unlogged, logged = guard.reads[0], guard.reads[1]
+    assert unlogged == 1  # the one transfer of the fused pass
+    assert guard.reads == {0: unlogged, 1: logged, 2: unlogged, 3: logged}
+    assert logged == unlogged + extra
