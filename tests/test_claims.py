@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from conftest import loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
+from lightning_gradguard.cli import main as cli_main
 from lightning_gradguard.testing import GradientFlowError
 from lightning_gradguard.trace import Tracer
 
@@ -626,47 +627,68 @@ def test_fabric_calls_only_two_hooks_on_its_callbacks():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def gradguard(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_gradguard", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+def check_in_process(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """`gradguard ...` run in this process (`cli.main`, the console script's entry): its exit status and output."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.syspath_prepend(str(ROOT))  # `examples.train:...` as `python -m` finds it from the repository
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        status = cli_main(list(args))
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
 
 
-def test_preflight_cli_as_module_and_class_and_the_report_as_markdown(tmp_path):
+def test_preflight_cli_as_module_and_class_and_the_report_as_markdown(tmp_path, capsys, monkeypatch):
     report = tmp_path / "report.json"
     root = f"--trainer.default_root_dir={tmp_path}"
     args = ("--config", "configs/demo.yaml", "--steps", "1", "--report", str(report), root)
-    proc = gradguard(tmp_path, "check", *args, "--cli", "examples.train:DemoCLI")
-    assert proc.returncode == 1, proc.stdout + proc.stderr  # the demo's planted `.detach()`
-    assert "encoder.0.weight: detached" in proc.stdout
-    shown = gradguard(tmp_path, "report", "--markdown", str(report))
-    assert shown.returncode == 0, shown.stdout + shown.stderr
-    assert "| parameter | kind | where | first step | count | what happened | fix |" in shown.stdout
-    assert "| detached |" in shown.stdout
+    status, out = check_in_process(capsys, monkeypatch, "check", *args, "--cli", "examples.train:DemoCLI")
+    assert status == 1, out  # the demo's planted `.detach()`
+    assert "encoder.0.weight: detached" in out
+    status, out = check_in_process(capsys, monkeypatch, "report", "--markdown", str(report))
+    assert status == 0, out
+    assert "| parameter | kind | where | first step | count | what happened | fix |" in out
+    assert "| detached |" in out
 
 
-def test_preflight_names_the_model_and_data_classes_and_a_dead_module_fails_only_within_the_window(tmp_path):
+def test_preflight_names_the_model_and_data_classes_and_a_dead_module_fails_only_within_the_window(
+    tmp_path, capsys, monkeypatch
+):
     """A never-called module gets no gradient on any of the `--steps`: fewer than `idle_window` (16) steps warn
     (exit 0), as a short `fit` does; `--steps 16` reaches the window, and the check fails."""
     config = tmp_path / "plain.yaml"
     config.write_text("model:\n  bug: unused\ndata:\n  num_samples: 64\n")  # no class_path anywhere
     root = f"--trainer.default_root_dir={tmp_path}"
     classes = ("--model", "examples.train:DemoModel", "--data", "examples.train:DemoData")
-    short = gradguard(tmp_path, "check", "--config", str(config), "--steps", "3", root, *classes)
-    assert short.returncode == 0, short.stdout + short.stderr
-    assert "aux.weight: unused" in short.stdout + short.stderr  # a warning
-    full = gradguard(tmp_path, "check", "--config", str(config), "--steps", "16", root, *classes)
-    assert full.returncode == 1, full.stdout + full.stderr
-    assert "aux.weight: unused" in full.stdout
-    without = gradguard(tmp_path, "check", "--config", str(config), "--steps", "1", root)
-    assert without.returncode == 2, without.stdout + without.stderr  # bad usage: nothing says what to build
+    status, out = check_in_process(
+        capsys, monkeypatch, "check", "--config", str(config), "--steps", "3", root, *classes
+    )
+    assert status == 0, out
+    assert "gradguard check: passed (3 optimizer step(s))" in out
+    status, out = check_in_process(
+        capsys, monkeypatch, "check", "--config", str(config), "--steps", "16", root, *classes
+    )
+    assert status == 1, out
+    assert "aux.weight: unused" in out
+
+
+def test_python_m_is_the_command_and_a_config_without_class_paths_needs_model_and_data(tmp_path):
+    """`python -m lightning_gradguard` is the same command (one subprocess: the rest run `cli.main` in-process);
+    a YAML without `class_path` and no `--cli`/`--model`/`--data` says nothing about what to build: bad usage."""
+    config = tmp_path / "plain.yaml"
+    config.write_text("model:\n  bug: unused\ndata:\n  num_samples: 64\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_gradguard", "check", "--config", str(config), "--steps", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "model" in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
