@@ -829,3 +829,10 @@ def test_a_logged_step_reads_the_norms_no_extra_time(tmp_path, histograms, extra
     assert unlogged == 1  # the one transfer of the fused pass
     assert guard.reads == {0: unlogged, 1: logged, 2: unlogged, 3: logged}
     assert logged == unlogged + extra
+
+
+def test_speech_models_ship_layerdrop_0_1():
+    """Idle is not dead: "LayerDrop (wav2vec2, HuBERT and WavLM ship `layerdrop=0.1`)"."""
+    transformers = pytest.importorskip("transformers")
+    configs = (transformers.Wav2Vec2Config, transformers.HubertConfig, transformers.WavLMConfig)
+    assert [c().layerdrop for c in configs] == [0.1, 0.1, 0.1]
