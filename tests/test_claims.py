@@ -836,3 +836,18 @@ def test_speech_models_ship_layerdrop_0_1():
     transformers = pytest.importorskip("transformers")
     configs = (transformers.Wav2Vec2Config, transformers.HubertConfig, transformers.WavLMConfig)
     assert [c().layerdrop for c in configs] == [0.1, 0.1, 0.1]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="RunReport.add sets last_step from Finding.step, which is dated back to the first step of the idle run: "
+    "it stays 0 (reported; report.py is not this test's to fix)",
+)
+def test_report_last_step_is_the_last_step_a_finding_was_seen(tmp_path):
+    """The README's JSON example: `"first_step": 0, "last_step": 1999, "count": 2000` for a run of 2000 steps."""
+    guard = GradGuard(on_unused="warn", report_path=str(tmp_path / "report.json"))
+    with pytest.warns(GradGuardWarning, match="aux"):
+        fit(tmp_path, AuxNeverCalled(), guard, max_steps=20, n=160)
+    row = json.loads((tmp_path / "report.json").read_text())["findings"][0]
+    assert (row["first_step"], row["count"]) == (0, 20)
+    assert row["last_step"] == 19
