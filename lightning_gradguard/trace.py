@@ -99,6 +99,15 @@ _SPECIAL = (
 )  # fmt: skip
 _is_compiling = torch.compiler.is_compiling
 
+#: Frames between a torch call in the user's code and ``__torch_function__``: this file, torch's dispatch
+#: (``handle_torch_function``, the ``Tensor`` operator wrappers) and the public functional API (``F.layer_norm``).
+_DISPATCH_FILES = (
+    os.path.join("lightning_gradguard", "trace.py"),
+    os.path.join("torch", "overrides.py"),
+    os.path.join("torch", "_tensor.py"),
+    os.path.join("torch", "nn", "functional.py"),
+    os.path.join("torch", "functional.py"),
+)
 #: Frames of this file run a reentrant checkpoint's forward under no_grad.
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
@@ -428,19 +437,24 @@ class Tracer(TorchFunctionMode):
         """Whether the Python float ``v`` (seen while Python numbers left torch this step) may be arithmetic on one
         of them, rather than a constant.
 
-        A literal of the user's code calling torch (in its code object's constants: ``0.5``, ``1e-3``) is a
-        constant. So is any other float with a short ``repr`` (``lr=3e-4`` from a config), unless a number that
-        escaped this step had a short repr itself (values from float16/bfloat16 tensors have few digits, and so
-        does arithmetic on them); a longer repr is what arithmetic on an escaped float32/float64 value gives.
+        A float that a library passes (``nn.LayerNorm``'s ``eps``, ``nn.Dropout``'s ``p``) is a constant, and so
+        is a literal of the user's code calling torch (in its code object's constants: ``0.5``, ``1e-3``). So is
+        any other float with a short ``repr`` (``lr=3e-4`` from a config), unless a number that escaped this step
+        had a short repr itself (values from float16/bfloat16 tensors have few digits, and so does arithmetic on
+        them); a longer repr is what arithmetic on an escaped float32/float64 value gives.
         """
         if not math.isfinite(v) or v == int(v):
             return False  # 0.0, 1.0, inf: say nothing about where a value came from
         if len(repr(v)) <= _CONSTANT_REPR and not self._short_escape:
             return False
         frame = sys._getframe(1)
-        while frame is not None and is_library_file(frame.f_code.co_filename):
-            frame = frame.f_back
-        return frame is None or v not in frame.f_code.co_consts
+        while frame is not None and frame.f_code.co_filename.endswith(_DISPATCH_FILES):
+            frame = frame.f_back  # this module, torch's dispatch, and the public functional API the call went in by
+        if frame is None:
+            return True
+        if is_library_file(frame.f_code.co_filename):
+            return False  # a library's own argument (a module's `eps`), not arithmetic in the user's code
+        return v not in frame.f_code.co_consts
 
     def _site(self, kind: str, op: str, mask: int, frame: FrameType | None) -> int:
         where, entered = self._locate(frame, kind)

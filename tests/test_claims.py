@@ -6,6 +6,7 @@ README must say so. ``tests/README_CLAIMS.md`` maps every README claim to its te
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import math
@@ -851,3 +852,52 @@ def test_report_last_step_is_the_last_step_a_finding_was_seen(tmp_path):
     row = json.loads((tmp_path / "report.json").read_text())["findings"][0]
     assert (row["first_step"], row["count"]) == (0, 20)
     assert row["last_step"] == 19
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# "Verified on real models and on a generated bug corpus": the README's numbers are those of the generated reports
+# (`make corpus` → docs/corpus.md, `make sweep` → docs/sweep.md) and of the subsets `make test` runs.
+
+
+def flat(path: Path) -> str:
+    return " ".join(path.read_text(encoding="utf-8").split())
+
+
+def test_readme_corpus_and_sweep_numbers_are_the_generated_reports():
+    readme, corpus, sweep = flat(README), flat(ROOT / "docs" / "corpus.md"), flat(ROOT / "docs" / "sweep.md")
+    n, buggy, healthy = re.search(r"`make corpus` \((\d+) models, \d+ s\): (\d+) with one planted bug, (\d+) healthy",
+                                  corpus).groups()  # fmt: skip
+    assert f"make corpus # the generated bug corpus: {n} models" in readme
+    assert f"`make corpus` builds {n} small models" in readme
+    assert f"{buggy} with one planted bug" in readme
+    assert f"and {healthy} healthy ones" in readme
+    right = re.search(r"right kinds and parameters: (\d+/\d+)", corpus).group(1)
+    cuts = re.search(r"right `where` \(detached parameters\): (\d+/\d+)", corpus).group(1)
+    assert f"Result: {right} right kinds and parameters, {cuts} cut lines right" in readme
+    assert f"healthy models with a finding: 0/{healthy}" in corpus  # "no finding on any healthy model"
+    assert "crashes: 0" in corpus  # "no crash"
+    configs, archs = re.search(r"(\d+) configurations of (\d+) architectures: \1 fully right", sweep).groups()
+    assert (
+        f"make sweep # the real-model sweep: {configs} configurations of {archs} transformers architectures" in readme
+    )
+    assert f"trains {archs} Hugging Face `transformers` architectures" in readme
+    assert f"plus planted bugs: {configs} configurations" in readme
+
+
+def test_readme_counts_the_subsets_make_test_runs():
+    readme = flat(README)
+    tree = ast.parse((ROOT / "tests" / "realmodels" / "test_sweep.py").read_text(encoding="utf-8"))
+    [sweep] = [n.value for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "SUBSET"]
+    assert f"`make test` runs {len(sweep.elts)} of the configurations" in readme
+    corpus = sys.modules.get("test_corpus")  # collected in this session already: its SUBSET is computed
+    if corpus is None:
+        spec = importlib.util.spec_from_file_location(
+            "claims_test_corpus", ROOT / "tests" / "corpus" / "test_corpus.py"
+        )
+        corpus = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(ROOT / "tests" / "corpus"))
+        try:
+            spec.loader.exec_module(corpus)
+        finally:
+            sys.path.remove(str(ROOT / "tests" / "corpus"))
+    assert f"`make test` runs {len(corpus.SUBSET)} of the models" in readme

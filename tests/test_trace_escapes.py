@@ -157,6 +157,12 @@ class Aux(nn.Module):
 AUX = {"aux.weight", "aux.bias"}
 
 
+class AuxNorm(Aux):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+
+
 def constants_after_an_escape(m, x):
     logged = m.aux(x).abs().mean().item()  # CUT: logged
     assert logged >= 0
@@ -171,6 +177,16 @@ def long_literal_after_an_escape(m, x):
     return m.head(m.enc(x)).mean() * 0.123456789 + torch.tensor(2.718281828) * 0.1
 
 
+def short_escape_then_library_floats(m, x):
+    with torch.no_grad():
+        m.aux.weight.zero_()
+        m.aux.bias.fill_(0.25)
+    logged = m.aux(x).abs().mean().item()  # CUT: logged-short
+    assert len(repr(logged)) <= 8  # a short repr, as half-precision values have: short floats prove nothing now
+    h = nn.functional.dropout(m.norm(m.enc(x)), p=0.0)  # LayerNorm's eps=1e-05 comes from torch, not the user
+    return m.head(h).mean()
+
+
 def rounded_escape(m, x):
     s = round(m.aux(x).abs().mean().item(), 1) + 1  # CUT: rounded
     return m.head(m.enc(x)).mean() * s
@@ -181,8 +197,8 @@ def nothing_escaped(m, x):
     return m.head(m.enc(x)).mean()
 
 
-def _findings(forward):
-    model = Aux()
+def _findings(forward, model_cls: type[nn.Module] = Aux):
+    model = model_cls()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -208,6 +224,12 @@ def test_long_literals_in_the_code_are_constants_not_escaped_values():
     findings = _findings(long_literal_after_an_escape)
     assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, None) for p in AUX}
     assert all(f"`.item()` at {where('CUT: logged-long')}" in f.message for f in findings)
+
+
+def test_floats_a_library_passes_are_constants_after_a_short_escape():
+    """After a short-repr escape, a module's own `eps` (passed by torch) does not taint the loss."""
+    findings = _findings(short_escape_then_library_floats, AuxNorm)
+    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, None) for p in AUX}
 
 
 def test_a_value_that_cannot_be_followed_is_not_called_unused_with_confidence():
