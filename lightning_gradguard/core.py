@@ -343,16 +343,17 @@ class GuardCore:
         if self.dist is not None:
             findings = self.dist.combine(findings, step)
         kept = self.policy.keep(findings)
-        new = self._add(kept)
+        new = self._add(kept, step)
         if new:
             self._note_modules(new)
         self._arm_after_check(new, traced_step, step)
         self.policy.enforce(kept, step, context)
         return stats
 
-    def _add(self, kept: list[Finding]) -> list[Finding]:
-        """Add ``kept`` to the report; a new finding that ends a run of steps counts every step of the run."""
-        new = self.report.add(kept)
+    def _add(self, kept: list[Finding], step: int) -> list[Finding]:
+        """Add ``kept`` (seen at ``step``) to the report; a new finding that ends a run of steps counts every step
+        of the run."""
+        new = self.report.add(kept, step)
         if self._runs:
             if new:
                 runs = {key: run for key, run in self._runs.items() if run > 1}
@@ -565,7 +566,7 @@ class GuardCore:
         kept_short = self.policy.keep(short)
         if not kept and not kept_short:
             return
-        self._note_modules(self._add(kept + kept_short))
+        self._note_modules(self._add(kept + kept_short, step))
         self._warn(kept_short)
         self.policy.enforce(kept, step)
 

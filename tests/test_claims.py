@@ -839,11 +839,6 @@ def test_speech_models_ship_layerdrop_0_1():
     assert [c().layerdrop for c in configs] == [0.1, 0.1, 0.1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RunReport.add sets last_step from Finding.step, which is dated back to the first step of the idle run: "
-    "it stays 0 (reported; report.py is not this test's to fix)",
-)
 def test_report_last_step_is_the_last_step_a_finding_was_seen(tmp_path):
     """The README's JSON example: `"first_step": 0, "last_step": 1999, "count": 2000` for a run of 2000 steps."""
     guard = GradGuard(on_unused="warn", report_path=str(tmp_path / "report.json"))
