@@ -160,6 +160,15 @@ def run_check(
         print("gradguard check: FAILED (a finding whose action is 'raise')")
         return FOUND
     print(f"gradguard check: passed ({trainer.global_step} optimizer step(s))")
+    short = [f for guard in guards for f in guard._core.short]
+    if short:
+        window = max(guard.idle_window for guard in guards)
+        n = len({f.param for f in short})
+        print(
+            f"gradguard check: but {n} parameter tensor(s) got no usable gradient on any step (the warnings above): "
+            f"{trainer.global_step} step(s) are fewer than idle_window={window}, too few to tell a dead part from "
+            f"one idle by design (routing, LayerDrop). Run with --steps {window} to have them judged."
+        )
     return OK
 
 

@@ -123,6 +123,9 @@ class GuardCore:
         # An optimizer judged the losses: they stay for the other optimizers stepping on the same backward, and are
         # dropped at the next backward or at the end of the batch.
         self._checked = False
+        #: Set by :meth:`finish`: parameters without a usable gradient on every checked step of a run shorter than
+        #: the idle window (warned about, never raised).
+        self.short: list[Finding] = []
         self._pending: dict[int, tuple[int, str]] = {}
         self._restored_pending: dict[str, tuple[int, str]] = {}  # from a checkpoint, until `bind` knows the bits
         self._probing: set[str] = set()  # newly idle parameters the next traced step is to look at
@@ -564,6 +567,7 @@ class GuardCore:
             )))  # fmt: skip
         kept = self.policy.keep(findings)
         kept_short = self.policy.keep(short)
+        self.short = kept_short
         if not kept and not kept_short:
             return
         self._note_modules(self._add(kept + kept_short, step))

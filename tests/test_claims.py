@@ -666,6 +666,8 @@ def test_preflight_names_the_model_and_data_classes_and_a_dead_module_fails_only
     )
     assert status == 0, out
     assert "gradguard check: passed (3 optimizer step(s))" in out
+    assert "but 2 parameter tensor(s) got no usable gradient on any step" in out
+    assert "Run with --steps 16 to have them judged." in out
     status, out = check_in_process(
         capsys, monkeypatch, "check", "--config", str(config), "--steps", "16", root, *classes
     )
