@@ -363,6 +363,10 @@ def assert_global_norms(records: list[dict]) -> None:
 @pytest.mark.ddp
 def test_fsdp_findings_use_original_names_and_global_norms(fsdp):
     records = fsdp.ranks("fsdp-clean")
+    # the README's cost: one `all_reduce` per optimizer step (the fused norms, has-a-gradient and NaN/Inf rows)
+    assert all(r["optimizer_steps"] > 0 and r["collectives"] == r["optimizer_steps"] for r in records), [
+        (r["optimizer_steps"], r["collectives"]) for r in records
+    ]
     assert [r["status"] for r in records] == ["finished", "finished"]
     assert assert_agree(records) == []
     assert_global_norms(records)

@@ -82,12 +82,16 @@ class NormProbe(Probe):
     def __init__(self, out: str, tag: str) -> None:
         super().__init__(out, tag, idle_window=1)  # judge each step on its own: the scenarios are about one step
         self._norms: list = []
+        self._own = 0  # collectives the probe itself ran
 
     def _fields(self, trainer, status, error, hook):
         return {
             **super()._fields(trainer, status, error, hook),
             "names": list(self._core.index.names) if self._core.index is not None else [],
             "norms": self._norms,
+            # less the probe's own `measure_grads` (below): not GradGuard's cost
+            "collectives": self._core.dist.collectives - self._own if self._core.dist is not None else None,
+            "optimizer_steps": self._core.checks,
         }
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -95,6 +99,7 @@ class NormProbe(Probe):
         if trainer.global_step == 0 and self._core.dist is not None:
             params = self._core.params_of(optimizer)
             stats = self._core.dist.measure_grads(params)  # what check() measured (one more collective, all ranks)
+            self._own += 1
             refs = references(pl_module, params)
             self._norms = [[n, stats.norms[i], refs[i]] for i, n in enumerate(self._core.index.names)]
 
