@@ -94,6 +94,9 @@ _SPECIAL = (
                                                                "detach_"}
 )  # fmt: skip
 _is_compiling = torch.compiler.is_compiling
+_current_mode = torch.overrides._get_current_function_mode
+_push_mode = torch.overrides._push_mode
+_pop_mode = torch.overrides._pop_mode
 
 #: Frames of this file run a reentrant checkpoint's forward under no_grad.
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
@@ -207,15 +210,17 @@ class Tracer(TorchFunctionMode):
             uses it to see the loss; the Lightning callback uses ``on_before_backward`` instead).
 
     Use it as a context manager, or :meth:`start`/:meth:`stop` across hooks. ``paused = True`` makes every call
-    pass straight through.
+    pass straight through: after :meth:`start`, the mode leaves torch's mode stack while paused (when it is on top
+    of it), so that the backward pass, the optimizer step and the guard's own work pay nothing for it.
     """
 
     def __init__(self, index: ParamIndex, on_backward: Callable[[torch.Tensor], None] | None = None) -> None:
         super().__init__()
         self.index = index
         self.on_backward = on_backward
-        self.paused = False
+        self._paused = False
         self.active = False
+        self._pushed = False  # on torch's mode stack because of `start()` (not because of `with tracer:`)
         self._params = {id(p): i for i, p in enumerate(index.params)}
         self.reset()
 
@@ -247,11 +252,34 @@ class Tracer(TorchFunctionMode):
         """Something was recorded since the last :meth:`reset`."""
         return bool(self._prov or self.sites or self._escapes or self.seen or self._ptrs or self._exits)
 
-    def start(self) -> Tracer:
-        """Push the mode (it stays active until :meth:`stop`)."""
+    @property
+    def paused(self) -> bool:
+        """Every call passes straight through (set it to pause and resume recording)."""
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        value = bool(value)
+        if value == self._paused:
+            return
+        self._paused = value
         if not self.active:
-            self.__enter__()
+            return
+        if value:
+            if self._pushed and _current_mode() is self:  # not when a mode pushed later is still above it
+                _pop_mode()
+                self._pushed = False
+        elif not self._pushed:
+            _push_mode(self)
+            self._pushed = True
+
+    def start(self) -> Tracer:
+        """Push the mode (it stays active until :meth:`stop`; while :attr:`paused`, it is off torch's mode stack)."""
+        if not self.active:
             self.active = True
+            if not self._paused:
+                _push_mode(self)
+                self._pushed = True
         return self
 
     def stop(self) -> None:
@@ -260,7 +288,9 @@ class Tracer(TorchFunctionMode):
             self.active = False
             self._grad_off.clear()
             self._ckpt = None
-            self.__exit__(None, None, None)
+            if self._pushed:
+                self._pushed = False
+                _pop_mode()
 
     # ---------------------------------------------------------------- queries
     def facts(self, t: torch.Tensor) -> LossFacts:
@@ -457,7 +487,7 @@ class Tracer(TorchFunctionMode):
         return dep, grad, cuts
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: C901 - one hot loop, kept flat
-        if self.paused or _is_compiling():
+        if self._paused or _is_compiling():
             return func(*args, **kwargs) if kwargs else func(*args)
         name = getattr(func, "__name__", "")
         if name == "_set_grad_enabled":
