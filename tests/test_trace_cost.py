@@ -180,3 +180,37 @@ def test_traced_benchmark_quick_mode_prints_the_table_and_writes_nothing(tmp_pat
         assert row in proc.stdout
     assert "Traced step / untraced step: median" in proc.stdout
     assert (results.read_bytes() if results.exists() else None) == before
+
+
+def _line_of(marker: str) -> str:
+    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
+    return f"test_trace_cost.py:{next(i for i, text in enumerate(lines, 1) if text.endswith('# ' + marker))}"
+
+
+def _rounded(t: torch.Tensor) -> torch.Tensor:
+    return t.round()  # CUT: helper
+
+
+def test_a_cut_repeated_at_one_user_line_is_one_site_counting_every_call():
+    lin = nn.Linear(4, 4)
+    tracer = Tracer(ParamIndex.of(lin)).start()
+    try:
+        x = torch.randn(2, 4)
+        for _ in range(3):
+            lin(x).argmax(-1)  # CUT: loop
+        lin(x).argmax(-1)  # CUT: once
+        for _ in range(2):
+            lin(x).detach()  # CUT: detach
+            _rounded(lin(x))
+            _rounded(lin(x))
+    finally:
+        tracer.stop()
+    sites = sorted((s.kind, s.op, (s.where or "").rpartition("/")[2], s.calls, s.mask) for s in tracer.sites)
+    assert sites == sorted(
+        [
+            ("nondiff", "argmax", _line_of("CUT: loop"), 3, 0b11),
+            ("nondiff", "argmax", _line_of("CUT: once"), 1, 0b11),
+            ("detach", "detach", _line_of("CUT: detach"), 2, 0b11),
+            ("zero_derivative", "round", _line_of("CUT: helper"), 4, 0b11),
+        ]
+    )
