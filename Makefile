@@ -39,8 +39,8 @@ sweep: venv
 bench: venv
 	$(VPY) benchmarks/run.py
 
-# The generated bug corpus (tests/corpus/): ~2000 models with one planted bug or none, scored against the ground
-# truth; prints the confusion matrix and writes docs/corpus.md. `make test` runs a fixed ~150 of them.
+# The generated bug corpus (tests/corpus/): 3151 models with one planted bug or none, scored against the ground
+# truth; prints the confusion matrix and writes docs/corpus.md. `make test` runs a fixed 177 of them.
 corpus: venv
 	OMP_NUM_THREADS=1 $(VPY) tests/corpus/corpus_run.py
 

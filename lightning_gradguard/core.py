@@ -120,6 +120,9 @@ class GuardCore:
         self.checks = 0
         self._armed = diagnose != "never"
         self._losses: list[_Loss] = []
+        # An optimizer judged the losses: they stay for the other optimizers stepping on the same backward, and are
+        # dropped at the next backward or at the end of the batch.
+        self._checked = False
         self._pending: dict[int, tuple[int, str]] = {}
         self._restored_pending: dict[str, tuple[int, str]] = {}  # from a checkpoint, until `bind` knows the bits
         self._probing: set[str] = set()  # newly idle parameters the next traced step is to look at
@@ -200,11 +203,15 @@ class GuardCore:
         if self.tracer is not None:
             self.tracer.paused = True
 
-    def end_batch(self) -> None:
-        """Stop tracing; forget the trace once no loss of a pending step refers to it."""
+    def end_batch(self, *, forget: bool = True) -> None:
+        """Stop tracing; forget the losses an optimizer judged, and the trace once no loss of a pending step (under
+        gradient accumulation) refers to it. ``forget=False`` keeps both (``check_step`` still judges at its end)."""
+        if forget and self._checked:
+            self._losses.clear()
+            self._checked = False
         if self.tracer is not None:
             self.tracer.stop()
-            if not self._losses and self.tracer.recorded:
+            if forget and not self._losses and self.tracer.recorded:
                 self.tracer.reset()
 
     def abort(self) -> None:
@@ -213,6 +220,7 @@ class GuardCore:
             self.tracer.stop()
             self.tracer.reset()
         self._losses.clear()
+        self._checked = False
 
     # ------------------------------------------------------------------ backward
     def record_loss(self, loss: torch.Tensor, step: int) -> None:
@@ -223,6 +231,9 @@ class GuardCore:
                 "element 0 of tensors does not require grad": the error names the parameters whose gradient
                 path was cut, and where.
         """
+        if self._checked:  # a new backward after an optimizer step (a GAN's second loss): a new group of losses
+            self._losses.clear()
+            self._checked = False
         facts = self.tracer.facts(loss) if self.tracing and self.tracer is not None else None
         self._losses.append(_Loss(loss.grad_fn, facts))
         error = self._detached_loss_error(facts, step) if loss.grad_fn is None and not loss.requires_grad else None
@@ -307,7 +318,7 @@ class GuardCore:
         judged = history.count_check(params, self._names_among)
         findings: list[Finding] = []
         traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
-        if traced_step:
+        if traced_step and not self._checked:  # several optimizers stepping on one backward: one traced step
             history.traced_steps += 1
         if optimizers:
             findings += self._consistency(optimizers, step)
@@ -328,20 +339,21 @@ class GuardCore:
             history.looked |= self._probing
             self._probing.clear()
         history.settle(judged, lacking)
-        self._losses.clear()
+        self._checked = bool(self._losses)
         if self.dist is not None:
             findings = self.dist.combine(findings, step)
         kept = self.policy.keep(findings)
-        new = self._add(kept)
+        new = self._add(kept, step)
         if new:
             self._note_modules(new)
         self._arm_after_check(new, traced_step, step)
         self.policy.enforce(kept, step, context)
         return stats
 
-    def _add(self, kept: list[Finding]) -> list[Finding]:
-        """Add ``kept`` to the report; a new finding that ends a run of steps counts every step of the run."""
-        new = self.report.add(kept)
+    def _add(self, kept: list[Finding], step: int) -> list[Finding]:
+        """Add ``kept`` (seen at ``step``) to the report; a new finding that ends a run of steps counts every step
+        of the run."""
+        new = self.report.add(kept, step)
         if self._runs:
             if new:
                 runs = {key: run for key, run in self._runs.items() if run > 1}
@@ -554,7 +566,7 @@ class GuardCore:
         kept_short = self.policy.keep(short)
         if not kept and not kept_short:
             return
-        self._note_modules(self._add(kept + kept_short))
+        self._note_modules(self._add(kept + kept_short, step))
         self._warn(kept_short)
         self.policy.enforce(kept, step)
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -436,7 +436,7 @@ class RankSync:
         findings = self._merge_unreached(unreached, gathered, step)
         parts = []
         if findings:
-            parts.append(self._unreached_text(findings, unreached, gathered, step))
+            parts.append(self._unreached_text(findings, unreached, step, core.policy.sizes))
         if error_ranks:
             findings += self._merge_error_findings(error_ranks, gathered)
             parts.append(
@@ -481,7 +481,11 @@ class RankSync:
         return findings
 
     def _unreached_text(
-        self, findings: list[Finding], unreached: dict[int, tuple[int, ...]], gathered: list[Any], step: int
+        self,
+        findings: list[Finding],
+        unreached: dict[int, tuple[int, ...]],
+        step: int,
+        sizes: Mapping[str, int] | None = None,
     ) -> str:
         n = len(findings)
         partial = any(len(r) < self.world_size for r in unreached.values())
@@ -508,7 +512,7 @@ class RankSync:
             'uses as `unused` (silence it with `GradGuard(ignore=[...])` or `on_unused="ignore"`) and only notes '
             "in its report one that some ranks skip."
         )
-        return f"{head}\n{format_findings(findings)}\n{would}\n{fix}"
+        return f"{head}\n{format_findings(findings, sizes)}\n{would}\n{fix}"
 
     @staticmethod
     def _merge_error_findings(error_ranks: tuple[int, ...], gathered: list[Any]) -> list[Finding]:

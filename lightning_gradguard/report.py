@@ -89,17 +89,22 @@ class RunReport:
             return out
         return group_findings(self.findings, self.sizes)
 
-    def add(self, findings: Iterable[Finding]) -> list[Finding]:
-        """Record ``findings`` of one step; return those never seen before in this run."""
+    def add(self, findings: Iterable[Finding], step: int | None = None) -> list[Finding]:
+        """Record ``findings`` of one step; return those never seen before in this run.
+
+        ``step``: the step they were seen at, when it is later than their own ``.step`` (a finding about a run of
+        idle steps is dated to the run's first step); it becomes the entry's ``last_step``.
+        """
         new = []
         for f in findings:
+            seen = f.step if step is None else max(f.step, step)
             entry = self._entries.get(f.key)
             if entry is None:
-                self._entries[f.key] = Entry(f, 1, f.step)
+                self._entries[f.key] = Entry(f, 1, seen)
                 new.append(f)
             else:
                 entry.count += 1
-                entry.last_step = max(entry.last_step, f.step)
+                entry.last_step = max(entry.last_step, seen)
         return new
 
     def note(self, text: str) -> None:

@@ -149,7 +149,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
             core.abort()
             self._seen = []
             return
-        core.end_batch()
+        core.end_batch(forget=False)  # the optimizers that did not step are judged below, on the same losses
         try:
             if self._backwards:
                 self._judge_unstepped()

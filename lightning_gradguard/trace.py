@@ -27,9 +27,12 @@ Values that leave torch are followed as far as they can be:
   out=arr)``), by data pointer;
 * a numpy value of unknown identity (numpy arithmetic), and a tensor built by the invisible ``torch.from_numpy``
   (a CPU tensor whose storage numpy owns), carry everything that went to numpy this step;
-* a Python float that does not look like a constant typed in the code (more than 8 characters in ``repr``: Python
-  arithmetic on an escaped number) carries everything that left torch as a Python number this step, when it
-  re-enters torch (``torch.tensor(v * 0.5)``, ``loss * v``); ``torch.tensor(0.5)`` or ``lr=3e-4`` are not tainted;
+* a Python float (or numpy scalar: ``np.float32(t.item()) * 2``) that may be arithmetic on an escaped number
+  carries everything that left torch as a Python number this step, when it re-enters torch (``torch.tensor(v *
+  0.5)``, ``loss * v``). Constants are not tainted: a literal of the calling code (``torch.tensor(0.5)``, ``*
+  0.123456789``: in its code object's constants) never, another float with a short ``repr`` (``lr=3e-4`` from a
+  config) unless an escaped number had a short repr itself (float16/bfloat16 values have few digits, and so does
+  arithmetic on them; see ``Tracer._derived``);
 * a tensor built by the legacy ``torch.Tensor(list)`` constructor (invisible to function modes) is matched by value
   against the Python floats that escaped;
 * a new leaf that shares storage with a traced tensor (``nn.Parameter(h.detach().clone())``, built through the
@@ -41,7 +44,8 @@ not be followed back into the loss is not reported as certainly unused.
 A reentrant checkpoint (``checkpoint(fn, x, use_reentrant=True)``) runs ``fn`` under ``no_grad`` and recomputes it
 with a graph during backward: when some tensor input requires grad, the ops inside carry their gradient paths as if
 grad mode were on (a non-differentiable op inside still cuts); when none does, it is one ``checkpoint`` cut site,
-located at the line that called ``checkpoint(...)``.
+located at the line that called ``checkpoint(...)``. A cut under ``inference_mode`` (whose entry a function mode
+cannot see) inside a checkpointed function is also named at the line that called ``checkpoint(...)``.
 
 Memory: across ops the tracer holds tensors and numpy arrays (whose ``.base`` may be a tensor) only through weak
 references, and no stack frame (a ``no_grad`` region is remembered by its frame's ``id`` and code object). Python
@@ -109,6 +113,15 @@ _current_mode = torch.overrides._get_current_function_mode
 _push_mode = torch.overrides._push_mode
 _pop_mode = torch.overrides._pop_mode
 
+#: Frames between a torch call in the user's code and ``__torch_function__``: this file, torch's dispatch
+#: (``handle_torch_function``, the ``Tensor`` operator wrappers) and the public functional API (``F.layer_norm``).
+_DISPATCH_FILES = (
+    os.path.join("lightning_gradguard", "trace.py"),
+    os.path.join("torch", "overrides.py"),
+    os.path.join("torch", "_tensor.py"),
+    os.path.join("torch", "nn", "functional.py"),
+    os.path.join("torch", "functional.py"),
+)
 #: Frames of this file run a reentrant checkpoint's forward under no_grad.
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
@@ -135,6 +148,17 @@ def _kind_of(func: Any) -> int:
     except TypeError:  # an unhashable callable: classified on every call
         pass
     return kind
+
+
+def _checkpoint_caller(frame: FrameType) -> FrameType | None:
+    """The user frame that called ``torch.utils.checkpoint`` to run ``frame``'s function, or ``None`` if a
+    checkpoint did not run it."""
+    g = frame.f_back
+    crossed = False
+    while g is not None and is_library_file(g.f_code.co_filename):
+        crossed = crossed or g.f_code.co_filename.endswith(_CHECKPOINT_FILE)
+        g = g.f_back
+    return g if crossed else None
 
 
 @dataclass
@@ -268,6 +292,7 @@ class Tracer(TorchFunctionMode):
         self._numpy = (0, 0)  # (dep, cuts) of everything that went to numpy this step
         self._pynum = (0, 0)  # (dep, cuts) of everything that left torch as a Python number this step
         self._pyvals: dict[float, tuple[int, int]] = {}  # non-integer floats that escaped, by value
+        self._short_escape = False  # a float that escaped had a short repr (see `_derived`)
         self._site_keys: dict[tuple[str, str, str | None], int] = {}
         self.sites: list[CutSite] = []
         self._exits: dict[tuple[str, str | None], CutSite] = {}
@@ -446,11 +471,7 @@ class Tracer(TorchFunctionMode):
             if (held() if isinstance(held, weakref.ref) else held) is obj:
                 return hit[1], hit[2]
         if isinstance(obj, float):
-            if self._pynum[0] and len(repr(obj)) > _CONSTANT_REPR:
-                # Python arithmetic on an escaped number makes a new float: it is taken to carry everything that
-                # left torch as a Python number this step (a constant typed in the code has a short repr).
-                return self._pynum
-            return None
+            return self._pynum if self._pynum[0] and self._derived(obj) else None
         if isinstance(obj, (list, tuple)) and depth < 4:
             dep = cuts = 0
             budget = _CATCH_ALL_ITEMS
@@ -464,18 +485,47 @@ class Tracer(TorchFunctionMode):
                     dep |= sub[0]
                     cuts |= sub[1]
             return (dep, cuts) if dep else None
-        if self._numpy[0] and type(obj).__module__ == "numpy":
-            # A numpy value of unknown identity while model values went to numpy this step: after numpy
-            # arithmetic the identity is lost, so it is taken to carry everything that went to numpy.
-            return self._numpy
+        if type(obj).__module__ == "numpy":
+            if self._numpy[0]:
+                # A numpy value of unknown identity while model values went to numpy this step: after numpy
+                # arithmetic the identity is lost, so it is taken to carry everything that went to numpy.
+                return self._numpy
+            # `np.float32(t.item()) * 2`: a Python number that escaped, made a numpy scalar
+            kind = getattr(getattr(obj, "dtype", None), "kind", None)
+            scalar = kind in ("f", "c") and getattr(obj, "shape", None) == ()
+            if self._pynum[0] and scalar and self._derived(float(obj.real)):  # type: ignore[attr-defined]
+                return self._pynum
         return None
 
+    def _derived(self, v: float) -> bool:
+        """Whether the Python float ``v`` (seen while Python numbers left torch this step) may be arithmetic on one
+        of them, rather than a constant.
+
+        A float that a library passes (``nn.LayerNorm``'s ``eps``, ``nn.Dropout``'s ``p``) is a constant, and so
+        is a literal of the user's code calling torch (in its code object's constants: ``0.5``, ``1e-3``). So is
+        any other float with a short ``repr`` (``lr=3e-4`` from a config), unless a number that escaped this step
+        had a short repr itself (values from float16/bfloat16 tensors have few digits, and so does arithmetic on
+        them); a longer repr is what arithmetic on an escaped float32/float64 value gives.
+        """
+        if not math.isfinite(v) or v == int(v):
+            return False  # 0.0, 1.0, inf: say nothing about where a value came from
+        if len(repr(v)) <= _CONSTANT_REPR and not self._short_escape:
+            return False
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.endswith(_DISPATCH_FILES):
+            frame = frame.f_back  # this module, torch's dispatch, and the public functional API the call went in by
+        if frame is None:
+            return True
+        if is_library_file(frame.f_code.co_filename):
+            return False  # a library's own argument (a module's `eps`), not arithmetic in the user's code
+        return v not in frame.f_code.co_consts
+
     def _site(self, kind: str, op: str, mask: int, frame: FrameType | None) -> int:
-        # A cut called straight from user code is located at that frame's line (`_locate` stops there, unless a
-        # `no_grad` entry is looked for): a cut that repeats there (a loop, a layer called per block) skips the
-        # stack walk and the path formatting.
+        # A cut called straight from user code is located at that frame's line (`_locate` stops there, unless it
+        # looks for a `no_grad` entry or a checkpoint's caller): a cut that repeats there (a loop, a layer called
+        # per block) skips the stack walk and the path formatting. Keep in step with `_locate`.
         memo = None
-        if frame is not None and not (kind == "no_grad" and self._grad_off):
+        if frame is not None and kind != "inference_mode" and not (kind == "no_grad" and self._grad_off):
             code = frame.f_code
             if not is_library_file(code.co_filename):
                 memo = (kind, op, code, frame.f_lineno)
@@ -516,6 +566,10 @@ class Tracer(TorchFunctionMode):
                 if entry_id is None:
                     break
             f = f.f_back
+        if kind == "inference_mode" and first_user is not None:
+            # The mode's entry is invisible to a function mode. A function run by `checkpoint(fn, ...)` was most
+            # likely called inside the mode, not the other way round: name the line that called `checkpoint`.
+            first_user = _checkpoint_caller(first_user) or first_user
         return (frame_where(first_user) if first_user is not None else None), entered
 
     def _scan(self, a: object) -> tuple[int, int, int]:
@@ -657,8 +711,8 @@ class Tracer(TorchFunctionMode):
     def _through_checkpoint(self, out: torch.Tensor, name: str, frame: FrameType | None) -> bool:
         """``out`` was made inside a reentrant checkpoint some of whose inputs require grad, by an op that the
         backward recompute differentiates: its gradient path is kept."""
-        if torch.is_grad_enabled() or name in ("detach", "detach_", "__get__"):
-            return False
+        if torch.is_grad_enabled() or torch.is_inference_mode_enabled() or name in ("detach", "detach_", "__get__"):
+            return False  # (under inference_mode the checkpoint's output has no graph, so nothing is recomputed)
         ckpt = self._checkpoint(frame)
         return ckpt is not None and ckpt[2] and (out.is_floating_point() or out.is_complex())
 
@@ -776,6 +830,8 @@ class Tracer(TorchFunctionMode):
                         self._remember_value(x, dep, cuts)
 
     def _remember_value(self, v: float, dep: int, cuts: int) -> None:
+        if len(repr(v)) <= _CONSTANT_REPR:
+            self._short_escape = True  # a half-precision value, or a round one: short reprs prove nothing now
         if math.isfinite(v) and v != int(v):
             old = self._pyvals.get(v)
             self._pyvals[v] = (dep, cuts) if old is None else (old[0] | dep, old[1] | cuts)

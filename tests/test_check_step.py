@@ -297,6 +297,42 @@ def test_gan_each_optimizer_judges_its_own_parameters_and_none_is_an_orphan(orde
     assert {f.where for f in err.value.findings} == {where("BUG: gan detach")}
 
 
+def two_optimizers_one_backward(net, opts, *, bug: bool) -> None:
+    x = torch.randn(6, 3)
+    out = net.G(x)
+    if bug:
+        # G.0.weight keeps a gradient path through `.sum()`; G.0.bias and G.2 do not
+        out = out.detach() * net.G[0].weight.sum()  # BUG: two-opt detach
+    loss = net.D(out).pow(2).mean()
+    for opt in opts:
+        opt.zero_grad()
+    loss.backward()
+    for opt in opts:
+        opt.step()
+
+
+@pytest.mark.parametrize(("given", "order"), [
+    ("none", "GD"), ("none", "DG"), ("list", "GD"), ("list", "DG"), ("second", "DG"),
+])  # fmt: skip
+def test_two_optimizers_stepping_on_one_backward_are_judged_with_its_trace(given, order):
+    """Whichever optimizer steps second, its parameters are judged with the trace: `detached` at the line."""
+    gan = GAN()
+    opt_g = torch.optim.SGD(gan.G.parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(gan.D.parameters(), lr=0.1)
+    opts = [opt_g, opt_d] if order == "GD" else [opt_d, opt_g]
+    arg = {"none": None, "list": opts, "second": opts[1]}[given]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with check_step(gan, arg, strict=True) as chk:
+            two_optimizers_one_backward(gan, opts, bug=False)
+    assert chk.findings == []
+    with pytest.raises(GradGuardError) as err, check_step(gan, arg, strict=True):
+        two_optimizers_one_backward(gan, opts, bug=True)
+    assert {(f.kind, f.param, f.where) for f in err.value.findings} == {
+        ("detached", p, where("BUG: two-opt detach")) for p in ("G.0.bias", "G.2.weight", "G.2.bias")
+    }
+
+
 def test_a_parameter_no_optimizer_holds_is_still_an_orphan():
     gan = GAN()
     opt_g = torch.optim.SGD(gan.G.parameters(), lr=0.1)

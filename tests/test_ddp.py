@@ -57,7 +57,14 @@ DDP_SCENARIOS = (
     "accumulate",
     "accumulate_last_skips",
 )
-FIND_UNUSED_SCENARIOS = ("unused_all", "unused_rank1", "accumulate_last_skips", "unused_rank0_detached_rank1")
+FIND_UNUSED_SCENARIOS = (
+    "unused_all",
+    "unused_rank1",
+    "accumulate_last_skips",
+    "unused_rank0_detached_rank1",
+    "nan_rank1",
+    "graphless_rank1",
+)
 SHARDED_SCENARIOS = ("clean", "unused")
 
 
@@ -224,8 +231,9 @@ def test_ddp_detached_on_every_rank_names_the_line(ddp):
 
 
 @pytest.mark.ddp
-def test_ddp_nan_on_rank1_only_raises_on_all_ranks(ddp):
-    records = ddp.ranks("nan_rank1")
+@pytest.mark.parametrize("strategy", ["ddp", "find_unused"])  # the README's DDP table: "same" in both columns
+def test_ddp_nan_on_rank1_only_raises_on_all_ranks(request, strategy):
+    records = request.getfixturevalue(strategy).ranks("nan_rank1")
     assert_raised_together(records, "on_before_optimizer_step")
     findings = assert_agree(records)
     assert {f["kind"] for f in findings} == {"nonfinite"}
@@ -236,8 +244,9 @@ def test_ddp_nan_on_rank1_only_raises_on_all_ranks(ddp):
 
 
 @pytest.mark.ddp
-def test_ddp_graphless_loss_on_rank1_only_raises_on_all_ranks(ddp):
-    records = ddp.ranks("graphless_rank1")
+@pytest.mark.parametrize("strategy", ["ddp", "find_unused"])
+def test_ddp_graphless_loss_on_rank1_only_raises_on_all_ranks(request, strategy):
+    records = request.getfixturevalue(strategy).ranks("graphless_rank1")
     assert_raised_together(records, "on_before_backward")
     findings = assert_agree(records)
     assert findings, "rank 1's traced step explains which parameters its loss was cut from"
@@ -262,6 +271,18 @@ def test_ddp_accumulation_parameter_skipped_by_the_synchronising_micro_batch_rai
     findings = assert_agree(records)
     assert [(f["kind"], f["param"]) for f in findings] == [("unused", "aux.weight"), ("unused", "aux.bias")]
     assert "an earlier micro-batch of this step used it, but not the last one" in findings[0]["message"]
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(("scenario", "extra"), [("unused_rank1", 1), ("graphless_rank1", 1), ("nan_rank1", 0)])
+def test_ddp_a_step_that_raises_before_backward_runs_one_more_collective(ddp, scenario, extra):
+    """README, DDP cost: one `all_reduce` per optimizer step, and one more collective (`all_gather_object` of the
+    explanations) on a step that raises before `backward()`. A `nonfinite` raise at the optimizer step needs none:
+    the averaged gradients are the same on every rank."""
+    records = ddp.ranks(scenario)
+    assert [r["status"] for r in records] == ["raised", "raised"]
+    assert [r["step"] for r in records] == [0, 0]  # the first step: no earlier step's collective is counted
+    assert [r["collectives"] for r in records] == [1 + extra] * 2
 
 
 # ---------------------------------------------------------------------------------------------------- find_unused

@@ -443,6 +443,44 @@ def test_gan_manual_optimization_is_silent(tmp_path, toggle):
     assert guard._core.checks == 6  # both optimizers were judged, every step
 
 
+class TwoOptimizersOneBackward(LightningModule):
+    """Manual optimization: one backward, then the trunk's and the head's optimizers step (in ``order``)."""
+
+    def __init__(self, order: str = "trunk-head", bug: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.order, self.bug = order, bug
+        self.trunk = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt_trunk, opt_head = self.optimizers()
+        out = self.head(self.trunk(x)).squeeze(-1)
+        if self.bug:
+            # trunk.weight keeps a gradient path through `.sum()`; trunk.bias and the head do not
+            out = out.detach() * self.trunk.weight.sum()  # CUT: two-opt
+        self.manual_backward(((out - y) ** 2).mean())
+        for opt in (opt_trunk, opt_head) if self.order == "trunk-head" else (opt_head, opt_trunk):
+            opt.step()
+            opt.zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.trunk.parameters(), 0.1), torch.optim.SGD(self.head.parameters(), 0.1)
+
+
+@pytest.mark.parametrize("order", ["trunk-head", "head-trunk"])
+def test_two_optimizers_stepping_on_one_backward_both_see_the_trace(tmp_path, order):
+    """The second optimizer's parameters are judged with the same step's trace: `detached` at the line."""
+    fit_silently(tmp_path, TwoOptimizersOneBackward(order), max_steps=4)
+    guard = GradGuard(on_detached="warn")
+    with pytest.warns(GradGuardWarning, match="detached"):
+        fit(tmp_path, TwoOptimizersOneBackward(order, bug=True), guard, max_steps=2)
+    assert {(f.kind, f.param, f.where) for f in guard.findings} == {
+        ("detached", p, where("CUT: two-opt")) for p in ("trunk.bias", "head.weight", "head.bias")
+    }
+
+
 def test_gan_with_detached_generator_output_raises_for_generator(tmp_path):
     class Broken(GAN):
         def training_step(self, batch, batch_idx):

@@ -254,3 +254,21 @@ def test_two_checkpoints_each_judged_by_their_own_inputs():
     detached = {f.param: f.where for f in chk.findings if f.kind == "detached"}
     assert detached == {p: where("CUT: first") for p in ("net.block.lin.weight", "net.block.lin.bias",
                                                          "net.block.gate")}  # fmt: skip
+
+
+def inference_mode_around_checkpoint(net, x, reentrant_flag):
+    h = net.emb(x)  # requires grad: the checkpoint's input is not what cuts here
+    with torch.inference_mode():
+        h = checkpoint(net.block, h, use_reentrant=reentrant_flag)  # CUT: inference ckpt
+    return net.head(h.clone()).mean()
+
+
+@pytest.mark.parametrize("reentrant_flag", [False, True])
+def test_inference_mode_around_a_checkpoint_names_the_checkpoint_call(reentrant_flag):
+    """The mode's entry is invisible to the tracer: the cut is named at the call in the caller's frame, not at the
+    line inside the checkpointed function where the first op ran."""
+    found = _check(lambda net, x: inference_mode_around_checkpoint(net, x, reentrant_flag))
+    cut = {p: f for p, f in found.items() if f.kind == "detached"}
+    assert set(cut) == {"emb.weight", "emb.bias", "block.lin.weight", "block.lin.bias", "block.gate"}
+    assert {f.where for f in cut.values()} == {where("CUT: inference ckpt")}
+    assert "inference_mode" in cut["block.lin.weight"].message

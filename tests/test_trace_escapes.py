@@ -75,8 +75,25 @@ def numpy_math_from_numpy(m, x):
     return m.head(torch.from_numpy(np.tanh(arr) * 2)).mean()
 
 
+def numpy_scalar_times(m, x):
+    s = torch.tensor(np.float32(m.enc(x).pow(2).mean().item()) * 2)  # CUT: np-scalar
+    return m.head(ones(x)).mean() * s
+
+
+def short_value_plus_one(m, x):
+    """The escaped value is 0.25 and the arithmetic gives 1.25: short reprs, as half-precision values have."""
+    with torch.no_grad():
+        m.enc.weight.zero_()
+        m.enc.bias.fill_(0.25)
+    s = m.enc(x).abs().mean().item()  # CUT: short
+    assert len(repr(s + 1.0)) <= 8  # (not `== 1.25`: that would make 1.25 a literal of this function)
+    return m.head(ones(x)).mean() * (s + 1.0)
+
+
 CASES = [
     (item_times, "item-times", "`.item()`"),
+    (numpy_scalar_times, "np-scalar", "`.item()`"),
+    (short_value_plus_one, "short", "`.item()`"),
     (float_plus_one, "float-plus", "`float(tensor)`"),
     (float_into_full, "float-full", "`float(tensor)`"),
     (tolist_comprehension, "tolist-comp", "`.tolist()`"),
@@ -140,12 +157,34 @@ class Aux(nn.Module):
 AUX = {"aux.weight", "aux.bias"}
 
 
+class AuxNorm(Aux):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+
+
 def constants_after_an_escape(m, x):
     logged = m.aux(x).abs().mean().item()  # CUT: logged
     assert logged >= 0
     h = m.enc(x) * 0.5
     loss = m.head(h).mean() * torch.tensor(0.5) * torch.tensor(m.lr / m.lr) + torch.full((), m.weight)
     return loss * torch.tensor([1.0, 2.0]).mean() * m.weight
+
+
+def long_literal_after_an_escape(m, x):
+    logged = m.aux(x).abs().mean().item()  # CUT: logged-long
+    assert logged >= 0
+    return m.head(m.enc(x)).mean() * 0.123456789 + torch.tensor(2.718281828) * 0.1
+
+
+def short_escape_then_library_floats(m, x):
+    with torch.no_grad():
+        m.aux.weight.zero_()
+        m.aux.bias.fill_(0.25)
+    logged = m.aux(x).abs().mean().item()  # CUT: logged-short
+    assert len(repr(logged)) <= 8  # a short repr, as half-precision values have: short floats prove nothing now
+    h = nn.functional.dropout(m.norm(m.enc(x)), p=0.0)  # LayerNorm's eps=1e-05 comes from torch, not the user
+    return m.head(h).mean()
 
 
 def rounded_escape(m, x):
@@ -158,8 +197,8 @@ def nothing_escaped(m, x):
     return m.head(m.enc(x)).mean()
 
 
-def _findings(forward):
-    model = Aux()
+def _findings(forward, model_cls: type[nn.Module] = Aux):
+    model = model_cls()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -178,6 +217,19 @@ def test_constants_built_after_an_escape_are_not_tainted():
     for f in findings:  # its value did leave torch: the message says where, without claiming it was discarded
         assert f"`.item()` at {where('CUT: logged')}" in f.message
         assert "Otherwise its output was discarded" in f.message
+
+
+def test_long_literals_in_the_code_are_constants_not_escaped_values():
+    """`* 0.123456789`, `torch.tensor(2.718281828)`: literals of the calling code, however long their repr."""
+    findings = _findings(long_literal_after_an_escape)
+    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, None) for p in AUX}
+    assert all(f"`.item()` at {where('CUT: logged-long')}" in f.message for f in findings)
+
+
+def test_floats_a_library_passes_are_constants_after_a_short_escape():
+    """After a short-repr escape, a module's own `eps` (passed by torch) does not taint the loss."""
+    findings = _findings(short_escape_then_library_floats, AuxNorm)
+    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, None) for p in AUX}
 
 
 def test_a_value_that_cannot_be_followed_is_not_called_unused_with_confidence():

@@ -9,26 +9,19 @@ from corpus_run import N_CASES, describe, run_case, validate_case
 
 #: Known failures being fixed elsewhere, by cause: the seeds of the full corpus that fail for it (docs/corpus.md
 #: lists them; `python tests/corpus/corpus_run.py --only SEED` shows one). Strict xfail: a fix turns them red.
-NP_SCALAR = {220, 586, 818, 838, 1030, 1222, 1855, *range(2732, 2747)}
-KNOWN: dict[str, set[int]] = {
-    "`np.float32(t.item()) * 2` re-wrapped: trace.py follows Python floats (by identity, or by a long repr) and numpy "
-    "values only once an array left torch this step; a numpy scalar made from a Python float is neither, so `unused` "
-    "(hedged) instead of `detached`": NP_SCALAR,
-    "two optimizers stepping after one backward: the first optimizer's check clears the step's losses "
-    "(core.GuardCore.check: `self._losses.clear()`), so the second one (the head's) is judged untraced: `unused` "
-    "without a line instead of `detached`": {47, 1980},
-    "under bfloat16/float16 autocast `t.mean().item() * 0.5 + 1.0` often has a short repr (half-precision values have "
-    "few digits): trace.py takes such a float for a constant typed in the code (_CONSTANT_REPR) and does not follow "
-    "it, so `unused` (hedged) on some steps": {1528, 2498},
-    "inference_mode around a checkpointed call: the cut is named inside the checkpointed function instead of at the "
-    "call in the frame that entered the mode (trace.py Tracer._locate; no_grad names the call)": {1384},
-}
+KNOWN: dict[str, set[int]] = {}
+#: Seeds that failed once, kept in the subset as regression tests: `np.float32(t.item()) * 2` (220, 2732), two
+#: optimizers stepping on one backward (47, 1980), short float reprs under float16/bfloat16 (1528, 2498),
+#: inference_mode around a checkpoint (1384).
+FIXED = (220, 2732, 47, 1980, 1528, 2498, 1384)
 FAILING = {seed: cause for cause, seeds in KNOWN.items() for seed in seeds}
 
 
 def _subset() -> list[int]:
-    """Every 16th random seed, the first seed of each bug variant they lack, and two of each known failure."""
+    """Every 16th random seed, the first seed of each bug variant they lack, two of each known failure, and the
+    seeds that failed once."""
     seeds = list(range(3, N_RANDOM, 16))
+    seeds += [s for s in FIXED if s not in seeds]
     for known in KNOWN.values():
         seeds += sorted(known - set(seeds))[:2]
 

@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if args.out:
-        with open(args.out, encoding="utf-8") as fh:
-            head = fh.read().split("<!-- table -->")[0] if os.path.exists(args.out) else ""
+        head = ""
+        if os.path.exists(args.out):  # keep the method text above the table
+            with open(args.out, encoding="utf-8") as fh:
+                head = fh.read().split("<!-- table -->")[0]
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write(head + "<!-- table -->\n" + text)
     return 0 if all(r.ok for r in results) else 1
