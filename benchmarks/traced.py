@@ -255,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(
             "# Traced step / untraced step over the real-model sweep\n\n"
             f"`python benchmarks/traced.py` ({rounds} paired rounds per architecture, torch {torch.__version__}, "
-            f"{machine}, {seconds:.0f} s). A step: forward, backward, GradGuard's check, AdamW. Ratios are taken "
-            "within a round, then the median over rounds; *empty mode* is an untraced step with an empty "
-            "`TorchFunctionMode` around the forward pass (the floor of any function-mode tracer).\n\n"
+            f"{machine}, {seconds:.0f} s). A step: forward, backward, GradGuard's check, AdamW, timed in CPU time of "
+            "the training thread. Ratios are taken within a round, then the median over rounds; *empty mode* is an "
+            "untraced step with an empty `TorchFunctionMode` around the forward pass (the floor of any "
+            "function-mode tracer); *ops / forward*: the torch calls a function mode sees in one forward pass.\n\n"
             f"{text}\n\n{verdict(rows)}\n",
             encoding="utf-8",
         )
