@@ -99,6 +99,20 @@ _SPECIAL = (
 )  # fmt: skip
 _is_compiling = torch.compiler.is_compiling
 
+# What `Tracer.__torch_function__` does with a torch function, looked up once per function (by `_kind_of`).
+_PLAIN = 0  # one or more tensors out, masks of the inputs (the fast path)
+_SPECIAL_OP = 1  # see `_SPECIAL`
+_PASS = 2  # no value flows (`.shape`, `.size()`, `.backward()` without a callback, ...)
+_GRAD_MODE = 3  # `torch._C._set_grad_enabled` (entering or leaving `no_grad`)
+_BACKWARD = 4  # `Tensor.backward`, `torch.autograd.backward`
+#: torch function -> its kind. Torch's functions and methods live as long as torch: at most `_MAX_KINDS` entries,
+#: so that functions made on the fly (rare) cannot grow it without bound.
+_KINDS: dict[Any, int] = {}
+_MAX_KINDS = 8192
+_current_mode = torch.overrides._get_current_function_mode
+_push_mode = torch.overrides._push_mode
+_pop_mode = torch.overrides._pop_mode
+
 #: Frames between a torch call in the user's code and ``__torch_function__``: this file, torch's dispatch
 #: (``handle_torch_function``, the ``Tensor`` operator wrappers) and the public functional API (``F.layer_norm``).
 _DISPATCH_FILES = (
@@ -113,6 +127,27 @@ _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 
 #: ``.tolist()`` results are followed element by element up to this many items (a traced step stays cheap).
 _MAX_ESCAPED_ITEMS = 4096
+
+
+def _kind_of(func: Any) -> int:
+    """The kind of ``func`` for :meth:`Tracer.__torch_function__` (remembered in ``_KINDS``)."""
+    name = getattr(func, "__name__", "")
+    if name == "_set_grad_enabled":
+        kind = _GRAD_MODE
+    elif name == "backward":
+        kind = _BACKWARD
+    elif name in _SKIP_OUTPUT or (name == "__get__" and getattr(func, "__self__", None) is not _DATA_DESCRIPTOR):
+        kind = _PASS
+    elif name in _SPECIAL:
+        kind = _SPECIAL_OP
+    else:
+        kind = _PLAIN
+    try:
+        if len(_KINDS) < _MAX_KINDS:
+            _KINDS[func] = kind
+    except TypeError:  # an unhashable callable: classified on every call
+        pass
+    return kind
 
 
 def _checkpoint_caller(frame: FrameType) -> FrameType | None:
@@ -231,15 +266,17 @@ class Tracer(TorchFunctionMode):
             uses it to see the loss; the Lightning callback uses ``on_before_backward`` instead).
 
     Use it as a context manager, or :meth:`start`/:meth:`stop` across hooks. ``paused = True`` makes every call
-    pass straight through.
+    pass straight through: after :meth:`start`, the mode leaves torch's mode stack while paused (when it is on top
+    of it), so that the backward pass, the optimizer step and the guard's own work pay nothing for it.
     """
 
     def __init__(self, index: ParamIndex, on_backward: Callable[[torch.Tensor], None] | None = None) -> None:
         super().__init__()
         self.index = index
         self.on_backward = on_backward
-        self.paused = False
+        self._paused = False
         self.active = False
+        self._pushed = False  # on torch's mode stack because of `start()` (not because of `with tracer:`)
         self._params = {id(p): i for i, p in enumerate(index.params)}
         self.reset()
 
@@ -266,17 +303,42 @@ class Tracer(TorchFunctionMode):
         self._grad_off: list[tuple[int, object, str | None]] = []
         # The reentrant checkpoint whose forward runs now: (id of its frame, code, inputs require grad, site bit).
         self._ckpt: tuple[int, object, bool, int] | None = None
+        # (kind, op, code object, line) of a cut called straight from user code -> its site (see `_site`).
+        self._site_memo: dict[tuple[str, str, object, int], int] = {}
 
     @property
     def recorded(self) -> bool:
         """Something was recorded since the last :meth:`reset`."""
         return bool(self._prov or self.sites or self._escapes or self.seen or self._ptrs or self._exits)
 
-    def start(self) -> Tracer:
-        """Push the mode (it stays active until :meth:`stop`)."""
+    @property
+    def paused(self) -> bool:
+        """Every call passes straight through (set it to pause and resume recording)."""
+        return self._paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        value = bool(value)
+        if value == self._paused:
+            return
+        self._paused = value
         if not self.active:
-            self.__enter__()
+            return
+        if value:
+            if self._pushed and _current_mode() is self:  # not when a mode pushed later is still above it
+                _pop_mode()
+                self._pushed = False
+        elif not self._pushed:
+            _push_mode(self)
+            self._pushed = True
+
+    def start(self) -> Tracer:
+        """Push the mode (it stays active until :meth:`stop`; while :attr:`paused`, it is off torch's mode stack)."""
+        if not self.active:
             self.active = True
+            if not self._paused:
+                _push_mode(self)
+                self._pushed = True
         return self
 
     def stop(self) -> None:
@@ -285,7 +347,9 @@ class Tracer(TorchFunctionMode):
             self.active = False
             self._grad_off.clear()
             self._ckpt = None
-            self.__exit__(None, None, None)
+            if self._pushed:
+                self._pushed = False
+                _pop_mode()
 
     # ---------------------------------------------------------------- queries
     def facts(self, t: torch.Tensor) -> LossFacts:
@@ -457,6 +521,21 @@ class Tracer(TorchFunctionMode):
         return v not in frame.f_code.co_consts
 
     def _site(self, kind: str, op: str, mask: int, frame: FrameType | None) -> int:
+        # A cut called straight from user code is located at that frame's line (`_locate` stops there, unless it
+        # looks for a `no_grad` entry or a checkpoint's caller): a cut that repeats there (a loop, a layer called
+        # per block) skips the stack walk and the path formatting. Keep in step with `_locate`.
+        memo = None
+        if frame is not None and kind != "inference_mode" and not (kind == "no_grad" and self._grad_off):
+            code = frame.f_code
+            if not is_library_file(code.co_filename):
+                memo = (kind, op, code, frame.f_lineno)
+                idx = self._site_memo.get(memo)
+                if idx is not None:
+                    site = self.sites[idx]
+                    if site.kind == kind and site.op == op:  # not since made into another kind of site
+                        site.mask |= mask
+                        site.calls += 1
+                        return 1 << idx
         where, entered = self._locate(frame, kind)
         key = (kind, op, where)
         idx = self._site_keys.get(key)
@@ -468,6 +547,8 @@ class Tracer(TorchFunctionMode):
             site = self.sites[idx]
             site.mask |= mask
             site.calls += 1
+        if memo is not None:
+            self._site_memo[memo] = idx
         return 1 << idx
 
     def _locate(self, frame: FrameType | None, kind: str) -> tuple[str | None, str | None]:
@@ -511,15 +592,23 @@ class Tracer(TorchFunctionMode):
         return dep, grad, cuts
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: C901 - one hot loop, kept flat
-        if self.paused or _is_compiling():
+        if self._paused or _is_compiling():
             return func(*args, **kwargs) if kwargs else func(*args)
-        name = getattr(func, "__name__", "")
-        if name == "_set_grad_enabled":
-            return self._grad_mode(func, args, kwargs or {})
-        if name == "backward" and self.on_backward is not None and args and isinstance(args[0], _TENSOR):
-            self.on_backward(args[0])
-        if name in _SKIP_OUTPUT or (name == "__get__" and getattr(func, "__self__", None) is not _DATA_DESCRIPTOR):
-            return func(*args, **kwargs) if kwargs else func(*args)  # no value flows: `.shape`, `.size()`, ...
+        kind = _KINDS.get(func)
+        if kind is None:
+            kind = _kind_of(func)
+        if kind:  # not a plain op
+            if kind == _PASS:
+                return func(*args, **kwargs) if kwargs else func(*args)  # no value flows: `.shape`, `.size()`, ...
+            if kind == _GRAD_MODE:
+                return self._grad_mode(func, args, kwargs or {})
+            if kind == _BACKWARD:
+                if self.on_backward is not None and args and isinstance(args[0], _TENSOR):
+                    self.on_backward(args[0])
+                return func(*args, **kwargs) if kwargs else func(*args)
+            name = getattr(func, "__name__", "")
+        else:
+            name = ""
 
         # The masks of the inputs: parameters and traced tensors inline (the common case), the rest in `_lookup`.
         params = self._params
@@ -564,16 +653,20 @@ class Tracer(TorchFunctionMode):
             out = func(*args)
         if not (dep or cuts):
             return out
-        if name not in _SPECIAL and isinstance(out, _TENSOR):  # the common case: one tensor out of a plain op
-            self.seen |= dep
-            if out.requires_grad or not grad:
-                if out.requires_grad and id(out) not in params:
-                    prov[id(out)] = (weakref.ref(out), dep, grad, cuts)
-                else:
+        if not kind:
+            if isinstance(out, _TENSOR):  # the common case: one tensor out of a plain op
+                self.seen |= dep
+                if out.requires_grad:
+                    if id(out) not in params:
+                        prov[id(out)] = (weakref.ref(out), dep, grad, cuts)
+                    return out
+                if not grad:
                     self._record(out, dep, 0, cuts)  # also remembers its memory (for a copy into a new leaf)
+                    return out
+            name = getattr(func, "__name__", "")
+            if isinstance(out, _TENSOR):
+                self._record_outputs(out, dep, grad, cuts, (func, name), sys._getframe(1))
                 return out
-            self._record_outputs(out, dep, grad, cuts, (func, name), sys._getframe(1))
-            return out
         if name in _ESCAPES:
             self.seen |= dep
             self._escape(name, out, dep, grad, cuts)
