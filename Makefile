@@ -34,10 +34,12 @@ lint: venv
 sweep: venv
 	OMP_NUM_THREADS=1 PYTHONPATH=tests$${PYTHONPATH:+:$$PYTHONPATH} $(VPY) -m realmodels --out docs/sweep.md
 
-# ~10 minutes on 2 cores: prints the paired and scaling tables and writes benchmarks/results.md.
+# ~10 minutes on 2 cores: prints the paired and scaling tables and writes benchmarks/results.md, then the traced-step
+# table over the sweep's architectures (benchmarks/traced.md).
 # `$(VPY) benchmarks/run.py --quick` is the smoke run that `make test` does (tests/test_benchmark.py).
 bench: venv
 	$(VPY) benchmarks/run.py
+	$(VPY) benchmarks/traced.py
 
 # The generated bug corpus (tests/corpus/): 3151 models with one planted bug or none, scored against the ground
 # truth; prints the confusion matrix and writes docs/corpus.md. `make test` runs a fixed 177 of them.

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
 
 from ._frames import user_stacklevel
@@ -106,6 +106,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         self.trace = trace
         self._core = GuardCore(Policy(actions, ignore, owner="check_step"), "always" if trace else "never")
         self._handle: torch.utils.hooks.RemovableHandle | None = None
+        self._post: torch.utils.hooks.RemovableHandle | None = None
         self._spy: _BackwardSpy | None = None
         self._scaler_had_step: tuple[bool, Any] | None = None
         self._reset()
@@ -132,6 +133,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         core = self._core
         core.bind(self.model, on_backward=self._on_backward)
         self._handle = register_optimizer_step_pre_hook(self._on_step)  # every optimizer: the ones seen matter too
+        self._post = register_optimizer_step_post_hook(self._after_step)
         if self.scaler is not None:
             self._wrap_scaler()
         core.begin_batch()
@@ -167,6 +169,9 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._post is not None:
+            self._post.remove()
+            self._post = None
         if self._spy is not None:
             self._spy.__exit__(None, None, None)
             self._spy = None
@@ -185,7 +190,15 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         self._step_calls += 1
+        self._core.pause()  # the optimizer's step is not part of the forward pass: the tracer leaves torch's modes
         self._judge(optimizer)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        if self._core.tracer is not None:
+            self._core.tracer.paused = False  # more forward passes may follow in the same block
 
     def _wrap_scaler(self) -> None:
         scaler = self.scaler
@@ -219,8 +232,8 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         try:
             core.check(core.params_of(optimizer), self.step, scaler=scaler, scale=scale)
         finally:
-            if core.tracer is not None:
-                core.tracer.paused = False  # more forward passes may follow in the same block
+            if skipped:  # no `optimizer.step()` ran, so no post-step hook will resume the tracer
+                self._resume()
 
     def _judge_unstepped(self) -> None:
         """At the block's end, after a backward: judge the given optimizers that did not step."""

@@ -162,6 +162,33 @@ def test_check_step_a_forward_after_the_optimizer_step_is_traced_again():
     assert all(f.kind == "detached" and "test_trace_cost.py" in (f.where or "") for f in chk.findings)
 
 
+class _SGDNotingModes(torch.optim.SGD):
+    """SGD that notes how many tracers are on torch's mode stack while it steps."""
+
+    seen: list[int]
+
+    def step(self, closure=None):
+        self.seen.append(len(_tracers()))
+        return super().step(closure)
+
+
+def test_check_step_runs_the_optimizer_step_without_the_tracer():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 1))
+    opt = _SGDNotingModes(model.parameters(), lr=0.1)
+    opt.seen = []
+    x = torch.randn(4, 8)
+    with check_step(model, opt, strict=True) as chk:
+        for _ in range(2):
+            model(x).mean().backward()
+            assert len(_tracers()) == 1
+            opt.step()
+            opt.zero_grad()
+            assert len(_tracers()) == 1  # resumed after the step: a second forward in the block is traced
+    assert opt.seen == [0, 0]
+    assert chk.findings == []
+    assert _get_current_function_mode_stack() == []
+
+
 def test_traced_benchmark_quick_mode_prints_the_table_and_writes_nothing(tmp_path):
     results = ROOT / "benchmarks" / "traced.md"
     before = results.read_bytes() if results.exists() else None
