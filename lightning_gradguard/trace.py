@@ -79,8 +79,11 @@ _ESCAPES = frozenset({"item", "tolist", "__float__", "__int__", "__index__", "__
 _ESCAPE_SPELLING = {"numpy": ".numpy()", "__array__": "np.asarray(tensor)", "item": ".item()", "tolist": ".tolist()",
                     "__float__": "float(tensor)", "__int__": "int(tensor)", "__index__": "int(tensor)",
                     "__complex__": "complex(tensor)"}  # fmt: skip
-_CREATORS = frozenset({"tensor", "as_tensor", "asarray", "scalar_tensor", "from_numpy", "full", "new_tensor",
-                       "new_full"})  # fmt: skip
+_CREATORS = frozenset({"tensor", "as_tensor", "asarray", "scalar_tensor", "from_numpy", "full"})
+#: Ops that take only a shape, dtype or device from their first argument, not its value (a fill value or data in the
+#: other arguments may still flow).
+_SHAPE_ONLY = frozenset({"zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+                         "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"})  # fmt: skip
 #: Escapes whose result is a Python number or a list of them.
 _TO_PYTHON = frozenset({"item", "tolist", "__float__", "__int__", "__index__", "__complex__"})
 #: A Python float whose ``repr`` is at most this long looks like a constant typed in the code (``0.5``, ``3e-4``).
@@ -105,6 +108,7 @@ _SPECIAL_OP = 1  # see `_SPECIAL`
 _PASS = 2  # no value flows (`.shape`, `.size()`, `.backward()` without a callback, ...)
 _GRAD_MODE = 3  # `torch._C._set_grad_enabled` (entering or leaving `no_grad`)
 _BACKWARD = 4  # `Tensor.backward`, `torch.autograd.backward`
+_SHAPE = 5  # see `_SHAPE_ONLY`
 #: torch function -> its kind. Torch's functions and methods live as long as torch: at most `_MAX_KINDS` entries,
 #: so that functions made on the fly (rare) cannot grow it without bound.
 _KINDS: dict[Any, int] = {}
@@ -138,6 +142,8 @@ def _kind_of(func: Any) -> int:
         kind = _BACKWARD
     elif name in _SKIP_OUTPUT or (name == "__get__" and getattr(func, "__self__", None) is not _DATA_DESCRIPTOR):
         kind = _PASS
+    elif name in _SHAPE_ONLY:
+        kind = _SHAPE
     elif name in _SPECIAL:
         kind = _SPECIAL_OP
     else:
@@ -606,6 +612,8 @@ class Tracer(TorchFunctionMode):
                 if self.on_backward is not None and args and isinstance(args[0], _TENSOR):
                     self.on_backward(args[0])
                 return func(*args, **kwargs) if kwargs else func(*args)
+            if kind == _SHAPE:
+                return self._shape_only(func, args, kwargs)
             name = getattr(func, "__name__", "")
         else:
             name = ""
@@ -692,6 +700,22 @@ class Tracer(TorchFunctionMode):
             self._record_outputs(out, dep, 0, cuts, None, frame)
             return out
         self._record_outputs(out, dep, grad, cuts, (func, name), frame)
+        return out
+
+    def _shape_only(self, func: Any, args: tuple, kwargs: dict | None) -> Any:
+        """``zeros_like(t)``, ``t.new_ones(...)``, ``t.new_full(size, v)``: ``t`` gives a shape, dtype or device,
+        not its value (a module whose output is only used this way is unused, not detached); a fill value or data
+        in the other arguments may still carry facts (an escaped number, a tensor copied by ``new_tensor``)."""
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        dep = cuts = 0
+        others = [v for k, v in kwargs.items() if k != "input"] if kwargs else []
+        for a in (*args[1:], *others):
+            d, _, c = self._scan(a)
+            dep |= d
+            cuts |= c
+        if dep or cuts:
+            self.seen |= dep
+            self._record_outputs(out, dep, 0, cuts, None, sys._getframe(1))
         return out
 
     def _record_outputs(self, out, dep, grad, cuts, op, frame, depth=0) -> None:

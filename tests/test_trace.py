@@ -391,3 +391,38 @@ def test_large_tolist_is_followed_within_a_budget():
         values = model.enc(torch.randn(512, 8)).tolist()  # CUT: big-tolist
         model.head(torch.tensor(values)).mean().backward()
     assert {f.where for f in chk.findings if f.kind == "detached"} == {where("CUT: big-tolist")}
+
+
+@pytest.mark.parametrize("make", [
+    lambda h: torch.zeros_like(h),
+    lambda h: h.new_ones(h.shape),
+    lambda h: torch.full_like(h, 0.5),
+    lambda h: h.new_full(h.shape, 2.0),
+    lambda h: torch.empty_like(h).fill_(1.0),
+])  # fmt: skip
+def test_a_module_whose_output_gives_only_a_shape_is_unused(make):
+    """`zeros_like(h)`, `h.new_ones(...)`: `h`'s shape is used, not its value, so `a` is unused, not detached."""
+    m = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 1)})
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with check_step(m, opt) as chk:
+            x = torch.randn(3, 4)
+            m["b"](x + make(m["a"](x))).mean().backward()
+            opt.step()
+    assert {(f.kind, f.param) for f in chk.findings} == {("unused", "a.weight"), ("unused", "a.bias")}
+
+
+def test_new_tensor_still_carries_its_data():
+    """`h.new_tensor(data)`: the data's value flows (and its graph is cut); `h` gives only dtype and device."""
+    m = nn.ModuleDict({"a": nn.Linear(4, 4), "b": nn.Linear(4, 1), "c": nn.Linear(4, 4)})
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with check_step(m, opt) as chk:
+            x = torch.randn(3, 4)
+            copied = m["c"](x).new_tensor(m["a"](x))
+            m["b"](x + copied).mean().backward()
+            opt.step()
+    found = {(f.kind, f.param) for f in chk.findings}
+    assert found == {("detached", "a.weight"), ("detached", "a.bias"), ("unused", "c.weight"), ("unused", "c.bias")}
