@@ -817,7 +817,7 @@ class Tracer(TorchFunctionMode):
             for idx in self.index.bits(cuts):
                 site = self.sites[idx]
                 if site.kind == "detach" and site.where == where:
-                    del self._site_keys[(site.kind, site.op, site.where)]
+                    # the `.detach()` key stays on this site: the next `.detach()` at this line (a loop) counts here
                     site.kind, site.op = "escape", name
                     self._site_keys.setdefault((site.kind, site.op, site.where), idx)
         where, _ = self._locate(frame, "escape")

@@ -426,3 +426,22 @@ def test_new_tensor_still_carries_its_data():
             opt.step()
     found = {(f.kind, f.param) for f in chk.findings}
     assert found == {("detached", "a.weight"), ("detached", "a.bias"), ("unused", "c.weight"), ("unused", "c.bias")}
+
+
+def test_detach_numpy_repeated_at_one_line_is_one_escape_site():
+    """`.detach().numpy()` in a loop: one escape site counting every call (not one site per iteration)."""
+    from lightning_gradguard.params import ParamIndex
+    from lightning_gradguard.trace import Tracer
+
+    lin, head = nn.Linear(4, 4), nn.Linear(4, 1)
+    index = ParamIndex.of(nn.ModuleDict({"lin": lin, "head": head}))
+    with Tracer(index) as tracer:
+        total = torch.zeros(2, 4)
+        for _ in range(3):
+            total = total + torch.from_numpy(lin(torch.randn(2, 4)).detach().numpy())  # CUT: loop numpy
+        loss = head(total).mean()
+    facts = tracer.facts(loss)
+    assert [(s.kind, s.op, s.where, s.calls) for s in tracer.site_bits(facts.cuts)] == [
+        ("escape", "numpy", where("CUT: loop numpy"), 3)
+    ]
+    assert len(tracer.sites) == 1
