@@ -51,6 +51,7 @@ class GradStats:
         zero: indices whose gradient is exactly zero everywhere (confirmed element-wise; an empty gradient is not).
         frozen: indices with ``requires_grad=False``.
         syncs: device→host transfers the measurement took (1 on a clean step; 2 when a candidate was confirmed).
+        scale: the loss scale the norms were divided by (read in the same transfer when given as a tensor).
     """
 
     params: list[torch.Tensor]
@@ -60,6 +61,7 @@ class GradStats:
     zero: list[int] = field(default_factory=list)
     frozen: list[int] = field(default_factory=list)
     syncs: int = 0
+    scale: float = 1.0
     _total: float | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -92,20 +94,23 @@ _HALF = (torch.float16, torch.bfloat16)
 #: On the CPU, gradients with fewer elements than this are measured together, through one flattened copy.
 _FLAT_MAX = 16384
 
+#: Small CPU gradients of one shape are concatenated (one copy, one row-wise norm) when at least this many share it.
+_STACK_MIN = 4
 
-def _take(indices: Sequence[int]) -> Callable[[Sequence[Any]], list[Any]]:
-    """A C-level getter of ``indices`` from a sequence, returning a list."""
+#: ATen's grain size: a CPU op on fewer elements runs on the calling thread. Blocks of small gradients are cut to
+#: stay under it, because ``torch.cat`` over thousands of inputs is several times slower on its parallel path, and
+#: a parallel region waits for every intra-op thread (long on a busy machine) for a few microseconds of work.
+_GRAIN = 32768
+
+
+def _take(indices: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """A C-level getter of ``indices`` from a sequence, returning a sequence (a tuple, or a one-item list)."""
     if not indices:
         return lambda seq: []
     if len(indices) == 1:
         i = indices[0]
         return lambda seq: [seq[i]]
-    get = operator.itemgetter(*indices)
-    return lambda seq: list(get(seq))
-
-
-#: Small CPU gradients of one shape are stacked (one copy, one row-wise norm) when at least this many share it.
-_STACK_MIN = 4
+    return operator.itemgetter(*indices)
 
 
 @dataclass
@@ -119,10 +124,10 @@ class _Plan:
     :func:`measure_grads` makes a new plan when a check fails.
     """
 
-    stacks: list[tuple[Callable[[Sequence[Any]], list[Any]], int, int]]  # small CPU gradients of one shape
-    flat: Callable[[Sequence[Any]], list[Any]]  # the other small CPU gradients: one flattened copy, a segment sum
+    blocks: list[tuple[Callable[[Sequence[Any]], Sequence[Any]], int, int, bool]]  # small CPU gradients of one shape
+    flat: Callable[[Sequence[Any]], Sequence[Any]]  # the other small CPU gradients: one flattened copy, a segment sum
     lengths: torch.Tensor | None
-    foreach: list[tuple[Callable[[Sequence[Any]], list[Any]], torch.dtype | None]]  # off the CPU, per dtype
+    foreach: list[tuple[Callable[[Sequence[Any]], Sequence[Any]], torch.dtype | None]]  # off the CPU, per dtype
     single: list[list[int]]  # measured one by one, per device: large, sparse, complex, or odd gradients
     order: np.ndarray  # the parameter index of each value, in the order they are transferred
     device: torch.device | None
@@ -144,12 +149,16 @@ def _make_plan(grads: Sequence[torch.Tensor | None]) -> _Plan:
             foreach.setdefault((g.device, g.dtype), []).append(i)
         else:
             single.setdefault(g.device, []).append(i)
-    stacks = []
+    blocks = []
     stacked: list[int] = []
     flat: list[int] = []
     for (_, shape), idx in small.items():
         if len(idx) >= _STACK_MIN:
-            stacks.append((_take(idx), len(idx), math.prod(shape)))
+            numel = math.prod(shape)
+            rows = max(_STACK_MIN, _GRAIN // max(numel, 1))  # each block under the grain size (or 4 gradients)
+            for k in range(0, len(idx), rows):
+                chunk = idx[k : k + rows]
+                blocks.append((_take(chunk), len(chunk), numel, len(shape) > 0))
             stacked += idx
         else:
             flat += idx
@@ -157,7 +166,7 @@ def _make_plan(grads: Sequence[torch.Tensor | None]) -> _Plan:
     groups = [(_take(idx), torch.float32 if dtype != torch.float64 else None) for (_, dtype), idx in foreach.items()]
     order = stacked + flat + [i for idx in foreach.values() for i in idx] + [i for idx in single.values() for i in idx]
     return _Plan(
-        stacks,
+        blocks,
         _take(flat),
         torch.tensor(lengths, dtype=torch.int64) if flat else None,
         groups,
@@ -168,13 +177,17 @@ def _make_plan(grads: Sequence[torch.Tensor | None]) -> _Plan:
 
 
 def _run_plan(plan: _Plan, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor] | None:
-    """The plan's norms as 1-D float64 tensors (no sync), or ``None`` when the gradients no longer fit the plan."""
+    """The plan's norms as 1-D float64 tensors (no sync), or ``None`` when the gradients no longer fit the plan.
+
+    A block of same-shape gradients is concatenated along its first dimension (no per-tensor view, unlike
+    ``torch.stack``) and viewed as one row per gradient.
+    """
     parts: list[torch.Tensor] = []
-    for take, rows, numel in plan.stacks:
-        x = torch.stack(take(grads))
+    for take, rows, numel, cat in plan.blocks:
+        x = torch.cat(take(grads)) if cat else torch.stack(take(grads))  # type: ignore[arg-type]
         if x.device != plan.device or not x.dtype.is_floating_point:
             return None
-        x = x.reshape(rows, numel)
+        x = x.view(rows, numel)
         parts.append(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in _HALF else None).double())
     if plan.lengths is not None:
         flat = torch._C._nn.flatten_dense_tensors(plan.flat(grads))
@@ -204,15 +217,31 @@ def _norm(g: torch.Tensor) -> torch.Tensor:
 
 _PLANS: dict[tuple[tuple[int, ...], tuple[int, ...]], _Plan] = {}
 _MAX_PLANS = 32
+#: Plans kept per :class:`~lightning_gradguard.params.ParamList` (one per pattern of missing gradients).
+_MAX_LIST_PLANS = 8
 
 
-def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradStats:
+def _plan_cache(params: Sequence[torch.Tensor], missing: list[int]) -> tuple[dict[Any, _Plan], Any, int]:
+    """Where the plan of ``params`` with gradients ``missing`` is kept, its key there, and the cache's bound.
+
+    A :class:`~lightning_gradguard.params.ParamList` (what the guard passes: immutable, made once per optimizer
+    layout) keeps its own plans, keyed by the missing pattern alone; any other sequence is looked up by the
+    identities of its tensors in a small module-level cache that holds no tensor.
+    """
+    own = getattr(params, "plans", None)
+    if isinstance(own, dict):
+        return own, tuple(missing), _MAX_LIST_PLANS
+    return _PLANS, (tuple(map(id, params)), tuple(missing)), _MAX_PLANS
+
+
+def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 1.0) -> GradStats:
     """Per-parameter gradient norms in one fused pass, read with one synchronising device→host transfer.
 
-    On the CPU the small gradients are measured together (one flattened copy, one segment sum of squares), the
+    On the CPU the small gradients are measured together (same-shape ones concatenated into blocks under ATen's
+    grain size, one row-wise norm each; the odd ones through one flattened copy and a segment sum of squares), the
     large ones with a BLAS dot product each; off the CPU with ``torch._foreach_norm`` per device and dtype (half
     precision in float32). How to group a parameter list is computed once and reused while the list and the set of
-    gradients that are ``None`` stay the same, so a clean step costs about two C-level passes over ``.grad``.
+    gradients that are ``None`` stay the same, so a clean step costs a few C-level passes over ``.grad``.
 
     GPU: every value comes back through :func:`to_host`, a synchronising copy, once per call on a clean step. Only a
     parameter whose norm is not finite or is zero is then looked at element-wise (one more transfer, on such steps
@@ -224,8 +253,11 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
     before the optimizer step it concerns.
 
     Args:
-        params: the tensors to measure (an optimizer's parameters).
-        scale: divide every norm by this (for gradients still multiplied by an AMP loss scale).
+        params: the tensors to measure (an optimizer's parameters). A
+            :class:`~lightning_gradguard.params.ParamList` keeps its measurement plans itself (the fastest path).
+        scale: divide every norm by this (for gradients still multiplied by an AMP loss scale). A tensor (the grad
+            scaler's scale, on its device) is read in the same transfer as the norms, not by a sync of its own; the
+            value read is :attr:`GradStats.scale`.
     """
     n = len(params)
     grads = list(map(_GRAD, params))
@@ -234,9 +266,12 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
     stats = GradStats(list(params), [None] * n, missing, frozen=frozen)
     if len(missing) == n:
         stats._total = 0.0
+        if isinstance(scale, torch.Tensor):
+            stats.syncs += 1
+            stats.scale = float(to_host(scale.double().reshape(1))[0])
         return stats
-    key = (tuple(map(id, params)), tuple(missing))
-    plan = _PLANS.get(key)
+    cache, key, bound = _plan_cache(params, missing)
+    plan = cache.get(key)
     try:
         parts = _run_plan(plan, grads) if plan is not None else None
     except RuntimeError:  # a gradient changed device or layout under the plan
@@ -245,10 +280,17 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
         plan = _make_plan(grads)
         parts = _run_plan(plan, grads)
         assert parts is not None
-        if len(_PLANS) >= _MAX_PLANS:
-            del _PLANS[next(iter(_PLANS))]
-        _PLANS[key] = plan
-    values = _fetch(parts, stats)  # the one sync of a clean step (one per device when gradients span several)
+        if len(cache) >= bound:
+            del cache[next(iter(cache))]
+        cache[key] = plan
+    if isinstance(scale, torch.Tensor):  # the loss scale comes back with the norms: no transfer of its own
+        parts.append(scale.detach().double().reshape(1))
+        values = _fetch(parts, stats)
+        scale = stats.scale = float(values[-1])
+        values = values[:-1]
+    else:
+        values = _fetch(parts, stats)  # the one sync of a clean step (one per device when gradients span several)
+        stats.scale = float(scale)
     norms = np.full(n, np.nan)
     norms[plan.order] = values
     bad = plan.order[~np.isfinite(values) | (values == 0.0)]

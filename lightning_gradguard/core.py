@@ -34,7 +34,7 @@ from .audit import (
 )
 from .findings import HINTS, Finding, GradGuardError, group_findings
 from .history import MAX_TRACED_STEPS, History
-from .params import ParamIndex, module_of, optimizer_layout, optimizer_params
+from .params import ParamIndex, ParamList, module_of, optimizer_layout, optimizer_params
 from .policy import GradGuardWarning, Policy
 from .report import RunReport
 from .trace import LossFacts, Tracer
@@ -127,7 +127,7 @@ class GuardCore:
         self._consistency_key: tuple[Any, ...] | None = None
         self._stale: list[Finding] = []  # stale tensors of the current optimizer layout
         self._outside: list[int] = []  # bits of the parameters no optimizer of the current layout holds
-        self._params_cache: dict[int, tuple[Any, list[torch.Tensor]]] = {}
+        self._params_cache: dict[int, tuple[Any, ParamList]] = {}
         #: Under distributed training, agrees facts and decisions with the other ranks (see distributed.py);
         #: ``None`` in a single process, which then runs no collective.
         self.dist: RankSync | None = None
@@ -164,12 +164,13 @@ class GuardCore:
         """Restore :meth:`pending_state`; the candidates are matched by name when the model is bound."""
         self._restored_pending = {str(name): (int(first), str(reason)) for name, first, reason in rows}
 
-    def params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        """``optimizer``'s parameters in order, recomputed only when its param groups change."""
+    def params_of(self, optimizer: torch.optim.Optimizer) -> ParamList:
+        """``optimizer``'s parameters in order, recomputed only when its param groups change (the same immutable
+        :class:`~lightning_gradguard.params.ParamList` until then, which keeps the measurement plans)."""
         layout = optimizer_layout(optimizer)
         hit = self._params_cache.get(id(optimizer))
         if hit is None or hit[0] != layout:
-            hit = (layout, optimizer_params(optimizer))
+            hit = (layout, ParamList(optimizer_params(optimizer)))
             self._params_cache[id(optimizer)] = hit
         return hit[1]
 
