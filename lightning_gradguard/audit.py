@@ -32,6 +32,7 @@ __all__ = [
     "audit_optimizers",
     "classify",
     "find_orphans",
+    "loss_scale",
     "measure_grads",
     "reached_params",
     "to_host",
@@ -85,6 +86,21 @@ def to_host(t: torch.Tensor) -> np.ndarray:
     norm read as 0). Every device→host read of the fused pass goes through here, so a test can count them.
     """
     return t.detach().cpu().numpy()
+
+
+def loss_scale(scaler: Any) -> float | torch.Tensor:
+    """A grad scaler's current loss scale without a device sync: its scale tensor, for :func:`measure_grads` to read
+    in the same transfer as the norms, or a float when it has none yet (before its first ``scale()``) or is not a
+    :class:`torch.amp.GradScaler`.
+
+    ``scaler.get_scale()`` would copy the scale to the host on its own (a second sync per step on CUDA).
+    ``_get_scale_async`` is what torch's fused optimizers read the scale with.
+    """
+    get = getattr(scaler, "_get_scale_async", None)
+    scale = get() if callable(get) else None
+    if isinstance(scale, torch.Tensor):
+        return scale
+    return float(scaler.get_scale())
 
 
 _GRAD = operator.attrgetter("grad")
@@ -155,7 +171,7 @@ def _make_plan(grads: Sequence[torch.Tensor | None]) -> _Plan:
     for (_, shape), idx in small.items():
         if len(idx) >= _STACK_MIN:
             numel = math.prod(shape)
-            rows = max(_STACK_MIN, _GRAIN // max(numel, 1))  # each block under the grain size (or 4 gradients)
+            rows = max(_STACK_MIN, (_GRAIN - 1) // max(numel, 1))  # each block under the grain size (or 4 of them)
             for k in range(0, len(idx), rows):
                 chunk = idx[k : k + rows]
                 blocks.append((_take(chunk), len(chunk), numel, len(shape) > 0))
@@ -266,9 +282,11 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 
     stats = GradStats(list(params), [None] * n, missing, frozen=frozen)
     if len(missing) == n:
         stats._total = 0.0
-        if isinstance(scale, torch.Tensor):
+        if isinstance(scale, torch.Tensor):  # nothing else to read
             stats.syncs += 1
-            stats.scale = float(to_host(scale.double().reshape(1))[0])
+            stats.scale = float(to_host(scale.detach().double().reshape(1))[0])
+        else:
+            stats.scale = float(scale)
         return stats
     cache, key, bound = _plan_cache(params, missing)
     plan = cache.get(key)

@@ -87,6 +87,12 @@ def module_view(index: ParamIndex, findings: Sequence[Finding]) -> list[str]:
     return lines
 
 
+def _current_scale(scaler: Any, stats: GradStats, scale: float | torch.Tensor) -> float:
+    """The scaler's loss scale now: read with the norms when ``scale`` was its tensor, else asked for (a sync, on the
+    rare steps with non-finite gradients only)."""
+    return stats.scale if isinstance(scale, torch.Tensor) else float(scaler.get_scale())
+
+
 @dataclass
 class _Loss:
     grad_fn: Any
@@ -283,7 +289,7 @@ class GuardCore:
         *,
         optimizers: Sequence[torch.optim.Optimizer] = (),
         scaler: Any = None,
-        scale: float = 1.0,
+        scale: float | torch.Tensor = 1.0,
         context: str = "",
     ) -> GradStats:
         """Judge the gradients of ``params`` (the stepping optimizer's) and enforce the policy.
@@ -294,7 +300,8 @@ class GuardCore:
             optimizers: every optimizer of the run, for the stale/orphan consistency check.
             scaler: the AMP grad scaler, if any: non-finite gradients are then an overflow that it skips, unless
                 the scale has fallen to 1 or below.
-            scale: divide gradient norms by this (gradients that are still scaled).
+            scale: divide gradient norms by this (gradients that are still scaled); the scaler's scale tensor
+                (:func:`~lightning_gradguard.audit.loss_scale`) is read in the same transfer as the norms.
             context: first line of the error message.
 
         Raises:
@@ -303,7 +310,11 @@ class GuardCore:
         index = self.index
         assert index is not None, "GuardCore.bind() first"
         self.checks += 1
+        if isinstance(scale, torch.Tensor) and self.dist is not None and self.dist.sharded is not None:
+            scale = float(scale)  # the sharded pass divides by a number (it runs a collective anyway)
         stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
+        if not isinstance(scale, torch.Tensor):
+            stats.scale = float(scale)
         history = self.history
         judged = history.count_check(params, self._names_among)
         findings: list[Finding] = []
@@ -317,7 +328,7 @@ class GuardCore:
             facts = self.step_facts(need_received=bool(stats.zero))
             if self.dist is not None:
                 facts = self.dist.merge_facts(facts)
-            overflow_ok = bool(stats.nonfinite) and scaler is not None and float(scaler.get_scale()) > 1.0
+            overflow_ok = bool(stats.nonfinite) and scaler is not None and _current_scale(scaler, stats, scale) > 1.0
             defer = self.diagnose in ("on_finding", "always") and self.can_trace
             sharded = self.dist is not None and bool(self.dist.sharded)
             found, pending = classify(
