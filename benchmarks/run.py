@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each run")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every configuration once")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    parser.add_argument("--no-paired", action="store_true", help="only the scaling table (printed, nothing written)")
     parser.add_argument("--no-100m", action="store_true", help="skip the 100 M-parameter row of the scaling table")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--only", action="append", help="run only the configurations whose name contains this")
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     rng = random.Random(0)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        for r in range(args.rounds):
+        for r in range(0 if args.no_paired else args.rounds):
             order = list(CONFIGS)
             rng.shuffle(order)
             for name in order:
@@ -386,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
                 print(f"round {r + 1}/{args.rounds}: {name}: {statistics.median(runs[name][-1]['steps']) * 1e3:.1f} ms")
     paired_s = time.perf_counter() - start
 
-    base = [statistics.median(run["steps"]) for run in runs["no callback"]]
+    if args.no_paired:
+        runs = {}
+    base = [statistics.median(run["steps"]) for run in runs.get("no callback", [])]
     lines = [
         "| configuration | step (ms) | × no callback (median of paired ratios) | ratio per round "
         "| in GradGuard's hooks, ms wall / CPU | tracer's own, ms | peak RSS (MB) |",
@@ -416,10 +419,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             statistics.median(a["steps"]) / statistics.median(n["steps"]) for a, n in zip(always, never, strict=True)
         )
         traced_line = f"Traced step / untraced step (diagnose='always' / diagnose='never', paired): **{traced:.3f}×**"
-    print()
-    print(paired)
-    print()
-    print(traced_line)
+    if runs:
+        print()
+        print(paired)
+        print()
+        print(traced_line)
 
     scale_text = ""
     if not args.no_scaling:
@@ -444,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         print()
         print(scale_text)
     elapsed = time.perf_counter() - start
-    if args.quick:
+    if args.quick or args.no_paired:
         return 0
 
     cpu = platform.processor() or platform.machine()

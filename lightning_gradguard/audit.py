@@ -149,46 +149,92 @@ class _Plan:
     device: torch.device | None
 
 
-def _make_plan(grads: Sequence[torch.Tensor | None]) -> _Plan:
-    small: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = {}
-    foreach: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    single: dict[torch.device, list[int]] = {}
-    device = None
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
+@dataclass
+class _Layout:
+    """What each gradient of a parameter list looked like when it was last planned (its group), so that the plan for
+    a new pattern of missing gradients (MoE routing, LayerDrop: a new one on most steps) is made with array
+    operations over the list, looking only at gradients not seen before."""
+
+    group: np.ndarray  # per parameter, the index of its group in `keys`; -1: no gradient seen yet
+    numel: np.ndarray  # per parameter, its gradient's number of elements
+    keys: list[tuple[Any, ...]] = field(default_factory=list)  # ("small", dtype, shape), ("foreach", device, dtype),
+    ids: dict[tuple[Any, ...], int] = field(default_factory=dict)  # ("single", device); key -> its index in `keys`
+    device: torch.device | None = None  # the one device of the small CPU gradients
+
+    @classmethod
+    def empty(cls, n: int) -> _Layout:
+        return cls(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64))
+
+    def learn(self, i: int, g: torch.Tensor) -> None:
+        """Record the group of gradient ``g`` of parameter ``i``."""
         dense_float = g.layout == torch.strided and g.dtype.is_floating_point
-        if dense_float and g.device.type == "cpu" and g.numel() < _FLAT_MAX and device in (None, g.device):
-            device = g.device
-            small.setdefault((g.dtype, tuple(g.shape)), []).append(i)
+        numel = g.numel()
+        if dense_float and g.device.type == "cpu" and numel < _FLAT_MAX and self.device in (None, g.device):
+            self.device = g.device
+            key: tuple[Any, ...] = ("small", g.dtype, tuple(g.shape))
         elif dense_float and g.device.type != "cpu":
-            foreach.setdefault((g.device, g.dtype), []).append(i)
+            key = ("foreach", g.device, g.dtype)
         else:
-            single.setdefault(g.device, []).append(i)
+            key = ("single", g.device)
+        gid = self.ids.get(key)
+        if gid is None:
+            gid = self.ids[key] = len(self.keys)
+            self.keys.append(key)
+        self.group[i] = gid
+        self.numel[i] = numel
+
+
+def _make_plan(
+    grads: Sequence[torch.Tensor | None], layout: _Layout | None = None, missing: Sequence[int] | None = None
+) -> _Plan:
+    """The plan for ``grads`` (those that are not ``None``); ``layout`` remembers the groups of gradients seen
+    before, so that only new ones are looked at."""
+    n = len(grads)
+    if layout is None:
+        layout = _Layout.empty(n)
+    present = np.ones(n, dtype=bool)
+    if missing is None:
+        missing = [i for i, g in enumerate(grads) if g is None]
+    present[list(missing)] = False
+    for i in np.flatnonzero(present & (layout.group < 0)).tolist():
+        layout.learn(i, grads[i])  # type: ignore[arg-type]
+    sel = np.flatnonzero(present)
+    by_group = np.argsort(layout.group[sel], kind="stable")
+    sel = sel[by_group]
+    cuts = np.flatnonzero(np.diff(layout.group[sel])) + 1
     blocks = []
     stacked: list[int] = []
     flat: list[int] = []
-    for (_, shape), idx in small.items():
-        if len(idx) >= _STACK_MIN:
+    foreach: list[tuple[Callable[[Sequence[Any]], Sequence[Any]], torch.dtype | None]] = []
+    foreach_idx: list[int] = []
+    single: list[list[int]] = []
+    for chunk in np.split(sel, cuts) if len(sel) else []:
+        idx = chunk.tolist()
+        kind, *key = layout.keys[layout.group[idx[0]]]
+        if kind == "small" and len(idx) >= _STACK_MIN:
+            shape = key[1]
             numel = math.prod(shape)
             rows = max(_STACK_MIN, (_GRAIN - 1) // max(numel, 1))  # each block under the grain size (or 4 of them)
             for k in range(0, len(idx), rows):
-                chunk = idx[k : k + rows]
-                blocks.append((_take(chunk), len(chunk), numel, len(shape) > 0))
+                part = idx[k : k + rows]
+                blocks.append((_take(part), len(part), numel, len(shape) > 0))
             stacked += idx
-        else:
+        elif kind == "small":
             flat += idx
-    lengths = [grads[i].numel() for i in flat]  # type: ignore[union-attr]
-    groups = [(_take(idx), torch.float32 if dtype != torch.float64 else None) for (_, dtype), idx in foreach.items()]
-    order = stacked + flat + [i for idx in foreach.values() for i in idx] + [i for idx in single.values() for i in idx]
+        elif kind == "foreach":
+            foreach.append((_take(idx), torch.float32 if key[1] != torch.float64 else None))
+            foreach_idx += idx
+        else:
+            single.append(idx)
+    order = stacked + flat + foreach_idx + [i for idx in single for i in idx]
     return _Plan(
         blocks,
         _take(flat),
-        torch.tensor(lengths, dtype=torch.int64) if flat else None,
-        groups,
-        list(single.values()),
+        torch.tensor(layout.numel[flat], dtype=torch.int64) if flat else None,
+        foreach,
+        single,
         np.asarray(order, dtype=np.int64),
-        device,
+        layout.device,
     )
 
 
@@ -250,6 +296,30 @@ def _plan_cache(params: Sequence[torch.Tensor], missing: list[int]) -> tuple[dic
     return _PLANS, (tuple(map(id, params)), tuple(missing)), _MAX_PLANS
 
 
+def _new_plan(
+    params: Sequence[torch.Tensor], grads: list[torch.Tensor | None], missing: list[int]
+) -> tuple[_Plan, list[torch.Tensor]]:
+    """A plan for this step's gradients and its norms: from the list's remembered layout when it has one (a new
+    pattern of missing gradients), else, or when the gradients no longer fit it, from every gradient."""
+    layout = getattr(params, "layout", None)
+    if isinstance(layout, _Layout) and len(layout.group) == len(grads):
+        try:
+            plan = _make_plan(grads, layout, missing)
+            parts = _run_plan(plan, grads)
+        except RuntimeError:
+            parts = None
+        if parts is not None:
+            return plan, parts
+    layout = _Layout.empty(len(grads))
+    plan = _make_plan(grads, layout, missing)
+    parts = _run_plan(plan, grads)
+    assert parts is not None
+    if hasattr(params, "layout"):  # a ParamList: the plans made from the old layout go with it
+        params.layout = layout  # type: ignore[attr-defined]
+        params.plans.clear()  # type: ignore[attr-defined]
+    return plan, parts
+
+
 def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 1.0) -> GradStats:
     """Per-parameter gradient norms in one fused pass, read with one synchronising device→host transfer.
 
@@ -295,9 +365,7 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 
     except RuntimeError:  # a gradient changed device or layout under the plan
         parts = None
     if parts is None:
-        plan = _make_plan(grads)
-        parts = _run_plan(plan, grads)
-        assert parts is not None
+        plan, parts = _new_plan(params, grads, missing)
         if len(cache) >= bound:
             del cache[next(iter(cache))]
         cache[key] = plan
@@ -577,7 +645,8 @@ def classify(
     received = facts.received
     missing = set(stats.missing)
     zero = set(stats.zero)
-    for i, p in enumerate(params):
+    for i in sorted(missing | zero | set(stats.frozen)):  # the others have a usable gradient: nothing to say
+        p = params[i]
         bit = index.index.get(id(p))
         if bit is None:
             continue  # stale: not a parameter of the model

@@ -47,8 +47,9 @@ class ParamList(tuple):  # noqa: SLOT001 - a tuple subclass keeps an instance di
     valid as long as the list does.
 
     :func:`~lightning_gradguard.audit.measure_grads` keeps its measurement plans in :attr:`plans` (per pattern of
-    missing gradients), so that a clean step looks nothing up per tensor. The guard makes one per optimizer layout
-    (:meth:`~lightning_gradguard.core.GuardCore.params_of`).
+    missing gradients), so that a clean step looks nothing up per tensor, and in :attr:`layout` what each gradient
+    looked like (so that a new pattern is planned without looking at every tensor again). The guard makes one per
+    optimizer layout (:meth:`~lightning_gradguard.core.GuardCore.params_of`).
 
     Example::
 
@@ -59,10 +60,12 @@ class ParamList(tuple):  # noqa: SLOT001 - a tuple subclass keeps an instance di
     """
 
     plans: dict[object, object]
+    layout: object
 
     def __new__(cls, params: Iterable[torch.Tensor] = ()) -> ParamList:
         self = super().__new__(cls, params)
         self.plans = {}
+        self.layout = None
         return self
 
 

@@ -277,9 +277,10 @@ def test_gradguard_raises_on_a_nan_sparse_gradient_in_a_trainer(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- plan cache
-def test_cached_plan_follows_a_gradient_that_goes_missing_changes_layout_or_dtype():
+@pytest.mark.parametrize("container", [list, ParamList])
+def test_cached_plan_follows_a_gradient_that_goes_missing_changes_layout_or_dtype(container):
     torch.manual_seed(3)
-    params = with_grads(*[torch.randn(8, 8) for _ in range(6)], torch.randn(5))
+    params = container(with_grads(*[torch.randn(8, 8) for _ in range(6)], torch.randn(5)))
     first = measure_grads(params)
     assert first.norms == pytest.approx([reference(p.grad) for p in params])
     params[2].grad = None
@@ -298,8 +299,9 @@ def test_cached_plan_follows_a_gradient_that_goes_missing_changes_layout_or_dtyp
     assert fourth.norms == pytest.approx([8.0] * 6 + [math.sqrt(5)])
 
 
-def test_cached_plan_follows_a_gradient_turning_sparse():
-    params = with_grads(*[torch.ones(20, 4) for _ in range(5)])
+@pytest.mark.parametrize("container", [list, ParamList])
+def test_cached_plan_follows_a_gradient_turning_sparse(container):
+    params = container(with_grads(*[torch.ones(20, 4) for _ in range(5)]))
     measure_grads(params)
     params[1].grad = sparse_grad([3.0])
     stats = measure_grads(params)
@@ -318,7 +320,7 @@ def test_plan_cache_is_bounded_and_holds_no_tensor():
 def test_param_list_keeps_its_plan_so_a_clean_step_makes_none(monkeypatch):
     made = []
     real = audit._make_plan
-    monkeypatch.setattr(audit, "_make_plan", lambda grads: made.append(1) or real(grads))
+    monkeypatch.setattr(audit, "_make_plan", lambda *args: made.append(1) or real(*args))
     torch.manual_seed(4)
     params = ParamList(with_grads(*[torch.randn(8, 8) * (i + 1) for i in range(12)], torch.randn(3)))
     before = dict(audit._PLANS)
@@ -334,6 +336,30 @@ def test_param_list_keeps_its_plan_so_a_clean_step_makes_none(monkeypatch):
     assert measure_grads(params).missing == [3]
     assert len(made) == 2
     assert list(params.plans) == [(), (3,)]
+
+
+def test_new_missing_patterns_are_planned_from_the_remembered_layout(monkeypatch):
+    """LayerDrop / MoE routing: a new set of missing gradients on most steps. The plan for each comes from what the
+    list remembers of every gradient's group: only gradients never seen before are looked at."""
+    learned = []
+    real = audit._Layout.learn
+    monkeypatch.setattr(audit._Layout, "learn", lambda self, i, g: learned.append(i) or real(self, i, g))
+    torch.manual_seed(6)
+    shapes = [(8, 8), (8,)] * 30 + [(3, 5), (), (40000,)]
+    params = ParamList(nn.Parameter(torch.zeros(s)) for s in shapes)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        drop = set(torch.randperm(len(params), generator=gen)[: 1 + step % 5].tolist())
+        if step == 0:
+            drop = {0, 5}  # these two are seen later
+        for i, p in enumerate(params):
+            p.grad = None if i in drop else torch.randn_like(p) * (i + 1)
+        stats = measure_grads(params)
+        assert stats.missing == sorted(drop)
+        assert [i for i, v in enumerate(stats.norms) if v is None] == sorted(drop)
+        got = [v for v in stats.norms if v is not None]
+        assert got == pytest.approx([reference(p.grad) for p in params if p.grad is not None], rel=1e-6)
+    assert sorted(learned) == list(range(len(params)))  # each gradient's group was looked up once
 
 
 def test_param_list_plans_are_bounded_and_hold_no_tensor():
