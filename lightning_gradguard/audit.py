@@ -157,8 +157,9 @@ class _Layout:
 
     group: np.ndarray  # per parameter, the index of its group in `keys`; -1: no gradient seen yet
     numel: np.ndarray  # per parameter, its gradient's number of elements
-    keys: list[tuple[Any, ...]] = field(default_factory=list)  # ("small", dtype, shape), ("foreach", device, dtype),
-    ids: dict[tuple[Any, ...], int] = field(default_factory=dict)  # ("single", device); key -> its index in `keys`
+    #: ``("small", dtype, shape)`` (CPU), ``("foreach", device, dtype)`` (off the CPU) or ``("single", device)``
+    keys: list[tuple[Any, ...]] = field(default_factory=list)
+    ids: dict[tuple[Any, ...], int] = field(default_factory=dict)  # key -> its index in `keys`
     device: torch.device | None = None  # the one device of the small CPU gradients
 
     @classmethod
