@@ -345,7 +345,17 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 
         scale: divide every norm by this (for gradients still multiplied by an AMP loss scale). A tensor (the grad
             scaler's scale, on its device) is read in the same transfer as the norms, not by a sync of its own; the
             value read is :attr:`GradStats.scale`.
+
+    The pass runs with ``__torch_function__`` handling off (``torch._C.DisableTorchFunction``): on a traced step
+    the tracer's mode is still pushed while the optimizer steps, and every ``.grad`` read and op of the pass would
+    otherwise go through its Python handler (several microseconds per tensor); tensor subclasses that work through
+    ``__torch_dispatch__`` (``DTensor``) are unaffected.
     """
+    with torch._C.DisableTorchFunction():
+        return _measure(params, scale)
+
+
+def _measure(params: Sequence[torch.Tensor], scale: float | torch.Tensor) -> GradStats:
     n = len(params)
     grads = list(map(_GRAD, params))
     missing = list(compress(range(n), map(operator.is_, grads, repeat(None))))

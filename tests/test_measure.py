@@ -362,6 +362,29 @@ def test_new_missing_patterns_are_planned_from_the_remembered_layout(monkeypatch
     assert sorted(learned) == list(range(len(params)))  # each gradient's group was looked up once
 
 
+def test_the_pass_does_not_go_through_a_pushed_torch_function_mode():
+    """On a traced step the tracer's mode stays pushed while the optimizer steps: the guard's own reads and ops must
+    not go through its Python handler (several microseconds per tensor), nor be recorded by it."""
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Counting.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    grads = [torch.randn(8, 8) for _ in range(6)] + [torch.zeros(3), torch.tensor([math.nan]), torch.randn(40000)]
+    params = ParamList(with_grads(*grads))
+    scale = torch.tensor(2.0)
+    with Counting():
+        params[0].requires_grad  # noqa: B018 - the mode does see an attribute read outside the pass
+        assert Counting.calls == 1
+        stats = measure_grads(params, scale)
+    assert Counting.calls == 1
+    assert (stats.zero, stats.nonfinite, stats.scale) == ([6], [7], 2.0)
+
+
 def test_param_list_plans_are_bounded_and_hold_no_tensor():
     params = ParamList(with_grads(*[torch.ones(3) for _ in range(audit._MAX_LIST_PLANS + 4)]))
     grads = [p.grad for p in params]
