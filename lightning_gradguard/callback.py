@@ -287,9 +287,10 @@ class GradGuard(Callback):
             )
         if self._core.index is not None:
             idle = (self._core.report.idle_shares() or None) if self._dashboard.should_log(trainer) else None
-            self._dashboard.log_step(
-                trainer, optimizer, stats, self._core.index, self._core.report, stats.scale, idle=idle
-            )
+            with torch._C.DisableTorchFunction():  # a traced step's mode is still pushed: the dashboard is not traced
+                self._dashboard.log_step(
+                    trainer, optimizer, stats, self._core.index, self._core.report, stats.scale, idle=idle
+                )
 
     @override
     def on_train_batch_end(
