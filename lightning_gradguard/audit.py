@@ -240,7 +240,7 @@ def _make_plan(
 
 
 def _run_plan(plan: _Plan, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor] | None:
-    """The plan's norms as 1-D float64 tensors (no sync), or ``None`` when the gradients no longer fit the plan.
+    """The plan's norms as 1-D float32/float64 tensors (no sync), or ``None`` when the gradients no longer fit the plan.
 
     A block of same-shape gradients is concatenated along its first dimension (no per-tensor view, unlike
     ``torch.stack``) and viewed as one row per gradient.
@@ -251,16 +251,16 @@ def _run_plan(plan: _Plan, grads: Sequence[torch.Tensor | None]) -> list[torch.T
         if x.device != plan.device or not x.dtype.is_floating_point:
             return None
         x = x.view(rows, numel)
-        parts.append(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in _HALF else None).double())
+        parts.append(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in _HALF else None))
     if plan.lengths is not None:
         flat = torch._C._nn.flatten_dense_tensors(plan.flat(grads))
         if flat.device != plan.device or not flat.dtype.is_floating_point:
             return None
         if flat.dtype in _HALF:
             flat = flat.float()
-        parts.append(torch.segment_reduce(flat * flat, "sum", lengths=plan.lengths).sqrt_().double())
+        parts.append(torch.segment_reduce(flat * flat, "sum", lengths=plan.lengths).sqrt_())
     for take, dtype in plan.foreach:
-        parts.append(torch.stack(torch._foreach_norm(take(grads), 2, dtype=dtype)).double())
+        parts.append(torch.stack(torch._foreach_norm(take(grads), 2, dtype=dtype)))
     for idx in plan.single:
         parts.append(torch.stack([_norm(grads[i]).double().reshape(()) for i in idx]))  # type: ignore[arg-type]
     return parts
@@ -390,13 +390,12 @@ def _measure(params: Sequence[torch.Tensor], scale: float | torch.Tensor) -> Gra
         stats.scale = float(scale)
     norms = np.full(n, np.nan)
     norms[plan.order] = values
-    bad = plan.order[~np.isfinite(values) | (values == 0.0)]
-    if len(bad):
-        _confirm(stats, grads, sorted(bad.tolist()), norms)
+    finite = np.isfinite(values)
+    if not (finite.all() and values.all()):  # a norm read zero or not finite: look closer
+        _confirm(stats, grads, sorted(plan.order[~finite | (values == 0.0)].tolist()), norms)
     if scale != 1.0:
         norms /= scale
-    present = norms.copy()
-    present[missing] = 0.0
+    present = norms[plan.order]
     stats._total = float(np.sqrt(np.dot(present, present)))
     out = norms.tolist()
     for i in missing:
@@ -406,11 +405,12 @@ def _measure(params: Sequence[torch.Tensor], scale: float | torch.Tensor) -> Gra
 
 
 def _fetch(parts: list[torch.Tensor], stats: GradStats) -> np.ndarray:
-    """``torch.cat(parts)`` on the host: one :func:`to_host` per device."""
+    """``torch.cat(parts)`` on the host, in float64: one :func:`to_host` per device (``torch.cat`` promotes float32
+    parts to float64 when one is, exactly)."""
     device = parts[0].device
     if all(p.device == device for p in parts):
         stats.syncs += 1
-        return to_host(torch.cat(parts) if len(parts) > 1 else parts[0])
+        return to_host(torch.cat(parts) if len(parts) > 1 else parts[0]).astype(np.float64, copy=False)
     stats.syncs += len({p.device for p in parts})
     by_device: dict[torch.device, list[int]] = {}
     for j, p in enumerate(parts):
@@ -420,7 +420,7 @@ def _fetch(parts: list[torch.Tensor], stats: GradStats) -> np.ndarray:
         values = to_host(torch.cat([parts[j] for j in idx]))
         for j, chunk in zip(idx, np.split(values, np.cumsum([len(parts[j]) for j in idx])[:-1]), strict=True):
             host[j] = chunk
-    return np.concatenate(host)  # type: ignore[arg-type]
+    return np.concatenate(host).astype(np.float64, copy=False)  # type: ignore[arg-type]
 
 
 def _confirm(stats: GradStats, grads: Sequence[torch.Tensor | None], candidates: list[int], norms: np.ndarray) -> None:
