@@ -280,15 +280,21 @@ def run_once(name: str, steps: int, warmup: int, root: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------------ scaling
 class Stack(pl.LightningModule):
-    """``x = x + 0.01 * layer(x)`` over ``n`` layers ``Linear(width, width)`` (2 tensors each)."""
+    """``x = x + 0.01 * layer(x)`` over ``n`` layers ``Linear(width, width)`` (2 tensors each); with ``drop > 0``
+    each layer is skipped on a step with that probability (LayerDrop: a new set of tensors without a gradient on
+    almost every step, idle rather than dead under GradGuard's default ``idle_window``)."""
 
-    def __init__(self, layers: int, width: int) -> None:
+    def __init__(self, layers: int, width: int, drop: float = 0.0) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.drop = drop
 
     def training_step(self, batch: tuple[torch.Tensor], batch_idx: int) -> torch.Tensor:
         (x,) = batch
+        rng = random.Random(batch_idx)  # the same layers skipped in both arms
         for layer in self.layers:
+            if self.drop and rng.random() < self.drop:
+                continue
             x = x + 0.01 * layer(x)
         return x.pow(2).mean()
 
@@ -311,10 +317,10 @@ class GradReadClock(pl.Callback):
         del grads
 
 
-def scaling_row(label: str, layers: int, width: int, steps: int, warmup: int) -> dict[str, Any]:
+def scaling_row(label: str, layers: int, width: int, steps: int, warmup: int, drop: float = 0.0) -> dict[str, Any]:
     batch = 8
     torch.manual_seed(0)
-    model = Stack(layers, width)
+    model = Stack(layers, width, drop)
     params = sum(p.numel() for p in model.parameters())
     data = torch.utils.data.TensorDataset(torch.randn((steps + warmup + 1) * batch, width))
     out: dict[str, Any] = {"label": label, "tensors": 2 * layers, "params": params}
@@ -335,13 +341,14 @@ def scaling_row(label: str, layers: int, width: int, steps: int, warmup: int) ->
     return out
 
 
-SCALING = [  # label, layers, width, timed steps (full run)
-    ("100 tensors", 50, 8, 30),
-    ("1000 tensors", 500, 8, 30),
-    ("4000 tensors", 2000, 8, 30),
-    ("1 M parameters", 4, 512, 20),
-    ("10 M parameters", 10, 1024, 10),
-    ("100 M parameters", 24, 2048, 4),
+SCALING = [  # label, layers, width, timed steps (full run), share of layers skipped per step
+    ("100 tensors", 50, 8, 30, 0.0),
+    ("1000 tensors", 500, 8, 30, 0.0),
+    ("4000 tensors", 2000, 8, 30, 0.0),
+    ("4000 tensors, LayerDrop 0.05", 2000, 8, 30, 0.05),
+    ("1 M parameters", 4, 512, 20, 0.0),
+    ("10 M parameters", 10, 1024, 10, 0.0),
+    ("100 M parameters", 24, 2048, 4, 0.0),
 ]
 
 
@@ -353,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each run")
     parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every configuration once")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    parser.add_argument("--no-paired", action="store_true", help="only the scaling table (printed, nothing written)")
     parser.add_argument("--no-100m", action="store_true", help="skip the 100 M-parameter row of the scaling table")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--only", action="append", help="run only the configurations whose name contains this")
@@ -362,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     if args.quick:
         args.steps, args.warmup, args.rounds = 2, 1, 1
         VOCAB, WIDTH, LAYERS, HEADS, FF, CONTEXT, BATCH = SIZES["quick"]
-        scaling = [("100 tensors", 50, 8, 2)]
+        scaling = [("100 tensors", 50, 8, 2, 0.0), ("100 tensors, LayerDrop 0.1", 50, 8, 2, 0.1)]
 
     torch.set_num_threads(args.threads)
     if args.only:
@@ -378,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     rng = random.Random(0)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as root:
-        for r in range(args.rounds):
+        for r in range(0 if args.no_paired else args.rounds):
             order = list(CONFIGS)
             rng.shuffle(order)
             for name in order:
@@ -386,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
                 print(f"round {r + 1}/{args.rounds}: {name}: {statistics.median(runs[name][-1]['steps']) * 1e3:.1f} ms")
     paired_s = time.perf_counter() - start
 
-    base = [statistics.median(run["steps"]) for run in runs["no callback"]]
+    if args.no_paired:
+        runs = {}
+    base = [statistics.median(run["steps"]) for run in runs.get("no callback", [])]
     lines = [
         "| configuration | step (ms) | × no callback (median of paired ratios) | ratio per round "
         "| in GradGuard's hooks, ms wall / CPU | tracer's own, ms | peak RSS (MB) |",
@@ -416,17 +426,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             statistics.median(a["steps"]) / statistics.median(n["steps"]) for a, n in zip(always, never, strict=True)
         )
         traced_line = f"Traced step / untraced step (diagnose='always' / diagnose='never', paired): **{traced:.3f}×**"
-    print()
-    print(paired)
-    print()
-    print(traced_line)
+    if runs:
+        print()
+        print(paired)
+        print()
+        print(traced_line)
 
     scale_text = ""
     if not args.no_scaling:
         rows = []
-        for label, layers, width, steps in scaling:
+        for label, layers, width, steps, drop in scaling:
             steps = steps if not args.quick else 2
-            rows.append(scaling_row(label, layers, width, steps, 1 if args.quick else 3))
+            rows.append(scaling_row(label, layers, width, steps, 1 if args.quick else 3, drop))
             print(f"scaling: {label}: hooks {rows[-1]['hooks_wall'] * 1e3:.2f} ms")
         table = [
             "| model | tensors | parameters | step without GradGuard (ms) | with (ms) | in the hooks, ms wall / CPU "
@@ -444,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         print()
         print(scale_text)
     elapsed = time.perf_counter() - start
-    if args.quick:
+    if args.quick or args.no_paired:
         return 0
 
     cpu = platform.processor() or platform.machine()
@@ -474,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         "## Scaling\n\n"
         "`GradGuard()` defaults, no logger (so no dashboard: the always-on check alone), on residual stacks "
         "`x = x + 0.01 * Linear(width, width)(x)` (batch 8, SGD): width 8 for the tensor counts, wider for the "
-        "parameter counts. Medians per step after 3 warm-up steps. *Of which reading `.grad`*: the CPU time of "
+        "parameter counts; the LayerDrop row skips each layer with probability 0.05 on each step (a new set of "
+        "tensors without a gradient on almost every step: idle, not findings, under the default `idle_window`). "
+        "Medians per step after 3 warm-up steps. *Of which reading `.grad`*: the CPU time of "
         "`[p.grad for p in params]` at the same hook in the run without GradGuard: the first read of a gradient "
         "that backward made creates its Python object, which the optimizer step creates when GradGuard did not, so "
         "that part moves from the optimizer to the hooks rather than adding to the step.\n\n"

@@ -32,6 +32,7 @@ __all__ = [
     "audit_optimizers",
     "classify",
     "find_orphans",
+    "loss_scale",
     "measure_grads",
     "reached_params",
     "to_host",
@@ -51,6 +52,7 @@ class GradStats:
         zero: indices whose gradient is exactly zero everywhere (confirmed element-wise; an empty gradient is not).
         frozen: indices with ``requires_grad=False``.
         syncs: device→host transfers the measurement took (1 on a clean step; 2 when a candidate was confirmed).
+        scale: the loss scale the norms were divided by (read in the same transfer when given as a tensor).
     """
 
     params: list[torch.Tensor]
@@ -60,6 +62,7 @@ class GradStats:
     zero: list[int] = field(default_factory=list)
     frozen: list[int] = field(default_factory=list)
     syncs: int = 0
+    scale: float = 1.0
     _total: float | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -85,6 +88,21 @@ def to_host(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def loss_scale(scaler: Any) -> float | torch.Tensor:
+    """A grad scaler's current loss scale without a device sync: its scale tensor, for :func:`measure_grads` to read
+    in the same transfer as the norms, or a float when it has none yet (before its first ``scale()``) or is not a
+    :class:`torch.amp.GradScaler`.
+
+    ``scaler.get_scale()`` would copy the scale to the host on its own (a second sync per step on CUDA).
+    ``_get_scale_async`` is what torch's fused optimizers read the scale with.
+    """
+    get = getattr(scaler, "_get_scale_async", None)
+    scale = get() if callable(get) else None
+    if isinstance(scale, torch.Tensor):
+        return scale
+    return float(scaler.get_scale())
+
+
 _GRAD = operator.attrgetter("grad")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _HALF = (torch.float16, torch.bfloat16)
@@ -92,20 +110,23 @@ _HALF = (torch.float16, torch.bfloat16)
 #: On the CPU, gradients with fewer elements than this are measured together, through one flattened copy.
 _FLAT_MAX = 16384
 
+#: Small CPU gradients of one shape are concatenated (one copy, one row-wise norm) when at least this many share it.
+_STACK_MIN = 4
 
-def _take(indices: Sequence[int]) -> Callable[[Sequence[Any]], list[Any]]:
-    """A C-level getter of ``indices`` from a sequence, returning a list."""
+#: ATen's grain size: a CPU op on fewer elements runs on the calling thread. Blocks of small gradients are cut to
+#: stay under it, because ``torch.cat`` over thousands of inputs is several times slower on its parallel path, and
+#: a parallel region waits for every intra-op thread (long on a busy machine) for a few microseconds of work.
+_GRAIN = 32768
+
+
+def _take(indices: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
+    """A C-level getter of ``indices`` from a sequence, returning a sequence (a tuple, or a one-item list)."""
     if not indices:
         return lambda seq: []
     if len(indices) == 1:
         i = indices[0]
         return lambda seq: [seq[i]]
-    get = operator.itemgetter(*indices)
-    return lambda seq: list(get(seq))
-
-
-#: Small CPU gradients of one shape are stacked (one copy, one row-wise norm) when at least this many share it.
-_STACK_MIN = 4
+    return operator.itemgetter(*indices)
 
 
 @dataclass
@@ -119,72 +140,127 @@ class _Plan:
     :func:`measure_grads` makes a new plan when a check fails.
     """
 
-    stacks: list[tuple[Callable[[Sequence[Any]], list[Any]], int, int]]  # small CPU gradients of one shape
-    flat: Callable[[Sequence[Any]], list[Any]]  # the other small CPU gradients: one flattened copy, a segment sum
+    blocks: list[tuple[Callable[[Sequence[Any]], Sequence[Any]], int, int, bool]]  # small CPU gradients of one shape
+    flat: Callable[[Sequence[Any]], Sequence[Any]]  # the other small CPU gradients: one flattened copy, a segment sum
     lengths: torch.Tensor | None
-    foreach: list[tuple[Callable[[Sequence[Any]], list[Any]], torch.dtype | None]]  # off the CPU, per dtype
+    foreach: list[tuple[Callable[[Sequence[Any]], Sequence[Any]], torch.dtype | None]]  # off the CPU, per dtype
     single: list[list[int]]  # measured one by one, per device: large, sparse, complex, or odd gradients
     order: np.ndarray  # the parameter index of each value, in the order they are transferred
     device: torch.device | None
 
 
-def _make_plan(grads: Sequence[torch.Tensor | None]) -> _Plan:
-    small: dict[tuple[torch.dtype, tuple[int, ...]], list[int]] = {}
-    foreach: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    single: dict[torch.device, list[int]] = {}
-    device = None
-    for i, g in enumerate(grads):
-        if g is None:
-            continue
+@dataclass
+class _Layout:
+    """What each gradient of a parameter list looked like when it was last planned (its group), so that the plan for
+    a new pattern of missing gradients (MoE routing, LayerDrop: a new one on most steps) is made with array
+    operations over the list, looking only at gradients not seen before."""
+
+    group: np.ndarray  # per parameter, the index of its group in `keys`; -1: no gradient seen yet
+    numel: np.ndarray  # per parameter, its gradient's number of elements
+    #: ``("small", dtype, shape)`` (CPU), ``("foreach", device, dtype)`` (off the CPU) or ``("single", device)``
+    keys: list[tuple[Any, ...]] = field(default_factory=list)
+    ids: dict[tuple[Any, ...], int] = field(default_factory=dict)  # key -> its index in `keys`
+    device: torch.device | None = None  # the one device of the small CPU gradients
+
+    @classmethod
+    def empty(cls, n: int) -> _Layout:
+        return cls(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.int64))
+
+    def learn(self, i: int, g: torch.Tensor) -> None:
+        """Record the group of gradient ``g`` of parameter ``i``."""
         dense_float = g.layout == torch.strided and g.dtype.is_floating_point
-        if dense_float and g.device.type == "cpu" and g.numel() < _FLAT_MAX and device in (None, g.device):
-            device = g.device
-            small.setdefault((g.dtype, tuple(g.shape)), []).append(i)
+        numel = g.numel()
+        if dense_float and g.device.type == "cpu" and numel < _FLAT_MAX and self.device in (None, g.device):
+            self.device = g.device
+            key: tuple[Any, ...] = ("small", g.dtype, tuple(g.shape))
         elif dense_float and g.device.type != "cpu":
-            foreach.setdefault((g.device, g.dtype), []).append(i)
+            key = ("foreach", g.device, g.dtype)
         else:
-            single.setdefault(g.device, []).append(i)
-    stacks = []
+            key = ("single", g.device)
+        gid = self.ids.get(key)
+        if gid is None:
+            gid = self.ids[key] = len(self.keys)
+            self.keys.append(key)
+        self.group[i] = gid
+        self.numel[i] = numel
+
+
+def _make_plan(
+    grads: Sequence[torch.Tensor | None], layout: _Layout | None = None, missing: Sequence[int] | None = None
+) -> _Plan:
+    """The plan for ``grads`` (those that are not ``None``); ``layout`` remembers the groups of gradients seen
+    before, so that only new ones are looked at."""
+    n = len(grads)
+    if layout is None:
+        layout = _Layout.empty(n)
+    present = np.ones(n, dtype=bool)
+    if missing is None:
+        missing = [i for i, g in enumerate(grads) if g is None]
+    present[list(missing)] = False
+    for i in np.flatnonzero(present & (layout.group < 0)).tolist():
+        layout.learn(i, grads[i])  # type: ignore[arg-type]
+    sel = np.flatnonzero(present)
+    by_group = np.argsort(layout.group[sel], kind="stable")
+    sel = sel[by_group]
+    cuts = np.flatnonzero(np.diff(layout.group[sel])) + 1
+    blocks = []
     stacked: list[int] = []
     flat: list[int] = []
-    for (_, shape), idx in small.items():
-        if len(idx) >= _STACK_MIN:
-            stacks.append((_take(idx), len(idx), math.prod(shape)))
+    foreach: list[tuple[Callable[[Sequence[Any]], Sequence[Any]], torch.dtype | None]] = []
+    foreach_idx: list[int] = []
+    single: list[list[int]] = []
+    for chunk in np.split(sel, cuts) if len(sel) else []:
+        idx = chunk.tolist()
+        kind, *key = layout.keys[layout.group[idx[0]]]
+        if kind == "small" and len(idx) >= _STACK_MIN:
+            shape = key[1]
+            numel = math.prod(shape)
+            rows = max(_STACK_MIN, (_GRAIN - 1) // max(numel, 1))  # each block under the grain size (or 4 of them)
+            for k in range(0, len(idx), rows):
+                part = idx[k : k + rows]
+                blocks.append((_take(part), len(part), numel, len(shape) > 0))
             stacked += idx
-        else:
+        elif kind == "small":
             flat += idx
-    lengths = [grads[i].numel() for i in flat]  # type: ignore[union-attr]
-    groups = [(_take(idx), torch.float32 if dtype != torch.float64 else None) for (_, dtype), idx in foreach.items()]
-    order = stacked + flat + [i for idx in foreach.values() for i in idx] + [i for idx in single.values() for i in idx]
+        elif kind == "foreach":
+            foreach.append((_take(idx), torch.float32 if key[1] != torch.float64 else None))
+            foreach_idx += idx
+        else:
+            single.append(idx)
+    order = stacked + flat + foreach_idx + [i for idx in single for i in idx]
     return _Plan(
-        stacks,
+        blocks,
         _take(flat),
-        torch.tensor(lengths, dtype=torch.int64) if flat else None,
-        groups,
-        list(single.values()),
+        torch.tensor(layout.numel[flat], dtype=torch.int64) if flat else None,
+        foreach,
+        single,
         np.asarray(order, dtype=np.int64),
-        device,
+        layout.device,
     )
 
 
 def _run_plan(plan: _Plan, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor] | None:
-    """The plan's norms as 1-D float64 tensors (no sync), or ``None`` when the gradients no longer fit the plan."""
+    """The plan's norms as 1-D float32/float64 tensors (no sync), or ``None`` when the gradients no longer fit the plan.
+
+    A block of same-shape gradients is concatenated along its first dimension (no per-tensor view, unlike
+    ``torch.stack``) and viewed as one row per gradient.
+    """
     parts: list[torch.Tensor] = []
-    for take, rows, numel in plan.stacks:
-        x = torch.stack(take(grads))
+    for take, rows, numel, cat in plan.blocks:
+        x = torch.cat(take(grads)) if cat else torch.stack(take(grads))  # type: ignore[arg-type]
         if x.device != plan.device or not x.dtype.is_floating_point:
             return None
-        x = x.reshape(rows, numel)
-        parts.append(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in _HALF else None).double())
+        x = x.view(rows, numel)
+        parts.append(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in _HALF else None))
     if plan.lengths is not None:
         flat = torch._C._nn.flatten_dense_tensors(plan.flat(grads))
         if flat.device != plan.device or not flat.dtype.is_floating_point:
             return None
         if flat.dtype in _HALF:
             flat = flat.float()
-        parts.append(torch.segment_reduce(flat * flat, "sum", lengths=plan.lengths).sqrt_().double())
+        parts.append(torch.segment_reduce(flat * flat, "sum", lengths=plan.lengths).sqrt_())
     for take, dtype in plan.foreach:
-        parts.append(torch.stack(torch._foreach_norm(take(grads), 2, dtype=dtype)).double())
+        parts.append(torch.stack(torch._foreach_norm(take(grads), 2, dtype=dtype)))
     for idx in plan.single:
         parts.append(torch.stack([_norm(grads[i]).double().reshape(()) for i in idx]))  # type: ignore[arg-type]
     return parts
@@ -204,15 +280,55 @@ def _norm(g: torch.Tensor) -> torch.Tensor:
 
 _PLANS: dict[tuple[tuple[int, ...], tuple[int, ...]], _Plan] = {}
 _MAX_PLANS = 32
+#: Plans kept per :class:`~lightning_gradguard.params.ParamList` (one per pattern of missing gradients).
+_MAX_LIST_PLANS = 8
 
 
-def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradStats:
+def _plan_cache(params: Sequence[torch.Tensor], missing: list[int]) -> tuple[dict[Any, _Plan], Any, int]:
+    """Where the plan of ``params`` with gradients ``missing`` is kept, its key there, and the cache's bound.
+
+    A :class:`~lightning_gradguard.params.ParamList` (what the guard passes: immutable, made once per optimizer
+    layout) keeps its own plans, keyed by the missing pattern alone; any other sequence is looked up by the
+    identities of its tensors in a small module-level cache that holds no tensor.
+    """
+    own = getattr(params, "plans", None)
+    if isinstance(own, dict):
+        return own, tuple(missing), _MAX_LIST_PLANS
+    return _PLANS, (tuple(map(id, params)), tuple(missing)), _MAX_PLANS
+
+
+def _new_plan(
+    params: Sequence[torch.Tensor], grads: list[torch.Tensor | None], missing: list[int]
+) -> tuple[_Plan, list[torch.Tensor]]:
+    """A plan for this step's gradients and its norms: from the list's remembered layout when it has one (a new
+    pattern of missing gradients), else, or when the gradients no longer fit it, from every gradient."""
+    layout = getattr(params, "layout", None)
+    if isinstance(layout, _Layout) and len(layout.group) == len(grads):
+        try:
+            plan = _make_plan(grads, layout, missing)
+            parts = _run_plan(plan, grads)
+        except RuntimeError:
+            parts = None
+        if parts is not None:
+            return plan, parts
+    layout = _Layout.empty(len(grads))
+    plan = _make_plan(grads, layout, missing)
+    parts = _run_plan(plan, grads)
+    assert parts is not None
+    if hasattr(params, "layout"):  # a ParamList: the plans made from the old layout go with it
+        params.layout = layout  # type: ignore[attr-defined]
+        params.plans.clear()  # type: ignore[attr-defined]
+    return plan, parts
+
+
+def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 1.0) -> GradStats:
     """Per-parameter gradient norms in one fused pass, read with one synchronising device→host transfer.
 
-    On the CPU the small gradients are measured together (one flattened copy, one segment sum of squares), the
+    On the CPU the small gradients are measured together (same-shape ones concatenated into blocks under ATen's
+    grain size, one row-wise norm each; the odd ones through one flattened copy and a segment sum of squares), the
     large ones with a BLAS dot product each; off the CPU with ``torch._foreach_norm`` per device and dtype (half
     precision in float32). How to group a parameter list is computed once and reused while the list and the set of
-    gradients that are ``None`` stay the same, so a clean step costs about two C-level passes over ``.grad``.
+    gradients that are ``None`` stay the same, so a clean step costs a few C-level passes over ``.grad``.
 
     GPU: every value comes back through :func:`to_host`, a synchronising copy, once per call on a clean step. Only a
     parameter whose norm is not finite or is zero is then looked at element-wise (one more transfer, on such steps
@@ -224,9 +340,22 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
     before the optimizer step it concerns.
 
     Args:
-        params: the tensors to measure (an optimizer's parameters).
-        scale: divide every norm by this (for gradients still multiplied by an AMP loss scale).
+        params: the tensors to measure (an optimizer's parameters). A
+            :class:`~lightning_gradguard.params.ParamList` keeps its measurement plans itself (the fastest path).
+        scale: divide every norm by this (for gradients still multiplied by an AMP loss scale). A tensor (the grad
+            scaler's scale, on its device) is read in the same transfer as the norms, not by a sync of its own; the
+            value read is :attr:`GradStats.scale`.
+
+    The pass runs with ``__torch_function__`` handling off (``torch._C.DisableTorchFunction``): on a traced step
+    the tracer's mode is still pushed while the optimizer steps, and every ``.grad`` read and op of the pass would
+    otherwise go through its Python handler (several microseconds per tensor); tensor subclasses that work through
+    ``__torch_dispatch__`` (``DTensor``) are unaffected.
     """
+    with torch._C.DisableTorchFunction():
+        return _measure(params, scale)
+
+
+def _measure(params: Sequence[torch.Tensor], scale: float | torch.Tensor) -> GradStats:
     n = len(params)
     grads = list(map(_GRAD, params))
     missing = list(compress(range(n), map(operator.is_, grads, repeat(None))))
@@ -234,30 +363,39 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
     stats = GradStats(list(params), [None] * n, missing, frozen=frozen)
     if len(missing) == n:
         stats._total = 0.0
+        if isinstance(scale, torch.Tensor):  # nothing else to read
+            stats.syncs += 1
+            stats.scale = float(to_host(scale.detach().double().reshape(1))[0])
+        else:
+            stats.scale = float(scale)
         return stats
-    key = (tuple(map(id, params)), tuple(missing))
-    plan = _PLANS.get(key)
+    cache, key, bound = _plan_cache(params, missing)
+    plan = cache.get(key)
     try:
         parts = _run_plan(plan, grads) if plan is not None else None
     except RuntimeError:  # a gradient changed device or layout under the plan
         parts = None
     if parts is None:
-        plan = _make_plan(grads)
-        parts = _run_plan(plan, grads)
-        assert parts is not None
-        if len(_PLANS) >= _MAX_PLANS:
-            del _PLANS[next(iter(_PLANS))]
-        _PLANS[key] = plan
-    values = _fetch(parts, stats)  # the one sync of a clean step (one per device when gradients span several)
+        plan, parts = _new_plan(params, grads, missing)
+        if len(cache) >= bound:
+            del cache[next(iter(cache))]
+        cache[key] = plan
+    if isinstance(scale, torch.Tensor):  # the loss scale comes back with the norms: no transfer of its own
+        parts.append(scale.detach().double().reshape(1))
+        values = _fetch(parts, stats)
+        scale = stats.scale = float(values[-1])
+        values = values[:-1]
+    else:
+        values = _fetch(parts, stats)  # the one sync of a clean step (one per device when gradients span several)
+        stats.scale = float(scale)
     norms = np.full(n, np.nan)
     norms[plan.order] = values
-    bad = plan.order[~np.isfinite(values) | (values == 0.0)]
-    if len(bad):
-        _confirm(stats, grads, sorted(bad.tolist()), norms)
+    finite = np.isfinite(values)
+    if not (finite.all() and values.all()):  # a norm read zero or not finite: look closer
+        _confirm(stats, grads, sorted(plan.order[~finite | (values == 0.0)].tolist()), norms)
     if scale != 1.0:
         norms /= scale
-    present = norms.copy()
-    present[missing] = 0.0
+    present = norms[plan.order]
     stats._total = float(np.sqrt(np.dot(present, present)))
     out = norms.tolist()
     for i in missing:
@@ -267,11 +405,12 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float = 1.0) -> GradSta
 
 
 def _fetch(parts: list[torch.Tensor], stats: GradStats) -> np.ndarray:
-    """``torch.cat(parts)`` on the host: one :func:`to_host` per device."""
+    """``torch.cat(parts)`` on the host, in float64: one :func:`to_host` per device (``torch.cat`` promotes float32
+    parts to float64 when one is, exactly)."""
     device = parts[0].device
     if all(p.device == device for p in parts):
         stats.syncs += 1
-        return to_host(torch.cat(parts) if len(parts) > 1 else parts[0])
+        return to_host(torch.cat(parts) if len(parts) > 1 else parts[0]).astype(np.float64, copy=False)
     stats.syncs += len({p.device for p in parts})
     by_device: dict[torch.device, list[int]] = {}
     for j, p in enumerate(parts):
@@ -281,7 +420,7 @@ def _fetch(parts: list[torch.Tensor], stats: GradStats) -> np.ndarray:
         values = to_host(torch.cat([parts[j] for j in idx]))
         for j, chunk in zip(idx, np.split(values, np.cumsum([len(parts[j]) for j in idx])[:-1]), strict=True):
             host[j] = chunk
-    return np.concatenate(host)  # type: ignore[arg-type]
+    return np.concatenate(host).astype(np.float64, copy=False)  # type: ignore[arg-type]
 
 
 def _confirm(stats: GradStats, grads: Sequence[torch.Tensor | None], candidates: list[int], norms: np.ndarray) -> None:
@@ -517,7 +656,8 @@ def classify(
     received = facts.received
     missing = set(stats.missing)
     zero = set(stats.zero)
-    for i, p in enumerate(params):
+    for i in sorted(missing | zero | set(stats.frozen)):  # the others have a usable gradient: nothing to say
+        p = params[i]
         bit = index.index.get(id(p))
         if bit is None:
             continue  # stale: not a parameter of the model

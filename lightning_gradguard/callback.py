@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from .audit import loss_scale
 from .core import DIAGNOSE, GuardCore
 from .dashboard import Dashboard
 from .distributed import RankSync, rank_zero_warnings
@@ -276,9 +277,9 @@ class GradGuard(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and not scaler.is_enabled():
             scaler = None
-        scale = 1.0
+        scale: float | torch.Tensor = 1.0
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scale = float(scaler.get_scale())  # fused optimizers unscale inside `step()`
+            scale = loss_scale(scaler)  # fused optimizers unscale inside `step()`; read with the norms, no own sync
         params = self._core.params_of(optimizer)
         with rank_zero_warnings(trainer.global_rank):
             stats = self._core.check(
@@ -286,7 +287,10 @@ class GradGuard(Callback):
             )
         if self._core.index is not None:
             idle = (self._core.report.idle_shares() or None) if self._dashboard.should_log(trainer) else None
-            self._dashboard.log_step(trainer, optimizer, stats, self._core.index, self._core.report, scale, idle=idle)
+            with torch._C.DisableTorchFunction():  # a traced step's mode is still pushed: the dashboard is not traced
+                self._dashboard.log_step(
+                    trainer, optimizer, stats, self._core.index, self._core.report, stats.scale, idle=idle
+                )
 
     @override
     def on_train_batch_end(

@@ -34,7 +34,7 @@ from .audit import (
 )
 from .findings import HINTS, Finding, GradGuardError, group_findings
 from .history import MAX_TRACED_STEPS, History
-from .params import ParamIndex, module_of, optimizer_layout, optimizer_params
+from .params import ParamIndex, ParamList, module_of, optimizer_layout, optimizer_params
 from .policy import GradGuardWarning, Policy
 from .report import RunReport
 from .trace import LossFacts, Tracer
@@ -87,6 +87,12 @@ def module_view(index: ParamIndex, findings: Sequence[Finding]) -> list[str]:
     return lines
 
 
+def _current_scale(scaler: Any, stats: GradStats, scale: float | torch.Tensor) -> float:
+    """The scaler's loss scale now: read with the norms when ``scale`` was its tensor, else asked for (a sync, on the
+    rare steps with non-finite gradients only)."""
+    return stats.scale if isinstance(scale, torch.Tensor) else float(scaler.get_scale())
+
+
 @dataclass
 class _Loss:
     grad_fn: Any
@@ -133,7 +139,7 @@ class GuardCore:
         self._consistency_key: tuple[Any, ...] | None = None
         self._stale: list[Finding] = []  # stale tensors of the current optimizer layout
         self._outside: list[int] = []  # bits of the parameters no optimizer of the current layout holds
-        self._params_cache: dict[int, tuple[Any, list[torch.Tensor]]] = {}
+        self._params_cache: dict[int, tuple[Any, ParamList]] = {}
         #: Under distributed training, agrees facts and decisions with the other ranks (see distributed.py);
         #: ``None`` in a single process, which then runs no collective.
         self.dist: RankSync | None = None
@@ -170,12 +176,13 @@ class GuardCore:
         """Restore :meth:`pending_state`; the candidates are matched by name when the model is bound."""
         self._restored_pending = {str(name): (int(first), str(reason)) for name, first, reason in rows}
 
-    def params_of(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-        """``optimizer``'s parameters in order, recomputed only when its param groups change."""
+    def params_of(self, optimizer: torch.optim.Optimizer) -> ParamList:
+        """``optimizer``'s parameters in order, recomputed only when its param groups change (the same immutable
+        :class:`~lightning_gradguard.params.ParamList` until then, which keeps the measurement plans)."""
         layout = optimizer_layout(optimizer)
         hit = self._params_cache.get(id(optimizer))
         if hit is None or hit[0] != layout:
-            hit = (layout, optimizer_params(optimizer))
+            hit = (layout, ParamList(optimizer_params(optimizer)))
             self._params_cache[id(optimizer)] = hit
         return hit[1]
 
@@ -296,7 +303,7 @@ class GuardCore:
         *,
         optimizers: Sequence[torch.optim.Optimizer] = (),
         scaler: Any = None,
-        scale: float = 1.0,
+        scale: float | torch.Tensor = 1.0,
         context: str = "",
     ) -> GradStats:
         """Judge the gradients of ``params`` (the stepping optimizer's) and enforce the policy.
@@ -307,7 +314,8 @@ class GuardCore:
             optimizers: every optimizer of the run, for the stale/orphan consistency check.
             scaler: the AMP grad scaler, if any: non-finite gradients are then an overflow that it skips, unless
                 the scale has fallen to 1 or below.
-            scale: divide gradient norms by this (gradients that are still scaled).
+            scale: divide gradient norms by this (gradients that are still scaled); the scaler's scale tensor
+                (:func:`~lightning_gradguard.audit.loss_scale`) is read in the same transfer as the norms.
             context: first line of the error message.
 
         Raises:
@@ -316,7 +324,11 @@ class GuardCore:
         index = self.index
         assert index is not None, "GuardCore.bind() first"
         self.checks += 1
+        if isinstance(scale, torch.Tensor) and self.dist is not None and self.dist.sharded is not None:
+            scale = float(scale)  # the sharded pass divides by a number (it runs a collective anyway)
         stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
+        if not isinstance(scale, torch.Tensor):
+            stats.scale = float(scale)
         history = self.history
         judged = history.count_check(params, self._names_among)
         findings: list[Finding] = []
@@ -330,7 +342,7 @@ class GuardCore:
             facts = self.step_facts(need_received=bool(stats.zero))
             if self.dist is not None:
                 facts = self.dist.merge_facts(facts)
-            overflow_ok = bool(stats.nonfinite) and scaler is not None and float(scaler.get_scale()) > 1.0
+            overflow_ok = bool(stats.nonfinite) and scaler is not None and _current_scale(scaler, stats, scale) > 1.0
             defer = self.diagnose in ("on_finding", "always") and self.can_trace
             sharded = self.dist is not None and bool(self.dist.sharded)
             found, pending = classify(

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["ParamIndex", "clean_name", "optimizer_layout", "optimizer_params"]
+__all__ = ["ParamIndex", "ParamList", "clean_name", "optimizer_layout", "optimizer_params"]
 
 
 #: Name segments that wrappers insert: ``torch.compile``, FSDP (``FullyShardedDataParallel``), activation checkpointing.
@@ -40,6 +40,33 @@ def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
                 seen.add(id(p))
                 out.append(p)
     return out
+
+
+class ParamList(tuple):  # noqa: SLOT001 - a tuple subclass keeps an instance dict for `plans`
+    """An optimizer's parameters in order, each once: immutable, so that what is computed once about the list stays
+    valid as long as the list does.
+
+    :func:`~lightning_gradguard.audit.measure_grads` keeps its measurement plans in :attr:`plans` (per pattern of
+    missing gradients), so that a clean step looks nothing up per tensor, and in :attr:`layout` what each gradient
+    looked like (so that a new pattern is planned without looking at every tensor again). The guard makes one per
+    optimizer layout (:meth:`~lightning_gradguard.core.GuardCore.params_of`).
+
+    Example::
+
+        >>> import torch
+        >>> params = ParamList(torch.nn.Linear(2, 1).parameters())
+        >>> len(params), params.plans
+        (2, {})
+    """
+
+    plans: dict[object, object]
+    layout: object
+
+    def __new__(cls, params: Iterable[torch.Tensor] = ()) -> ParamList:
+        self = super().__new__(cls, params)
+        self.plans = {}
+        self.layout = None
+        return self
 
 
 def optimizer_layout(optimizer: torch.optim.Optimizer) -> tuple[object, ...]:

@@ -9,13 +9,15 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 from test_kinds import Net
 from torch import nn
 
 import lightning_gradguard.audit as audit
 from conftest import loader, make_trainer
 from lightning_gradguard import GradGuard, GradGuardError, check_step
-from lightning_gradguard.audit import measure_grads
+from lightning_gradguard.audit import GradStats, loss_scale, measure_grads
+from lightning_gradguard.params import ParamList
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -275,9 +277,10 @@ def test_gradguard_raises_on_a_nan_sparse_gradient_in_a_trainer(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- plan cache
-def test_cached_plan_follows_a_gradient_that_goes_missing_changes_layout_or_dtype():
+@pytest.mark.parametrize("container", [list, ParamList])
+def test_cached_plan_follows_a_gradient_that_goes_missing_changes_layout_or_dtype(container):
     torch.manual_seed(3)
-    params = with_grads(*[torch.randn(8, 8) for _ in range(6)], torch.randn(5))
+    params = container(with_grads(*[torch.randn(8, 8) for _ in range(6)], torch.randn(5)))
     first = measure_grads(params)
     assert first.norms == pytest.approx([reference(p.grad) for p in params])
     params[2].grad = None
@@ -296,8 +299,9 @@ def test_cached_plan_follows_a_gradient_that_goes_missing_changes_layout_or_dtyp
     assert fourth.norms == pytest.approx([8.0] * 6 + [math.sqrt(5)])
 
 
-def test_cached_plan_follows_a_gradient_turning_sparse():
-    params = with_grads(*[torch.ones(20, 4) for _ in range(5)])
+@pytest.mark.parametrize("container", [list, ParamList])
+def test_cached_plan_follows_a_gradient_turning_sparse(container):
+    params = container(with_grads(*[torch.ones(20, 4) for _ in range(5)]))
     measure_grads(params)
     params[1].grad = sparse_grad([3.0])
     stats = measure_grads(params)
@@ -311,6 +315,214 @@ def test_plan_cache_is_bounded_and_holds_no_tensor():
     for plan in audit._PLANS.values():
         held = [v for v in vars(plan).values() if isinstance(v, torch.Tensor)]
         assert all(t.dtype == torch.int64 for t in held)  # only the segment lengths, never a parameter or gradient
+
+
+def test_param_list_keeps_its_plan_so_a_clean_step_makes_none(monkeypatch):
+    made = []
+    real = audit._make_plan
+    monkeypatch.setattr(audit, "_make_plan", lambda *args: made.append(1) or real(*args))
+    torch.manual_seed(4)
+    params = ParamList(with_grads(*[torch.randn(8, 8) * (i + 1) for i in range(12)], torch.randn(3)))
+    before = dict(audit._PLANS)
+    for _ in range(4):
+        for p in params:  # a new backward: new gradient tensors, same layout
+            p.grad = torch.randn_like(p) * p.grad.abs().max()
+        stats = measure_grads(params)
+        assert stats.norms == pytest.approx([reference(p.grad) for p in params], rel=1e-6)
+    assert len(made) == 1
+    assert list(params.plans) == [()]  # keyed by the missing pattern alone
+    assert before == audit._PLANS  # the module-level cache (keyed by every tensor's id) is not used
+    params[3].grad = None
+    assert measure_grads(params).missing == [3]
+    assert len(made) == 2
+    assert list(params.plans) == [(), (3,)]
+
+
+def test_new_missing_patterns_are_planned_from_the_remembered_layout(monkeypatch):
+    """LayerDrop / MoE routing: a new set of missing gradients on most steps. The plan for each comes from what the
+    list remembers of every gradient's group: only gradients never seen before are looked at."""
+    learned = []
+    real = audit._Layout.learn
+    monkeypatch.setattr(audit._Layout, "learn", lambda self, i, g: learned.append(i) or real(self, i, g))
+    torch.manual_seed(6)
+    shapes = [(8, 8), (8,)] * 30 + [(3, 5), (), (40000,)]
+    params = ParamList(nn.Parameter(torch.zeros(s)) for s in shapes)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(12):
+        drop = set(torch.randperm(len(params), generator=gen)[: 1 + step % 5].tolist())
+        if step == 0:
+            drop = {0, 5}  # these two are seen later
+        for i, p in enumerate(params):
+            p.grad = None if i in drop else torch.randn_like(p) * (i + 1)
+        stats = measure_grads(params)
+        assert stats.missing == sorted(drop)
+        assert [i for i, v in enumerate(stats.norms) if v is None] == sorted(drop)
+        got = [v for v in stats.norms if v is not None]
+        assert got == pytest.approx([reference(p.grad) for p in params if p.grad is not None], rel=1e-6)
+    assert sorted(learned) == list(range(len(params)))  # each gradient's group was looked up once
+
+
+def test_the_pass_does_not_go_through_a_pushed_torch_function_mode():
+    """On a traced step the tracer's mode stays pushed while the optimizer steps: the guard's own reads and ops must
+    not go through its Python handler (several microseconds per tensor), nor be recorded by it."""
+    from torch.overrides import TorchFunctionMode
+
+    class Counting(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Counting.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    grads = [torch.randn(8, 8) for _ in range(6)] + [torch.zeros(3), torch.tensor([math.nan]), torch.randn(40000)]
+    params = ParamList(with_grads(*grads))
+    scale = torch.tensor(2.0)
+    with Counting():
+        params[0].requires_grad  # noqa: B018 - the mode does see an attribute read outside the pass
+        assert Counting.calls == 1
+        stats = measure_grads(params, scale)
+    assert Counting.calls == 1
+    assert (stats.zero, stats.nonfinite, stats.scale) == ([6], [7], 2.0)
+
+
+def test_param_list_plans_are_bounded_and_hold_no_tensor():
+    params = ParamList(with_grads(*[torch.ones(3) for _ in range(audit._MAX_LIST_PLANS + 4)]))
+    grads = [p.grad for p in params]
+    for i in range(len(params)):  # a new pattern of missing gradients each time
+        for j, p in enumerate(params):
+            p.grad = None if j == i else grads[j]
+        measure_grads(params)
+    assert len(params.plans) == audit._MAX_LIST_PLANS
+    for plan in params.plans.values():
+        held = [v for v in vars(plan).values() if isinstance(v, torch.Tensor)]
+        assert all(t.dtype == torch.int64 for t in held)
+
+
+def test_blocks_stay_under_the_grain_size_and_keep_the_parameter_order():
+    # 700 same-shape gradients (a block of all of them would be 44800 elements) and eight 0-dim ones, interleaved.
+    torch.manual_seed(5)
+    grads = []
+    for i in range(700):
+        grads.append(torch.randn(8, 8) * (1 + i % 97))
+        if i % 90 == 0:
+            grads.append(torch.randn(()) * (i + 1))
+    plan = audit._make_plan(grads)
+    assert len(plan.blocks) >= 3
+    for _, rows, numel, _ in plan.blocks:
+        assert rows * numel < audit._GRAIN or rows == audit._STACK_MIN
+    assert sum(rows for _, rows, _, _ in plan.blocks) == len(grads)
+    stats = measure_grads(with_grads(*grads))
+    assert stats.norms == pytest.approx([reference(g) for g in grads], rel=1e-6)
+
+
+def test_scale_tensor_is_read_in_the_same_transfer(transfers):
+    grads = [torch.randn(8, 8) for _ in range(6)] + [torch.randn(40000)]
+    params = with_grads(*grads)
+    stats = measure_grads(params, torch.tensor(1024.0))
+    assert len(transfers) == 1
+    assert stats.syncs == 1
+    assert stats.scale == 1024.0
+    assert stats.norms == pytest.approx([reference(g) / 1024.0 for g in grads], rel=1e-6)
+    assert stats.total_norm == pytest.approx(math.sqrt(sum(reference(g) ** 2 for g in grads)) / 1024.0, rel=1e-6)
+    transfers.clear()
+    none = measure_grads(with_grads(None, None), torch.tensor(8.0))  # nothing to measure: the scale alone
+    assert (len(transfers), none.scale, none.total_norm) == (1, 8.0, 0.0)
+
+
+def test_loss_scale_is_the_scalers_tensor_without_a_read():
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    assert loss_scale(scaler) == 2.0**10  # no tensor before the first `scale()`: the initial value, no read
+    scaler.scale(torch.ones(()))
+    scale = loss_scale(scaler)
+    assert isinstance(scale, torch.Tensor)
+    assert scale is scaler._get_scale_async()
+    assert float(scale) == 2.0**10
+
+
+class _ScaleReads:
+    """Counts ``scaler.get_scale()`` calls (each one a device sync on CUDA) on a real scaler."""
+
+    def __init__(self, scaler: torch.amp.GradScaler) -> None:
+        self.calls = 0
+        real = scaler.get_scale
+
+        def counting() -> float:
+            self.calls += 1
+            return real()
+
+        scaler.get_scale = counting  # type: ignore[method-assign]
+
+
+class _FusedAdam(Net):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+
+class _BigLoss(Net):
+    """fp16 gradients overflow at the scaler's initial scale of 65536: the scaler skips steps."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * 1000.0
+
+
+class _BigLossFused(_BigLoss, _FusedAdam):
+    pass
+
+
+def _record_measures(monkeypatch) -> list[tuple[object, float, GradStats]]:
+    """``(scale argument, its value then, stats)`` of every ``measure_grads`` call the guard makes."""
+    import lightning_gradguard.core as core
+
+    seen = []
+    real = core.measure_grads
+
+    def recording(params, scale=1.0):
+        stats = real(params, scale)
+        seen.append((scale, float(scale), stats))  # the scaler updates its tensor in place after the step
+        return stats
+
+    monkeypatch.setattr(core, "measure_grads", recording)
+    return seen
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_fused_optimizer_under_amp_reads_the_scale_with_the_norms(tmp_path, monkeypatch, overflow):
+    """``Adam(fused=True)`` under a real fp16 scaler: gradients are still scaled at the hook, and the scale comes back
+    in the norms' transfer. The guard never calls ``get_scale()`` (a sync of its own on CUDA), also not on the
+    overflow steps the scaler skips, which stay silent."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16 if overflow else 2.0**10)
+    reads = _ScaleReads(scaler)
+    seen = _record_measures(monkeypatch)
+    guard = GradGuard(log_every_n_steps=0, diagnose="never")
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    make_trainer(tmp_path, [guard], max_steps=6, plugins=[plugin]).fit((_BigLossFused if overflow else _FusedAdam)(),
+                                                                       loader())  # fmt: skip
+    assert reads.calls == 0
+    assert guard.findings == []
+    assert len(seen) == 6
+    for scale, value, stats in seen:
+        assert isinstance(scale, torch.Tensor)
+        assert stats.scale == value
+        assert stats.syncs == (2 if stats.nonfinite else 1)  # a confirmation only on overflow steps
+    skipped = sum(1 for _, _, stats in seen if stats.nonfinite)
+    assert (skipped > 0) == overflow
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_unfused_optimizer_under_amp_reads_the_scale_only_on_overflow_steps(tmp_path, monkeypatch, overflow):
+    """A plain optimizer's gradients are unscaled before the hook: the scale matters only to tell an overflow the
+    scaler skips from a NaN, so it is read on the steps with non-finite gradients alone."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16 if overflow else 2.0**10)
+    reads = _ScaleReads(scaler)
+    seen = _record_measures(monkeypatch)
+    guard = GradGuard(log_every_n_steps=0, diagnose="never")
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    make_trainer(tmp_path, [guard], max_steps=6, plugins=[plugin]).fit(_BigLoss() if overflow else Net(), loader())
+    assert guard.findings == []
+    assert all(scale == 1.0 for scale, _, _ in seen)
+    skipped = sum(1 for _, _, stats in seen if stats.nonfinite)
+    assert (skipped > 0) == overflow
+    assert reads.calls == skipped
 
 
 # ---------------------------------------------------------------------------------------------- host transfers
