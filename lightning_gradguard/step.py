@@ -13,6 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.overrides import TorchFunctionMode
 
 from ._frames import user_stacklevel
+from .audit import loss_scale
 from .core import GuardCore
 from .findings import Finding
 from .policy import DEFAULT_ACTIONS, GradGuardWarning, Policy
@@ -224,9 +225,9 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
             return
         self._judged.add(id(target))
         scaler = self._enabled_scaler()
-        scale = 1.0
+        scale: float | torch.Tensor = 1.0
         if scaler is not None and not skipped and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scale = float(scaler.get_scale())  # fused optimizers unscale inside `step()`
+            scale = loss_scale(scaler)  # fused optimizers unscale inside `step()`; read with the norms, no own sync
         core = self._core
         core.pause()
         try:
@@ -238,22 +239,23 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
     def _judge_unstepped(self) -> None:
         """At the block's end, after a backward: judge the given optimizers that did not step."""
         core = self._core
+        if self.optimizers:
+            todo = [opt for opt in self.optimizers if id(opt) not in self._judged]
+        else:
+            todo = [] if self._seen else [None]  # None: the model's trainable parameters
+        if not todo:
+            return
         scaler = self._enabled_scaler()
-        scale = float(scaler.get_scale()) if scaler is not None else 1.0  # `scaler.step` has not unscaled them
+        scale = loss_scale(scaler) if scaler is not None else 1.0  # `scaler.step` has not unscaled them
         context = (
             f"Parameters got no usable gradient at step {self.step}, judged when the `check_step` block ended "
             "because no optimizer.step() ran inside it"
         )
         if scaler is None:
             context += " (if a GradScaler skipped that step, pass `check_step(..., scaler=scaler)`)"
-        if not self.optimizers:
-            if not self._seen:
-                params = [p for p in self.model.parameters() if p.requires_grad]
-                core.check(params, self.step, scaler=scaler, scale=scale, context=context)
-            return
-        for opt in self.optimizers:
-            if id(opt) not in self._judged:
-                core.check(core.params_of(opt), self.step, scaler=scaler, scale=scale, context=context)
+        for opt in todo:
+            params = [p for p in self.model.parameters() if p.requires_grad] if opt is None else core.params_of(opt)
+            core.check(params, self.step, scaler=scaler, scale=scale, context=context)
 
     def _target(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer | None:
         if not self.optimizers:

@@ -600,3 +600,22 @@ def test_trainer_half_precision_norms_match_a_float64_reference(tmp_path, monkey
         assert dtypes == {want}
         assert stats.clean
         assert stats.norms == pytest.approx(ref, rel=1e-3)
+
+
+def test_check_step_with_a_fused_optimizer_under_a_scaler_reads_the_scale_with_the_norms():
+    """`check_step(..., scaler=)` with `Adam(fused=True)`: as in the callback, no `get_scale()` of its own."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    reads = _ScaleReads(scaler)
+    for step in range(3):
+        with check_step(model, opt, scaler=scaler, strict=True, step=step) as chk:
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = model(torch.randn(4, 8)).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        assert chk.findings == []
+    assert reads.calls == 0
