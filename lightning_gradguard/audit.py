@@ -346,10 +346,10 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 
             scaler's scale, on its device) is read in the same transfer as the norms, not by a sync of its own; the
             value read is :attr:`GradStats.scale`.
 
-    The pass runs with ``__torch_function__`` handling off (``torch._C.DisableTorchFunction``): on a traced step
-    the tracer's mode is still pushed while the optimizer steps, and every ``.grad`` read and op of the pass would
-    otherwise go through its Python handler (several microseconds per tensor); tensor subclasses that work through
-    ``__torch_dispatch__`` (``DTensor``) are unaffected.
+    The pass runs with ``__torch_function__`` handling off (``torch._C.DisableTorchFunction``): a function mode
+    still on the stack (the tracer, when a mode pushed after it kept it from leaving; a mode of the user's, such as
+    a FLOP counter) neither sees nor pays for the guard's own ops (several microseconds per tensor otherwise);
+    tensor subclasses that work through ``__torch_dispatch__`` (``DTensor``) are unaffected.
     """
     with torch._C.DisableTorchFunction():
         return _measure(params, scale)

@@ -287,7 +287,7 @@ class GradGuard(Callback):
             )
         if self._core.index is not None:
             idle = (self._core.report.idle_shares() or None) if self._dashboard.should_log(trainer) else None
-            with torch._C.DisableTorchFunction():  # a traced step's mode is still pushed: the dashboard is not traced
+            with torch._C.DisableTorchFunction():  # no function mode still on the stack sees the dashboard's ops
                 self._dashboard.log_step(
                     trainer, optimizer, stats, self._core.index, self._core.report, stats.scale, idle=idle
                 )
