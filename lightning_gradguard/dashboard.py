@@ -29,7 +29,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +51,7 @@ __all__ = [
     "TAG",
     "TEXT_TAG",
     "Dashboard",
+    "HistogramBuffers",
     "custom_scalars_layout",
     "group_keys",
     "own_keys",
@@ -99,7 +102,6 @@ def _bucket_edges() -> tuple[list[float], list[float], list[int]]:
 
 
 _LEFT, _RIGHT, _ORDER = _bucket_edges()
-_RANK = {j: r for r, j in enumerate(_ORDER)}  # non-finite bins have no rank: dropped
 
 
 def histogram_counts(
@@ -138,68 +140,213 @@ def _values(t: torch.Tensor, scale: float, finite: bool) -> torch.Tensor:
     return v
 
 
+#: Values bucketed per ``bincount``: their int32 keys (4 MiB) are written, tagged and counted while in the cache.
+_CHUNK = 1 << 20
+#: Tensors up to this many values are bucketed together with the others of their size (one 2-D pass, not one
+#: Python round per tensor: most tensors of a model are small biases and norms).
+_SMALL = 1 << 15
+#: Below this many keys, a chunk is counted in one ``bincount`` (splitting it across threads costs more).
+_SPLIT = 1 << 16
+
+
+class HistogramBuffers:
+    """What :func:`histograms_counts` keeps between calls: one bounded int32 key buffer per device (``_CHUNK``
+    values, 4 MiB), so that a logged step reuses the last one's memory instead of faulting in fresh pages.
+    ``clear()`` drops them. Holds no values of the tensors counted (only their bucket keys, overwritten each call).
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[torch.device, torch.Tensor] = {}
+
+    def keys(self, device: torch.device, n: int) -> torch.Tensor:
+        """An int32 buffer of at least ``n`` values on ``device``."""
+        buf = self._keys.get(device)
+        if buf is None or buf.numel() < n:
+            buf = self._keys[device] = torch.empty(n, dtype=torch.int32, device=device)
+        return buf
+
+    def clear(self) -> None:
+        """Release the buffers."""
+        self._keys.clear()
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _drop_pool() -> None:  # a forked child has none of its parent's threads
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_pool)
+
+
+def _counting_pool() -> ThreadPoolExecutor | None:
+    """Threads that ``bincount`` parts of a chunk beside the calling thread (``torch.get_num_threads() - 1`` of
+    them; ``None`` with one torch thread). ``bincount`` is a serial loop on the CPU and releases the GIL."""
+    global _pool
+    workers = torch.get_num_threads() - 1
+    if workers < 1:
+        return None
+    with _pool_lock:
+        if _pool is None or _pool._max_workers != workers:  # noqa: SLF001 - the executor's own size
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(workers, thread_name_prefix="gradguard-bincount")
+        return _pool
+
+
+def _bincount(keys: torch.Tensor, minlength: int) -> torch.Tensor:
+    """``torch.bincount(keys, minlength=minlength)``, split across the CPU threads torch may use."""
+    pool = _counting_pool() if keys.device.type == "cpu" and len(keys) >= _SPLIT else None
+    if pool is None:
+        return torch.bincount(keys, minlength=minlength)
+    parts = keys.tensor_split(pool._max_workers + 1)  # noqa: SLF001
+    futures = [pool.submit(torch.bincount, part, minlength=minlength) for part in parts[1:]]
+    found = torch.bincount(parts[0], minlength=minlength)
+    for f in futures:
+        found += f.result()
+    return found
+
+
+class _Keys:
+    """Writes the bucket keys of histogram ``k``'s values into a bounded buffer, each offset by
+    ``(k - first) * 4096`` (``first``: the lowest histogram in the buffer), and counts them into ``counts``: one
+    ``bincount`` per full buffer, over the histograms ``first..last`` it holds."""
+
+    def __init__(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
+        self.keys = keys
+        self.counts = counts
+        self.cap = keys.numel()
+        self.fill = 0
+        self.first = -1
+        self.last = -1
+        self.pinned = False  # `first` stays across flushes (histograms then come in any order above it)
+
+    def room(self) -> int:
+        return self.cap - self.fill
+
+    def pin(self, first: int) -> None:
+        """From now on, keys are offset from histogram ``first`` (all later ``k >= first``)."""
+        self.flush()
+        self.first, self.pinned = first, True
+
+    def add(self, bits: torch.Tensor, k: int) -> None:
+        """The keys of 1-D float32 values viewed as int32 ``bits``, all of histogram ``k``."""
+        done, n = 0, len(bits)
+        while done < n:
+            if not self.room():
+                self.flush()
+            take = min(n - done, self.room())
+            out = self._take(take, k, k)
+            torch.bitwise_right_shift(bits[done : done + take], _SHIFT, out=out)
+            out.add_((k - self.first) * _NBINS + _HALF)
+            done += take
+
+    def add_rows(self, bits: torch.Tensor, ks: Sequence[int]) -> None:
+        """The keys of a 2-D ``bits`` whose row ``i`` belongs to histogram ``ks[i]`` (ascending)."""
+        rows, n = bits.shape
+        if self.room() < rows * n:
+            self.flush()
+        out = self._take(rows * n, ks[0], ks[-1]).view(rows, n)
+        torch.bitwise_right_shift(bits, _SHIFT, out=out)
+        offsets = torch.tensor([(k - self.first) * _NBINS + _HALF for k in ks], dtype=torch.int32, device=out.device)
+        out.add_(offsets[:, None])
+
+    def _take(self, n: int, lo: int, hi: int) -> torch.Tensor:
+        if self.first < 0:
+            self.first = lo
+        self.last = max(self.last, hi)
+        out = self.keys[self.fill : self.fill + n]
+        self.fill += n
+        return out
+
+    def flush(self) -> None:
+        if self.fill:
+            first, last = self.first, self.last
+            found = _bincount(self.keys[: self.fill], (last - first + 1) * _NBINS)
+            self.counts[first * _NBINS : (last + 1) * _NBINS] += found
+        self.fill, self.last = 0, -1
+        if not self.pinned:
+            self.first = -1
+
+
 def histograms_counts(
     groups: Sequence[Sequence[torch.Tensor]],
     scale: float = 1.0,
     finite: Sequence[bool] | None = None,
     squares: Sequence[float] | None = None,
+    buffers: HistogramBuffers | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`histogram_counts` of several groups of tensors (one histogram per group, the tensors of a device), in
     one pass over the values and without a sync.
 
-    Each value's bucket comes from one integer shift of its float32 bits, written into one int32 buffer for all
-    groups; one ``bincount`` per group counts them. Minimum, maximum and sum are reduced per tensor.
+    Each value's bucket is one integer shift of its float32 bits (8 log-linear buckets per power of two), written
+    into a bounded int32 buffer of keys and offset by ``4096 *`` its histogram's number, so that one ``bincount``
+    per ``_CHUNK`` values counts every histogram in it (the keys are still in the cache when they are counted; on
+    the CPU the count is split across torch's threads). Small tensors of the same size go through as one 2-D
+    tensor. Minimum, maximum and sum are reduced per tensor (per row for the small ones).
 
     Args:
         groups: per histogram, its tensors.
         scale: divide the values by this.
         finite: per group, whether every value is known to be finite (default: all are).
         squares: per group, the sum of squares if the caller knows it (e.g. from gradient norms); else computed.
+        buffers: the key buffers to reuse (:class:`HistogramBuffers`); ``None``: new ones for this call.
 
     Returns:
         ``(stats, counts)`` with one row per group: ``stats[k] = [min, max, num, sum, sum_squares]`` (float64) and
         ``counts[k]``, int64 counts per bucket. A group without values has ``min = max = nan`` and ``num = 0``.
     """
     device = next((t.device for g in groups for t in g), torch.device("cpu"))
+    n_groups = len(groups)
     values = [[_values(t, scale, True if finite is None else finite[k]) for t in g] for k, g in enumerate(groups)]
-    sizes = [[v.numel() for v in vs] for vs in values]
-    total = sum(sum(n) for n in sizes)
-    bits = torch.empty(total, dtype=torch.int32, device=device)
-    counts = []
-    lo, hi, sums, sq, rows = [], [], [], [], []
-    start = 0
-    for k, vs in enumerate(values):
-        begin = start
-        for v, n in zip(vs, sizes[k], strict=True):
-            if n == 0:
-                continue
-            torch.bitwise_right_shift(v.view(torch.int32), _SHIFT, out=bits[start : start + n])
-            start += n
-            mn, mx = torch.aminmax(v)
-            lo.append(mn)
-            hi.append(mx)
-            sums.append(v.sum())
-            if squares is None:
-                sq.append(torch.dot(v, v))
-            rows.append(k)
-        chunk = bits[begin:start]
-        counts.append(torch.bincount(chunk.add_(_HALF), minlength=_NBINS) if start > begin else None)
-    zeros = torch.zeros(_NBINS, dtype=torch.int64, device=device)
-    counts_t = torch.stack([c if c is not None else zeros for c in counts]) if counts else zeros[None, :0]
-    nan = torch.full((len(groups),), math.nan, dtype=torch.float64, device=device)
-    mins, maxs, sum_t, sq_t = nan.clone(), nan.clone(), torch.zeros_like(nan), torch.zeros_like(nan)
-    if rows:
-        idx = torch.tensor(rows, device=device)
-        f64 = torch.float64
-        mins = mins.scatter_reduce_(0, idx, torch.stack(lo).to(f64), "amin", include_self=False)
-        maxs = maxs.scatter_reduce_(0, idx, torch.stack(hi).to(f64), "amax", include_self=False)
-        sum_t = sum_t.index_add_(0, idx, torch.stack(sums).to(f64))
+    total = sum(v.numel() for vs in values for v in vs)
+    nums = [float(sum(v.numel() for v in vs)) for vs in values]
+    counts = torch.zeros(n_groups * _NBINS, dtype=torch.int64, device=device)
+    f64 = torch.float64
+    mins = torch.full((n_groups,), math.nan, dtype=f64, device=device)
+    maxs, sums, sq = mins.clone(), torch.zeros_like(mins), torch.zeros_like(mins)
+    if total:
+        keys = (buffers or HistogramBuffers()).keys(device, min(total, _CHUNK))
+        writer = _Keys(keys, counts)
+        small: dict[int, list[tuple[int, torch.Tensor]]] = {}  # size -> (group, values), in group order
+        parts: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        for k, vs in enumerate(values):  # large tensors first, in group order
+            for v in vs:
+                n = v.numel()
+                if 0 < n <= _SMALL:
+                    small.setdefault(n, []).append((k, v))
+                elif n:
+                    mn, mx = torch.aminmax(v)
+                    parts.append(([k], mn[None], mx[None], v.sum()[None], torch.dot(v, v)[None] if squares is None
+                                  else None))  # fmt: skip
+                    writer.add(v.view(torch.int32), k)
+        if small:  # then the small ones, a 2-D block per size, keys offset from the lowest histogram among them
+            writer.pin(min(items[0][0] for items in small.values()))
+        for n, items in small.items():
+            per = max(1, keys.numel() // n)  # rows that fit the buffer
+            for at in range(0, len(items), per):
+                batch = items[at : at + per]
+                ks = [k for k, _ in batch]
+                block = torch.stack([v for _, v in batch])
+                mn, mx = torch.aminmax(block, dim=1)
+                parts.append((ks, mn, mx, block.sum(dim=1),
+                              torch.linalg.vecdot(block, block) if squares is None else None))  # fmt: skip
+                writer.add_rows(block.view(torch.int32), ks)
+        writer.flush()
+        idx = torch.tensor([k for p in parts for k in p[0]], device=device)
+        mins.scatter_reduce_(0, idx, torch.cat([p[1] for p in parts]).to(f64), "amin", include_self=False)
+        maxs.scatter_reduce_(0, idx, torch.cat([p[2] for p in parts]).to(f64), "amax", include_self=False)
+        sums.index_add_(0, idx, torch.cat([p[3] for p in parts]).to(f64))
         if squares is None:
-            sq_t = sq_t.index_add_(0, idx, torch.stack(sq).to(f64))
+            sq.index_add_(0, idx, torch.cat([p[4] for p in parts]).to(f64))  # type: ignore[misc]
     if squares is not None:
-        sq_t = torch.tensor(list(squares), dtype=torch.float64, device=device)
-    num = torch.tensor([float(sum(n)) for n in sizes], dtype=torch.float64, device=device)
-    return torch.stack([mins, maxs, num, sum_t, sq_t], dim=1), counts_t
+        sq = torch.tensor(list(squares), dtype=f64, device=device)
+    num = torch.tensor(nums, dtype=f64, device=device)
+    return torch.stack([mins, maxs, num, sums, sq], dim=1), counts.view(n_groups, _NBINS)
 
 
 def histogram_proto_args(
@@ -212,44 +359,72 @@ def histogram_proto_args(
     are merged so that there are at most ``max_buckets`` (TensorBoard draws about 30). ``None`` if there are no
     values.
     """
-    row = np.zeros(_NBINS, dtype=np.float64)
-    row[np.asarray(bins, dtype=np.int64)] = counts
-    return _proto(stats, row, max_buckets)
+    bins_np = np.asarray(bins, dtype=np.int64)
+    return _protos(np.asarray(stats, dtype=np.float64)[None], np.zeros_like(bins_np), bins_np,
+                   np.asarray(counts, dtype=np.int64), max_buckets)[0]  # fmt: skip
 
 
 _ORDER_NP = np.asarray(_ORDER, dtype=np.int64)
 _RIGHT_ORDERED = np.asarray(_RIGHT)[_ORDER_NP]
-_LEFT_NP = np.asarray(_LEFT)
-_NEG_ZERO = _ORDER.index(0)  # the bin of -0.0, whose right edge is -0.0: TensorBoard would count +0.0 in it too
-_POS_ZERO = _ORDER.index(_HALF)  # the bin of +0.0
+_LEFT_ORDERED = np.asarray(_LEFT)[_ORDER_NP]
+_NFINITE = len(_ORDER)
+_RANK_NP = np.full(_NBINS, -1, dtype=np.int64)  # bin -> its place in value order; -1: a non-finite bin, dropped
+_RANK_NP[_ORDER_NP] = np.arange(_NFINITE)
+# -0.0 (and negative subnormals above -2**-126/8) counted with +0.0: the bin of -0.0 has the right edge -0.0, in
+# which TensorBoard would count +0.0 too
+_RANK_NP[0] = _RANK_NP[_HALF]
 
 
-def _proto(stats: Sequence[float], row: np.ndarray, max_buckets: int = 64) -> dict[str, Any] | None:
-    """:func:`histogram_proto_args` from one row of counts per bin (``_NBINS`` of them), vectorised."""
-    mn, mx, num, total, squares = (float(x) for x in stats)
-    ordered = row[_ORDER_NP]  # finite bins in value order (the non-finite ones drop out)
-    ordered[_POS_ZERO] += ordered[_NEG_ZERO]  # -0.0 (and negative subnormals above -2**-126/8) with +0.0
-    ordered[_NEG_ZERO] = 0.0
-    nz = np.flatnonzero(ordered)
-    if not num or not len(nz):
-        return None
-    limits = _RIGHT_ORDERED[nz]
-    heights = ordered[nz]
-    if len(nz) > max_buckets:
-        k = -(-len(nz) // max_buckets)
-        starts = np.arange(0, len(nz), k)
+def _protos(
+    stats: np.ndarray, rows: np.ndarray, bins: np.ndarray, heights: np.ndarray, max_buckets: int = 64
+) -> list[dict[str, Any] | None]:
+    """:func:`histogram_proto_args` of every histogram at once from its non-empty bins (``rows``: the histogram of
+    each, ``bins``: which, ``heights``: the counts), vectorised over all histograms: the only Python per
+    histogram is putting its lists into a dict."""
+    rank = _RANK_NP[bins]
+    keep = rank >= 0
+    key = rows[keep] * _NFINITE + rank[keep]  # value order within each histogram
+    order = np.argsort(key, kind="stable")
+    key, start = np.unique(key[order], return_index=True)  # -0.0's bin and +0.0's: one bucket
+    heights = np.add.reduceat(heights[keep][order], start) if len(key) else heights[:0]
+    rows, cols = key // _NFINITE, key % _NFINITE
+    n_rows = len(stats)
+    per_row = np.bincount(rows, minlength=n_rows)
+    first = np.concatenate(([0], np.cumsum(per_row)[:-1]))  # each row's first bucket in rows/cols
+    lefts = _LEFT_ORDERED[cols[first[per_row > 0]]].tolist()
+    if len(rows) and per_row.max() > max_buckets:  # merge runs of k neighbouring buckets, k per row
+        k = np.maximum(-(-per_row // max_buckets), 1)
+        bucket = (np.arange(len(rows)) - first[rows]) // k[rows]
+        starts = np.flatnonzero(np.diff(rows * (max_buckets + 1) + bucket, prepend=-1))
+        ends = np.append(starts[1:], len(rows)) - 1
         heights = np.add.reduceat(heights, starts)
-        limits = limits[np.minimum(starts + k - 1, len(nz) - 1)]
-    first = _ORDER_NP[nz[0]]
-    return {
-        "min": mn,
-        "max": mx,
-        "num": num,
-        "sum": total,
-        "sum_squares": squares,
-        "bucket_limit": [min(float(_LEFT_NP[first]), mn), *limits.tolist()],
-        "bucket": [0.0, *heights.tolist()],
-    }
+        cols, rows = cols[ends], rows[starts]
+        per_row = np.bincount(rows, minlength=n_rows)
+        first = np.concatenate(([0], np.cumsum(per_row)[:-1]))
+    limits = _RIGHT_ORDERED[cols].tolist()
+    heights_l = heights.astype(np.float64).tolist()
+    out: list[dict[str, Any] | None] = []
+    j = 0  # the next non-empty row's left edge
+    for (mn, mx, num, total, squares), start, n in zip(stats.tolist(), first.tolist(), per_row.tolist(), strict=True):
+        if not n:
+            out.append(None)
+            continue
+        left = lefts[j]
+        j += 1
+        if not num:
+            out.append(None)
+            continue
+        end = start + n
+        out.append({
+            "min": mn,
+            "max": mx,
+            "num": num,
+            "sum": total,
+            "sum_squares": squares,
+            "bucket_limit": [min(left, mn), *limits[start:end]],
+            "bucket": [0.0, *heights_l[start:end]],
+        })  # fmt: skip
+    return out
 
 
 def _fetch_histograms(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any] | None]:
@@ -270,17 +445,32 @@ def _fetch_histograms(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[di
     by_device: dict[torch.device, list[int]] = {}
     for j, (stats, _) in enumerate(rows):
         by_device.setdefault(stats.device, []).append(j)
-    for idx in by_device.values():
-        stats = torch.cat([rows[j][0] for j in idx])
-        counts = torch.cat([rows[j][1] for j in idx]).to(torch.float64)  # exact below 2**53
-        host = torch.cat([stats.flatten(), counts.flatten()]).cpu().numpy()  # the one sync
+    for device, idx in by_device.items():
+        stats = torch.cat([rows[j][0] for j in idx]).to(torch.float64)
         n = len(stats)
-        stats_rows = host[: n * 5].reshape(n, 5)
-        counts_rows = host[n * 5 :].reshape(n, _NBINS)
+        if device.type == "cpu":  # already on the host: read the non-empty bins where they are
+            found, counted, at = [], [], 0
+            for j in idx:
+                flat = rows[j][1].reshape(-1)
+                nz = flat.nonzero().squeeze(1)
+                counted.append(flat[nz])
+                found.append(nz + at)
+                at += flat.numel()
+            bins, heights = torch.cat(found), torch.cat(counted).to(torch.int64).numpy()
+            stats_np = stats.numpy()
+        else:  # the one sync: the float64 statistics travel bit for bit as int64, beside the counts
+            counts = torch.cat([rows[j][1] for j in idx]).to(torch.int64)
+            host = torch.cat([stats.view(torch.int64).flatten(), counts.flatten()]).cpu()
+            flat_host = host[n * 5 :]
+            bins = flat_host.nonzero().squeeze(1)
+            heights = flat_host[bins].numpy()
+            stats_np = host[: n * 5].numpy().view(np.float64).reshape(n, 5)
+        bins_np = bins.numpy()
+        protos = _protos(stats_np, bins_np // _NBINS, bins_np % _NBINS, heights)
         r = 0
         for j in idx:
             for i in range(offsets[j], offsets[j + 1]):
-                out[i] = _proto(stats_rows[r], counts_rows[r])
+                out[i] = protos[r]
                 r += 1
     return out
 
@@ -493,6 +683,7 @@ class Dashboard:
         self._layout_written = False
         self._reported = -1  # number of report entries last written as text
         self._snapshots: list[_Snapshot] = []
+        self._buffers = HistogramBuffers()  # histograms_counts' key buffers, reused on logged steps
         self._epoch: dict[int, list[float]] = {}  # optimizer index -> [max, sum, count, last step]
         self._metrics: dict[int, tuple[Any, Any]] = {}
         self._finished = False
@@ -668,7 +859,7 @@ class Dashboard:
             squares.append(math.fsum(n * n for n in present))
         out = []
         for tags, groups, finite, squares in by_device.values():
-            s, c = histograms_counts(groups, scale, finite, squares if all(finite) else None)
+            s, c = histograms_counts(groups, scale, finite, squares if all(finite) else None, buffers=self._buffers)
             out.append((tags, s, c))
         return out
 
@@ -844,8 +1035,9 @@ class Dashboard:
         return report.write_json(path)
 
     def release(self) -> None:
-        """Drop parameter copies still held (after an exception, or at teardown)."""
+        """Drop parameter copies still held (after an exception, or at teardown), and the histograms' key buffer."""
         self._snapshots.clear()
+        self._buffers.clear()
 
     # ------------------------------------------------------------------ writing
     def _say(self, text: str) -> None:
