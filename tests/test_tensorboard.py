@@ -14,6 +14,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule
@@ -344,6 +345,99 @@ def test_single_histogram_counts_agrees_with_the_fused_one():
     s2, c2 = histograms_counts([tensors, [torch.ones(2)]])
     assert torch.equal(c1, c2[0])
     assert torch.allclose(s1, s2[0])
+
+
+def reference_bin_counts(values: torch.Tensor) -> list[int]:
+    """Straightforward bucketing of the finite ``values``: numpy's ``searchsorted`` of each value (float64) in the
+    sorted right edges of all 8-per-octave buckets, so that bucket ``i`` holds the values in ``(edge[i-1], edge[i]]``
+    (TensorBoard's reading); one count per bucket, in value order. The bucket whose right edge is -0.0 is counted
+    with the next one (TensorBoard would count +0.0 in it too)."""
+    from lightning_gradguard.dashboard import _RIGHT_ORDERED
+
+    v = values.detach().double().flatten().numpy()
+    v = v[np.isfinite(v)]
+    counts = np.bincount(np.searchsorted(_RIGHT_ORDERED, v, side="left"), minlength=len(_RIGHT_ORDERED))
+    (minus_zero,) = np.flatnonzero(_RIGHT_ORDERED == 0.0)[:1]
+    counts[minus_zero + 1] += counts[minus_zero]
+    counts[minus_zero] = 0
+    return counts.tolist()
+
+
+def fast_bin_counts(counts: torch.Tensor) -> list[int]:
+    """The counts of :func:`histograms_counts` (one per key) in the reference's value order, -0.0 with +0.0."""
+    from lightning_gradguard.dashboard import _HALF, _ORDER_NP
+
+    row = counts.numpy().copy()
+    row[_HALF] += row[0]
+    row[0] = 0
+    return row[_ORDER_NP].tolist()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatch, threads):
+    """Every bucket of every histogram equals a plain ``searchsorted`` of the values, through every path of the fast
+    one: a tensor split across key buffers, small tensors batched by size, several histograms per ``bincount``, the
+    count split across threads, the buffer reused by a second call."""
+    monkeypatch.setattr(lightning_gradguard.dashboard, "_CHUNK", 1000)  # 3 tensors and more per buffer, and splits
+    monkeypatch.setattr(lightning_gradguard.dashboard, "_SMALL", 64)
+    monkeypatch.setattr(lightning_gradguard.dashboard, "_SPLIT", 100)
+    from lightning_gradguard.dashboard import HistogramBuffers, histograms_counts
+
+    torch.manual_seed(0)
+    edges = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.125, -1.125, 2.0**-130, -(2.0**-130), 3e38, -3e38, 2.0**-149])
+    groups = [
+        [torch.randn(2500) * 1e-3, torch.randn(16)],  # 2500 values: split across three buffers
+        [torch.randn(16) * 10],  # small, the same size as one in the first group: one 2-D block
+        [torch.randn(40, 30).bfloat16(), torch.randn(7, dtype=torch.float64)],
+        [edges, torch.tensor([math.nan, math.inf, -math.inf, 5.0])],  # non-finite values are left out
+        [],
+        [torch.zeros(300), torch.full((64,), -(2.0**-3))],
+    ]
+    finite = [True, True, True, False, True, True]
+    buffers = HistogramBuffers()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = [histograms_counts(groups, finite=finite, buffers=buffers) for _ in range(2)]
+    finally:
+        torch.set_num_threads(previous)
+    assert buffers.keys(torch.device("cpu"), 1).numel() == 1000  # one bounded buffer, reused
+    for stats, counts in results:
+        assert counts.shape == (len(groups), lightning_gradguard.dashboard._NBINS)
+        for k, group in enumerate(groups):
+            values = torch.cat([t.float().flatten() for t in group]) if group else torch.empty(0)
+            assert fast_bin_counts(counts[k]) == reference_bin_counts(values)
+            finite_values = values[torch.isfinite(values)].double()
+            assert stats[k, 2] == finite_values.numel()
+            if finite_values.numel():
+                assert stats[k, :2].tolist() == [float(finite_values.min()), float(finite_values.max())]
+                total = float(finite_values.abs().sum())
+                assert float(stats[k, 3]) == pytest.approx(float(finite_values.sum()), abs=1e-6 * total)
+                squares = float(finite_values.square().sum())
+                if squares < torch.finfo(torch.float32).max:  # summed in float32, as the values are
+                    assert float(stats[k, 4]) == pytest.approx(squares, rel=1e-5)
+            else:
+                assert math.isnan(stats[k, 0]) and math.isnan(stats[k, 1])
+
+
+def test_fast_value_histograms_of_a_model_match_torch_histc_per_tensor():
+    """A transformer layer's gradients (12 tensors, default buffer sizes): per tensor and sign, the fast counts summed
+    over each power of two's 8 buckets equal ``torch.histc`` of ``floor(log2|g|)``, one bin per power of two."""
+    from lightning_gradguard.dashboard import _HALF, histograms_counts
+
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model(torch.randn(4, 8, 32)).square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    _, counts = histograms_counts([[g] for g in grads])
+    for g, row in zip(grads, counts, strict=True):
+        g = g.flatten()
+        for sign, part in ((1, row[_HALF:]), (-1, row[:_HALF])):
+            v = g[(g * sign > 0)].abs()
+            octaves = part[8:2040].reshape(-1, 8).sum(1)  # exponents 1..254: the normal floats, by power of two
+            lo, hi = -126, 128
+            reference = torch.histc(torch.log2(v.double()).floor(), bins=hi - lo, min=lo, max=hi)
+            assert octaves.tolist() == reference.long().tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
