@@ -125,6 +125,8 @@ def histogram_counts(
 
 def _values(t: torch.Tensor, scale: float, finite: bool) -> torch.Tensor:
     """``t``'s values as a 1-D float32 tensor divided by ``scale`` (a view when nothing needs changing)."""
+    if t.dtype == torch.float32 and scale == 1.0 and finite and t.layout == torch.strided:
+        return t.detach().reshape(-1)  # the common case: a view
     v = t.detach()
     if v.layout != torch.strided:
         v = v.coalesce().values()
@@ -303,8 +305,9 @@ def histograms_counts(
     device = next((t.device for g in groups for t in g), torch.device("cpu"))
     n_groups = len(groups)
     values = [[_values(t, scale, True if finite is None else finite[k]) for t in g] for k, g in enumerate(groups)]
-    total = sum(v.numel() for vs in values for v in vs)
-    nums = [float(sum(v.numel() for v in vs)) for vs in values]
+    sizes = [[v.numel() for v in vs] for vs in values]
+    nums = [float(sum(n)) for n in sizes]
+    total = int(sum(nums))
     counts = torch.zeros(n_groups * _NBINS, dtype=torch.int64, device=device)
     f64 = torch.float64
     mins = torch.full((n_groups,), math.nan, dtype=f64, device=device)
@@ -315,8 +318,7 @@ def histograms_counts(
         small: dict[int, list[tuple[int, torch.Tensor]]] = {}  # size -> (group, values), in group order
         parts: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         for k, vs in enumerate(values):  # large tensors first, in group order
-            for v in vs:
-                n = v.numel()
+            for v, n in zip(vs, sizes[k], strict=True):
                 if 0 < n <= _SMALL:
                     small.setdefault(n, []).append((k, v))
                 elif n:
@@ -938,7 +940,10 @@ class Dashboard:
             w = _l2(snap.before)
             torch._foreach_sub_(snap.before, snap.params)  # before := -(update)
             d = _l2(snap.before)
-            values = torch.stack([x.to(torch.float64) for x in (*w, *d)]).cpu().tolist()
+            norms = [*w, *d]
+            if len({x.dtype for x in norms}) > 1:
+                norms = [x.to(torch.float64) for x in norms]
+            values = torch.stack(norms).to(torch.float64).cpu().tolist()
         n = len(snap.params)
         w2 = {i: values[j] ** 2 for j, i in enumerate(snap.idx)}
         d2 = {i: values[n + j] ** 2 for j, i in enumerate(snap.idx)}

@@ -417,7 +417,8 @@ def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatc
                 if squares < torch.finfo(torch.float32).max:  # summed in float32, as the values are
                     assert float(stats[k, 4]) == pytest.approx(squares, rel=1e-5)
             else:
-                assert math.isnan(stats[k, 0]) and math.isnan(stats[k, 1])
+                assert math.isnan(stats[k, 0])
+                assert math.isnan(stats[k, 1])
 
 
 def test_fast_value_histograms_of_a_model_match_torch_histc_per_tensor():
