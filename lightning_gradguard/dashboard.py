@@ -200,9 +200,19 @@ def _counting_pool() -> ThreadPoolExecutor | None:
         return _pool
 
 
+def _add_counts(keys: torch.Tensor, minlength: int) -> torch.Tensor:
+    """``torch.bincount(keys, minlength=minlength)`` as an ``index_add_`` of ones: on an accelerator, where
+    ``bincount`` reads the keys' minimum and maximum back to the host (two syncs per call), this one does not."""
+    ones = torch.ones((), dtype=torch.int64, device=keys.device).expand(len(keys))
+    return torch.zeros(minlength, dtype=torch.int64, device=keys.device).index_add_(0, keys, ones)
+
+
 def _bincount(keys: torch.Tensor, minlength: int) -> torch.Tensor:
-    """``torch.bincount(keys, minlength=minlength)``, split across the CPU threads torch may use."""
-    pool = _counting_pool() if keys.device.type == "cpu" and len(keys) >= _SPLIT else None
+    """``torch.bincount(keys, minlength=minlength)``: split across the CPU threads torch may use; without a sync on
+    other devices (:func:`_add_counts`)."""
+    if keys.device.type != "cpu":
+        return _add_counts(keys, minlength)
+    pool = _counting_pool() if len(keys) >= _SPLIT else None
     if pool is None:
         return torch.bincount(keys, minlength=minlength)
     parts = keys.tensor_split(pool._max_workers + 1)  # noqa: SLF001
@@ -211,6 +221,13 @@ def _bincount(keys: torch.Tensor, minlength: int) -> torch.Tensor:
     for f in futures:
         found += f.result()
     return found
+
+
+def _on(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of host ``values`` on ``device``, copied without waiting for the device (a blocking copy to an
+    accelerator synchronises its stream)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
 class _Keys:
@@ -254,7 +271,7 @@ class _Keys:
             self.flush()
         out = self._take(rows * n, ks[0], ks[-1]).view(rows, n)
         torch.bitwise_right_shift(bits, _SHIFT, out=out)
-        offsets = torch.tensor([(k - self.first) * _NBINS + _HALF for k in ks], dtype=torch.int32, device=out.device)
+        offsets = _on([(k - self.first) * _NBINS + _HALF for k in ks], torch.int32, out.device)
         out.add_(offsets[:, None])
 
     def _take(self, n: int, lo: int, hi: int) -> torch.Tensor:
@@ -339,15 +356,15 @@ def histograms_counts(
                               torch.linalg.vecdot(block, block) if squares is None else None))  # fmt: skip
                 writer.add_rows(block.view(torch.int32), ks)
         writer.flush()
-        idx = torch.tensor([k for p in parts for k in p[0]], device=device)
+        idx = _on([k for p in parts for k in p[0]], torch.int64, device)
         mins.scatter_reduce_(0, idx, torch.cat([p[1] for p in parts]).to(f64), "amin", include_self=False)
         maxs.scatter_reduce_(0, idx, torch.cat([p[2] for p in parts]).to(f64), "amax", include_self=False)
         sums.index_add_(0, idx, torch.cat([p[3] for p in parts]).to(f64))
         if squares is None:
             sq.index_add_(0, idx, torch.cat([p[4] for p in parts]).to(f64))  # type: ignore[misc]
     if squares is not None:
-        sq = torch.tensor(list(squares), dtype=f64, device=device)
-    num = torch.tensor(nums, dtype=f64, device=device)
+        sq = _on(list(squares), f64, device)
+    num = _on(nums, f64, device)
     return torch.stack([mins, maxs, num, sums, sq], dim=1), counts.view(n_groups, _NBINS)
 
 

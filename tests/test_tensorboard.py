@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -419,6 +420,45 @@ def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatc
             else:
                 assert math.isnan(stats[k, 0])
                 assert math.isnan(stats[k, 1])
+
+
+def test_accelerator_counting_without_sync_equals_bincount():
+    """On an accelerator the keys are counted with ``index_add_`` (``bincount`` syncs there): same counts."""
+    from lightning_gradguard.dashboard import _add_counts
+
+    keys = torch.randint(0, 3 * 4096, (5000,), dtype=torch.int32)
+    assert torch.equal(_add_counts(keys, 4 * 4096), torch.bincount(keys, minlength=4 * 4096))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_value_histograms_on_cuda_sync_once_and_match_the_cpu():
+    from lightning_gradguard.dashboard import _fetch_histograms, histograms_counts
+
+    torch.manual_seed(0)
+    groups = [[torch.randn(3000) * 1e-3, torch.randn(16)], [torch.randn(16) * 10], [torch.randn(300, 70)]]
+    cpu = _fetch_histograms([histograms_counts(groups)])
+    cuda_groups = [[t.cuda() for t in g] for g in groups]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as bucketing:
+            warnings.simplefilter("always")
+            stats, counts = histograms_counts(cuda_groups, squares=[1.0, 2.0, 3.0])
+        with warnings.catch_warnings(record=True) as fetching:
+            warnings.simplefilter("always")
+            protos = _fetch_histograms([(stats, counts)])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    def syncs(caught: list) -> int:
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(bucketing) == 0
+    assert syncs(fetching) == 1  # the one transfer
+    for a, b in zip(cpu, protos, strict=True):
+        assert a["bucket_limit"] == b["bucket_limit"]
+        assert a["bucket"] == b["bucket"]
+        assert (a["min"], a["max"], a["num"]) == (b["min"], b["max"], b["num"])
 
 
 def test_fast_value_histograms_of_a_model_match_torch_histc_per_tensor():
