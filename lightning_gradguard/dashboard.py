@@ -147,6 +147,10 @@ _CHUNK = 1 << 20
 #: Tensors up to this many values are bucketed together with the others of their size (one 2-D pass, not one
 #: Python round per tensor: most tensors of a model are small biases and norms).
 _SMALL = 1 << 15
+#: The most histograms counted by one ``bincount`` of large tensors' keys, and of small tensors' (its output has
+#: 4096 counts per histogram).
+_SLOTS = 4
+_SMALL_SLOTS = 64
 #: Below this many keys, a chunk is counted in one ``bincount`` (splitting it across threads costs more).
 _SPLIT = 1 << 16
 
@@ -231,26 +235,34 @@ def _on(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Te
 
 
 class _Keys:
-    """Writes the bucket keys of histogram ``k``'s values into a bounded buffer, each offset by
-    ``(k - first) * 4096`` (``first``: the lowest histogram in the buffer), and counts them into ``counts``: one
-    ``bincount`` per full buffer, over the histograms ``first..last`` it holds."""
+    """Writes bucket keys into a bounded buffer and counts them into ``counts`` (one row of ``4096`` per histogram).
+
+    Each histogram with keys in the buffer has a slot; its keys are offset by ``slot * 4096``, so that one
+    ``bincount`` counts them all when the buffer is full or holds ``max_slots`` histograms: its output, ``4096``
+    counts per slot, is then small enough to stay in the fastest cache while it is counted into.
+    """
 
     def __init__(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
         self.keys = keys
-        self.counts = counts
+        self.counts = counts.view(-1, _NBINS)
         self.cap = keys.numel()
         self.fill = 0
-        self.first = -1
-        self.last = -1
-        self.pinned = False  # `first` stays across flushes (histograms then come in any order above it)
+        self.groups: list[int] = []  # the histogram of each slot
+        self.slot: dict[int, int] = {}
 
     def room(self) -> int:
         return self.cap - self.fill
 
-    def pin(self, first: int) -> None:
-        """From now on, keys are offset from histogram ``first`` (all later ``k >= first``)."""
-        self.flush()
-        self.first, self.pinned = first, True
+    def slots(self, ks: Sequence[int], max_slots: int) -> list[int]:
+        """The slots of histograms ``ks`` (at most ``max_slots`` distinct ones), after a count if they do not fit."""
+        new = [k for k in dict.fromkeys(ks) if k not in self.slot]
+        if new and self.groups and len(self.groups) + len(new) > max_slots:
+            self.flush()
+            new = list(dict.fromkeys(ks))
+        for k in new:
+            self.slot[k] = len(self.groups)
+            self.groups.append(k)
+        return [self.slot[k] for k in ks]
 
     def add(self, bits: torch.Tensor, k: int) -> None:
         """The keys of 1-D float32 values viewed as int32 ``bits``, all of histogram ``k``."""
@@ -259,37 +271,36 @@ class _Keys:
             if not self.room():
                 self.flush()
             take = min(n - done, self.room())
-            out = self._take(take, k, k)
+            (slot,) = self.slots([k], _SLOTS)
+            out = self._take(take)
             torch.bitwise_right_shift(bits[done : done + take], _SHIFT, out=out)
-            out.add_((k - self.first) * _NBINS + _HALF)
+            out.add_(slot * _NBINS + _HALF)
             done += take
 
     def add_rows(self, bits: torch.Tensor, ks: Sequence[int]) -> None:
-        """The keys of a 2-D ``bits`` whose row ``i`` belongs to histogram ``ks[i]`` (ascending)."""
+        """The keys of a 2-D ``bits`` whose row ``i`` belongs to histogram ``ks[i]`` (at most ``_SMALL_SLOTS``)."""
         rows, n = bits.shape
         if self.room() < rows * n:
             self.flush()
-        out = self._take(rows * n, ks[0], ks[-1]).view(rows, n)
+        slots = self.slots(ks, _SMALL_SLOTS)
+        out = self._take(rows * n).view(rows, n)
         torch.bitwise_right_shift(bits, _SHIFT, out=out)
-        offsets = _on([(k - self.first) * _NBINS + _HALF for k in ks], torch.int32, out.device)
-        out.add_(offsets[:, None])
+        out.add_(_on([s * _NBINS + _HALF for s in slots], torch.int32, out.device)[:, None])
 
-    def _take(self, n: int, lo: int, hi: int) -> torch.Tensor:
-        if self.first < 0:
-            self.first = lo
-        self.last = max(self.last, hi)
+    def _take(self, n: int) -> torch.Tensor:
         out = self.keys[self.fill : self.fill + n]
         self.fill += n
         return out
 
     def flush(self) -> None:
         if self.fill:
-            first, last = self.first, self.last
-            found = _bincount(self.keys[: self.fill], (last - first + 1) * _NBINS)
-            self.counts[first * _NBINS : (last + 1) * _NBINS] += found
-        self.fill, self.last = 0, -1
-        if not self.pinned:
-            self.first = -1
+            groups = self.groups
+            found = _bincount(self.keys[: self.fill], len(groups) * _NBINS).view(len(groups), _NBINS)
+            if groups == list(range(groups[0], groups[0] + len(groups))):
+                self.counts[groups[0] : groups[0] + len(groups)] += found
+            else:
+                self.counts.index_add_(0, _on(groups, torch.int64, found.device), found)
+        self.fill, self.groups, self.slot = 0, [], {}
 
 
 def histograms_counts(
@@ -343,10 +354,9 @@ def histograms_counts(
                     parts.append(([k], mn[None], mx[None], v.sum()[None], torch.dot(v, v)[None] if squares is None
                                   else None))  # fmt: skip
                     writer.add(v.view(torch.int32), k)
-        if small:  # then the small ones, a 2-D block per size, keys offset from the lowest histogram among them
-            writer.pin(min(items[0][0] for items in small.values()))
+        writer.flush()
         for n, items in small.items():
-            per = max(1, keys.numel() // n)  # rows that fit the buffer
+            per = max(1, min(keys.numel() // n, _SMALL_SLOTS))  # rows that fit the buffer, and their slots
             for at in range(0, len(items), per):
                 batch = items[at : at + per]
                 ks = [k for k, _ in batch]

@@ -382,6 +382,8 @@ def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatc
     monkeypatch.setattr(lightning_gradguard.dashboard, "_CHUNK", 1000)  # 3 tensors and more per buffer, and splits
     monkeypatch.setattr(lightning_gradguard.dashboard, "_SMALL", 64)
     monkeypatch.setattr(lightning_gradguard.dashboard, "_SPLIT", 100)
+    monkeypatch.setattr(lightning_gradguard.dashboard, "_SLOTS", 1)
+    monkeypatch.setattr(lightning_gradguard.dashboard, "_SMALL_SLOTS", 3)  # histograms 3 and 5 share a count
     from lightning_gradguard.dashboard import HistogramBuffers, histograms_counts
 
     torch.manual_seed(0)
