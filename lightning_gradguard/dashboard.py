@@ -16,9 +16,12 @@ Steps are Lightning's own: the dashboards are written in the batches where Light
 (``(step + 1) % log_every_n_steps == 0``, ``step``: the batches that stepped an optimizer so far), at that step.
 
 For a ``torch.utils.tensorboard.SummaryWriter`` the scalars and histograms of a step go out as one event
-(``add_scalar`` costs one hand-off to the writer thread per tag). Histograms use log-linear buckets (8 per octave,
-from ``torch.frexp``: exact, and one pass on the device); their counts, and the other statistics, come back to the
-host in one transfer per step.
+(``add_scalar`` costs one hand-off to the writer thread per tag). Histograms use log-linear buckets (8 per octave:
+the top 12 bits of a float32, exact, one integer shift per value); the values of every tag are bucketed together
+(:func:`histograms_counts`: a bounded key buffer per device, one ``bincount`` per million values, split across
+torch's CPU threads by a small pool of helper threads), and their counts and other statistics come back to the host
+in one transfer per step. The key buffer (4 MiB per device) is kept between logged steps and dropped at the end of
+``fit``.
 
 Nothing here runs on steps that are not logged, except a running max/sum/count of the total norm (three Python
 floats) for the epoch statistics.
