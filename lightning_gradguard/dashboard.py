@@ -597,6 +597,7 @@ class _Snapshot:
     idx: list[int]
     params: list[torch.Tensor]
     before: list[torch.Tensor]
+    norms: list[torch.Tensor]  # of `before`, taken while the copy is still in the cache
 
 
 @dataclass
@@ -907,7 +908,10 @@ class Dashboard:
         idx = [i for i, p in enumerate(stats.params) if p.grad is not None]
         if idx:
             params = [stats.params[i].detach().reshape(-1) for i in idx]
-            self._snapshots.append(_Snapshot(k, step, view, idx, params, _copy_flat(params)))
+            before = _copy_flat(params)
+            with torch.no_grad():
+                norms = _l2(before)
+            self._snapshots.append(_Snapshot(k, step, view, idx, params, before, norms))
 
     def end_batch(self) -> None:
         """Log the update-to-weight ratios of this batch's logged steps and drop the parameter copies; draw the
@@ -967,7 +971,7 @@ class Dashboard:
     def _log_ratio(self, snap: _Snapshot) -> None:
         """``||w_after - w_before|| / ||w_before||`` per key, from the copies taken before the step (one sync)."""
         with torch.no_grad():
-            w = _l2(snap.before)
+            w = snap.norms
             torch._foreach_sub_(snap.before, snap.params)  # before := -(update)
             d = _l2(snap.before)
             norms = [*w, *d]
@@ -995,6 +999,7 @@ class Dashboard:
                     i in d2 for i in idx) else None  # fmt: skip
             self._add_flow("update_ratio", snap.step, ratios)
         snap.before.clear()
+        snap.norms.clear()
         if metrics:
             self._write(metrics, [], snap.step)
 
