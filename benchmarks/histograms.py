@@ -12,6 +12,7 @@ Run from the repository root::
 
     python benchmarks/histograms.py --threads 2
     python benchmarks/histograms.py --threads 1 --rounds 3 --steps 16
+    python benchmarks/histograms.py --quick    # a smoke run of every code path (a tiny model)
 """
 
 from __future__ import annotations
@@ -148,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=16, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="a tiny model, 2 steps, one round: a smoke run")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps, args.warmup = 1, 2, 1
+        run.VOCAB, run.WIDTH, run.LAYERS, run.HEADS, run.FF, run.CONTEXT, run.BATCH = run.SIZES["quick"]
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     for logger in ("lightning.pytorch", "lightning.fabric", "lightning_gradguard"):
