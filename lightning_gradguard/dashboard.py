@@ -18,10 +18,10 @@ Steps are Lightning's own: the dashboards are written in the batches where Light
 For a ``torch.utils.tensorboard.SummaryWriter`` the scalars and histograms of a step go out as one event
 (``add_scalar`` costs one hand-off to the writer thread per tag). Histograms use log-linear buckets (8 per octave:
 the top 12 bits of a float32, exact, one integer shift per value); the values of every tag are bucketed together
-(:func:`histograms_counts`: a bounded key buffer per device, one ``bincount`` per million values, split across
-torch's CPU threads by a small pool of helper threads), and their counts and other statistics come back to the host
-in one transfer per step. The key buffer (4 MiB per device) is kept between logged steps and dropped at the end of
-``fit``.
+(:func:`histograms_counts`: a bounded key buffer per device, one ``bincount`` per up to a million values, split
+across torch's CPU threads by a small pool of helper threads), and their counts and other statistics come back to
+the host in one transfer per step. The key buffer (4 MiB per device) is kept between logged steps and dropped at the
+end of ``fit``.
 
 Nothing here runs on steps that are not logged, except a running max/sum/count of the total norm (three Python
 floats) for the epoch statistics.
@@ -241,8 +241,8 @@ class _Keys:
     """Writes bucket keys into a bounded buffer and counts them into ``counts`` (one row of ``4096`` per histogram).
 
     Each histogram with keys in the buffer has a slot; its keys are offset by ``slot * 4096``, so that one
-    ``bincount`` counts them all when the buffer is full or holds ``max_slots`` histograms: its output, ``4096``
-    counts per slot, is then small enough to stay in the fastest cache while it is counted into.
+    ``bincount`` counts them all when the buffer is full or holds ``max_slots`` histograms (its output, ``4096``
+    counts per slot, stays bounded whatever the number of histograms).
     """
 
     def __init__(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
@@ -313,14 +313,14 @@ def histograms_counts(
     squares: Sequence[float] | None = None,
     buffers: HistogramBuffers | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`histogram_counts` of several groups of tensors (one histogram per group, the tensors of a device), in
-    one pass over the values and without a sync.
+    """:func:`histogram_counts` of several groups of tensors (one histogram per group, the tensors of a device),
+    without Python per value or per bucket and without a sync.
 
     Each value's bucket is one integer shift of its float32 bits (8 log-linear buckets per power of two), written
-    into a bounded int32 buffer of keys and offset by ``4096 *`` its histogram's number, so that one ``bincount``
-    per ``_CHUNK`` values counts every histogram in it (the keys are still in the cache when they are counted; on
-    the CPU the count is split across torch's threads). Small tensors of the same size go through as one 2-D
-    tensor. Minimum, maximum and sum are reduced per tensor (per row for the small ones).
+    into a bounded int32 buffer of keys and offset by ``4096 *`` its histogram's slot in the buffer, so that one
+    ``bincount`` counts up to ``_CHUNK`` keys of several histograms at once (on the CPU, split across torch's
+    threads; on an accelerator, an ``index_add_`` that does not sync). Small tensors of the same size go through as
+    one 2-D tensor. Minimum, maximum and sum are reduced per tensor (per row for the small ones).
 
     Args:
         groups: per histogram, its tensors.
