@@ -274,7 +274,7 @@ class _Keys:
             if not self.room():
                 self.flush()
             take = min(n - done, self.room())
-            (slot,) = self.slots([k], _SLOTS)
+            slot = self.slot[k] if k in self.slot else self.slots([k], _SLOTS)[0]
             out = self._take(take)
             torch.bitwise_right_shift(bits[done : done + take], _SHIFT, out=out)
             out.add_(slot * _NBINS + _HALF)
@@ -347,15 +347,20 @@ def histograms_counts(
         keys = (buffers or HistogramBuffers()).keys(device, min(total, _CHUNK))
         writer = _Keys(keys, counts)
         small: dict[int, list[tuple[int, torch.Tensor]]] = {}  # size -> (group, values), in group order
-        parts: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        large: list[list[Any]] = [[], [], [], [], []]  # group, min, max, sum, sum of squares (0-d) per large tensor
+        blocks: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         for k, vs in enumerate(values):  # large tensors first, in group order
             for v, n in zip(vs, sizes[k], strict=True):
                 if 0 < n <= _SMALL:
                     small.setdefault(n, []).append((k, v))
                 elif n:
                     mn, mx = torch.aminmax(v)
-                    parts.append(([k], mn[None], mx[None], v.sum()[None], torch.dot(v, v)[None] if squares is None
-                                  else None))  # fmt: skip
+                    large[0].append(k)
+                    large[1].append(mn)
+                    large[2].append(mx)
+                    large[3].append(v.sum())
+                    if squares is None:
+                        large[4].append(torch.dot(v, v))
                     writer.add(v.view(torch.int32), k)
         writer.flush()
         for n, items in small.items():
@@ -365,16 +370,21 @@ def histograms_counts(
                 ks = [k for k, _ in batch]
                 block = torch.stack([v for _, v in batch])
                 mn, mx = torch.aminmax(block, dim=1)
-                parts.append((ks, mn, mx, block.sum(dim=1),
-                              torch.linalg.vecdot(block, block) if squares is None else None))  # fmt: skip
+                blocks.append((ks, mn, mx, block.sum(dim=1),
+                               torch.linalg.vecdot(block, block) if squares is None else None))  # fmt: skip
                 writer.add_rows(block.view(torch.int32), ks)
         writer.flush()
-        idx = _on([k for p in parts for k in p[0]], torch.int64, device)
-        mins.scatter_reduce_(0, idx, torch.cat([p[1] for p in parts]).to(f64), "amin", include_self=False)
-        maxs.scatter_reduce_(0, idx, torch.cat([p[2] for p in parts]).to(f64), "amax", include_self=False)
-        sums.index_add_(0, idx, torch.cat([p[3] for p in parts]).to(f64))
+
+        def column(j: int) -> torch.Tensor:  # one statistic of every tensor, large ones first
+            pieces = ([torch.stack(large[j])] if large[j] else []) + [b[j] for b in blocks]  # type: ignore[misc]
+            return torch.cat(pieces).to(f64)
+
+        idx = _on(large[0] + [k for b in blocks for k in b[0]], torch.int64, device)
+        mins.scatter_reduce_(0, idx, column(1), "amin", include_self=False)
+        maxs.scatter_reduce_(0, idx, column(2), "amax", include_self=False)
+        sums.index_add_(0, idx, column(3))
         if squares is None:
-            sq.index_add_(0, idx, torch.cat([p[4] for p in parts]).to(f64))  # type: ignore[misc]
+            sq.index_add_(0, idx, column(4))
     if squares is not None:
         sq = _on(list(squares), f64, device)
     num = _on(nums, f64, device)
