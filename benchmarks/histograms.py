@@ -5,8 +5,8 @@ Paired rounds like ``run.py`` (each round runs every configuration once, in a sh
 (wall / CPU of the training thread) and its share of the no-callback step of the same round, and where the
 dashboard's time goes on a logged step: bucketing the values (``histograms_counts``), building the histogram
 records (``_fetch_histograms``), the ``Summary`` and its hand-off to the event writer, the update ratio's
-copy-before and ratio-after; plus the CPU time per step of the threads beside the training thread (TensorBoard's
-event writer, GradGuard's ``bincount`` helpers). Prints only; writes nothing.
+copy-before and ratio-after; plus the CPU time per step of TensorBoard's event writer thread (beside the training
+thread). Prints only; writes nothing.
 
 Run from the repository root::
 
@@ -80,15 +80,13 @@ def thread_cpu(native_id: int) -> float:
 
 
 def side_threads() -> dict[str, float]:
-    """CPU seconds so far of TensorBoard's writer threads and GradGuard's counting threads, by kind."""
+    """CPU seconds so far of TensorBoard's event writer threads."""
     out: collections.Counter[str] = collections.Counter()
     for t in threading.enumerate():
         if t.native_id is None:
             continue
         if type(t).__name__ == "_AsyncWriterThread":
             out["TensorBoard writer thread"] += thread_cpu(t.native_id)
-        elif t.name.startswith("gradguard-"):
-            out["GradGuard bincount threads"] += thread_cpu(t.native_id)
     return out
 
 

@@ -18,10 +18,9 @@ Steps are Lightning's own: the dashboards are written in the batches where Light
 For a ``torch.utils.tensorboard.SummaryWriter`` the scalars and histograms of a step go out as one event
 (``add_scalar`` costs one hand-off to the writer thread per tag). Histograms use log-linear buckets (8 per octave:
 the top 12 bits of a float32, exact, one integer shift per value); the values of every tag are bucketed together
-(:func:`histograms_counts`: a bounded key buffer per device, one ``bincount`` per up to a million values, split
-across torch's CPU threads by a small pool of helper threads), and their counts and other statistics come back to
-the host in one transfer per step. The key buffer (4 MiB per device) is kept between logged steps and dropped at the
-end of ``fit``.
+(:func:`histograms_counts`: a bounded key buffer per device, one ``bincount`` per up to a million values), and their
+counts and other statistics come back to the host in one transfer per step. The key buffer (4 MiB per device) is
+kept between logged steps and dropped at the end of ``fit``.
 
 Nothing here runs on steps that are not logged, except a running max/sum/count of the total norm (three Python
 floats) for the epoch statistics.
@@ -32,9 +31,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,8 +151,6 @@ _SMALL = 1 << 15
 #: 4096 counts per histogram).
 _SLOTS = 4
 _SMALL_SLOTS = 64
-#: Below this many keys, a chunk is counted in one ``bincount`` (splitting it across threads costs more).
-_SPLIT = 1 << 16
 
 
 class HistogramBuffers:
@@ -179,34 +174,6 @@ class HistogramBuffers:
         self._keys.clear()
 
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _drop_pool() -> None:  # a forked child has none of its parent's threads
-    global _pool
-    _pool = None
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_drop_pool)
-
-
-def _counting_pool() -> ThreadPoolExecutor | None:
-    """Threads that ``bincount`` parts of a chunk beside the calling thread (``torch.get_num_threads() - 1`` of
-    them; ``None`` with one torch thread). ``bincount`` is a serial loop on the CPU and releases the GIL."""
-    global _pool
-    workers = torch.get_num_threads() - 1
-    if workers < 1:
-        return None
-    with _pool_lock:
-        if _pool is None or _pool._max_workers != workers:  # noqa: SLF001 - the executor's own size
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(workers, thread_name_prefix="gradguard-bincount")
-        return _pool
-
-
 def _add_counts(keys: torch.Tensor, minlength: int) -> torch.Tensor:
     """``torch.bincount(keys, minlength=minlength)`` as an ``index_add_`` of ones: on an accelerator, where
     ``bincount`` reads the keys' minimum and maximum back to the host (two syncs per call), this one does not."""
@@ -215,19 +182,11 @@ def _add_counts(keys: torch.Tensor, minlength: int) -> torch.Tensor:
 
 
 def _bincount(keys: torch.Tensor, minlength: int) -> torch.Tensor:
-    """``torch.bincount(keys, minlength=minlength)``: split across the CPU threads torch may use; without a sync on
-    other devices (:func:`_add_counts`)."""
+    """``torch.bincount(keys, minlength=minlength)`` on the CPU (a serial loop, the bulk of the bucketing); without a
+    sync on other devices (:func:`_add_counts`)."""
     if keys.device.type != "cpu":
         return _add_counts(keys, minlength)
-    pool = _counting_pool() if len(keys) >= _SPLIT else None
-    if pool is None:
-        return torch.bincount(keys, minlength=minlength)
-    parts = keys.tensor_split(pool._max_workers + 1)  # noqa: SLF001
-    futures = [pool.submit(torch.bincount, part, minlength=minlength) for part in parts[1:]]
-    found = torch.bincount(parts[0], minlength=minlength)
-    for f in futures:
-        found += f.result()
-    return found
+    return torch.bincount(keys, minlength=minlength)
 
 
 def _on(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -318,8 +277,8 @@ def histograms_counts(
 
     Each value's bucket is one integer shift of its float32 bits (8 log-linear buckets per power of two), written
     into a bounded int32 buffer of keys and offset by ``4096 *`` its histogram's slot in the buffer, so that one
-    ``bincount`` counts up to ``_CHUNK`` keys of several histograms at once (on the CPU, split across torch's
-    threads; on an accelerator, an ``index_add_`` that does not sync). Small tensors of the same size go through as
+    ``bincount`` counts up to ``_CHUNK`` keys of several histograms at once (on an accelerator, an ``index_add_``
+    that does not sync). Small tensors of the same size go through as
     one 2-D tensor. Minimum, maximum and sum are reduced per tensor (per row for the small ones).
 
     Args:
