@@ -70,23 +70,20 @@ def timed(fn: Any, label: str) -> Any:
     return wrapper
 
 
-def thread_cpu(native_id: int) -> float:
-    """CPU seconds (user + system) of one thread of this process, from ``/proc`` (0 where unknown)."""
+def thread_cpu(thread: threading.Thread) -> float:
+    """CPU seconds (user + system) of one thread of this process (0 where unknown)."""
     try:
-        fields = Path(f"/proc/self/task/{native_id}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))  # type: ignore[arg-type]
+    except (AttributeError, OSError, TypeError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def side_threads() -> dict[str, float]:
     """CPU seconds so far of TensorBoard's event writer threads."""
     out: collections.Counter[str] = collections.Counter()
     for t in threading.enumerate():
-        if t.native_id is None:
-            continue
-        if type(t).__name__ == "_AsyncWriterThread":
-            out["TensorBoard writer thread"] += thread_cpu(t.native_id)
+        if type(t).__name__ == "_AsyncWriterThread" and t.is_alive():
+            out["TensorBoard writer thread"] += thread_cpu(t)
     return out
 
 
