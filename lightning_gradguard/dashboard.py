@@ -16,9 +16,11 @@ Steps are Lightning's own: the dashboards are written in the batches where Light
 (``(step + 1) % log_every_n_steps == 0``, ``step``: the batches that stepped an optimizer so far), at that step.
 
 For a ``torch.utils.tensorboard.SummaryWriter`` the scalars and histograms of a step go out as one event
-(``add_scalar`` costs one hand-off to the writer thread per tag). Histograms use log-linear buckets (8 per octave,
-from ``torch.frexp``: exact, and one pass on the device); their counts, and the other statistics, come back to the
-host in one transfer per step.
+(``add_scalar`` costs one hand-off to the writer thread per tag). Histograms use log-linear buckets (8 per octave:
+the top 12 bits of a float32, exact, one integer shift per value); the values of every tag are bucketed together
+(:func:`histograms_counts`: a bounded key buffer per device, one ``bincount`` per up to a million values), and their
+counts and other statistics come back to the host in one transfer per step. The key buffer (4 MiB per device) is
+kept between logged steps and dropped at the end of ``fit``.
 
 Nothing here runs on steps that are not logged, except a running max/sum/count of the total norm (three Python
 floats) for the epoch statistics.
@@ -49,6 +51,7 @@ __all__ = [
     "TAG",
     "TEXT_TAG",
     "Dashboard",
+    "HistogramBuffers",
     "custom_scalars_layout",
     "group_keys",
     "own_keys",
@@ -99,7 +102,6 @@ def _bucket_edges() -> tuple[list[float], list[float], list[int]]:
 
 
 _LEFT, _RIGHT, _ORDER = _bucket_edges()
-_RANK = {j: r for r, j in enumerate(_ORDER)}  # non-finite bins have no rank: dropped
 
 
 def histogram_counts(
@@ -123,6 +125,8 @@ def histogram_counts(
 
 def _values(t: torch.Tensor, scale: float, finite: bool) -> torch.Tensor:
     """``t``'s values as a 1-D float32 tensor divided by ``scale`` (a view when nothing needs changing)."""
+    if t.dtype == torch.float32 and scale == 1.0 and finite and t.layout == torch.strided:
+        return t.detach().reshape(-1)  # the common case: a view
     v = t.detach()
     if v.layout != torch.strided:
         v = v.coalesce().values()
@@ -138,68 +142,212 @@ def _values(t: torch.Tensor, scale: float, finite: bool) -> torch.Tensor:
     return v
 
 
+#: Values bucketed per ``bincount``: their int32 keys (4 MiB) are written, tagged and counted while in the cache.
+_CHUNK = 1 << 20
+#: Tensors up to this many values are bucketed together with the others of their size (one 2-D pass, not one
+#: Python round per tensor: most tensors of a model are small biases and norms).
+_SMALL = 1 << 15
+#: The most histograms counted by one ``bincount`` of large tensors' keys, and of small tensors' (its output has
+#: 4096 counts per histogram).
+_SLOTS = 4
+_SMALL_SLOTS = 64
+
+
+class HistogramBuffers:
+    """What :func:`histograms_counts` keeps between calls: one bounded int32 key buffer per device (``_CHUNK``
+    values, 4 MiB), so that a logged step reuses the last one's memory instead of faulting in fresh pages.
+    ``clear()`` drops them. Holds no values of the tensors counted (only their bucket keys, overwritten each call).
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[torch.device, torch.Tensor] = {}
+
+    def keys(self, device: torch.device, n: int) -> torch.Tensor:
+        """An int32 buffer of at least ``n`` values on ``device``."""
+        buf = self._keys.get(device)
+        if buf is None or buf.numel() < n:
+            buf = self._keys[device] = torch.empty(n, dtype=torch.int32, device=device)
+        return buf
+
+    def clear(self) -> None:
+        """Release the buffers."""
+        self._keys.clear()
+
+
+def _add_counts(keys: torch.Tensor, minlength: int) -> torch.Tensor:
+    """``torch.bincount(keys, minlength=minlength)`` as an ``index_add_`` of ones: on an accelerator, where
+    ``bincount`` reads the keys' minimum and maximum back to the host (two syncs per call), this one does not."""
+    ones = torch.ones((), dtype=torch.int64, device=keys.device).expand(len(keys))
+    return torch.zeros(minlength, dtype=torch.int64, device=keys.device).index_add_(0, keys, ones)
+
+
+def _bincount(keys: torch.Tensor, minlength: int) -> torch.Tensor:
+    """``torch.bincount(keys, minlength=minlength)`` on the CPU (a serial loop, the bulk of the bucketing); without a
+    sync on other devices (:func:`_add_counts`)."""
+    if keys.device.type != "cpu":
+        return _add_counts(keys, minlength)
+    return torch.bincount(keys, minlength=minlength)
+
+
+def _on(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of host ``values`` on ``device``, copied without waiting for the device (a blocking copy to an
+    accelerator synchronises its stream)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t if device.type == "cpu" else t.to(device, non_blocking=True)
+
+
+class _Keys:
+    """Writes bucket keys into a bounded buffer and counts them into ``counts`` (one row of ``4096`` per histogram).
+
+    Each histogram with keys in the buffer has a slot; its keys are offset by ``slot * 4096``, so that one
+    ``bincount`` counts them all when the buffer is full or holds ``max_slots`` histograms (its output, ``4096``
+    counts per slot, stays bounded whatever the number of histograms).
+    """
+
+    def __init__(self, keys: torch.Tensor, counts: torch.Tensor) -> None:
+        self.keys = keys
+        self.counts = counts.view(-1, _NBINS)
+        self.cap = keys.numel()
+        self.fill = 0
+        self.groups: list[int] = []  # the histogram of each slot
+        self.slot: dict[int, int] = {}
+
+    def room(self) -> int:
+        return self.cap - self.fill
+
+    def slots(self, ks: Sequence[int], max_slots: int) -> list[int]:
+        """The slots of histograms ``ks`` (at most ``max_slots`` distinct ones), after a count if they do not fit."""
+        new = [k for k in dict.fromkeys(ks) if k not in self.slot]
+        if new and self.groups and len(self.groups) + len(new) > max_slots:
+            self.flush()
+            new = list(dict.fromkeys(ks))
+        for k in new:
+            self.slot[k] = len(self.groups)
+            self.groups.append(k)
+        return [self.slot[k] for k in ks]
+
+    def add(self, bits: torch.Tensor, k: int) -> None:
+        """The keys of 1-D float32 values viewed as int32 ``bits``, all of histogram ``k``."""
+        done, n = 0, len(bits)
+        while done < n:
+            if not self.room():
+                self.flush()
+            take = min(n - done, self.room())
+            slot = self.slot[k] if k in self.slot else self.slots([k], _SLOTS)[0]
+            out = self._take(take)
+            torch.bitwise_right_shift(bits[done : done + take], _SHIFT, out=out)
+            out.add_(slot * _NBINS + _HALF)
+            done += take
+
+    def add_rows(self, bits: torch.Tensor, ks: Sequence[int]) -> None:
+        """The keys of a 2-D ``bits`` whose row ``i`` belongs to histogram ``ks[i]`` (at most ``_SMALL_SLOTS``)."""
+        rows, n = bits.shape
+        if self.room() < rows * n:
+            self.flush()
+        slots = self.slots(ks, _SMALL_SLOTS)
+        out = self._take(rows * n).view(rows, n)
+        torch.bitwise_right_shift(bits, _SHIFT, out=out)
+        out.add_(_on([s * _NBINS + _HALF for s in slots], torch.int32, out.device)[:, None])
+
+    def _take(self, n: int) -> torch.Tensor:
+        out = self.keys[self.fill : self.fill + n]
+        self.fill += n
+        return out
+
+    def flush(self) -> None:
+        if self.fill:
+            groups = self.groups
+            found = _bincount(self.keys[: self.fill], len(groups) * _NBINS).view(len(groups), _NBINS)
+            if groups == list(range(groups[0], groups[0] + len(groups))):
+                self.counts[groups[0] : groups[0] + len(groups)] += found
+            else:
+                self.counts.index_add_(0, _on(groups, torch.int64, found.device), found)
+        self.fill, self.groups, self.slot = 0, [], {}
+
+
 def histograms_counts(
     groups: Sequence[Sequence[torch.Tensor]],
     scale: float = 1.0,
     finite: Sequence[bool] | None = None,
     squares: Sequence[float] | None = None,
+    buffers: HistogramBuffers | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`histogram_counts` of several groups of tensors (one histogram per group, the tensors of a device), in
-    one pass over the values and without a sync.
+    """:func:`histogram_counts` of several groups of tensors (one histogram per group, the tensors of a device),
+    without Python per value or per bucket and without a sync.
 
-    Each value's bucket comes from one integer shift of its float32 bits, written into one int32 buffer for all
-    groups; one ``bincount`` per group counts them. Minimum, maximum and sum are reduced per tensor.
+    Each value's bucket is one integer shift of its float32 bits (8 log-linear buckets per power of two), written
+    into a bounded int32 buffer of keys and offset by ``4096 *`` its histogram's slot in the buffer, so that one
+    ``bincount`` counts up to ``_CHUNK`` keys of several histograms at once (on an accelerator, an ``index_add_``
+    that does not sync). Small tensors of the same size go through as
+    one 2-D tensor. Minimum, maximum and sum are reduced per tensor (per row for the small ones).
 
     Args:
         groups: per histogram, its tensors.
         scale: divide the values by this.
         finite: per group, whether every value is known to be finite (default: all are).
         squares: per group, the sum of squares if the caller knows it (e.g. from gradient norms); else computed.
+        buffers: the key buffers to reuse (:class:`HistogramBuffers`); ``None``: new ones for this call.
 
     Returns:
         ``(stats, counts)`` with one row per group: ``stats[k] = [min, max, num, sum, sum_squares]`` (float64) and
         ``counts[k]``, int64 counts per bucket. A group without values has ``min = max = nan`` and ``num = 0``.
     """
     device = next((t.device for g in groups for t in g), torch.device("cpu"))
+    n_groups = len(groups)
     values = [[_values(t, scale, True if finite is None else finite[k]) for t in g] for k, g in enumerate(groups)]
     sizes = [[v.numel() for v in vs] for vs in values]
-    total = sum(sum(n) for n in sizes)
-    bits = torch.empty(total, dtype=torch.int32, device=device)
-    counts = []
-    lo, hi, sums, sq, rows = [], [], [], [], []
-    start = 0
-    for k, vs in enumerate(values):
-        begin = start
-        for v, n in zip(vs, sizes[k], strict=True):
-            if n == 0:
-                continue
-            torch.bitwise_right_shift(v.view(torch.int32), _SHIFT, out=bits[start : start + n])
-            start += n
-            mn, mx = torch.aminmax(v)
-            lo.append(mn)
-            hi.append(mx)
-            sums.append(v.sum())
-            if squares is None:
-                sq.append(torch.dot(v, v))
-            rows.append(k)
-        chunk = bits[begin:start]
-        counts.append(torch.bincount(chunk.add_(_HALF), minlength=_NBINS) if start > begin else None)
-    zeros = torch.zeros(_NBINS, dtype=torch.int64, device=device)
-    counts_t = torch.stack([c if c is not None else zeros for c in counts]) if counts else zeros[None, :0]
-    nan = torch.full((len(groups),), math.nan, dtype=torch.float64, device=device)
-    mins, maxs, sum_t, sq_t = nan.clone(), nan.clone(), torch.zeros_like(nan), torch.zeros_like(nan)
-    if rows:
-        idx = torch.tensor(rows, device=device)
-        f64 = torch.float64
-        mins = mins.scatter_reduce_(0, idx, torch.stack(lo).to(f64), "amin", include_self=False)
-        maxs = maxs.scatter_reduce_(0, idx, torch.stack(hi).to(f64), "amax", include_self=False)
-        sum_t = sum_t.index_add_(0, idx, torch.stack(sums).to(f64))
+    nums = [float(sum(n)) for n in sizes]
+    total = int(sum(nums))
+    counts = torch.zeros(n_groups * _NBINS, dtype=torch.int64, device=device)
+    f64 = torch.float64
+    mins = torch.full((n_groups,), math.nan, dtype=f64, device=device)
+    maxs, sums, sq = mins.clone(), torch.zeros_like(mins), torch.zeros_like(mins)
+    if total:
+        keys = (buffers or HistogramBuffers()).keys(device, min(total, _CHUNK))
+        writer = _Keys(keys, counts)
+        small: dict[int, list[tuple[int, torch.Tensor]]] = {}  # size -> (group, values), in group order
+        large: list[list[Any]] = [[], [], [], [], []]  # group, min, max, sum, sum of squares (0-d) per large tensor
+        blocks: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        for k, vs in enumerate(values):  # large tensors first, in group order
+            for v, n in zip(vs, sizes[k], strict=True):
+                if 0 < n <= _SMALL:
+                    small.setdefault(n, []).append((k, v))
+                elif n:
+                    mn, mx = torch.aminmax(v)
+                    large[0].append(k)
+                    large[1].append(mn)
+                    large[2].append(mx)
+                    large[3].append(v.sum())
+                    if squares is None:
+                        large[4].append(torch.dot(v, v))
+                    writer.add(v.view(torch.int32), k)
+        writer.flush()
+        for n, items in small.items():
+            per = max(1, min(keys.numel() // n, _SMALL_SLOTS))  # rows that fit the buffer, and their slots
+            for at in range(0, len(items), per):
+                batch = items[at : at + per]
+                ks = [k for k, _ in batch]
+                block = torch.stack([v for _, v in batch])
+                mn, mx = torch.aminmax(block, dim=1)
+                blocks.append((ks, mn, mx, block.sum(dim=1),
+                               torch.linalg.vecdot(block, block) if squares is None else None))  # fmt: skip
+                writer.add_rows(block.view(torch.int32), ks)
+        writer.flush()
+
+        def column(j: int) -> torch.Tensor:  # one statistic of every tensor, large ones first
+            pieces = ([torch.stack(large[j])] if large[j] else []) + [b[j] for b in blocks]  # type: ignore[misc]
+            return torch.cat(pieces).to(f64)
+
+        idx = _on(large[0] + [k for b in blocks for k in b[0]], torch.int64, device)
+        mins.scatter_reduce_(0, idx, column(1), "amin", include_self=False)
+        maxs.scatter_reduce_(0, idx, column(2), "amax", include_self=False)
+        sums.index_add_(0, idx, column(3))
         if squares is None:
-            sq_t = sq_t.index_add_(0, idx, torch.stack(sq).to(f64))
+            sq.index_add_(0, idx, column(4))
     if squares is not None:
-        sq_t = torch.tensor(list(squares), dtype=torch.float64, device=device)
-    num = torch.tensor([float(sum(n)) for n in sizes], dtype=torch.float64, device=device)
-    return torch.stack([mins, maxs, num, sum_t, sq_t], dim=1), counts_t
+        sq = _on(list(squares), f64, device)
+    num = _on(nums, f64, device)
+    return torch.stack([mins, maxs, num, sums, sq], dim=1), counts.view(n_groups, _NBINS)
 
 
 def histogram_proto_args(
@@ -212,44 +360,72 @@ def histogram_proto_args(
     are merged so that there are at most ``max_buckets`` (TensorBoard draws about 30). ``None`` if there are no
     values.
     """
-    row = np.zeros(_NBINS, dtype=np.float64)
-    row[np.asarray(bins, dtype=np.int64)] = counts
-    return _proto(stats, row, max_buckets)
+    bins_np = np.asarray(bins, dtype=np.int64)
+    return _protos(np.asarray(stats, dtype=np.float64)[None], np.zeros_like(bins_np), bins_np,
+                   np.asarray(counts, dtype=np.int64), max_buckets)[0]  # fmt: skip
 
 
 _ORDER_NP = np.asarray(_ORDER, dtype=np.int64)
 _RIGHT_ORDERED = np.asarray(_RIGHT)[_ORDER_NP]
-_LEFT_NP = np.asarray(_LEFT)
-_NEG_ZERO = _ORDER.index(0)  # the bin of -0.0, whose right edge is -0.0: TensorBoard would count +0.0 in it too
-_POS_ZERO = _ORDER.index(_HALF)  # the bin of +0.0
+_LEFT_ORDERED = np.asarray(_LEFT)[_ORDER_NP]
+_NFINITE = len(_ORDER)
+_RANK_NP = np.full(_NBINS, -1, dtype=np.int64)  # bin -> its place in value order; -1: a non-finite bin, dropped
+_RANK_NP[_ORDER_NP] = np.arange(_NFINITE)
+# -0.0 (and negative subnormals above -2**-126/8) counted with +0.0: the bin of -0.0 has the right edge -0.0, in
+# which TensorBoard would count +0.0 too
+_RANK_NP[0] = _RANK_NP[_HALF]
 
 
-def _proto(stats: Sequence[float], row: np.ndarray, max_buckets: int = 64) -> dict[str, Any] | None:
-    """:func:`histogram_proto_args` from one row of counts per bin (``_NBINS`` of them), vectorised."""
-    mn, mx, num, total, squares = (float(x) for x in stats)
-    ordered = row[_ORDER_NP]  # finite bins in value order (the non-finite ones drop out)
-    ordered[_POS_ZERO] += ordered[_NEG_ZERO]  # -0.0 (and negative subnormals above -2**-126/8) with +0.0
-    ordered[_NEG_ZERO] = 0.0
-    nz = np.flatnonzero(ordered)
-    if not num or not len(nz):
-        return None
-    limits = _RIGHT_ORDERED[nz]
-    heights = ordered[nz]
-    if len(nz) > max_buckets:
-        k = -(-len(nz) // max_buckets)
-        starts = np.arange(0, len(nz), k)
+def _protos(
+    stats: np.ndarray, rows: np.ndarray, bins: np.ndarray, heights: np.ndarray, max_buckets: int = 64
+) -> list[dict[str, Any] | None]:
+    """:func:`histogram_proto_args` of every histogram at once from its non-empty bins (``rows``: the histogram of
+    each, ``bins``: which, ``heights``: the counts), vectorised over all histograms: the only Python per
+    histogram is putting its lists into a dict."""
+    rank = _RANK_NP[bins]
+    keep = rank >= 0
+    key = rows[keep] * _NFINITE + rank[keep]  # value order within each histogram
+    order = np.argsort(key, kind="stable")
+    key, start = np.unique(key[order], return_index=True)  # -0.0's bin and +0.0's: one bucket
+    heights = np.add.reduceat(heights[keep][order], start) if len(key) else heights[:0]
+    rows, cols = key // _NFINITE, key % _NFINITE
+    n_rows = len(stats)
+    per_row = np.bincount(rows, minlength=n_rows)
+    first = np.concatenate(([0], np.cumsum(per_row)[:-1]))  # each row's first bucket in rows/cols
+    lefts = _LEFT_ORDERED[cols[first[per_row > 0]]].tolist()
+    if len(rows) and per_row.max() > max_buckets:  # merge runs of k neighbouring buckets, k per row
+        k = np.maximum(-(-per_row // max_buckets), 1)
+        bucket = (np.arange(len(rows)) - first[rows]) // k[rows]
+        starts = np.flatnonzero(np.diff(rows * (max_buckets + 1) + bucket, prepend=-1))
+        ends = np.append(starts[1:], len(rows)) - 1
         heights = np.add.reduceat(heights, starts)
-        limits = limits[np.minimum(starts + k - 1, len(nz) - 1)]
-    first = _ORDER_NP[nz[0]]
-    return {
-        "min": mn,
-        "max": mx,
-        "num": num,
-        "sum": total,
-        "sum_squares": squares,
-        "bucket_limit": [min(float(_LEFT_NP[first]), mn), *limits.tolist()],
-        "bucket": [0.0, *heights.tolist()],
-    }
+        cols, rows = cols[ends], rows[starts]
+        per_row = np.bincount(rows, minlength=n_rows)
+        first = np.concatenate(([0], np.cumsum(per_row)[:-1]))
+    limits = _RIGHT_ORDERED[cols].tolist()
+    heights_l = heights.astype(np.float64).tolist()
+    out: list[dict[str, Any] | None] = []
+    j = 0  # the next non-empty row's left edge
+    for (mn, mx, num, total, squares), start, n in zip(stats.tolist(), first.tolist(), per_row.tolist(), strict=True):
+        if not n:
+            out.append(None)
+            continue
+        left = lefts[j]
+        j += 1
+        if not num:
+            out.append(None)
+            continue
+        end = start + n
+        out.append({
+            "min": mn,
+            "max": mx,
+            "num": num,
+            "sum": total,
+            "sum_squares": squares,
+            "bucket_limit": [min(left, mn), *limits[start:end]],
+            "bucket": [0.0, *heights_l[start:end]],
+        })  # fmt: skip
+    return out
 
 
 def _fetch_histograms(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[dict[str, Any] | None]:
@@ -270,17 +446,32 @@ def _fetch_histograms(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> list[di
     by_device: dict[torch.device, list[int]] = {}
     for j, (stats, _) in enumerate(rows):
         by_device.setdefault(stats.device, []).append(j)
-    for idx in by_device.values():
-        stats = torch.cat([rows[j][0] for j in idx])
-        counts = torch.cat([rows[j][1] for j in idx]).to(torch.float64)  # exact below 2**53
-        host = torch.cat([stats.flatten(), counts.flatten()]).cpu().numpy()  # the one sync
+    for device, idx in by_device.items():
+        stats = torch.cat([rows[j][0] for j in idx]).to(torch.float64)
         n = len(stats)
-        stats_rows = host[: n * 5].reshape(n, 5)
-        counts_rows = host[n * 5 :].reshape(n, _NBINS)
+        if device.type == "cpu":  # already on the host: read the non-empty bins where they are
+            found, counted, at = [], [], 0
+            for j in idx:
+                flat = rows[j][1].reshape(-1)
+                nz = flat.nonzero().squeeze(1)
+                counted.append(flat[nz])
+                found.append(nz + at)
+                at += flat.numel()
+            bins, heights = torch.cat(found), torch.cat(counted).to(torch.int64).numpy()
+            stats_np = stats.numpy()
+        else:  # the one sync: the float64 statistics travel bit for bit as int64, beside the counts
+            counts = torch.cat([rows[j][1] for j in idx]).to(torch.int64)
+            host = torch.cat([stats.view(torch.int64).flatten(), counts.flatten()]).cpu()
+            flat_host = host[n * 5 :]
+            bins = flat_host.nonzero().squeeze(1)
+            heights = flat_host[bins].numpy()
+            stats_np = host[: n * 5].numpy().view(np.float64).reshape(n, 5)
+        bins_np = bins.numpy()
+        protos = _protos(stats_np, bins_np // _NBINS, bins_np % _NBINS, heights)
         r = 0
         for j in idx:
             for i in range(offsets[j], offsets[j + 1]):
-                out[i] = _proto(stats_rows[r], counts_rows[r])
+                out[i] = protos[r]
                 r += 1
     return out
 
@@ -375,6 +566,7 @@ class _Snapshot:
     idx: list[int]
     params: list[torch.Tensor]
     before: list[torch.Tensor]
+    norms: list[torch.Tensor]  # of `before`, taken while the copy is still in the cache
 
 
 @dataclass
@@ -493,6 +685,7 @@ class Dashboard:
         self._layout_written = False
         self._reported = -1  # number of report entries last written as text
         self._snapshots: list[_Snapshot] = []
+        self._buffers = HistogramBuffers()  # histograms_counts' key buffers, reused on logged steps
         self._epoch: dict[int, list[float]] = {}  # optimizer index -> [max, sum, count, last step]
         self._metrics: dict[int, tuple[Any, Any]] = {}
         self._finished = False
@@ -668,7 +861,7 @@ class Dashboard:
             squares.append(math.fsum(n * n for n in present))
         out = []
         for tags, groups, finite, squares in by_device.values():
-            s, c = histograms_counts(groups, scale, finite, squares if all(finite) else None)
+            s, c = histograms_counts(groups, scale, finite, squares if all(finite) else None, buffers=self._buffers)
             out.append((tags, s, c))
         return out
 
@@ -684,7 +877,10 @@ class Dashboard:
         idx = [i for i, p in enumerate(stats.params) if p.grad is not None]
         if idx:
             params = [stats.params[i].detach().reshape(-1) for i in idx]
-            self._snapshots.append(_Snapshot(k, step, view, idx, params, _copy_flat(params)))
+            before = _copy_flat(params)
+            with torch.no_grad():
+                norms = _l2(before)
+            self._snapshots.append(_Snapshot(k, step, view, idx, params, before, norms))
 
     def end_batch(self) -> None:
         """Log the update-to-weight ratios of this batch's logged steps and drop the parameter copies; draw the
@@ -744,10 +940,13 @@ class Dashboard:
     def _log_ratio(self, snap: _Snapshot) -> None:
         """``||w_after - w_before|| / ||w_before||`` per key, from the copies taken before the step (one sync)."""
         with torch.no_grad():
-            w = _l2(snap.before)
+            w = snap.norms
             torch._foreach_sub_(snap.before, snap.params)  # before := -(update)
             d = _l2(snap.before)
-            values = torch.stack([x.to(torch.float64) for x in (*w, *d)]).cpu().tolist()
+            norms = [*w, *d]
+            if len({x.dtype for x in norms}) > 1:
+                norms = [x.to(torch.float64) for x in norms]
+            values = torch.stack(norms).to(torch.float64).cpu().tolist()
         n = len(snap.params)
         w2 = {i: values[j] ** 2 for j, i in enumerate(snap.idx)}
         d2 = {i: values[n + j] ** 2 for j, i in enumerate(snap.idx)}
@@ -769,6 +968,7 @@ class Dashboard:
                     i in d2 for i in idx) else None  # fmt: skip
             self._add_flow("update_ratio", snap.step, ratios)
         snap.before.clear()
+        snap.norms.clear()
         if metrics:
             self._write(metrics, [], snap.step)
 
@@ -844,8 +1044,9 @@ class Dashboard:
         return report.write_json(path)
 
     def release(self) -> None:
-        """Drop parameter copies still held (after an exception, or at teardown)."""
+        """Drop parameter copies still held (after an exception, or at teardown), and the histograms' key buffer."""
         self._snapshots.clear()
+        self._buffers.clear()
 
     # ------------------------------------------------------------------ writing
     def _say(self, text: str) -> None:

@@ -12,8 +12,10 @@ import json
 import logging
 import math
 import re
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule
@@ -344,6 +346,134 @@ def test_single_histogram_counts_agrees_with_the_fused_one():
     s2, c2 = histograms_counts([tensors, [torch.ones(2)]])
     assert torch.equal(c1, c2[0])
     assert torch.allclose(s1, s2[0])
+
+
+def reference_bin_counts(values: torch.Tensor) -> list[int]:
+    """Straightforward bucketing of the finite ``values``: numpy's ``searchsorted`` of each value (float64) in the
+    sorted right edges of all 8-per-octave buckets, so that bucket ``i`` holds the values in ``(edge[i-1], edge[i]]``
+    (TensorBoard's reading); one count per bucket, in value order. The bucket whose right edge is -0.0 is counted
+    with the next one (TensorBoard would count +0.0 in it too)."""
+    from lightning_gradguard.dashboard import _RIGHT_ORDERED
+
+    v = values.detach().double().flatten().numpy()
+    v = v[np.isfinite(v)]
+    counts = np.bincount(np.searchsorted(_RIGHT_ORDERED, v, side="left"), minlength=len(_RIGHT_ORDERED))
+    (minus_zero,) = np.flatnonzero(_RIGHT_ORDERED == 0.0)[:1]
+    counts[minus_zero + 1] += counts[minus_zero]
+    counts[minus_zero] = 0
+    return counts.tolist()
+
+
+def fast_bin_counts(counts: torch.Tensor) -> list[int]:
+    """The counts of :func:`histograms_counts` (one per key) in the reference's value order, -0.0 with +0.0."""
+    from lightning_gradguard.dashboard import _HALF, _ORDER_NP
+
+    row = counts.numpy().copy()
+    row[_HALF] += row[0]
+    row[0] = 0
+    return row[_ORDER_NP].tolist()
+
+
+def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatch):
+    """Every bucket of every histogram equals a plain ``searchsorted`` of the values, through every path of the fast
+    one: a tensor split across key buffers, small tensors batched by size, several histograms per ``bincount``, the
+    buffer reused by a second call."""
+    monkeypatch.setattr(lightning_gradguard.dashboard, "_CHUNK", 1000)  # 3 tensors and more per buffer, and splits
+    monkeypatch.setattr(lightning_gradguard.dashboard, "_SMALL", 64)
+    monkeypatch.setattr(lightning_gradguard.dashboard, "_SLOTS", 1)
+    monkeypatch.setattr(lightning_gradguard.dashboard, "_SMALL_SLOTS", 3)  # histograms 3 and 5 share a count
+    from lightning_gradguard.dashboard import HistogramBuffers, histograms_counts
+
+    torch.manual_seed(0)
+    edges = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.125, -1.125, 2.0**-130, -(2.0**-130), 3e38, -3e38, 2.0**-149])
+    groups = [
+        [torch.randn(2500) * 1e-3, torch.randn(16)],  # 2500 values: split across three buffers
+        [torch.randn(16) * 10],  # small, the same size as one in the first group: one 2-D block
+        [torch.randn(40, 30).bfloat16(), torch.randn(7, dtype=torch.float64)],
+        [edges, torch.tensor([math.nan, math.inf, -math.inf, 5.0])],  # non-finite values are left out
+        [],
+        [torch.zeros(300), torch.full((64,), -(2.0**-3))],
+    ]
+    finite = [True, True, True, False, True, True]
+    buffers = HistogramBuffers()
+    results = [histograms_counts(groups, finite=finite, buffers=buffers) for _ in range(2)]
+    assert buffers.keys(torch.device("cpu"), 1).numel() == 1000  # one bounded buffer, reused
+    for stats, counts in results:
+        assert counts.shape == (len(groups), lightning_gradguard.dashboard._NBINS)
+        for k, group in enumerate(groups):
+            values = torch.cat([t.float().flatten() for t in group]) if group else torch.empty(0)
+            assert fast_bin_counts(counts[k]) == reference_bin_counts(values)
+            finite_values = values[torch.isfinite(values)].double()
+            assert stats[k, 2] == finite_values.numel()
+            if finite_values.numel():
+                assert stats[k, :2].tolist() == [float(finite_values.min()), float(finite_values.max())]
+                total = float(finite_values.abs().sum())
+                assert float(stats[k, 3]) == pytest.approx(float(finite_values.sum()), abs=1e-6 * total)
+                squares = float(finite_values.square().sum())
+                if squares < torch.finfo(torch.float32).max:  # summed in float32, as the values are
+                    assert float(stats[k, 4]) == pytest.approx(squares, rel=1e-5)
+            else:
+                assert math.isnan(stats[k, 0])
+                assert math.isnan(stats[k, 1])
+
+
+def test_accelerator_counting_without_sync_equals_bincount():
+    """On an accelerator the keys are counted with ``index_add_`` (``bincount`` syncs there): same counts."""
+    from lightning_gradguard.dashboard import _add_counts
+
+    keys = torch.randint(0, 3 * 4096, (5000,), dtype=torch.int32)
+    assert torch.equal(_add_counts(keys, 4 * 4096), torch.bincount(keys, minlength=4 * 4096))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_value_histograms_on_cuda_sync_once_and_match_the_cpu():
+    from lightning_gradguard.dashboard import _fetch_histograms, histograms_counts
+
+    torch.manual_seed(0)
+    groups = [[torch.randn(3000) * 1e-3, torch.randn(16)], [torch.randn(16) * 10], [torch.randn(300, 70)]]
+    cpu = _fetch_histograms([histograms_counts(groups)])
+    cuda_groups = [[t.cuda() for t in g] for g in groups]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as bucketing:
+            warnings.simplefilter("always")
+            stats, counts = histograms_counts(cuda_groups, squares=[1.0, 2.0, 3.0])
+        with warnings.catch_warnings(record=True) as fetching:
+            warnings.simplefilter("always")
+            protos = _fetch_histograms([(stats, counts)])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    def syncs(caught: list) -> int:
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert syncs(bucketing) == 0
+    assert syncs(fetching) == 1  # the one transfer
+    for a, b in zip(cpu, protos, strict=True):
+        assert a["bucket_limit"] == b["bucket_limit"]
+        assert a["bucket"] == b["bucket"]
+        assert (a["min"], a["max"], a["num"]) == (b["min"], b["max"], b["num"])
+
+
+def test_fast_value_histograms_of_a_model_match_torch_histc_per_tensor():
+    """A transformer layer's gradients (12 tensors, default buffer sizes): per tensor and sign, the fast counts summed
+    over each power of two's 8 buckets equal ``torch.histc`` of ``floor(log2|g|)``, one bin per power of two."""
+    from lightning_gradguard.dashboard import _HALF, histograms_counts
+
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model(torch.randn(4, 8, 32)).square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    _, counts = histograms_counts([[g] for g in grads])
+    for g, row in zip(grads, counts, strict=True):
+        g = g.flatten()
+        for sign, part in ((1, row[_HALF:]), (-1, row[:_HALF])):
+            v = g[(g * sign > 0)].abs()
+            octaves = part[8:2040].reshape(-1, 8).sum(1)  # exponents 1..254: the normal floats, by power of two
+            lo, hi = -126, 128
+            reference = torch.histc(torch.log2(v.double()).floor(), bins=hi - lo, min=lo, max=hi)
+            assert octaves.tolist() == reference.long().tolist()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
