@@ -419,3 +419,24 @@ def test_gradient_accumulation_window_in_one_block_judges_the_summed_gradients()
     opt.zero_grad()
     with pytest.raises(GradGuardError, match="b.weight: unused"), check_step(model, opt, strict=True):
         model["a"](torch.randn(2, 4)).sum().backward()  # one micro-batch per block: judged on its own at the end
+
+
+def test_the_graph_is_not_held_past_the_optimizer_step():
+    """Once an optimizer judged the step, the guard keeps the loss's graph only through the user's own reference:
+    a graph kept with `retain_graph=True` (and the activations it saved) dies when the user drops the loss."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with check_step(model, opt, strict=True) as chk:
+        act = model[1](model[0](torch.randn(4, 8)))  # tanh saves its output for backward
+        saved = weakref.ref(act)
+        loss = model[2](act).sum()
+        del act
+        loss.backward(retain_graph=True)
+        opt.step()
+        del loss
+        gc.collect()
+        assert saved() is None  # before the block ends
+    assert chk.findings == []
