@@ -27,7 +27,6 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from conftest import loader, make_trainer, where
@@ -800,27 +799,33 @@ def test_monitoring_config_warns_on_every_kind_and_logs_every_50_steps():
 # TensorBoard: "the per-parameter norms of the one fused pass ..., and a logged step costs no extra pass or sync for
 # them"; `histograms`: the norm histogram reads its bucket counts once more per logged step.
 
-#: Calls that move a value to the host (`.numpy()` needs a CPU tensor already: it follows one of these).
-HOST_READS = frozenset({"item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__index__"})
-
-
-class HostReads(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += getattr(func, "__name__", "") in HOST_READS
-        return func(*args, **(kwargs or {}))
-
 
 class CountingGuard(GradGuard):
-    """GradGuard, counting the torch calls that read a value to the host inside its optimizer-step hook."""
+    """GradGuard, counting inside its optimizer-step hook the transfers to the host: the fused pass's (every one goes
+    through `audit.to_host`) and the dashboard's histogram fetches (`dashboard._fetch_histograms`). The guard's own
+    ops run with `__torch_function__` handling off, so a counting mode would see none of them."""
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        with HostReads() as reads:
+        import lightning_gradguard.audit as audit
+        import lightning_gradguard.dashboard as dashboard
+
+        count = [0]
+        real_host, real_fetch = audit.to_host, dashboard._fetch_histograms
+
+        def to_host(t):
+            count[0] += 1
+            return real_host(t)
+
+        def fetch(parts):
+            count[0] += len({c.device for _, c in parts}) if parts else 0  # one transfer per device
+            return real_fetch(parts)
+
+        audit.to_host, dashboard._fetch_histograms = to_host, fetch
+        try:
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.reads = {**getattr(self, "reads", {}), trainer.global_step: reads.count}
+        finally:
+            audit.to_host, dashboard._fetch_histograms = real_host, real_fetch
+        self.reads = {**getattr(self, "reads", {}), trainer.global_step: count[0]}
 
 
 @pytest.mark.parametrize(("histograms", "extra"), [(False, 0), (True, 1)])
