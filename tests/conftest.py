@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
+
+#: The repository's root: subprocesses import this checkout of the package from it.
+ROOT = Path(__file__).resolve().parents[1]
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*litlogger.*")
@@ -23,6 +29,21 @@ def where(marker: str, path: str | None = None) -> str:
     assert len(hits) == 1, f"marker {marker!r} must be on exactly one line of {path}, found {hits}"
     rel = os.path.relpath(path)
     return f"{path if rel.startswith('..') else rel}:{hits[0]}"
+
+
+def run_python(*args: str, cwd: os.PathLike | str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``python *args`` in a subprocess that imports this checkout (``ROOT`` first on ``PYTHONPATH``), with ``env``
+    added to the environment; its output captured as text, its exit status left to the caller."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": path, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def make_trainer(tmp_path, callbacks, **kwargs) -> Trainer:

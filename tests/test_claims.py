@@ -10,10 +10,8 @@ import ast
 import importlib.util
 import json
 import math
-import os
 import re
 import runpy
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -29,7 +27,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from conftest import loader, make_trainer, where
+from conftest import ROOT, loader, make_trainer, run_python, where
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
 from lightning_gradguard.cli import main as cli_main
 from lightning_gradguard.testing import GradientFlowError
@@ -624,8 +622,6 @@ def test_fabric_calls_only_two_hooks_on_its_callbacks():
 # YAML's `model` and `data` need a `class_path`, or name the classes with `--model`/`--data`"; "`gradguard report`
 # ... (`--markdown` for a table)". (The path form, exit codes and `--report`: tests/test_preflight.py.)
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def check_in_process(capsys, monkeypatch, *args: str) -> tuple[int, str]:
     """`gradguard ...` run in this process (`cli.main`, the console script's entry): its exit status and output."""
@@ -679,16 +675,7 @@ def test_python_m_is_the_command_and_a_config_without_class_paths_needs_model_an
     a YAML without `class_path` and no `--cli`/`--model`/`--data` says nothing about what to build: bad usage."""
     config = tmp_path / "plain.yaml"
     config.write_text("model:\n  bug: unused\ndata:\n  num_samples: 64\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightning_gradguard", "check", "--config", str(config), "--steps", "1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_python("-m", "lightning_gradguard", "check", "--config", str(config), "--steps", "1", cwd=tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "model" in proc.stderr
 

@@ -3,24 +3,17 @@ work run without it), and the traced-step benchmark runs (no timing is asserted 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
-from conftest import loader, make_trainer
+from conftest import ROOT, loader, make_trainer, run_python, where
 from lightning_gradguard import GradGuard, GradGuardError, check_step
 from lightning_gradguard.params import ParamIndex
 from lightning_gradguard.policy import GradGuardWarning
 from lightning_gradguard.trace import Tracer
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class _Other(TorchFunctionMode):
@@ -192,26 +185,12 @@ def test_check_step_runs_the_optimizer_step_without_the_tracer():
 def test_traced_benchmark_quick_mode_prints_the_table_and_writes_nothing(tmp_path):
     results = ROOT / "benchmarks" / "traced.md"
     before = results.read_bytes() if results.exists() else None
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "traced.py"), "--quick"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    proc = run_python(str(ROOT / "benchmarks" / "traced.py"), "--quick", cwd=tmp_path, OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for row in ("| gpt2 |", "| bert-cls |", "| vit |", "| **median** (3 architectures) |", "| **max** |"):
         assert row in proc.stdout
     assert "Traced step / untraced step: median" in proc.stdout
     assert (results.read_bytes() if results.exists() else None) == before
-
-
-def _line_of(marker: str) -> str:
-    lines = Path(__file__).read_text(encoding="utf-8").splitlines()
-    return f"test_trace_cost.py:{next(i for i, text in enumerate(lines, 1) if text.endswith('# ' + marker))}"
 
 
 def _rounded(t: torch.Tensor) -> torch.Tensor:
@@ -232,12 +211,12 @@ def test_a_cut_repeated_at_one_user_line_is_one_site_counting_every_call():
             _rounded(lin(x))
     finally:
         tracer.stop()
-    sites = sorted((s.kind, s.op, (s.where or "").rpartition("/")[2], s.calls, s.mask) for s in tracer.sites)
+    sites = sorted((s.kind, s.op, s.where, s.calls, s.mask) for s in tracer.sites)
     assert sites == sorted(
         [
-            ("nondiff", "argmax", _line_of("CUT: loop"), 3, 0b11),
-            ("nondiff", "argmax", _line_of("CUT: once"), 1, 0b11),
-            ("detach", "detach", _line_of("CUT: detach"), 2, 0b11),
-            ("zero_derivative", "round", _line_of("CUT: helper"), 4, 0b11),
+            ("nondiff", "argmax", where("CUT: loop"), 3, 0b11),
+            ("nondiff", "argmax", where("CUT: once"), 1, 0b11),
+            ("detach", "detach", where("CUT: detach"), 2, 0b11),
+            ("zero_derivative", "round", where("CUT: helper"), 4, 0b11),
         ]
     )
