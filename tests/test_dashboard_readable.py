@@ -13,6 +13,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
+from test_tensorboard import TwoOptimizers
 from torch import nn
 
 from conftest import loader, make_trainer
@@ -40,30 +41,11 @@ class Logs(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-class TwoOptimizersLogs(LightningModule):
+class TwoOptimizersLogs(TwoOptimizers):
     """Manual optimization with two optimizers (``global_step`` advances twice per batch); logs with ``self.log``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.gen = nn.Linear(8, 8)
-        self.disc = nn.Linear(8, 1)
-
     def training_step(self, batch, batch_idx):
-        x, _ = batch
-        opt_g, opt_d = self.optimizers()
-        d_loss = self.disc(x).pow(2).mean() + self.disc(self.gen(x).detach()).mean()
-        opt_d.zero_grad()
-        self.manual_backward(d_loss)
-        opt_d.step()
-        g_loss = -self.disc(self.gen(x)).mean()
-        opt_g.zero_grad()
-        self.manual_backward(g_loss)
-        opt_g.step()
-        self.log("d_loss", d_loss)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.gen.parameters(), lr=0.01), torch.optim.SGD(self.disc.parameters(), lr=0.01)
+        self.log("d_loss", super().training_step(batch, batch_idx))
 
 
 def fit(tmp_path: Path, guard: GradGuard, model: LightningModule, n: int = 96, **kwargs):

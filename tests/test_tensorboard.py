@@ -808,6 +808,7 @@ class TwoOptimizers(LightningModule):
             opt_g.zero_grad()
             self.manual_backward(g_loss)
             opt_g.step()
+        return d_loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.gen.parameters(), lr=0.01), torch.optim.SGD(self.disc.parameters(), lr=0.01)
