@@ -101,16 +101,15 @@ class _Loss:
 
     grad_fn: Any
     facts: LossFacts | None
-    ref: Any = None
-
+    ref: weakref.ref
     released: bool = False
 
     def graph(self) -> tuple[Any, bool]:
         """``(the loss's grad_fn, whether it is known)``: not known once the guard released it and the loss is gone."""
         if not self.released:
             return self.grad_fn, True
-        loss = self.ref() if self.ref is not None else None
-        return (loss.grad_fn, True) if loss is not None else (None, False)
+        loss = self.ref()
+        return (None, False) if loss is None else (loss.grad_fn, True)
 
     def release(self) -> None:
         """Hold the graph no longer (the user's code, or Lightning, still does while it keeps the loss)."""
@@ -236,8 +235,7 @@ class GuardCore:
         """Stop tracing; forget the losses an optimizer judged, and the trace once no loss of a pending step (under
         gradient accumulation) refers to it. ``forget=False`` keeps both (``check_step`` still judges at its end)."""
         if forget and self._checked:
-            self._losses.clear()
-            self._checked = False
+            self._drop_losses()
         if self.tracer is not None:
             self.tracer.stop()
             if forget and not self._losses and self.tracer.recorded:
@@ -248,6 +246,9 @@ class GuardCore:
         if self.tracer is not None:
             self.tracer.stop()
             self.tracer.reset()
+        self._drop_losses()
+
+    def _drop_losses(self) -> None:
         self._losses.clear()
         self._checked = False
 
@@ -261,8 +262,7 @@ class GuardCore:
                 path was cut, and where.
         """
         if self._checked:  # a new backward after an optimizer step (a GAN's second loss): a new group of losses
-            self._losses.clear()
-            self._checked = False
+            self._drop_losses()
         facts = self.tracer.facts(loss) if self.tracing and self.tracer is not None else None
         self._losses.append(_Loss(loss.grad_fn, facts, weakref.ref(loss)))
         error = self._detached_loss_error(facts, step) if loss.grad_fn is None and not loss.requires_grad else None
