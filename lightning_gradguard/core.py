@@ -373,7 +373,7 @@ class GuardCore:
                 index, stats, facts, step, overflow_ok=overflow_ok, defer=defer, skip_empty=not sharded
             )
             found, due = self._window(found, pending, facts, step, lacking)
-            findings += self._settle_pending(found, due, facts, step)
+            findings += self._settle_pending(found, due, facts, step, judged)
         if traced_step and self._probing:
             history.looked |= self._probing
             self._probing.clear()
@@ -490,16 +490,23 @@ class GuardCore:
         ))  # fmt: skip
 
     def _settle_pending(
-        self, found: list[Finding], due: list[tuple[int, str, int]], facts: StepFacts, step: int
+        self, found: list[Finding], due: list[tuple[int, str, int]], facts: StepFacts, step: int, judged: set[str]
     ) -> list[Finding]:
-        """Keep untraced candidates for the next (traced) step; explain earlier ones now that it came."""
+        """Keep untraced candidates for the next (traced) step; explain earlier ones now that it came.
+
+        Only the candidates among ``judged`` (the stepping optimizer's parameters) are settled: another optimizer's
+        wait for its own check of the traced step (its parameters' gradients say nothing in this one's ``found``).
+        """
         index = self.index
         assert index is not None
         out = list(found)
         if facts.traced and self._pending:
             explained = {f.param for f in found}
-            for bit, (first, reason) in self._pending.items():
+            for bit, (first, reason) in list(self._pending.items()):
                 name = index.names[bit]
+                if name not in judged:
+                    continue
+                del self._pending[bit]
                 self.history.looked.add(name)
                 if name in explained:  # the traced step shows the same problem: date it back to its first step
                     out = [replace(f, step=first) if f.param == name else f for f in out]
@@ -515,7 +522,6 @@ class GuardCore:
                         f"step: something {then} left it out (a data-dependent branch that skipped it, or a cut taken "
                         "on that step only); set diagnose='always' to name the line."
                     ), kind="unused", hint=HINTS["unused"]))  # fmt: skip
-            self._pending.clear()
         for bit, reason, first in due:
             name = index.names[bit]
             known = self.history.known.get(name)

@@ -440,3 +440,24 @@ def test_the_graph_is_not_held_past_the_optimizer_step():
         gc.collect()
         assert saved() is None  # before the block ends
     assert chk.findings == []
+
+
+# ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
+def test_a_loss_that_is_a_parameter_itself_is_not_graphless():
+    class Temperature(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.tensor(2.0))
+
+    model = Temperature()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with check_step(model, opt, strict=True) as chk:
+            loss = model.t  # a leaf: no grad_fn, but it requires grad, so backward() works
+            loss.backward()
+            opt.step()
+    assert chk.findings == []
+    assert model.t.item() == pytest.approx(1.9)
+    with pytest.raises(GradGuardError, match="does not require grad"), check_step(model, opt, strict=True):
+        model.t.detach().backward()  # nearest wrong: the same value without its graph

@@ -457,3 +457,58 @@ def test_single_process_run_has_no_sync_and_runs_no_collective(tmp_path):
     assert guard._core.checks == 2
     assert guard._core.dist is None
     assert RankSync.of(torch.nn.Linear(2, 2), "cpu") is None
+
+
+# ---------------------------------------------------------------- unit: what the ranks agreed, applied to findings
+# (tests/mutation/run.py: the multi-process launches above cover these too, but take minutes)
+def _sync(**kwargs) -> RankSync:
+    return RankSync(group=None, rank=0, world_size=2, device="cpu", **kwargs)
+
+
+def _agreed(loss_bad=(), received=None, dep=None):
+    from lightning_gradguard.distributed import _Agreed
+
+    return _Agreed(unreached={}, received=received, dep=dep, loss_bad=tuple(loss_bad))
+
+
+def test_combine_names_the_ranks_whose_loss_was_nan_on_nonfinite_findings_only():
+    from lightning_gradguard import Finding
+
+    nan = Finding("nonfinite", "w", "`w` has a NaN or Inf in its gradient.")
+    unused = Finding("unused", "b", "`b` received no gradient.")
+    sync = _sync(strict=True)
+    sync._agreed = _agreed(loss_bad=(1,))
+    out = sync.combine([nan, unused], 3)
+    assert out[0].ranks == (1,)
+    assert "The loss was NaN/Inf on rank 1 of 2 only" in out[0].message
+    assert out[1] == unused
+    sync._agreed = _agreed(loss_bad=(0, 1))
+    (out,) = sync.combine([nan], 4)
+    assert (out.ranks, out.message.endswith("The loss was NaN/Inf on every rank.")) == ((), True)
+    sync._agreed = _agreed()  # nearest silent: no rank's loss was bad
+    assert sync.combine([nan], 5) == [nan]
+
+
+def test_merge_facts_takes_the_agreed_reach_unless_ddp_is_strict():
+    from lightning_gradguard.audit import StepFacts
+
+    facts = StepFacts(received={1}, dep=1)
+    loose = _sync(strict=False)
+    loose._agreed = _agreed(received={1, 2}, dep=3)
+    merged = loose.merge_facts(facts)
+    assert (merged.received, merged.dep) == ({1, 2}, 3)
+    strict = _sync(strict=True)  # every synchronised parameter was reached on every rank, or the step raised
+    strict._agreed = _agreed(received={1, 2}, dep=3)
+    assert strict.merge_facts(facts) is facts
+
+
+def test_sharded_findings_say_what_fsdp_changes():
+    from lightning_gradguard import Finding
+
+    zero = Finding("zero", "w", "`w` received a gradient that is exactly zero everywhere.")
+    unused = Finding("unused", "b", "`b` received no gradient.")
+    fsdp, dtensor = _sync(sharded="fsdp"), _sync(sharded="dtensor")
+    assert "Under FSDP (FullyShardedDataParallel)" in fsdp.combine([zero], 0)[0].message
+    assert dtensor.combine([zero], 0) == [zero]  # FSDP2 gives no gradient, not a zero one, to an unused parameter
+    for sync in (fsdp, dtensor):
+        assert "received no gradient on any rank" in sync.combine([unused], 0)[0].message

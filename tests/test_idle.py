@@ -502,3 +502,128 @@ def test_zero_gradient_from_a_zero_derivative_op_is_reported_at_once(tmp_path):
     assert trainer.global_step == 0  # not control flow: no window
     assert kinds(err.value.findings) == {("zero", "dead.weight"), ("zero", "dead.bias")}
     assert {f.where for f in err.value.findings} == {where("CUT: round")}
+
+
+# ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
+def test_an_idle_layer_is_probed_by_one_trace_not_on_every_drop(tmp_path):
+    guard = quiet(tmp_path, LayerDrop(), GradGuard(), max_steps=60)
+    assert guard.findings == []
+    # the first step, and at most one probe per layer once it is first dropped on an untraced step
+    assert guard._core.history.traced_steps <= 1 + 4
+    assert not any("budget" in n for n in guard.report.notes)
+
+
+class ZeroThenUnused(LightningModule):
+    """``extra`` gets an all-zero gradient on step 0 (``* 0``), none on step 1, a usable one from step 2 on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 1)
+        self.extra = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.body(x).squeeze(-1)
+        if self.global_step == 0:
+            out = out + self.extra(x).squeeze(-1) * 0.0
+        elif self.global_step >= 2:
+            out = out + self.extra(x).squeeze(-1)
+        return ((out - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_with_window_1_each_finding_is_dated_to_its_own_step_within_one_run(tmp_path):
+    guard = GradGuard(idle_window=1, on_zero="warn", on_unused="warn", diagnose="always")
+    with pytest.warns(GradGuardWarning):
+        fit(tmp_path, ZeroThenUnused(), guard, max_steps=4)
+    # one run without a usable gradient (steps 0-1), but the `unused` finding is seen first on step 1, not 0
+    assert {(f.kind, f.param, f.step) for f in guard.findings} == {
+        ("zero", "extra.weight", 0),
+        ("zero", "extra.bias", 0),
+        ("unused", "extra.weight", 1),
+        ("unused", "extra.bias", 1),
+    }
+
+
+class ZeroThenGone(ZeroThenUnused):
+    """``extra`` gets an all-zero gradient on step 0 and none from step 1 on (its branch is gone)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.body(x).squeeze(-1)
+        if self.global_step == 0:
+            out = out + self.extra(x).squeeze(-1) * 0.0
+        return ((out - y) ** 2).mean()
+
+
+def test_a_parameter_a_trace_explained_as_zero_is_traced_again_when_its_gradient_goes_missing(tmp_path):
+    guard = GradGuard(idle_window=1, on_zero="warn", on_unused="warn")
+    with pytest.warns(GradGuardWarning):
+        fit(tmp_path, ZeroThenGone(), guard, max_steps=4)
+    unused = [f for f in guard.findings if f.kind == "unused"]
+    assert {(f.param, f.step) for f in unused} == {("extra.weight", 1), ("extra.bias", 1)}
+    # the explanation of a trace (step 2), not "the step was not traced": the earlier trace looked at a zero gradient
+    assert all("never took part in the forward pass" in f.message for f in unused)
+
+
+class StackWithLateUnused(Stack):
+    """:class:`Stack` whose ``extra`` layer leaves the loss from step 25 on, after the tracing budget is spent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss + self.extra(batch[0][:, :4]).mean() if self.global_step < 25 else loss
+
+
+def test_once_the_tracing_budget_is_spent_a_new_finding_is_reported_at_its_step(tmp_path):
+    guard = GradGuard(idle_window=1, on_zero="ignore")
+    trainer = make_trainer(tmp_path, [guard], max_steps=40)
+    with pytest.raises(GradGuardError, match="extra.weight") as err:
+        trainer.fit(StackWithLateUnused(), loader(n=64, batch_size=4))
+    assert guard._core.history.traced_steps == MAX_TRACED_STEPS
+    assert any("budget" in n for n in guard.report.notes)  # spent before step 25
+    assert trainer.global_step == 25  # at once, not held for a trace that the budget no longer allows
+    assert {(f.kind, f.step) for f in err.value.findings} == {("unused", 25)}
+    assert "the step was not traced" in err.value.findings[0].message
+
+
+class FrozenBias(LightningModule):
+    """``body.bias`` is frozen but handed to the optimizer: a ``frozen`` finding on the first (traced) step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 1)
+        self.body.bias.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.body(x).squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_a_finding_of_the_traced_first_step_does_not_cost_another_trace(tmp_path):
+    with pytest.warns(GradGuardWarning, match="body.bias"):
+        guard = fit(tmp_path, FrozenBias(), GradGuard(), max_steps=6)
+    assert kinds(guard.findings) == {("frozen", "body.bias")}
+    assert guard._core.history.traced_steps == 1
+
+
+@pytest.mark.parametrize("window", [2, 3])
+def test_a_run_exactly_as_long_as_the_window_reports_its_dead_part_once(tmp_path, window):
+    guard = GradGuard(idle_window=window, on_unused="warn")
+    with pytest.warns(GradGuardWarning) as rec:
+        fit(tmp_path, LayerDrop(p=0.0, with_dead_head=True), guard, max_steps=window)
+    assert kinds(guard.findings) == {("unused", "dead.weight"), ("unused", "dead.bias")}
+    entry = next(e for e in guard.report.entries if e.finding.param == "dead.weight")
+    assert entry.count == window  # every checked step, not one more for a "shorter than the window" copy at the end
+    assert f"{window} checked steps in a row" in entry.finding.message
+    texts = [str(w.message) for w in rec if issubclass(w.category, GradGuardWarning) and "dead" in str(w.message)]
+    assert len(texts) == 1
+    assert "fewer than idle_window" not in texts[0]

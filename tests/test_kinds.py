@@ -696,3 +696,54 @@ def test_diagnose_on_finding_explains_a_later_problem_on_the_next_step(tmp_path)
     # step 2 is untraced and held back; step 3 (traced) does not reproduce it: a branch skipped it on step 2
     assert {(f.kind, f.step) for f in guard.findings} == {("unused", 2)}
     assert "a cut taken on that step only" in guard.findings[0].message
+
+
+# ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
+class SameShapes(LightningModule):
+    """Two layers of one shape: a stale tensor's twin is told by its position, not by its shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.head(self.b(self.a(x))).squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class SameShapesOverCopy(SameShapes):
+    def configure_optimizers(self):
+        return torch.optim.SGD(copy.deepcopy(self).parameters(), lr=0.05)
+
+
+def test_stale_copies_of_same_shaped_layers_are_named_by_position(tmp_path):
+    with pytest.raises(GradGuardError, match="stale") as err:
+        fit(tmp_path, SameShapesOverCopy(), GradGuard(on_orphan="ignore"))
+    names = [n for n, _ in SameShapes().named_parameters()]
+    assert [f.param for f in err.value.findings] == names  # not `optimizer.param_groups[0][0]` for `a.weight`
+    assert "it looks like a copy of `a.weight`" in err.value.findings[0].message
+    fit_silently(tmp_path, SameShapes())  # nearest correct: the optimizer over the model's own tensors
+
+
+class TwoOptimizersCutFromBatch1(TwoOptimizersOneBackward):
+    """The cut of :class:`TwoOptimizersOneBackward` from batch 1 on: an untraced step on which both optimizers step."""
+
+    def training_step(self, batch, batch_idx):
+        self.bug = batch_idx >= 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_cut_held_for_the_next_trace_is_not_explained_by_the_second_optimizer_of_the_same_step(tmp_path):
+    # batch 1 is untraced: the trunk's optimizer holds trunk.bias back for a trace; the head's optimizer, stepping on
+    # the same untraced backward, must not explain it ("did at the next (traced) step") before that trace came
+    guard = GradGuard(idle_window=1, on_detached="warn")
+    with pytest.warns(GradGuardWarning, match="detached"):
+        fit(tmp_path, TwoOptimizersCutFromBatch1(), guard, max_steps=8)
+    assert {(f.kind, f.param, f.where) for f in guard.findings} == {
+        ("detached", p, where("CUT: two-opt")) for p in ("trunk.bias", "head.weight", "head.bias")
+    }
