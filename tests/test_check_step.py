@@ -461,3 +461,22 @@ def test_a_loss_that_is_a_parameter_itself_is_not_graphless():
     assert model.t.item() == pytest.approx(1.9)
     with pytest.raises(GradGuardError, match="does not require grad"), check_step(model, opt, strict=True):
         model.t.detach().backward()  # nearest wrong: the same value without its graph
+
+
+def test_the_second_optimizer_judges_a_zero_gradient_after_the_loss_is_gone():
+    model = nn.ModuleDict({"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)})
+    opt_a = torch.optim.SGD(model["a"].parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(model["b"].parameters(), lr=0.1)
+    x = torch.randn(2, 4)
+    with pytest.warns(GradGuardWarning, match="zero"), check_step(model, [opt_a, opt_b]) as chk:
+        (model["a"](x) + model["b"](x) * 0.0).sum().backward()  # no name keeps the loss: it is gone after backward
+        opt_a.step()
+        opt_b.step()  # judged after opt_a released the graph: what the loss reached is no longer known
+    assert {(f.kind, f.param) for f in chk.findings} == {("zero", "b.weight"), ("zero", "b.bias")}
+    with warnings.catch_warnings():  # nearest correct: b takes part in the loss
+        warnings.simplefilter("error")
+        with check_step(model, [opt_a, opt_b]) as chk:
+            (model["a"](x) + model["b"](x)).sum().backward()
+            opt_a.step()
+            opt_b.step()
+    assert chk.findings == []

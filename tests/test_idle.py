@@ -627,3 +627,36 @@ def test_a_run_exactly_as_long_as_the_window_reports_its_dead_part_once(tmp_path
     texts = [str(w.message) for w in rec if issubclass(w.category, GradGuardWarning) and "dead" in str(w.message)]
     assert len(texts) == 1
     assert "fewer than idle_window" not in texts[0]
+
+
+def test_a_part_that_dies_right_after_a_resume_is_dated_to_that_step(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class DiesAtStep10(LayerDrop):
+        def __init__(self):
+            super().__init__(p=0.0, with_dead_head=True)
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if self.global_step < 10:
+                loss = loss + self.dead(batch[0] @ torch.ones(8, 16)).mean()  # `dead` learns until the checkpoint
+            return loss
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=10)
+    first = GradGuard()
+    make_trainer(tmp_path, [first, ckpt], max_steps=10, enable_checkpointing=True).fit(DiesAtStep10(), loader())
+    assert first.state_dict()["history"]["params"]["dead.weight"][3] == 0  # no run at the checkpoint
+    trainer = make_trainer(tmp_path, [GradGuard(idle_window=3)], max_steps=40, enable_checkpointing=True)
+    with pytest.raises(GradGuardError) as err:
+        trainer.fit(DiesAtStep10(), loader(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 12
+    assert {(f.param, f.step) for f in err.value.findings} == {("dead.weight", 10), ("dead.bias", 10)}
+    assert "from step 10" in err.value.findings[0].message
+
+
+def test_idle_shares_leave_out_the_parts_reported_dead(tmp_path):
+    guard = GradGuard(on_unused="warn")
+    with pytest.warns(GradGuardWarning, match="dead"):
+        fit(tmp_path, LayerDrop(with_dead_head=True), guard, max_steps=40)
+    assert kinds(guard.findings) == {("unused", "dead.weight"), ("unused", "dead.bias")}
+    assert set(guard.report.idle_shares()) == {f"layers.{k}" for k in range(4)}  # idle, not `dead`: it is a finding

@@ -747,3 +747,27 @@ def test_a_cut_held_for_the_next_trace_is_not_explained_by_the_second_optimizer_
     assert {(f.kind, f.param, f.where) for f in guard.findings} == {
         ("detached", p, where("CUT: two-opt")) for p in ("trunk.bias", "head.weight", "head.bias")
     }
+
+
+class CutInFirstMicroBatch(Net):
+    """Gradient accumulation over 2 batches: the encoder is cut in the first micro-batch and not used in the second
+    (``cut=False``: used in the first, the nearest correct code)."""
+
+    def __init__(self, cut: bool = True) -> None:
+        super().__init__()
+        self.cut = cut
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if batch_idx % 2 == 0:
+            h = self.features(x)
+            return self.loss(self.head(h.detach() if self.cut else h), y)  # CUT: micro0
+        return self.loss(self.head(torch.ones(x.shape[0], 16)), y)
+
+
+def test_a_cut_in_the_first_micro_batch_is_detached_at_its_line(tmp_path):
+    with pytest.raises(GradGuardError) as err:
+        fit(tmp_path, CutInFirstMicroBatch(), accumulate_grad_batches=2, max_steps=2)
+    assert {(f.kind, f.where) for f in err.value.findings} == {("detached", where("CUT: micro0"))}
+    assert kinds(err.value.findings) == {("detached", "encoder.0.weight"), ("detached", "encoder.0.bias")}
+    fit_silently(tmp_path, CutInFirstMicroBatch(cut=False), accumulate_grad_batches=2, max_steps=2)
