@@ -190,3 +190,23 @@ def test_example_fabric_loop(bug, rc, says, capsys):
     assert says in out
     if bug == "detach":
         assert where("BUG: detach", EXAMPLE) in out
+
+
+# ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
+def test_plain_check_step_given_fabrics_optimizer_wrapper_judges_it_before_its_step(bf16):
+    from lightning_gradguard import check_step
+
+    net = Net("detach")
+    model, opt = bf16.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    before = net.head.weight.detach().clone()
+    with pytest.raises(GradGuardError) as err, check_step(net, opt, strict=True):
+        fabric_step(bf16, model, opt)  # the step hook sees the torch optimizer inside Fabric's wrapper
+    assert "block ended" not in str(err.value)
+    assert torch.equal(net.head.weight, before)  # raised before the optimizer stepped
+    net = Net()  # nearest correct: judged at its step, silent, and the step runs
+    model, opt = bf16.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    before = net.head.weight.detach().clone()
+    with check_step(net, opt, strict=True) as chk:
+        fabric_step(bf16, model, opt)
+    assert chk.findings == []
+    assert not torch.equal(net.head.weight, before)

@@ -194,3 +194,40 @@ def test_report_reads_back_its_groups(tmp_path):
     again = RunReport.read_json(path)
     assert again.table() == report.table()
     assert "module `a` (2 tensors, 4 parameters)" in again.table()
+
+
+# ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
+def _unused(n: int, wheres: int = 0) -> tuple[list[Finding], dict[str, int]]:
+    """``n`` unused findings on every tensor of module ``m`` (``wheres`` of them at distinct lines)."""
+    names = [f"m.{i}" for i in range(n)]
+    findings = [
+        Finding("unused", name, f"`{name}` received no gradient.", f"model.py:{10 + i}" if i < wheres else None)
+        for i, name in enumerate(names)
+    ]
+    return findings, dict.fromkeys(names, 4)
+
+
+@pytest.mark.parametrize(("n", "more"), [(5, None), (6, "    ... and 1 more")])
+def test_a_group_lists_five_names_and_counts_only_the_rest(n, more):
+    findings, sizes = _unused(n)
+    (group,) = group_findings(findings, sizes)
+    lines = group.lines()
+    assert [line.strip() for line in lines[1:6]] == [f"m.{i}: unused" for i in range(5)]
+    assert [line for line in lines if line.startswith("    ...")] == ([more] if more else [])
+
+
+@pytest.mark.parametrize(("n", "points_on"), [(5, False), (6, True)])
+def test_an_error_points_at_err_findings_only_when_it_left_names_out(n, points_on):
+    findings, sizes = _unused(n)
+    text = str(GradGuardError.from_findings(findings, 3, sizes=sizes))
+    assert ("`err.findings` and the run report list every tensor" in text) is points_on
+
+
+@pytest.mark.parametrize(("wheres", "expected"), [
+    (3, "model.py:10, model.py:11, model.py:12"),
+    (4, "model.py:10, model.py:11, model.py:12 and 1 more"),
+])  # fmt: skip
+def test_a_group_names_three_lines_and_counts_the_rest(wheres, expected):
+    findings, sizes = _unused(6, wheres)
+    (group,) = group_findings(findings, sizes)
+    assert group.where == expected

@@ -99,6 +99,7 @@ def M(id, file, anchor, old, new, tests=VERDICT, killer="", equivalent="", nth=N
     return Mutation(id, file, anchor, old, new, tuple(tests), killer, equivalent, nth)
 
 
+# fmt: off
 MUTATIONS: list[Mutation] = [
     # ------------------------------------------------------------------------------------------- audit.py
     M("A01", "audit.py", "    if stats.clean:", "if stats.clean", "if not stats.clean"),
@@ -231,7 +232,8 @@ MUTATIONS: list[Mutation] = [
       ">= max", tests=TRACE),
     M("T05", "trace.py", '        if name in ("detach", "detach_"):', '("detach", "detach_")', '("detach",)',
       tests=TRACE),
-    M("T06", "trace.py", "        elif torch.is_inference_mode_enabled():", "elif torch", "elif not torch", tests=TRACE),
+    M("T06", "trace.py", "        elif torch.is_inference_mode_enabled():", "elif torch", "elif not torch",
+      tests=TRACE),
     M("T07", "trace.py", "                if ckpt[2]:  # grad inputs", "if ckpt", "if not ckpt", tests=TRACE),
     M("T08", "trace.py", 'if site.kind == "detach" and site.where == where:', "site.where ==", "site.where !=",
       tests=TRACE),
@@ -243,6 +245,7 @@ MUTATIONS: list[Mutation] = [
     M("T13", "trace.py", 'if kind == "inference_mode" and first_user is not None:', "is not None", "is None",
       tests=TRACE),
 ]
+# fmt: on
 
 
 # --------------------------------------------------------------------------------------------- machinery
@@ -295,7 +298,7 @@ def run_tests(cwd: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, s
     return "fail", detail, took
 
 
-class _Interrupted(Exception):
+class _InterruptedError(Exception):
     pass
 
 
@@ -325,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     def on_term(signum, frame):  # noqa: ANN001, ANN202, ARG001
-        raise _Interrupted
+        raise _InterruptedError
 
     signal.signal(signal.SIGTERM, on_term)
     tmp = Path(tempfile.mkdtemp(prefix="gradguard-mutants-"))
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"  (equivalent: {m.equivalent[:60]})" if m.equivalent else ""
             print(f"{m.id}  {status:9s} {took:5.1f}s  {m.file}: {m.label}  {detail}{tag}", flush=True)
         print("  ".join(f"{k}={v}" for k, v in counts.items()))
-    except (KeyboardInterrupt, _Interrupted):
+    except (KeyboardInterrupt, _InterruptedError):
         print("interrupted: the checkout was never touched; the copy is removed", file=sys.stderr)
         return 130
     finally:
