@@ -198,13 +198,14 @@ def test_report_reads_back_its_groups(tmp_path):
 
 # ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
 def _unused(n: int, wheres: int = 0) -> tuple[list[Finding], dict[str, int]]:
-    """``n`` unused findings on every tensor of module ``m`` (``wheres`` of them at distinct lines)."""
+    """``n`` unused findings on every tensor of module ``m`` (``wheres`` of them at distinct lines); the model also
+    has a ``head``."""
     names = [f"m.{i}" for i in range(n)]
     findings = [
         Finding("unused", name, f"`{name}` received no gradient.", f"model.py:{10 + i}" if i < wheres else None)
         for i, name in enumerate(names)
     ]
-    return findings, dict.fromkeys(names, 4)
+    return findings, {**dict.fromkeys(names, 4), "head.weight": 4}
 
 
 @pytest.mark.parametrize(("n", "more"), [(5, None), (6, "    ... and 1 more")])
@@ -231,3 +232,15 @@ def test_a_group_names_three_lines_and_counts_the_rest(wheres, expected):
     findings, sizes = _unused(6, wheres)
     (group,) = group_findings(findings, sizes)
     assert group.where == expected
+
+
+def test_a_group_whose_messages_differ_says_what_they_share_and_gives_one_example():
+    findings, sizes = _unused(3)
+    same = group_findings(findings, sizes)[0].message
+    assert same == "module `m` (3 tensors, 12 parameters) received no gradient."
+    odd = Finding("unused", "m.2", "`m.2` never took part in the forward pass.")
+    (group,) = group_findings([*findings[:2], odd], sizes)
+    assert group.message == (
+        "module `m` (3 tensors, 12 parameters): no gradient: the loss does not depend on them "
+        "(e.g. `m.0` received no gradient.)"
+    )
