@@ -28,10 +28,12 @@ import torch
 from lightning.pytorch import LightningModule
 
 from conftest import loader, make_trainer, where
-from lightning_gradguard import GradGuard
+from lightning_gradguard import Finding, GradGuard
+from lightning_gradguard.audit import StepFacts
 from lightning_gradguard.distributed import (
     BITS,
     RankSync,
+    _Agreed,
     decode_ranks,
     encode_ranks,
     format_ranks,
@@ -465,15 +467,11 @@ def _sync(**kwargs) -> RankSync:
     return RankSync(group=None, rank=0, world_size=2, device="cpu", **kwargs)
 
 
-def _agreed(loss_bad=(), received=None, dep=None):
-    from lightning_gradguard.distributed import _Agreed
-
+def _agreed(loss_bad=(), received=None, dep=None) -> _Agreed:
     return _Agreed(unreached={}, received=received, dep=dep, loss_bad=tuple(loss_bad))
 
 
 def test_combine_names_the_ranks_whose_loss_was_nan_on_nonfinite_findings_only():
-    from lightning_gradguard import Finding
-
     nan = Finding("nonfinite", "w", "`w` has a NaN or Inf in its gradient.")
     unused = Finding("unused", "b", "`b` received no gradient.")
     sync = _sync(strict=True)
@@ -490,8 +488,6 @@ def test_combine_names_the_ranks_whose_loss_was_nan_on_nonfinite_findings_only()
 
 
 def test_merge_facts_takes_the_agreed_reach_unless_ddp_is_strict():
-    from lightning_gradguard.audit import StepFacts
-
     facts = StepFacts(received={1}, dep=1)
     loose = _sync(strict=False)
     loose._agreed = _agreed(received={1, 2}, dep=3)
@@ -503,8 +499,6 @@ def test_merge_facts_takes_the_agreed_reach_unless_ddp_is_strict():
 
 
 def test_sharded_findings_say_what_fsdp_changes():
-    from lightning_gradguard import Finding
-
     zero = Finding("zero", "w", "`w` received a gradient that is exactly zero everywhere.")
     unused = Finding("unused", "b", "`b` received no gradient.")
     fsdp, dtensor = _sync(sharded="fsdp"), _sync(sharded="dtensor")

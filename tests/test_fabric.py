@@ -14,7 +14,7 @@ from lightning.fabric.plugins import MixedPrecision
 from torch import nn
 
 from conftest import where
-from lightning_gradguard import GradGuardError, GradGuardWarning
+from lightning_gradguard import GradGuardError, GradGuardWarning, check_step
 from lightning_gradguard.fabric import check_fabric_step, unwrap_model, unwrap_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,8 +194,6 @@ def test_example_fabric_loop(bug, rc, says, capsys):
 
 # ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
 def test_plain_check_step_given_fabrics_optimizer_wrapper_judges_it_before_its_step(bf16):
-    from lightning_gradguard import check_step
-
     net = Net("detach")
     model, opt = bf16.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
     before = net.head.weight.detach().clone()
