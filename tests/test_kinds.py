@@ -771,3 +771,36 @@ def test_a_cut_in_the_first_micro_batch_is_detached_at_its_line(tmp_path):
     assert {(f.kind, f.where) for f in err.value.findings} == {("detached", where("CUT: micro0"))}
     assert kinds(err.value.findings) == {("detached", "encoder.0.weight"), ("detached", "encoder.0.bias")}
     fit_silently(tmp_path, CutInFirstMicroBatch(cut=False), accumulate_grad_batches=2, max_steps=2)
+
+
+class TwoStepsPerBatch(LightningModule):
+    """Manual optimization, two updates of one optimizer per batch; ``extra`` is cut from batch 1 on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.body = nn.Linear(8, 1)
+        self.extra = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        for _ in range(2):
+            e = self.extra(x)
+            if batch_idx >= 1:
+                e = e.detach()  # CUT: two-steps
+            self.manual_backward((((self.body(x) + e).squeeze(-1) - y) ** 2).mean())
+            opt.step()
+            opt.zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), 0.1)
+
+
+def test_a_cut_held_for_the_next_trace_is_not_explained_by_a_second_untraced_update_of_the_batch(tmp_path):
+    guard = GradGuard(idle_window=1, on_detached="warn")
+    with pytest.warns(GradGuardWarning, match="detached"):
+        fit(tmp_path, TwoStepsPerBatch(), guard, max_steps=8)
+    assert {(f.kind, f.param, f.where) for f in guard.findings} == {
+        ("detached", p, where("CUT: two-steps")) for p in ("extra.weight", "extra.bias")
+    }
