@@ -293,15 +293,18 @@ class GradGuard(Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = loss_scale(scaler)  # fused optimizers unscale inside `step()`; read with the norms, no own sync
         params = self._core.params_of(optimizer)
-        k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
         late = self.sync == "late" and not self._dashboard.should_log(trainer)
+        k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        tag = (k, self._dashboard.step_of(trainer))  # where the dashboard files this step's total norm
         try:
             with rank_zero_warnings(trainer.global_rank):
                 stats = self._core.check(params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler,
-                                         scale=scale, late=late, tag=k)  # fmt: skip
+                                         scale=scale, late=late, tag=tag)  # fmt: skip
         finally:
             self._record_late()
-        if self._core.index is not None and not stats.late:
+        if stats.late:
+            self._dashboard.mark_stepped()
+        elif self._core.index is not None:
             idle = (self._core.report.idle_shares() or None) if self._dashboard.should_log(trainer) else None
             with torch._C.DisableTorchFunction():  # no function mode still on the stack sees the dashboard's ops
                 self._dashboard.log_step(
@@ -324,7 +327,7 @@ class GradGuard(Callback):
             self._record_late()
 
     def _record_late(self) -> None:
-        for k, step, stats in self._core.take_resolved():
+        for (k, step), _, stats in self._core.take_resolved():
             self._dashboard.record_total(k, step, stats.total_norm)
 
     @override
