@@ -55,8 +55,8 @@ class GradStats:
         frozen: indices with ``requires_grad=False``.
         syncs: device→host transfers the measurement took (1 on a clean step; 2 when a candidate was confirmed).
         scale: the loss scale the norms were divided by (read in the same transfer when given as a tensor).
-        late: nothing was read yet (``sync="late"``): every parameter has a gradient and ``requires_grad``, the
-            norms (``None``) come with a :class:`LateRead` one step later.
+        late: no value was read yet (``sync="late"``): ``missing`` and ``frozen`` are known, the norms (``None``) and
+            ``nonfinite``/``zero`` come with a :class:`LateRead` one step later.
     """
 
     params: list[torch.Tensor]
@@ -128,15 +128,16 @@ class LateRead:
     """The per-parameter gradient norms of one optimizer step, on their way to the host without a sync
     (``sync="late"``): read by :meth:`result` at a later step.
 
-    The norms are taken in float64 (``torch._foreach_norm(..., dtype=torch.float64)``), in which the square of no
-    float32, bfloat16 or float16 value overflows or underflows: a norm is not finite exactly when an element is not,
-    and zero exactly when every element is, so nothing has to be looked at element-wise later (the gradients are
-    gone by then). On an accelerator they are copied into pinned host memory with ``non_blocking=True`` and an event
-    is recorded after the copy; :meth:`result` waits on that event only (by then, normally, long passed), never on
-    the whole device. On the CPU the values are simply there.
+    What the host knows without reading a value is in :attr:`host`, a :class:`GradStats` with the parameters that
+    have no gradient (``missing``) or ``requires_grad=False`` (``frozen``), judged at once. The norms of the others
+    are taken in float64 (``torch._foreach_norm(..., dtype=torch.float64)``), in which the square of no float32,
+    bfloat16 or float16 value overflows or underflows: a norm is not finite exactly when an element is not, and zero
+    exactly when every element is, so nothing has to be looked at element-wise later (the gradients are gone by
+    then). On an accelerator they are copied into pinned host memory with ``non_blocking=True`` and an event is
+    recorded after the copy; :meth:`result` waits on that event only (by then, normally, long passed), never on the
+    whole device. On the CPU the values are simply there.
 
-    Holds the parameter list and one float64 value per parameter (pinned memory on an accelerator), never a
-    gradient.
+    Holds the parameter list and one float64 value per gradient (pinned memory on an accelerator), never a gradient.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], step: int, scale: float, tag: Any = None) -> None:
@@ -144,10 +145,17 @@ class LateRead:
         self.step = step
         self.scale = scale
         self.tag = tag
-        self.empty = [i for i, p in enumerate(self.params) if p.numel() == 0]
         grads = [p.grad for p in self.params]
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))  # type: ignore[arg-type]
+        self.present = [i for i, g in enumerate(grads) if g is not None]
+        missing = [i for i, g in enumerate(grads) if g is None]
+        frozen = [i for i, p in enumerate(self.params) if not p.requires_grad]
+        self.host = GradStats(self.params, [None] * len(self.params), missing, frozen=frozen, scale=scale, late=True)
+        self.empty = {i for i in self.present if self.params[i].numel() == 0}
         self.event: Any = None
+        self.values: torch.Tensor | None = None
+        if not self.present:
+            return
+        norms = torch.stack(torch._foreach_norm([grads[i] for i in self.present], 2, dtype=torch.float64))  # type: ignore[misc]
         if norms.device.type == "cpu":
             self.values = norms
         else:
@@ -161,27 +169,30 @@ class LateRead:
         if self.event is not None:
             self.event.synchronize()
             self.event = None
-        values = self.values.tolist()
-        stats = GradStats(self.params, [v / self.scale for v in values], scale=self.scale)
-        empty = set(self.empty)
-        for i, v in enumerate(values):
+        values = self.values.tolist() if self.values is not None else []
+        host = self.host
+        norms: list[float | None] = [None] * len(self.params)
+        stats = GradStats(self.params, norms, list(host.missing), frozen=list(host.frozen), scale=self.scale)
+        for i, v in zip(self.present, values, strict=True):
+            norms[i] = v / self.scale
             if not math.isfinite(v):
                 stats.nonfinite.append(i)
-            elif v == 0.0 and i not in empty:
+            elif v == 0.0 and i not in self.empty:
                 stats.zero.append(i)
         return stats
 
 
 def start_late_read(params: Sequence[torch.Tensor], step: int, scale: float = 1.0, tag: Any = None) -> LateRead | None:
-    """Start a :class:`LateRead` of ``params``' gradients, or ``None`` when the step must be judged now: a parameter
-    has no gradient or ``requires_grad=False`` (seen on the host, without reading any value), or the gradients are
-    sparse, complex, in float64 (whose squares can overflow), or on several devices."""
+    """Start a :class:`LateRead` of ``params``' gradients, or ``None`` when the step must be read now: the
+    gradients are sparse, complex, in float64 (whose squares can overflow), or on several devices."""
     if not params:
         return None
     device = None
     for p in params:
         g = p.grad
-        if g is None or not p.requires_grad or g.layout != torch.strided or g.dtype == torch.float64 or g.is_complex():
+        if g is None:
+            continue
+        if g.layout != torch.strided or g.dtype == torch.float64 or g.is_complex():
             return None
         if device is None:
             device = g.device

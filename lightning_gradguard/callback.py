@@ -95,12 +95,13 @@ class GradGuard(Callback):
             the JSON report); ``0``: never.
         sync: when the check reads the gradients' norms. ``"step"``: at once, one device→host sync per optimizer
             step, so that ``raise`` stops a NaN before the optimizer applies it. ``"late"`` (for accelerators,
-            where that sync stalls the queue of kernels): on a step where nothing asks for a look now, the norms
-            are copied to pinned host memory without waiting and judged at the next optimizer step (or at the end
-            of the epoch or of ``fit``); a NaN is then raised one step late, with ``Finding.step`` the step that
-            produced it, after its update was applied. A missing gradient or ``requires_grad=False`` is seen on the
-            host and judged at once; a step that logs dashboards, is traced, follows a problem, or runs with a grad
-            scaler or several ranks (which synchronise anyway) reads at once.
+            where that sync stalls the queue of kernels): the norms are copied to pinned host memory without
+            waiting and judged at the next optimizer step (or at the end of the epoch or of ``fit``); a NaN is then
+            raised one step late, with ``Finding.step`` the step that produced it, after its update was applied.
+            Missing gradients and ``requires_grad=False`` are seen on the host and judged at once. Read at once all
+            the same: steps that log dashboards or are traced, while a trace is pending or a run of all-zero
+            gradients lasts (one read late is confirmed on the next step, with its graph), and with a grad scaler
+            or several ranks (which synchronise anyway).
 
     Dashboards, written on rank zero only at ``on_before_optimizer_step`` (accumulated, AMP-unscaled, before
     clipping) at Lightning's own logging step (the number of earlier batches that stepped an optimizer: with one

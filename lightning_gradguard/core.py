@@ -350,10 +350,10 @@ class GuardCore:
                 (:func:`~lightning_gradguard.audit.loss_scale`) is read in the same transfer as the norms.
             context: first line of the error message.
             late: read the norms at a later check (``sync="late"``, see :meth:`resolve_late`) instead of now, when
-                nothing asks for a look now: every parameter has a gradient and ``requires_grad`` (seen on the host),
-                no parameter is in a run of steps without a usable gradient or waits for a trace, the step is not
-                traced, and there is no grad scaler and no other rank. Earlier late reads are judged first, always.
-                The stats returned are then :attr:`GradStats.late` (no norms).
+                nothing asks for a look now: no parameter is in a run of all-zero gradients or waits for a trace, the
+                step is not traced, and there is no grad scaler and no other rank. Missing gradients and
+                ``requires_grad=False`` (seen on the host) are judged now as always. Earlier late reads are judged
+                first, always. The stats returned are then :attr:`GradStats.late` (no norms).
             tag: given back with the late read's stats in :attr:`resolved`.
 
         Raises:
@@ -370,12 +370,12 @@ class GuardCore:
         traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
         read = None
         if (late and scaler is None and not isinstance(scale, torch.Tensor) and self.dist is None
-                and not (self._confirm or self._pending or history.lacking or traced_step)):  # fmt: skip
+                and not (self._confirm or self._pending or history.zero_run or traced_step)):  # fmt: skip
             read = start_late_read(params, step, float(scale), tag)
         self._confirm = False
         if read is not None:
             self._late.append(read)
-            stats = GradStats(list(params), [None] * len(params), scale=float(scale), late=True)
+            stats = read.host  # missing and frozen, judged now; the values later
         else:
             stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
         if not isinstance(scale, torch.Tensor):
@@ -402,6 +402,8 @@ class GuardCore:
         if traced_step and self._probing:
             history.looked |= self._probing
             self._probing.clear()
+        if read is not None:  # a gradient is there, but whether it is usable is known when the read comes in
+            lacking |= self._present(history.open_runs())
         history.settle(judged, lacking)
         self._checked = bool(self._losses)
         for loss in self._losses:  # (freeing a deep graph here would cost ~1 µs per node inside the hook)
@@ -436,9 +438,10 @@ class GuardCore:
             self.resolved.append((read.tag, read.step, stats))
             if stats.zero:
                 self._confirm = True
+            self._settle_read(read, stats)
             if not stats.nonfinite or index is None:
                 continue
-            bad = GradStats(stats.params, stats.norms, nonfinite=stats.nonfinite, scale=stats.scale)
+            bad = GradStats(stats.params, stats.norms, nonfinite=stats.nonfinite, scale=stats.scale)  # judged already
             found, _ = classify(index, bad, StepFacts(), read.step)
             kept = self.policy.keep(found)
             new = self._add(kept, read.step)
@@ -448,6 +451,35 @@ class GuardCore:
                 f"Parameters got no usable gradient at step {read.step}, read late (sync='late'), after the "
                 "optimizer applied that step's update"
             ))  # fmt: skip
+
+    def _present(self, names: list[str]) -> set[str]:
+        """Those of ``names`` whose parameter has a gradient now."""
+        index = self.index
+        if not names or index is None:
+            return set()
+        out = set()
+        for name in names:
+            bit = index.bit_of.get(name)
+            if bit is not None and index.params[bit].grad is not None:
+                out.add(name)
+        return out
+
+    def _settle_read(self, read: LateRead, stats: GradStats) -> None:
+        """End the open runs of parameters whose gradient the late read found usable (finite or not, not all zero;
+        a zero one is judged on the next step, which reads at once)."""
+        index = self.index
+        names = self.history.open_runs()
+        if not names or index is None:
+            return
+        at = {id(p): i for i, p in enumerate(read.params)}
+        zero, missing = set(stats.zero), set(stats.missing)
+        usable = set()
+        for name in names:
+            bit = index.bit_of.get(name)
+            i = at.get(id(index.params[bit])) if bit is not None else None
+            if i is not None and i not in zero and i not in missing:
+                usable.add(name)
+        self.history.settle(usable, set())
 
     def take_resolved(self) -> list[tuple[Any, int, GradStats]]:
         """The ``(tag, step, stats)`` of the late reads judged since the last call."""

@@ -85,19 +85,47 @@ def test_a_nan_on_the_last_step_is_raised_at_the_end_of_fit(tmp_path):
     assert [(f.kind, f.step) for f in err.value.findings] == [("nonfinite", 3)]
 
 
-@pytest.mark.parametrize("sync", ["step", "late"])
-def test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync(tmp_path, sync):
+@pytest.mark.parametrize("diagnose", ["on_finding", "never"])
+def test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync(tmp_path, diagnose):
     """An all-zero gradient through a zero factor is ``zero``; a module left out with ``set_to_none=False`` (its
-    gradient stays the zeros of the first step, a leftover the graph does not reach) is ``unused``."""
+    gradient stays the zeros of the first step, a leftover the graph does not reach) is ``unused``; a module used on
+    every other step only is idle, never a finding. The same with ``sync="late"`` as with ``"step"``, also untraced,
+    where runs of steps without a usable gradient must add up across late and immediate reads."""
+
+    class EveryOther(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            h = torch.tanh(self.enc(x))
+            out = self.head(h).squeeze(-1)
+            if self.trainer.global_step % 2 == 0:
+                out = out + self.aux(h).squeeze(-1)
+            return ((out - y) ** 2).mean()
+
+    models = {"zero": lambda: Net(zero_head=True), "leftover": lambda: Net(dead=True), "every other": EveryOther}
     kinds = {}
-    for name, model in (("zero", Net(zero_head=True)), ("leftover", Net(dead=True))):
-        guard = GradGuard(sync=sync, idle_window=2, on_unused="warn", on_zero="warn")
-        fit(tmp_path / name, model, guard, steps=6)
-        kinds[name] = sorted((f.kind, f.param) for f in guard.findings)
-    assert kinds == {
-        "zero": [("zero", "head.bias"), ("zero", "head.weight")],
-        "leftover": [("unused", "aux.bias"), ("unused", "aux.weight")],
-    }
+    for sync in ("step", "late"):
+        for name, make in models.items():
+            guard = GradGuard(sync=sync, idle_window=3, diagnose=diagnose, on_unused="warn", on_zero="warn")
+            fit(tmp_path / sync / name, make(), guard, steps=10)
+            kinds[sync, name] = sorted((f.kind, f.param) for f in guard.findings)
+    for sync in ("step", "late"):
+        assert kinds[sync, "zero"] == [("zero", "head.bias"), ("zero", "head.weight")], sync
+        assert kinds[sync, "leftover"] == [("unused", "aux.bias"), ("unused", "aux.weight")], sync
+        assert kinds[sync, "every other"] == [], sync
+
+
+@pytest.mark.parametrize(("sync", "raised_at"), [("step", 2), ("late", 3)])
+def test_an_all_zero_gradient_is_raised_one_step_later_under_late(tmp_path, sync, raised_at):
+    """Untraced, idle_window=3: ``sync="step"`` raises at the third step of zeros; ``"late"`` reads step 0 late, then
+    reads at once while the run of zeros lasts, so it raises one step later, not more."""
+    witness = RaisedAt()
+    guard = GradGuard(sync=sync, idle_window=3, diagnose="never", on_zero="raise")
+    trainer = make_trainer(tmp_path, [guard, witness], max_steps=8)
+    with pytest.raises(GradGuardError) as err, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Net(zero_head=True), loader(n=64))
+    assert witness.at == raised_at
+    assert {f.kind for f in err.value.findings} == {"zero"}
 
 
 def test_a_missing_gradient_is_judged_at_once_under_late(tmp_path):
