@@ -91,7 +91,9 @@ class Config:
     def build(self) -> Built:
         built = build(self.arch)
         if self.adapter:  # `get_peft_model(model)`, then `model.gradient_checkpointing_enable()`
-            built = Built(ADAPTERS[self.adapter].wrap(built.model, self.arch.name), built.batch)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # peft reads transformers' deprecated `is_gradient_checkpointing`
+                built = Built(ADAPTERS[self.adapter].wrap(built.model, self.arch.name), built.batch)
         if self.variant:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
