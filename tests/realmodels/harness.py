@@ -5,10 +5,11 @@ For one configuration (an architecture of :mod:`realmodels.zoo`, optionally wrap
 
 1. **Ground truth, without the guard.** A Lightning run of :data:`STEPS` seeded steps with a recording callback
    that, before every optimizer step, files each parameter of the optimizer as ``frozen`` (``requires_grad=False``),
-   ``nonfinite``, ``zero`` (all-zero gradient) or missing; a missing one is ``detached`` if the loss's *value*
-   changes when the parameter is perturbed (same batch, same random state, so the same dropout masks), ``unused``
-   if not. A parameter filed on some steps and healthy on others is **idle** (LayerDrop, MoE routing,
-   drop_path). The same for one plain step, the ground truth of ``check_step``.
+   ``nonfinite``, ``zero`` (all-zero gradient) or missing, and each parameter outside the optimizer that got a
+   gradient as ``orphan``; a missing one is ``detached`` if the loss's *value* changes when the parameter is
+   perturbed (same batch, same random state, so the same dropout masks), ``unused`` if not. A parameter filed on
+   some steps and healthy on others is **idle** (LayerDrop, MoE routing, drop_path). The same for one plain step,
+   the ground truth of ``check_step``.
 2. **check_step** on that plain step (every finding a warning): each parameter of the truth must be reported with
    its kind, nothing else.
 3. **GradGuard** (every action ``"warn"``, so the run goes on) in the same Trainer run, ``diagnose`` default and
@@ -80,13 +81,13 @@ class Config:
         return f"{name}/{self.plant}" if self.plant else name
 
     @property
-    def trainable_only(self) -> bool:
-        """Whether the optimizer gets only the parameters that require grad (else ``model.parameters()``)."""
-        return bool(self.adapter) and ADAPTERS[self.adapter].trainable_only
+    def optimize(self) -> str:
+        """What the optimizer is built over (see :func:`select_params`): the adapter's choice, else ``"all"``."""
+        return ADAPTERS[self.adapter].optimize if self.adapter else "all"
 
     def optimizer_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         """What the configuration's optimizer is built over."""
-        return [p for p in model.parameters() if p.requires_grad or not self.trainable_only]
+        return select_params(model, self.optimize)
 
     def build(self) -> Built:
         built = build(self.arch)
@@ -168,14 +169,21 @@ PLANTS: dict[str, Callable[[torch.nn.Module], None]] = {
 }
 
 
+def select_params(model: torch.nn.Module, optimize: str) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer is built over: ``"all"`` (``model.parameters()``), ``"trainable"`` (those that
+    require grad: PEFT's recipe), ``"frozen"`` (those that do not: with PEFT, the base model's, as an optimizer built
+    before ``get_peft_model`` holds them)."""
+    if optimize not in ("all", "trainable", "frozen"):
+        raise ValueError(f"optimize={optimize!r}")
+    return [p for p in model.parameters() if optimize == "all" or p.requires_grad == (optimize == "trainable")]
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """A PEFT wrapping of a model, and what its optimizer is built over."""
+    """A PEFT wrapping of a model, and what its optimizer is built over (see :func:`select_params`)."""
 
     wrap: Callable[[torch.nn.Module, str], torch.nn.Module]
-    #: the optimizer gets the trainable parameters only (PEFT's recipe); ``False``: ``model.parameters()``, frozen
-    #: base weights included
-    trainable_only: bool = True
+    optimize: str = "trainable"
 
 
 #: Per architecture with LoRA configurations: the attention projections LoRA adapts, PEFT's task type, and the
@@ -207,11 +215,13 @@ def _lora(save_head: bool = False) -> Callable[[torch.nn.Module, str], torch.nn.
 
 #: PEFT adapters (``peft`` is needed only for these): LoRA (r=4, dropout 0.1) on the attention projections with the
 #: base model frozen, the optimizer over the trainable parameters (``lora``), or over ``model.parameters()``, frozen
-#: base included (``lora-all-params``), or with the classification head trained too (``lora-head``:
-#: ``modules_to_save=[head]``).
+#: base included (``lora-all-params``), or built before ``get_peft_model`` (``lora-opt-first``: it holds the base
+#: model's parameters, now frozen, and none of the adapters), or with the classification head trained too
+#: (``lora-head``: ``modules_to_save=[head]``).
 ADAPTERS: dict[str, Adapter] = {
     "lora": Adapter(_lora()),
-    "lora-all-params": Adapter(_lora(), trainable_only=False),
+    "lora-all-params": Adapter(_lora(), optimize="all"),
+    "lora-opt-first": Adapter(_lora(), optimize="frozen"),
     "lora-head": Adapter(_lora(save_head=True)),
 }
 PLANTED = (
@@ -236,11 +246,13 @@ PLANTED = (
 PEFT = (
     "llama+lora",
     "llama+lora-all-params",
+    "llama+lora-opt-first",
     "llama+lora+ckpt-reentrant",
     "llama+lora+ckpt-reentrant/no-input-grads",
     "llama+lora+ckpt",
     "bert-cls+lora",
     "bert-cls+lora-all-params",
+    "bert-cls+lora-opt-first",
     "bert-cls+lora-head",
     "bert-cls+lora+ckpt-reentrant",
     "bert-cls+lora-head+ckpt-reentrant",
@@ -387,14 +399,20 @@ def grad_status(
     return status
 
 
-class SweepModule(LightningModule):
-    """A `transformers` model trained on fixed batches with its own loss (AdamW over ``model.parameters()``, or over
-    the trainable ones only: ``trainable_only``)."""
+def orphans(model: torch.nn.Module, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """The parameters of ``model`` that got a gradient but are not among the optimizer's (``named``): ``orphan``."""
+    held = {id(p) for _, p in named}
+    return {n: "orphan" for n, p in model.named_parameters() if id(p) not in held and p.grad is not None}
 
-    def __init__(self, model: torch.nn.Module, trainable_only: bool = False) -> None:
+
+class SweepModule(LightningModule):
+    """A `transformers` model trained on fixed batches with its own loss (AdamW over ``model.parameters()``, or as
+    ``optimize`` says: see :func:`select_params`)."""
+
+    def __init__(self, model: torch.nn.Module, optimize: str = "all") -> None:
         super().__init__()
         self.model = model
-        self.trainable_only = trainable_only
+        self.optimize = optimize
         self.step_rng: tuple | None = None
         self.step_batch: Batch | None = None
 
@@ -407,8 +425,7 @@ class SweepModule(LightningModule):
         return self(batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.model.parameters() if p.requires_grad or not self.trainable_only]
-        return torch.optim.AdamW(params, lr=1e-3)
+        return torch.optim.AdamW(select_params(self.model, self.optimize), lr=1e-3)
 
 
 def has_graph(loss: torch.Tensor) -> bool:
@@ -433,7 +450,7 @@ class Recorder(Callback):
             _set_rng_state(pl_module.step_rng)
             return pl_module(pl_module.step_batch)
 
-        self.steps.append(grad_status(pl_module, named, loss_of))
+        self.steps.append({**grad_status(pl_module, named, loss_of), **orphans(pl_module.model, named)})
 
     def on_before_backward(self, trainer: Trainer, pl_module: SweepModule, loss: torch.Tensor) -> None:
         if not has_graph(loss):  # no gradient at all: every parameter of the optimizer is filed now
@@ -466,7 +483,7 @@ def fit(config: Config, tmp: str, callbacks: list[Callback], tensorboard: bool =
     """Train ``config`` for :data:`STEPS` seeded steps; the final parameters (re-raises what the run raised).
     ``tensorboard``: log to a TensorBoard logger (GradGuard then draws its dashboards too)."""
     built = config.build()
-    module = SweepModule(built.model, config.trainable_only)
+    module = SweepModule(built.model, config.optimize)
     loader = torch.utils.data.DataLoader([built.batch(i) for i in range(STEPS)], batch_size=None)
     seed_all(1)
     with warnings.catch_warnings():
@@ -520,7 +537,7 @@ def plain_step(config: Config, guard: bool) -> PlainStep:
 
             ids = {id(p) for p in config.optimizer_params(model)}
             named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
-            out.status = grad_status(model, named, loss_of)
+            out.status = {**grad_status(model, named, loss_of), **orphans(model, named)}
             if not out.no_graph:
                 opt.step()
     out.params = {n: p.detach().clone() for n, p in model.named_parameters()}
