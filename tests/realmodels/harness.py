@@ -54,7 +54,9 @@ __all__ = ["STEPS", "Config", "Outcome", "Result", "configs", "run_config", "tab
 STEPS = 20
 #: Kinds whose default action is "raise".
 RAISING = frozenset({"unused", "detached", "stale", "nonfinite"})
-VARIANTS = ("", "ckpt-reentrant", "ckpt")
+#: Gradient checkpointing: none, reentrant, non-reentrant, and reentrant on every other layer only (as
+#: ``every_n_layers=2``; used by the LoRA configurations).
+VARIANTS = ("", "ckpt-reentrant", "ckpt", "ckpt-reentrant-2")
 #: GradGuard's default ``idle_window``: fewer steps in a row without a usable gradient are idle, not a finding.
 WINDOW: int = inspect.signature(GradGuard).parameters["idle_window"].default
 ALL_WARN = {f"on_{k}": "warn" for k in ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")}
@@ -65,8 +67,8 @@ for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformer
 
 @dataclass(frozen=True)
 class Config:
-    """An architecture, a PEFT adapter (``""`` none; see :data:`ADAPTERS`), a gradient-checkpointing mode (``""``
-    none, ``"ckpt-reentrant"``, ``"ckpt"``) and a planted bug (``""`` none; see :data:`PLANTS`).
+    """An architecture, a PEFT adapter (``""`` none; see :data:`ADAPTERS`), a gradient-checkpointing mode (see
+    :data:`VARIANTS`) and a planted bug (``""`` none; see :data:`PLANTS`).
 
     Named ``arch[+adapter][+variant][/plant]``: ``"llama+lora+ckpt-reentrant/no-input-grads"``."""
 
@@ -96,10 +98,12 @@ class Config:
                 warnings.simplefilter("ignore")  # peft reads transformers' deprecated `is_gradient_checkpointing`
                 built = Built(ADAPTERS[self.adapter].wrap(built.model, self.arch.name), built.batch)
         if self.variant:
+            every = {"every_n_layers": 2} if self.variant.endswith("-2") else {}  # layers 0, 2, ... only
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 built.model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": self.variant == "ckpt-reentrant"}
+                    gradient_checkpointing_kwargs={"use_reentrant": self.variant.startswith("ckpt-reentrant")},
+                    **every,
                 )
         if self.plant:
             PLANTS[self.plant](built.model)
@@ -191,10 +195,11 @@ class Adapter:
 LORA_TARGETS: dict[str, tuple[tuple[str, ...], str | None, str | None]] = {
     "llama": (("q_proj", "k_proj", "v_proj", "o_proj"), "CAUSAL_LM", None),
     "bert-cls": (("query", "key", "value"), None, "classifier"),
+    "roberta": (("query", "key", "value"), None, "classifier"),
 }
 
 
-def _lora(save_head: bool = False) -> Callable[[torch.nn.Module, str], torch.nn.Module]:
+def _lora(save_head: bool = False, **kw: object) -> Callable[[torch.nn.Module, str], torch.nn.Module]:
     def wrap(model: torch.nn.Module, arch: str) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
@@ -206,6 +211,7 @@ def _lora(save_head: bool = False) -> Callable[[torch.nn.Module, str], torch.nn.
             lora_dropout=0.1,
             task_type=task,
             modules_to_save=[head] if save_head and head else None,
+            **kw,
         )
         torch.manual_seed(1)  # the adapters' initialisation
         return get_peft_model(model, config)
@@ -223,6 +229,7 @@ ADAPTERS: dict[str, Adapter] = {
     "lora-all-params": Adapter(_lora(), optimize="all"),
     "lora-opt-first": Adapter(_lora(), optimize="frozen"),
     "lora-head": Adapter(_lora(save_head=True)),
+    "dora": Adapter(_lora(use_dora=True)),
 }
 PLANTED = (
     "bert-cls/detach-emb",
@@ -250,6 +257,10 @@ PEFT = (
     "llama+lora+ckpt-reentrant",
     "llama+lora+ckpt-reentrant/no-input-grads",
     "llama+lora+ckpt",
+    "llama+lora+ckpt/no-input-grads",
+    "llama+lora+ckpt-reentrant-2/no-input-grads",
+    "llama+dora",
+    "llama+dora+ckpt-reentrant/no-input-grads",
     "bert-cls+lora",
     "bert-cls+lora-all-params",
     "bert-cls+lora-opt-first",
@@ -259,6 +270,11 @@ PEFT = (
     "bert-cls+lora-head+ckpt-reentrant/no-input-grads",
     "bert-cls+lora+ckpt-reentrant/no-input-grads",
     "bert-cls+lora+ckpt",
+    "bert-cls+lora-head+ckpt/no-input-grads",
+    "roberta+lora-head",
+    "roberta+lora-head+ckpt-reentrant",
+    "roberta+lora-head+ckpt-reentrant/no-input-grads",
+    "roberta+lora-head+ckpt",
 )
 
 
