@@ -156,9 +156,12 @@ def test_peft_configurations_are_named_and_parsed_back() -> None:
     assert set(PEFT) <= set(by_name)
     star = by_name["llama+lora+ckpt-reentrant/no-input-grads"]
     assert (star.adapter, star.variant, star.plant) == ("lora", "ckpt-reentrant", "no-input-grads")
-    assert star.trainable_only
-    assert not by_name["llama+lora-all-params"].trainable_only
-    assert not by_name["llama+ckpt-reentrant"].trainable_only  # no adapter: `model.parameters()`
+    assert star.optimize == "trainable"
+    assert by_name["llama+lora-all-params"].optimize == "all"
+    assert by_name["llama+lora-opt-first"].optimize == "frozen"
+    assert by_name["llama+ckpt-reentrant"].optimize == "all"  # no adapter: `model.parameters()`
+    partial = by_name["llama+lora+ckpt-reentrant-2/no-input-grads"]
+    assert (partial.adapter, partial.variant, partial.plant) == ("lora", "ckpt-reentrant-2", "no-input-grads")
 
 
 def test_wrong_message_wants_the_checkpoint_and_its_fix_named() -> None:
