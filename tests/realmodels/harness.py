@@ -219,17 +219,39 @@ def _lora(save_head: bool = False, **kw: object) -> Callable[[torch.nn.Module, s
     return wrap
 
 
+#: IA3 on Llama: the key and value projections and the MLP's down projection (PEFT's defaults for Llama).
+IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
+
+
+def _peft(kind: str, **kw: object) -> Callable[[torch.nn.Module, str], torch.nn.Module]:
+    """Another PEFT method (``"IA3Config"``, ``"PromptTuningConfig"``, ...) with PEFT's task type of the arch."""
+
+    def wrap(model: torch.nn.Module, arch: str) -> torch.nn.Module:
+        import peft
+
+        targets, task, _ = LORA_TARGETS[arch]
+        torch.manual_seed(1)
+        return peft.get_peft_model(model, getattr(peft, kind)(task_type=task, **kw))
+
+    return wrap
+
+
 #: PEFT adapters (``peft`` is needed only for these): LoRA (r=4, dropout 0.1) on the attention projections with the
 #: base model frozen, the optimizer over the trainable parameters (``lora``), or over ``model.parameters()``, frozen
 #: base included (``lora-all-params``), or built before ``get_peft_model`` (``lora-opt-first``: it holds the base
 #: model's parameters, now frozen, and none of the adapters), or with the classification head trained too
-#: (``lora-head``: ``modules_to_save=[head]``).
+#: (``lora-head``: ``modules_to_save=[head]``); DoRA; and three other PEFT methods: IA3 (learned scaling vectors inside
+#: the layers), prompt tuning (virtual token embeddings prepended to the input) and prefix tuning (per-layer virtual
+#: keys and values; it does not run under transformers' checkpointing).
 ADAPTERS: dict[str, Adapter] = {
     "lora": Adapter(_lora()),
     "lora-all-params": Adapter(_lora(), optimize="all"),
     "lora-opt-first": Adapter(_lora(), optimize="frozen"),
     "lora-head": Adapter(_lora(save_head=True)),
     "dora": Adapter(_lora(use_dora=True)),
+    "ia3": Adapter(_peft("IA3Config", target_modules=IA3_TARGETS, feedforward_modules=["down_proj"])),
+    "prompt": Adapter(_peft("PromptTuningConfig", num_virtual_tokens=4)),
+    "prefix": Adapter(_peft("PrefixTuningConfig", num_virtual_tokens=4)),
 }
 PLANTED = (
     "bert-cls/detach-emb",
@@ -247,9 +269,11 @@ PLANTED = (
     "convnext/dead-head",
 )
 #: LoRA, the most common "why no gradients?" of parameter-efficient fine-tuning: healthy with a filtered optimizer,
-#: ``frozen`` base weights with ``model.parameters()``, and reentrant checkpointing with and without
-#: ``enable_input_require_grads()`` (without it: the adapters inside get no gradient; with nothing trainable outside
-#: the checkpoints, the loss has no graph at all).
+#: ``frozen`` base weights with ``model.parameters()``, ``frozen`` + ``orphan`` adapters with an optimizer built before
+#: ``get_peft_model``, and reentrant checkpointing with and without ``enable_input_require_grads()`` (without it, the
+#: adapters inside get no gradient: silently where the head trains, and with nothing trainable outside the
+#: checkpoints the loss has no graph at all; on every other layer only, half of them). Non-reentrant checkpointing
+#: and prompt tuning (whose virtual tokens require grad) need no input hook: healthy without it.
 PEFT = (
     "llama+lora",
     "llama+lora-all-params",
@@ -261,6 +285,11 @@ PEFT = (
     "llama+lora+ckpt-reentrant-2/no-input-grads",
     "llama+dora",
     "llama+dora+ckpt-reentrant/no-input-grads",
+    "llama+ia3",
+    "llama+ia3+ckpt-reentrant/no-input-grads",
+    "llama+prompt",
+    "llama+prompt+ckpt-reentrant/no-input-grads",
+    "llama+prefix",
     "bert-cls+lora",
     "bert-cls+lora-all-params",
     "bert-cls+lora-opt-first",
@@ -282,6 +311,9 @@ def _parse(name: str, by_arch: dict[str, Arch]) -> Config:
     """``arch[+adapter][+variant][/plant]`` as a :class:`Config`."""
     base, _, plant = name.partition("/")
     arch, *mods = base.split("+")
+    unknown = [m for m in mods if m not in VARIANTS and m not in ADAPTERS] + [plant] * (plant not in ("", *PLANTS))
+    if unknown:
+        raise ValueError(f"{name}: unknown {unknown}; adapters {sorted(ADAPTERS)}, variants {VARIANTS[1:]}")
     variant = next((m for m in mods if m in VARIANTS), "")
     adapter = next((m for m in mods if m in ADAPTERS), "")
     return Config(by_arch[arch], variant, plant, adapter)
