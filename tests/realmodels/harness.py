@@ -229,7 +229,7 @@ def _peft(kind: str, **kw: object) -> Callable[[torch.nn.Module, str], torch.nn.
     def wrap(model: torch.nn.Module, arch: str) -> torch.nn.Module:
         import peft
 
-        targets, task, _ = LORA_TARGETS[arch]
+        _, task, _ = LORA_TARGETS[arch]
         torch.manual_seed(1)
         return peft.get_peft_model(model, getattr(peft, kind)(task_type=task, **kw))
 
