@@ -115,6 +115,11 @@ class History:
         for name in [n for n in self._gaps if n in judged and n not in lacking]:
             del self._gaps[name]
 
+    @property
+    def lacking(self) -> bool:
+        """Some parameter lacked a usable gradient on its last checked step (a run is open)."""
+        return bool(self._gaps)
+
     def in_run(self, name: str) -> bool:
         """``name`` lacked a usable gradient on its last checked step."""
         return name in self._gaps

@@ -194,3 +194,61 @@ def test_report_reads_back_its_groups(tmp_path):
     again = RunReport.read_json(path)
     assert again.table() == report.table()
     assert "module `a` (2 tensors, 4 parameters)" in again.table()
+
+
+# ---------------------------------------------------------------------- torch's own warnings under GradGuard's modes
+class BroadcastingLoss(LightningModule):
+    """A classic silent bug that torch warns about: an ``[B, 1]`` output against a ``[B]`` target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.layer(x), y)  # broadcasting loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def torch_warnings(caught: list, text: str) -> list[str]:
+    """``path:line`` of the caught warnings whose message contains ``text``."""
+    return sorted({f"{w.filename}:{w.lineno}" for w in caught if text in str(w.message)})
+
+
+def test_torch_warning_in_a_traced_step_names_the_users_line(tmp_path):
+    """While the tracer forwards the ops of a traced step, torch's own warnings (here ``mse_loss``'s Python warning
+    about broadcasting) name the user's line, not GradGuard's, and ``warnings.showwarning`` is left as it was."""
+    from conftest import loader
+
+    before = warnings.showwarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [GradGuard(diagnose="always")], max_steps=2).fit(BroadcastingLoss(), loader())
+    line = where("broadcasting loss").rsplit(":", 1)[1]
+    assert torch_warnings(caught, "different to the input size") == [f"{__file__}:{line}"]
+    assert warnings.showwarning is before
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_torch_warnings_in_check_step_name_the_users_line(trace):
+    """In a ``check_step`` block, traced or not (then its backward spy is the mode), a Python warning of torch
+    (``mse_loss``) and a C++ one (``torch.tensor`` of a tensor) name the user's lines."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8)
+    before = warnings.showwarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with check_step(model, opt, trace=trace):
+            out = model(x)
+            loss = nn.functional.mse_loss(out, y)  # python warning
+            torch.tensor(out)  # c++ warning
+            loss.backward()
+            opt.step()
+    line = {m: int(where(m).rsplit(":", 1)[1]) for m in ("python warning", "c++ warning")}
+    for text, marker in (("different to the input size", "python warning"), ("copy construct", "c++ warning")):
+        shown = torch_warnings(caught, text)
+        assert shown == [f"{__file__}:{line[marker]}"], marker
+    assert warnings.showwarning is before
