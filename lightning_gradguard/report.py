@@ -85,7 +85,8 @@ class RunReport:
             for g in self._loaded_groups:
                 members = tuple(by_key[(g["kind"], p)] for p in g["params"] if (g["kind"], p) in by_key)
                 if members:
-                    out.append(FindingGroup(g["kind"], g.get("module"), members, int(g.get("numel", 0))))
+                    out.append(FindingGroup(g["kind"], g.get("module"), members, int(g.get("numel", 0)),
+                                            int(g.get("of", 0))))  # fmt: skip
             return out
         return group_findings(self.findings, self.sizes)
 
@@ -143,7 +144,7 @@ class RunReport:
             row.update(first_step=e.finding.step, last_step=e.last_step, count=e.count)
             rows.append(row)
         groups = [
-            {"kind": g.kind, "module": g.module, "numel": g.numel, "params": g.params}
+            {"kind": g.kind, "module": g.module, "numel": g.numel, "params": g.params, **({"of": g.of} if g.of else {})}
             for g in self.groups()
             if len(g.findings) > 1
         ]

@@ -74,12 +74,6 @@ def test_lora_with_input_grads_under_reentrant_checkpoints_is_silent(tmp_path):
     assert caught == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="group_findings groups by whole modules only; LoRA interleaves frozen base weights and trainable adapters "
-    "in every adapted module, so 21 frozen tensors give 17 warnings (7 per layer: 227 for a 32-layer Llama). "
-    "Wanted: one group per kind and cause (same `where` and fix), labelled by the smallest module holding them.",
-)
 def test_lora_frozen_base_in_the_optimizer_is_one_warning(tmp_path):
     guard = GradGuard(write_report=False)
     caught = fit_lora(tmp_path, "llama+lora-all-params", guard)
@@ -89,11 +83,6 @@ def test_lora_frozen_base_in_the_optimizer_is_one_warning(tmp_path):
     assert len(str(caught[0].message).splitlines()) <= 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the 16 detached adapters of the star case share one cut (the checkpoint call) and one fix, but each "
-    "is a line of its own in the error (no module holds only them: see the test above).",
-)
 def test_lora_star_case_error_is_one_group(tmp_path):
     with pytest.raises(GradGuardError) as err:
         fit_lora(tmp_path, "llama+lora+ckpt-reentrant/no-input-grads", GradGuard(write_report=False))
