@@ -465,11 +465,19 @@ class GuardCore:
         return out
 
     def _settle_read(self, read: LateRead, stats: GradStats) -> None:
-        """End the open runs of parameters whose gradient the late read found usable (finite or not, not all zero;
-        a zero one is judged on the next step, which reads at once)."""
+        """Count the step of the late read for the idle runs: an all-zero gradient lacked a usable gradient then
+        (whether it is ``zero`` or a leftover is told on the next step, which reads at once); the open runs of the
+        others, whose gradient was usable (finite or not), end."""
         index = self.index
+        if index is None:
+            return
+        frozen = set(stats.frozen)
+        for i in stats.zero:
+            bit = index.index.get(id(read.params[i]))
+            if bit is not None and i not in frozen:
+                self.history.lack(index.names[bit], read.step, "zero")
         names = self.history.open_runs()
-        if not names or index is None:
+        if not names:
             return
         at = {id(p): i for i, p in enumerate(read.params)}
         zero, missing = set(stats.zero), set(stats.missing)

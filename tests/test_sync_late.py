@@ -114,10 +114,11 @@ def test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync(tmp_path, 
         assert kinds[sync, "every other"] == [], sync
 
 
-@pytest.mark.parametrize(("sync", "raised_at"), [("step", 2), ("late", 3)])
-def test_an_all_zero_gradient_is_raised_one_step_later_under_late(tmp_path, sync, raised_at):
-    """Untraced, idle_window=3: ``sync="step"`` raises at the third step of zeros; ``"late"`` reads step 0 late, then
-    reads at once while the run of zeros lasts, so it raises one step later, not more."""
+@pytest.mark.parametrize("sync", ["step", "late"])
+def test_an_all_zero_gradient_is_raised_at_the_same_step_under_late(tmp_path, sync):
+    """Untraced, idle_window=3: both raise at the third step of zeros. ``"late"`` reads step 0 late, counts it in
+    the run when the read comes in, then reads at once while the run lasts."""
+    raised_at = 2
     witness = RaisedAt()
     guard = GradGuard(sync=sync, idle_window=3, diagnose="never", on_zero="raise")
     trainer = make_trainer(tmp_path, [guard, witness], max_steps=8)
@@ -205,23 +206,36 @@ def _run(tmp_path, model, sync, **kwargs):
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"] if "gradguard" in t}
-    return guard.findings, [p.detach().clone() for p in model.parameters()], scalars
+    return guard.findings, [p.detach().clone() for p in model.parameters()], scalars, guard.report.idle_shares()
 
 
-@pytest.mark.parametrize("case", ["plain", "accumulate", "bf16-mixed", "two optimizers"])
+class ZeroEveryOther(Net):
+    """The head's gradient is all zero on odd steps (idle by design, like drop_path): counted in the idle shares."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.tanh(self.enc(x))
+        out = self.head(h).squeeze(-1) * (0.0 if self.trainer.global_step % 2 else 1.0) + self.aux(h).squeeze(-1)
+        return ((out - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("case", ["plain", "accumulate", "bf16-mixed", "two optimizers", "zero every other step"])
 def test_late_runs_like_step_runs(tmp_path, case):
-    """A plain run, gradient accumulation, bf16 autocast, and a GAN stepping two optimizers in manual optimization:
-    the same findings, parameters and logged scalars (the dashboard's steps, and the epoch statistics, which take
-    the late reads' totals) with ``sync="late"`` as with ``"step"``."""
+    """A plain run, gradient accumulation, bf16 autocast, a GAN stepping two optimizers in manual optimization, and a
+    head whose gradient is all zero on every other step: the same findings, parameters, idle shares and logged
+    scalars (the dashboard's steps, and the epoch statistics, which take the late reads' totals) with ``sync="late"``
+    as with ``"step"``."""
     from test_tensorboard import TwoOptimizers
 
     kwargs = {"accumulate": {"accumulate_grad_batches": 2}, "bf16-mixed": {"precision": "bf16-mixed"}}.get(case, {})
     runs = {}
     for sync in ("step", "late"):
         torch.manual_seed(0)
-        model = TwoOptimizers() if case == "two optimizers" else Net()
+        model = {"two optimizers": TwoOptimizers, "zero every other step": ZeroEveryOther}.get(case, Net)()
         runs[sync] = _run(tmp_path / sync, model, sync, **kwargs)
-    (f_step, p_step, s_step), (f_late, p_late, s_late) = runs["step"], runs["late"]
+    (f_step, p_step, s_step, idle_step), (f_late, p_late, s_late, idle_late) = runs["step"], runs["late"]
+    assert idle_late == idle_step
+    assert bool(idle_step) is (case == "zero every other step")
     assert [(f.kind, f.param, f.step) for f in f_late] == [(f.kind, f.param, f.step) for f in f_step]
     assert all(torch.equal(a, b) for a, b in zip(p_step, p_late, strict=True))
     assert any("epoch" in t for t in s_late)
