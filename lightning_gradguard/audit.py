@@ -739,6 +739,11 @@ def classify(
     received = facts.received
     missing = set(stats.missing)
     zero = set(stats.zero)
+    nothing = (  # an optimizer that trains nothing (built before `get_peft_model` froze what it holds, say)
+        " Nothing this optimizer holds is trainable: it updates nothing; build it over the trainable parameters."
+        if len(stats.frozen) == len(params) > 0
+        else ""
+    )
     for i in sorted(missing | zero | set(stats.frozen)):  # the others have a usable gradient: nothing to say
         p = params[i]
         bit = index.index.get(id(p))
@@ -750,7 +755,7 @@ def classify(
                 _finding(
                     "frozen",
                     name,
-                    f"`{name}` is in the optimizer but has `requires_grad=False`: it is never updated.",
+                    f"`{name}` is in the optimizer but has `requires_grad=False`: it is never updated.{nothing}",
                     step,
                 )
             )

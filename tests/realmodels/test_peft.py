@@ -87,3 +87,15 @@ def test_lora_star_case_error_is_one_group(tmp_path):
     with pytest.raises(GradGuardError) as err:
         fit_lora(tmp_path, "llama+lora+ckpt-reentrant/no-input-grads", GradGuard(write_report=False))
     assert str(err.value).count("detached (") == 1
+
+
+def test_an_optimizer_built_before_get_peft_model_is_said_to_train_nothing(tmp_path):
+    """Built before `get_peft_model`, the optimizer holds only the base weights it then froze, and the adapters are in
+    no optimizer: one `frozen` warning saying the optimizer updates nothing, one `orphan` warning for the adapters.
+    Nearest correct: over `model.parameters()` the adapters are trained, so the `frozen` warning does not say it."""
+    caught = fit_lora(tmp_path / "first", "llama+lora-opt-first", GradGuard(write_report=False))
+    assert [str(w.message).split(":")[1].strip() for w in caught] == ["frozen", "orphan"]
+    assert "Nothing this optimizer holds is trainable: it updates nothing" in str(caught[0].message)
+    caught = fit_lora(tmp_path / "all", "llama+lora-all-params", GradGuard(write_report=False))
+    assert len(caught) == 1
+    assert "updates nothing" not in str(caught[0].message)
