@@ -24,7 +24,8 @@ HINTS: dict[str, str] = {
     "orphan": "add it to the optimizer (e.g. `optimizer(self.parameters())`), or freeze it",
     "stale": "build the optimizer over the model's own parameters, after any copy/`deepcopy` of the model",
     "nonfinite": "look for log/sqrt/division of zero or negative values, lower the learning rate, or clip gradients",
-    "zero": "check for ops with zero derivative (round/sign/floor, comparisons), dead ReLUs or a `* 0`",
+    "zero": "check for ops with zero derivative (round/sign/floor, comparisons), dead ReLUs or a `* 0`; behind a "
+    "factor that starts at zero (LoRA's `lora_B`, a zero-initialised gate) it is expected until that factor moves",
 }
 
 
