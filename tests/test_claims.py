@@ -861,11 +861,13 @@ def test_readme_corpus_and_sweep_numbers_are_the_generated_reports():
     assert f"healthy models with a finding: 0/{healthy}" in corpus  # "no finding on any healthy model"
     assert "crashes: 0" in corpus  # "no crash"
     configs, archs = re.search(r"(\d+) configurations of (\d+) architectures: \1 fully right", sweep).groups()
+    peft = len(re.findall(r"\| [\w-]+\+(?:lora|dora|ia3|prompt|prefix)[\w+/-]* \|", sweep))  # a table row each
     assert (
         f"make sweep # the real-model sweep: {configs} configurations of {archs} transformers architectures" in readme
     )
     assert f"trains {archs} Hugging Face `transformers` architectures" in readme
-    assert f"plus planted bugs: {configs} configurations" in readme
+    assert f"plus planted bugs and {peft} PEFT configurations" in readme
+    assert f"Llama, BERT and RoBERTa): {configs} configurations" in readme
 
 
 def test_readme_counts_the_subsets_make_test_runs():
