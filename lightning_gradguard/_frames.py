@@ -6,9 +6,18 @@ import importlib.util
 import os
 import sys
 import sysconfig
+import warnings
 from types import FrameType
+from typing import Any, TextIO
 
-__all__ = ["format_where", "frame_where", "is_library_file", "user_stacklevel"]
+__all__ = [
+    "format_where",
+    "frame_where",
+    "is_library_file",
+    "user_stacklevel",
+    "warnings_at_user_begin",
+    "warnings_at_user_end",
+]
 
 #: Packages whose frames are never "the user's line".
 _LIBRARIES = ("torch", "lightning", "pytorch_lightning", "lightning_fabric", "torchmetrics", "numpy",
@@ -99,3 +108,53 @@ def user_stacklevel(start: int = 2) -> int:
         frame = frame.f_back
         level += 1
     return level if frame is not None else start
+
+
+# ---------------------------------------------------------------------- warnings raised under GradGuard's modes
+#: The files of GradGuard's torch-function modes (the tracer, ``check_step``'s backward spy). Such a mode calls each
+#: torch function for the user's code, so a warning torch raises there (from C++, or a Python ``warn`` with
+#: ``stacklevel=2``) names the mode's frame: "trace.py:659: UserWarning: Using a target size ...".
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_MODE_FILES = frozenset(os.path.join(_HERE, name) for name in ("trace.py", "step.py"))
+_depth = 0
+_previous: Any = None
+
+
+def _show_at_user(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """``warnings.showwarning`` while a mode is on: a warning that names a mode's frame names the user's instead."""
+    if filename in _MODE_FILES:
+        frame: FrameType | None = sys._getframe(1)
+        while frame is not None and is_library_file(frame.f_code.co_filename):
+            frame = frame.f_back
+        if frame is not None:
+            filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None
+    show = _previous if _previous is not None else warnings._showwarning_orig  # type: ignore[attr-defined]
+    show(message, category, filename, lineno, file, line)
+
+
+def warnings_at_user_begin() -> None:
+    """A mode goes on: show the warnings raised under it at the user's line (nested calls count)."""
+    global _depth, _previous
+    _depth += 1
+    if _depth == 1 and warnings.showwarning is not _show_at_user:
+        _previous = warnings.showwarning
+        warnings.showwarning = _show_at_user
+
+
+def warnings_at_user_end() -> None:
+    """A mode goes off: after the last one, ``warnings.showwarning`` is what it was (unless someone replaced it
+    meanwhile: then theirs stays, and ours, if it comes back, only passes warnings on)."""
+    global _depth, _previous
+    if _depth == 0:
+        return
+    _depth -= 1
+    if _depth == 0 and warnings.showwarning is _show_at_user:
+        warnings.showwarning = _previous
+        _previous = None

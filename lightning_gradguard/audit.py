@@ -27,6 +27,7 @@ from .trace import CutSite, Tracer
 
 __all__ = [
     "GradStats",
+    "LateRead",
     "StepFacts",
     "audit_layout",
     "audit_optimizers",
@@ -35,6 +36,7 @@ __all__ = [
     "loss_scale",
     "measure_grads",
     "reached_params",
+    "start_late_read",
     "to_host",
     "walk_graph",
 ]
@@ -53,6 +55,8 @@ class GradStats:
         frozen: indices with ``requires_grad=False``.
         syncs: device→host transfers the measurement took (1 on a clean step; 2 when a candidate was confirmed).
         scale: the loss scale the norms were divided by (read in the same transfer when given as a tensor).
+        late: no value was read yet (``sync="late"``): ``missing`` and ``frozen`` are known, the norms (``None``) and
+            ``nonfinite``/``zero`` come with a :class:`LateRead` one step later.
     """
 
     params: list[torch.Tensor]
@@ -63,6 +67,7 @@ class GradStats:
     frozen: list[int] = field(default_factory=list)
     syncs: int = 0
     scale: float = 1.0
+    late: bool = False
     _total: float | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -117,6 +122,84 @@ _STACK_MIN = 4
 #: stay under it, because ``torch.cat`` over thousands of inputs is several times slower on its parallel path, and
 #: a parallel region waits for every intra-op thread (long on a busy machine) for a few microseconds of work.
 _GRAIN = 32768
+
+
+class LateRead:
+    """The per-parameter gradient norms of one optimizer step, on their way to the host without a sync
+    (``sync="late"``): read by :meth:`result` at a later step.
+
+    What the host knows without reading a value is in :attr:`host`, a :class:`GradStats` with the parameters that
+    have no gradient (``missing``) or ``requires_grad=False`` (``frozen``), judged at once. The norms of the others
+    are taken in float64 (``torch._foreach_norm(..., dtype=torch.float64)``), in which the square of no float32,
+    bfloat16 or float16 value overflows or underflows: a norm is not finite exactly when an element is not, and zero
+    exactly when every element is, so nothing has to be looked at element-wise later (the gradients are gone by
+    then). On an accelerator they are copied into pinned host memory with ``non_blocking=True`` and an event is
+    recorded after the copy; :meth:`result` waits on that event only (by then, normally, long passed), never on the
+    whole device. On the CPU the values are simply there.
+
+    Holds the parameter list and one float64 value per gradient (pinned memory on an accelerator), never a gradient.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], step: int, scale: float, tag: Any = None) -> None:
+        self.params = list(params)
+        self.step = step
+        self.scale = scale
+        self.tag = tag
+        grads = [p.grad for p in self.params]
+        self.present = [i for i, g in enumerate(grads) if g is not None]
+        missing = [i for i, g in enumerate(grads) if g is None]
+        frozen = [i for i, p in enumerate(self.params) if not p.requires_grad]
+        self.host = GradStats(self.params, [None] * len(self.params), missing, frozen=frozen, scale=scale, late=True)
+        self.empty = {i for i in self.present if self.params[i].numel() == 0}
+        self.event: Any = None
+        self.values: torch.Tensor | None = None
+        if not self.present:
+            return
+        norms = torch.stack(torch._foreach_norm([grads[i] for i in self.present], 2, dtype=torch.float64))  # type: ignore[misc]
+        if norms.device.type == "cpu":
+            self.values = norms
+        else:
+            self.values = torch.empty(norms.shape, dtype=torch.float64, pin_memory=True)
+            self.values.copy_(norms, non_blocking=True)
+            self.event = torch.cuda.Event() if norms.device.type == "cuda" else torch.Event(norms.device)
+            self.event.record()
+
+    def result(self) -> GradStats:
+        """The step's :class:`GradStats` (waits for the copy's event, not for the device)."""
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+        values = self.values.tolist() if self.values is not None else []
+        host = self.host
+        norms: list[float | None] = [None] * len(self.params)
+        stats = GradStats(self.params, norms, list(host.missing), frozen=list(host.frozen), scale=self.scale)
+        for i, v in zip(self.present, values, strict=True):
+            norms[i] = v / self.scale
+            if not math.isfinite(v):
+                stats.nonfinite.append(i)
+            elif v == 0.0 and i not in self.empty:
+                stats.zero.append(i)
+        return stats
+
+
+def start_late_read(params: Sequence[torch.Tensor], step: int, scale: float = 1.0, tag: Any = None) -> LateRead | None:
+    """Start a :class:`LateRead` of ``params``' gradients, or ``None`` when the step must be read now: the
+    gradients are sparse, complex, in float64 (whose squares can overflow), or on several devices."""
+    if not params:
+        return None
+    device = None
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if g.layout != torch.strided or g.dtype == torch.float64 or g.is_complex():
+            return None
+        if device is None:
+            device = g.device
+        elif g.device != device:
+            return None
+    with torch.no_grad(), torch._C.DisableTorchFunction():
+        return LateRead(params, step, scale, tag)
 
 
 def _take(indices: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
@@ -656,6 +739,11 @@ def classify(
     received = facts.received
     missing = set(stats.missing)
     zero = set(stats.zero)
+    nothing = (  # an optimizer that trains nothing (built before `get_peft_model` froze what it holds, say)
+        " Nothing this optimizer holds is trainable: it updates nothing; build it over the trainable parameters."
+        if len(stats.frozen) == len(params) > 0
+        else ""
+    )
     for i in sorted(missing | zero | set(stats.frozen)):  # the others have a usable gradient: nothing to say
         p = params[i]
         bit = index.index.get(id(p))
@@ -667,7 +755,7 @@ def classify(
                 _finding(
                     "frozen",
                     name,
-                    f"`{name}` is in the optimizer but has `requires_grad=False`: it is never updated.",
+                    f"`{name}` is in the optimizer but has `requires_grad=False`: it is never updated.{nothing}",
                     step,
                 )
             )

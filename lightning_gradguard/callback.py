@@ -93,6 +93,15 @@ class GradGuard(Callback):
         flow_every: draw the gradient-flow picture (TensorBoard's Images tab) on the first logged step and every
             this many logged steps after it, and at the end of ``fit`` (then also as ``gradguard_flow.png`` beside
             the JSON report); ``0``: never.
+        sync: when the check reads the gradients' norms. ``"step"``: at once, one device→host sync per optimizer
+            step, so that ``raise`` stops a NaN before the optimizer applies it. ``"late"`` (for accelerators,
+            where that sync stalls the queue of kernels): the norms are copied to pinned host memory without
+            waiting and judged at the next optimizer step (or at the end of the epoch or of ``fit``); a NaN is then
+            raised one step late, with ``Finding.step`` the step that produced it, after its update was applied.
+            Missing gradients and ``requires_grad=False`` are seen on the host and judged at once. Read at once all
+            the same: steps that log dashboards or are traced, while a trace is pending or a run of all-zero
+            gradients lasts (one read late is confirmed on the next step, with its graph), and with a grad scaler
+            or several ranks (which synchronise anyway).
 
     Dashboards, written on rank zero only at ``on_before_optimizer_step`` (accumulated, AMP-unscaled, before
     clipping) at Lightning's own logging step (the number of earlier batches that stepped an optimizer: with one
@@ -159,6 +168,7 @@ class GradGuard(Callback):
         report_path: str | None = None,
         idle_window: int = DEFAULT_WINDOW,
         flow_every: int = 10,
+        sync: Literal["step", "late"] = "step",
     ) -> None:
         actions = {
             "frozen": on_frozen,
@@ -174,6 +184,8 @@ class GradGuard(Callback):
             raise ValueError(
                 f"`GradGuard(diagnose={diagnose!r})` must be one of 'first', 'on_finding', 'always', 'never'."
             )
+        if sync not in ("step", "late"):
+            raise ValueError(f"`GradGuard(sync={sync!r})` must be one of 'step', 'late'.")
         if isinstance(idle_window, bool) or not isinstance(idle_window, int) or idle_window < 1:
             raise ValueError(f"`GradGuard(idle_window={idle_window!r})` must be an integer >= 1 (checked steps).")
         self._dashboard = Dashboard(
@@ -206,6 +218,7 @@ class GradGuard(Callback):
         self.report_path = report_path
         self.idle_window = idle_window
         self.flow_every = flow_every
+        self.sync = sync
         self._core = GuardCore(self._policy, diagnose, idle_window)
         self._restored: dict[str, Any] | None = None
         self._restored_history: dict[str, Any] | None = None
@@ -281,11 +294,18 @@ class GradGuard(Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = loss_scale(scaler)  # fused optimizers unscale inside `step()`; read with the norms, no own sync
         params = self._core.params_of(optimizer)
-        with rank_zero_warnings(trainer.global_rank):
-            stats = self._core.check(
-                params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler, scale=scale
-            )
-        if self._core.index is not None:
+        late = self.sync == "late" and not self._dashboard.should_log(trainer)
+        k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        tag = (k, self._dashboard.step_of(trainer))  # where the dashboard files this step's total norm
+        try:
+            with rank_zero_warnings(trainer.global_rank):
+                stats = self._core.check(params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler,
+                                         scale=scale, late=late, tag=tag)  # fmt: skip
+        finally:
+            self._record_late()
+        if stats.late:
+            self._dashboard.mark_stepped()
+        elif self._core.index is not None:
             idle = (self._core.report.idle_shares() or None) if self._dashboard.should_log(trainer) else None
             with torch._C.DisableTorchFunction():  # no function mode still on the stack sees the dashboard's ops
                 self._dashboard.log_step(
@@ -299,14 +319,28 @@ class GradGuard(Callback):
         self._core.end_batch()
         self._dashboard.end_batch()
 
+    def _resolve_late(self, trainer: Trainer) -> None:
+        """Judge the late reads (``sync="late"``) still waiting, and record their totals."""
+        try:
+            with rank_zero_warnings(trainer.global_rank):
+                self._core.resolve_late()
+        finally:
+            self._record_late()
+
+    def _record_late(self) -> None:
+        for (k, step), _, stats in self._core.take_resolved():
+            self._dashboard.record_total(k, step, stats.total_norm)
+
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._resolve_late(trainer)
         self._dashboard.end_epoch(trainer, pl_module.device)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._core.abort()
         try:
+            self._resolve_late(trainer)
             with rank_zero_warnings(trainer.global_rank):
                 self._core.finish(trainer.global_step)
         finally:
@@ -314,6 +348,7 @@ class GradGuard(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._core.drop_late()
         self._core.abort()
         if not self._reported:  # `on_train_end` may have published it already, then raised
             self._publish_report(trainer, quiet_if_clean=True)
@@ -327,6 +362,7 @@ class GradGuard(Callback):
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._core.drop_late()
         self._core.abort()
         self._dashboard.release()
 

@@ -24,6 +24,7 @@ from torch import nn
 from ._frames import user_stacklevel
 from .audit import (
     GradStats,
+    LateRead,
     StepFacts,
     audit_layout,
     classify,
@@ -31,6 +32,7 @@ from .audit import (
     explain_zero,
     find_orphans,
     measure_grads,
+    start_late_read,
     walk_graph,
 )
 from .findings import HINTS, Finding, GradGuardError, group_findings
@@ -161,6 +163,10 @@ class GuardCore:
         #: Under distributed training, agrees facts and decisions with the other ranks (see distributed.py);
         #: ``None`` in a single process, which then runs no collective.
         self.dist: RankSync | None = None
+        self._late: list[LateRead] = []  # sync="late": reads of earlier steps, judged at the next check
+        self._confirm = False  # a late read showed an all-zero gradient: judge the next step at once, with its graph
+        #: ``(tag, step, stats)`` of the late reads judged since the caller last took them (:meth:`take_resolved`).
+        self.resolved: list[tuple[Any, int, GradStats]] = []
 
     # ------------------------------------------------------------------ setup
     def bind(self, model: nn.Module, *, on_backward: Any = None) -> None:
@@ -329,6 +335,8 @@ class GuardCore:
         scaler: Any = None,
         scale: float | torch.Tensor = 1.0,
         context: str = "",
+        late: bool = False,
+        tag: Any = None,
     ) -> GradStats:
         """Judge the gradients of ``params`` (the stepping optimizer's) and enforce the policy.
 
@@ -341,22 +349,39 @@ class GuardCore:
             scale: divide gradient norms by this (gradients that are still scaled); the scaler's scale tensor
                 (:func:`~lightning_gradguard.audit.loss_scale`) is read in the same transfer as the norms.
             context: first line of the error message.
+            late: read the norms at a later check (``sync="late"``, see :meth:`resolve_late`) instead of now, when
+                nothing asks for a look now: no parameter is in a run of all-zero gradients or waits for a trace, the
+                step is not traced, and there is no grad scaler and no other rank. Missing gradients and
+                ``requires_grad=False`` (seen on the host) are judged now as always. Earlier late reads are judged
+                first, always. The stats returned are then :attr:`GradStats.late` (no norms).
+            tag: given back with the late read's stats in :attr:`resolved`.
 
         Raises:
-            GradGuardError: a finding whose action is ``"raise"``.
+            GradGuardError: a finding whose action is ``"raise"`` (of this step, or of an earlier late read).
         """
         index = self.index
         assert index is not None, "GuardCore.bind() first"
+        if self._late:
+            self.resolve_late()
         self.checks += 1
         if isinstance(scale, torch.Tensor) and self.dist is not None and self.dist.sharded is not None:
             scale = float(scale)  # the sharded pass divides by a number (it runs a collective anyway)
-        stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
+        history = self.history
+        traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
+        read = None
+        if (late and scaler is None and not isinstance(scale, torch.Tensor) and self.dist is None
+                and not (self._confirm or self._pending or history.zero_run or traced_step)):  # fmt: skip
+            read = start_late_read(params, step, float(scale), tag)
+        self._confirm = False
+        if read is not None:
+            self._late.append(read)
+            stats = read.host  # missing and frozen, judged now; the values later
+        else:
+            stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
         if not isinstance(scale, torch.Tensor):
             stats.scale = float(scale)
-        history = self.history
         judged = history.count_check(params, self._names_among)
         findings: list[Finding] = []
-        traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
         if traced_step and not self._checked:  # several optimizers stepping on one backward: one traced step
             history.traced_steps += 1
         if optimizers:
@@ -377,6 +402,8 @@ class GuardCore:
         if traced_step and self._probing:
             history.looked |= self._probing
             self._probing.clear()
+        if read is not None:  # a gradient is there, but whether it is usable is known when the read comes in
+            lacking |= self._present(history.open_runs())
         history.settle(judged, lacking)
         self._checked = bool(self._losses)
         for loss in self._losses:  # (freeing a deep graph here would cost ~1 µs per node inside the hook)
@@ -390,6 +417,88 @@ class GuardCore:
         self._arm_after_check(new, traced_step, step)
         self.policy.enforce(kept, step, context)
         return stats
+
+    # ------------------------------------------------------------------ sync="late"
+    def resolve_late(self) -> None:
+        """Judge the late reads of earlier steps (``sync="late"``).
+
+        A non-finite gradient is a ``nonfinite`` finding dated to its step, enforced now: when it raises, that
+        step's update has already been applied (the cost of reading late), and the step being checked has not. An
+        all-zero gradient is not judged from the read (telling it from a gradient left over from an earlier step,
+        ``zero_grad(set_to_none=False)``, needs that step's autograd graph, gone by now): the next check reads at
+        once, with its graph. Each read's stats go to :attr:`resolved`.
+
+        Raises:
+            GradGuardError: a ``nonfinite`` finding whose action is ``"raise"``.
+        """
+        reads, self._late = self._late, []
+        index = self.index
+        for read in reads:
+            stats = read.result()
+            self.resolved.append((read.tag, read.step, stats))
+            if stats.zero:
+                self._confirm = True
+            self._settle_read(read, stats)
+            if not stats.nonfinite or index is None:
+                continue
+            bad = GradStats(stats.params, stats.norms, nonfinite=stats.nonfinite, scale=stats.scale)  # judged already
+            found, _ = classify(index, bad, StepFacts(), read.step)
+            kept = self.policy.keep(found)
+            new = self._add(kept, read.step)
+            if new:
+                self._note_modules(new)
+            self.policy.enforce(kept, read.step, (
+                f"Parameters got no usable gradient at step {read.step}, read late (sync='late'), after the "
+                "optimizer applied that step's update"
+            ))  # fmt: skip
+
+    def _present(self, names: list[str]) -> set[str]:
+        """Those of ``names`` whose parameter has a gradient now."""
+        index = self.index
+        if not names or index is None:
+            return set()
+        out = set()
+        for name in names:
+            bit = index.bit_of.get(name)
+            if bit is not None and index.params[bit].grad is not None:
+                out.add(name)
+        return out
+
+    def _settle_read(self, read: LateRead, stats: GradStats) -> None:
+        """Count the step of the late read for the idle runs: an all-zero gradient lacked a usable gradient then
+        (whether it is ``zero`` or a leftover is told on the next step, which reads at once); the open runs of the
+        others, whose gradient was usable (finite or not), end."""
+        index = self.index
+        if index is None:
+            return
+        frozen = set(stats.frozen)
+        for i in stats.zero:
+            bit = index.index.get(id(read.params[i]))
+            if bit is not None and i not in frozen:
+                self.history.lack(index.names[bit], read.step, "zero")
+        names = self.history.open_runs()
+        if not names:
+            return
+        at = {id(p): i for i, p in enumerate(read.params)}
+        zero, missing = set(stats.zero), set(stats.missing)
+        usable = set()
+        for name in names:
+            bit = index.bit_of.get(name)
+            i = at.get(id(index.params[bit])) if bit is not None else None
+            if i is not None and i not in zero and i not in missing:
+                usable.add(name)
+        self.history.settle(usable, set())
+
+    def take_resolved(self) -> list[tuple[Any, int, GradStats]]:
+        """The ``(tag, step, stats)`` of the late reads judged since the last call."""
+        out, self.resolved = self.resolved, []
+        return out
+
+    def drop_late(self) -> None:
+        """Forget the late reads not judged yet (after an exception)."""
+        self._late.clear()
+        self.resolved.clear()
+        self._confirm = False
 
     def _add(self, kept: list[Finding], step: int) -> list[Finding]:
         """Add ``kept`` (seen at ``step``) to the report; a new finding that ends a run of steps counts every step

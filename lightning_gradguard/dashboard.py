@@ -973,6 +973,10 @@ class Dashboard:
             self._write(metrics, [], snap.step)
 
     # ------------------------------------------------------------------ epoch
+    def mark_stepped(self) -> None:
+        """An optimizer stepped in this batch without :meth:`log_step` (its norms are read later, ``sync="late"``)."""
+        self._stepped = True
+
     def record_total(self, k: int, step: int, total: float) -> None:
         """Add optimizer ``k``'s total norm of ``step`` to this epoch's running max, sum and count (finite only)."""
         if math.isfinite(total):

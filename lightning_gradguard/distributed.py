@@ -537,6 +537,12 @@ class RankSync:
         """
         if self.sharded is None:
             return measure_grads(params, scale)
+        # `DTensor.to_local()` is an autograd function: ~10 µs per tensor with grad mode on (it is, in Lightning's
+        # optimizer closure), ~0.1 µs without
+        with torch.no_grad(), torch._C.DisableTorchFunction():
+            return self._measure_shards(params, scale)
+
+    def _measure_shards(self, params: Sequence[torch.Tensor], scale: float) -> GradStats:
         n = len(params)
         has_grad = [0.0] * n
         weight = [0.0] * n

@@ -24,7 +24,8 @@ HINTS: dict[str, str] = {
     "orphan": "add it to the optimizer (e.g. `optimizer(self.parameters())`), or freeze it",
     "stale": "build the optimizer over the model's own parameters, after any copy/`deepcopy` of the model",
     "nonfinite": "look for log/sqrt/division of zero or negative values, lower the learning rate, or clip gradients",
-    "zero": "check for ops with zero derivative (round/sign/floor, comparisons), dead ReLUs or a `* 0`",
+    "zero": "check for ops with zero derivative (round/sign/floor, comparisons), dead ReLUs or a `* 0`; behind a "
+    "factor that starts at zero (LoRA's `lora_B`, a zero-initialised gate) it is expected until that factor moves",
 }
 
 
@@ -102,8 +103,9 @@ class FindingGroup:
 
     Attributes:
         kind: the findings' kind.
-        module: the module whose every checked tensor has this finding (``""``: the whole model), or ``None`` for a
-            single tensor that does not make up a module of its own.
+        module: the module whose every checked tensor has this finding (``""``: the whole model), or that holds
+            all of the findings of one cause (``of``: its checked tensors), or ``None`` for a single tensor that
+            does not make up a module of its own.
         findings: the findings, one per tensor, in the order given.
         numel: the number of parameters (elements) of those tensors, ``0`` when unknown.
     """
@@ -112,6 +114,9 @@ class FindingGroup:
     module: str | None
     findings: tuple[Finding, ...]
     numel: int = 0
+    #: The number of checked tensors of ``module`` when only some of them have the finding (findings of one cause
+    #: spread over a module, see :func:`group_findings`); ``0``: all of them.
+    of: int = 0
 
     @property
     def params(self) -> list[str]:
@@ -123,6 +128,9 @@ class FindingGroup:
         if self.module is None or len(self.findings) == 1:
             return f"`{self.findings[0].param}`"
         size = f", {count_text(self.numel)} parameters" if self.numel else ""
+        if self.of:
+            what = f"module `{self.module}`" if self.module else "the model"
+            return f"{what} ({len(self.findings)} of its {self.of} tensors{size})"
         what = f"module `{self.module}`" if self.module else "every parameter of the model"
         return f"{what} ({len(self.findings)} tensors{size})"
 
@@ -197,8 +205,11 @@ def group_findings(findings: Sequence[Finding], sizes: Mapping[str, int] | None 
             each finding is its own group.
 
     Returns:
-        Groups in :data:`KINDS` order, then in the order of their first finding. A tensor whose module also holds
-        tensors without that finding stays a group of its own.
+        Groups in :data:`KINDS` order, then in the order of their first finding. Groups of one kind and one cause
+        (the same ``where`` and fix) are then merged into one, named after the smallest module holding them all,
+        with ``of`` its number of checked tensors: LoRA's frozen base weights beside trainable adapters in every
+        adapted module, a backbone frozen but for one tensor, a checkpoint call cutting the adapters inside it,
+        are one group each, not one per module or tensor.
 
     Example::
 
@@ -207,8 +218,10 @@ def group_findings(findings: Sequence[Finding], sizes: Mapping[str, int] | None 
         ...          "head.weight": 2}
         >>> [(g.module, len(g.findings), g.numel) for g in group_findings(fs, sizes)]
         [('backbone', 4, 12)]
-        >>> [g.module for g in group_findings(fs[:3], sizes)]
-        ['backbone.0', None]
+        >>> [(g.module, len(g.findings), g.of) for g in group_findings(fs[:3], sizes)]
+        [('backbone', 3, 4)]
+        >>> group_findings(fs[:3], sizes)[0].label
+        'module `backbone` (3 of its 4 tensors, 10 parameters)'
     """
     if not findings:  # the common case of a clean step: no walk over the model's tensors
         return []
@@ -236,10 +249,32 @@ def group_findings(findings: Sequence[Finding], sizes: Mapping[str, int] | None 
             if f.param in sizes:
                 module = next((m for m in _ancestors(f.param) if have.get(m) == total[m] and total[m] > 1), None)
             keyed.setdefault((module, f.param if module is None else ""), []).append(f)
+        by_cause: dict[tuple[tuple[str | None, ...], str], list[tuple[str | None, list[Finding]]]] = {}
         for (module, _), group in keyed.items():
-            numel = sum(sizes.get(f.param, 0) for f in group)
-            groups.append(FindingGroup(kind, module, tuple(group), numel))
+            cause = (tuple(sorted({f.where for f in group}, key=str)), group[0].hint)
+            by_cause.setdefault(cause, []).append((module, group))
+        for parts in by_cause.values():
+            merged = tuple(f for _, part in parts for f in part)
+            numel = sum(sizes.get(f.param, 0) for f in merged)
+            if len(parts) == 1:
+                groups.append(FindingGroup(kind, parts[0][0], merged, numel))
+                continue
+            holder = _common_module([f.param for f in merged])
+            of = total.get(holder, 0)
+            groups.append(FindingGroup(kind, holder, merged, numel, of if of != len(merged) else 0))
     return groups
+
+
+def _common_module(names: Sequence[str]) -> str:
+    """The smallest module holding every parameter of ``names`` (``""``: the model)."""
+    common = _ancestors(names[0])
+    for name in names[1:]:
+        other = _ancestors(name)
+        n = 0
+        while n < min(len(common), len(other)) and common[n] == other[n]:
+            n += 1
+        common = common[:n]
+    return common[-1] if common else ""
 
 
 def format_findings(findings: Sequence[Finding], sizes: Mapping[str, int] | None = None) -> str:

@@ -115,6 +115,15 @@ class History:
         for name in [n for n in self._gaps if n in judged and n not in lacking]:
             del self._gaps[name]
 
+    def open_runs(self) -> list[str]:
+        """The parameters whose run without a usable gradient is open (few: those lacking one lately)."""
+        return list(self._gaps)
+
+    @property
+    def zero_run(self) -> bool:
+        """Some parameter's gradient was all zero on its last checked step (a run of them is open)."""
+        return any(gap[2] == "zero" for gap in self._gaps.values())
+
     def in_run(self, name: str) -> bool:
         """``name`` lacked a usable gradient on its last checked step."""
         return name in self._gaps

@@ -85,7 +85,8 @@ class RunReport:
             for g in self._loaded_groups:
                 members = tuple(by_key[(g["kind"], p)] for p in g["params"] if (g["kind"], p) in by_key)
                 if members:
-                    out.append(FindingGroup(g["kind"], g.get("module"), members, int(g.get("numel", 0))))
+                    out.append(FindingGroup(g["kind"], g.get("module"), members, int(g.get("numel", 0)),
+                                            int(g.get("of", 0))))  # fmt: skip
             return out
         return group_findings(self.findings, self.sizes)
 
@@ -143,7 +144,7 @@ class RunReport:
             row.update(first_step=e.finding.step, last_step=e.last_step, count=e.count)
             rows.append(row)
         groups = [
-            {"kind": g.kind, "module": g.module, "numel": g.numel, "params": g.params}
+            {"kind": g.kind, "module": g.module, "numel": g.numel, "params": g.params, **({"of": g.of} if g.of else {})}
             for g in self.groups()
             if len(g.findings) > 1
         ]
@@ -245,9 +246,8 @@ class RunReport:
         shares = self.idle_shares()
         if not shares:
             return ""
-        rows = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
         head = f"{sep}idle (share of checked steps without a usable gradient, not a finding):"
-        return head + "".join(f"{sep}  {m or '(root)'}: {v:.1%}" for m, v in rows)
+        return head + "".join(f"{sep}  {text}" for text in _idle_rows(shares, "{}"))
 
     def markdown(self) -> str:
         """The table as GitHub markdown (TensorBoard's Text tab renders it): parameter or module, kind, where, first
@@ -276,9 +276,29 @@ class RunReport:
         shares = self.idle_shares()
         if not shares:
             return ""
-        rows = sorted(shares.items(), key=lambda kv: (-kv[1], kv[0]))
-        cells = ", ".join(f"`{m or '(root)'}` {v:.1%}" for m, v in rows)
+        cells = "; ".join(_idle_rows(shares, "`{}`"))
         return f"\n\n**Idle** (share of checked steps without a usable gradient, not a finding): {cells}"
+
+
+#: Modules idle on the same share of steps are one row from this many on (a LoRA model's `lora_A` layers, idle on
+#: the first step only while `lora_B` is zero), naming the first few.
+_SAME_SHARE_ROW = 3
+
+
+def _idle_rows(shares: dict[str, float], name: str) -> list[str]:
+    """``module: share`` per idle module, most idle first; modules that share a share (to 0.1 %) from
+    :data:`_SAME_SHARE_ROW` on are one row: ``5.0 %: 16 modules: a, b, c and 13 more``."""
+    by_share: dict[str, list[str]] = {}
+    for module, share in sorted(shares.items(), key=lambda kv: (-kv[1], kv[0])):
+        by_share.setdefault(f"{share:.1%}", []).append(name.format(module or "(root)"))
+    rows = []
+    for share, modules in by_share.items():
+        if len(modules) < _SAME_SHARE_ROW:
+            rows += [f"{m}: {share}" for m in modules]
+        else:
+            more = f" and {len(modules) - 3} more" if len(modules) > 3 else ""
+            rows.append(f"{share}: {len(modules)} modules: {', '.join(modules[:3])}{more}")
+    return rows
 
 
 def _md_cell(text: str) -> str:

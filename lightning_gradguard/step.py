@@ -12,7 +12,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.overrides import TorchFunctionMode
 
-from ._frames import user_stacklevel
+from ._frames import user_stacklevel, warnings_at_user_begin, warnings_at_user_end
 from .audit import loss_scale
 from .core import GuardCore
 from .findings import Finding
@@ -290,6 +290,16 @@ class _BackwardSpy(TorchFunctionMode):
     def __init__(self, on_backward: Callable[[torch.Tensor], None]) -> None:
         super().__init__()
         self.on_backward = on_backward
+
+    def __enter__(self) -> _BackwardSpy:
+        warnings_at_user_begin()  # torch's warnings from the ops it forwards name the user's line, not this file
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            super().__exit__(*exc)
+        finally:
+            warnings_at_user_end()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's protocol
         if getattr(func, "__name__", "") == "backward" and args:

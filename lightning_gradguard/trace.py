@@ -68,7 +68,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ._frames import format_where, frame_where, is_library_file
+from ._frames import format_where, frame_where, is_library_file, warnings_at_user_begin, warnings_at_user_end
 from .params import ParamIndex
 
 __all__ = ["CutSite", "LossFacts", "Tracer", "format_where", "is_library_file"]
@@ -342,6 +342,7 @@ class Tracer(TorchFunctionMode):
         """Push the mode (it stays active until :meth:`stop`; while :attr:`paused`, it is off torch's mode stack)."""
         if not self.active:
             self.active = True
+            warnings_at_user_begin()  # torch's warnings from the ops it forwards name the user's line, not this file
             if not self._paused:
                 _push_mode(self)
                 self._pushed = True
@@ -351,6 +352,7 @@ class Tracer(TorchFunctionMode):
         """Pop the mode if it is active; safe to call twice."""
         if self.active:
             self.active = False
+            warnings_at_user_end()
             self._grad_off.clear()
             self._ckpt = None
             if self._pushed:

@@ -504,6 +504,26 @@ def test_zero_gradient_from_a_zero_derivative_op_is_reported_at_once(tmp_path):
     assert {f.where for f in err.value.findings} == {where("CUT: round")}
 
 
+def test_modules_idle_on_the_same_share_of_steps_are_one_row_of_the_report():
+    """A healthy LoRA run: every `lora_A` is idle on the first step only (`lora_B` starts at zero). 16 modules at
+    5.0 % are one row naming three of them, in the console table and in TensorBoard's markdown; two modules at the
+    same share stay two rows (nearest correct)."""
+    from lightning_gradguard.report import RunReport
+
+    report = RunReport()
+    shares = {f"layers.{i // 4}.{p}_proj.lora_A": 0.05 for i, p in enumerate("qkvo" * 4)} | {"head": 0.25}
+    report.idle_provider = lambda dead: shares
+    table = report.table()
+    assert "head: 25.0%" in table
+    assert (
+        "5.0%: 16 modules: layers.0.k_proj.lora_A, layers.0.o_proj.lora_A, layers.0.q_proj.lora_A and 13 more" in table
+    )
+    assert len(table.splitlines()) == 4  # clean line, idle header, two rows
+    assert "5.0%: 16 modules: `layers.0.k_proj.lora_A`" in report.markdown()
+    report.idle_provider = lambda dead: {"a": 0.05, "b": 0.05}
+    assert [line.strip() for line in report.table().splitlines()[-2:]] == ["a: 5.0%", "b: 5.0%"]
+
+
 # ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
 def test_an_idle_layer_is_probed_by_one_trace_not_on_every_drop(tmp_path):
     guard = quiet(tmp_path, LayerDrop(), GradGuard(), max_steps=60)

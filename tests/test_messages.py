@@ -103,16 +103,18 @@ def test_frozen_backbone_gives_one_warning_at_configure_optimizers(tmp_path):
     assert [(g["kind"], g["module"], len(g["params"])) for g in data["groups"]] == [("frozen", "backbone", 100)]
 
 
-def test_one_trainable_tensor_splits_the_group(tmp_path):
-    """Nearest correct: `backbone` is not all frozen, so it is not one group; its frozen blocks are."""
+def test_a_backbone_frozen_but_for_one_tensor_is_one_warning_saying_how_many(tmp_path):
+    """`backbone` is not all frozen, so it is not "module `backbone` (100 tensors)"; but its 99 frozen tensors share
+    one cause and one fix: one warning, "99 of its 100 tensors", not one per block (it was 26)."""
     guard = GradGuard()
     caught = fit_recording(tmp_path, FrozenBackbone(keep_trainable="backbone.24.fc2.bias"), guard)
 
-    modules = {g.module for g in group_findings(guard.findings, guard.report.sizes)}
-    assert "backbone" not in modules
-    assert {f"backbone.{i}" for i in range(N_BLOCKS - 1)} | {"backbone.24.fc1", None} == modules
-    assert len(caught) == N_BLOCKS + 1  # one per group: 24 blocks, backbone.24.fc1, backbone.24.fc2.weight
-    assert not any("backbone.24.fc2.bias" in str(w.message) for w in caught)
+    groups = group_findings(guard.findings, guard.report.sizes)
+    assert [(g.module, len(g.findings), g.of) for g in groups] == [("backbone", 4 * N_BLOCKS - 1, 4 * N_BLOCKS)]
+    assert len(caught) == 1
+    text = str(caught[0].message)
+    assert f"module `backbone` ({4 * N_BLOCKS - 1} of its {4 * N_BLOCKS} tensors" in text
+    assert "backbone.24.fc2.bias" not in text
 
 
 def test_nan_in_1000_tensors_is_a_short_error_keeping_every_tensor(tmp_path):
@@ -135,14 +137,29 @@ def test_group_findings_by_largest_module():
     sizes = {"enc.0.weight": 6, "enc.0.bias": 2, "enc.1.weight": 6, "enc.1.bias": 2, "head.weight": 3}
     frozen = [Finding("frozen", n, f"`{n}` is frozen.") for n in ("enc.0.weight", "enc.0.bias", "enc.1.weight")]
     groups = group_findings([*frozen, Finding("zero", "head.weight", "")], sizes)
-    assert [(g.kind, g.module, g.params, g.numel) for g in groups] == [
-        ("frozen", "enc.0", ["enc.0.weight", "enc.0.bias"], 8),
-        ("frozen", None, ["enc.1.weight"], 6),
-        ("zero", None, ["head.weight"], 3),
+    assert [(g.kind, g.module, g.params, g.numel, g.of) for g in groups] == [
+        ("frozen", "enc", ["enc.0.weight", "enc.0.bias", "enc.1.weight"], 14, 4),
+        ("zero", None, ["head.weight"], 3, 0),
     ]
-    assert groups[0].message == "module `enc.0` (2 tensors, 8 parameters) is frozen."
+    assert groups[0].message == "module `enc` (3 of its 4 tensors, 14 parameters) is frozen."
+    whole = group_findings(frozen[:2], sizes)
+    assert [(g.module, g.of) for g in whole] == [("enc.0", 0)]
+    assert whole[0].message == "module `enc.0` (2 tensors, 8 parameters) is frozen."
     # Without the model's layout nothing is grouped.
     assert [g.module for g in group_findings(frozen)] == [None, None, None]
+
+
+def test_findings_of_one_kind_with_different_causes_stay_apart():
+    """Two cut lines are two problems: the tensors cut at each stay in their own group (nearest correct case of the
+    merge by cause)."""
+    sizes = {"a.0.weight": 4, "a.0.bias": 2, "a.1.weight": 4, "a.1.bias": 2}
+    first = [Finding("detached", n, f"`{n}` is cut.", "train.py:10") for n in ("a.0.weight", "a.0.bias")]
+    second = [Finding("detached", n, f"`{n}` is cut.", "train.py:20") for n in ("a.1.weight",)]
+    groups = group_findings([*first, *second], sizes)
+    assert [(g.module, g.params, g.where) for g in groups] == [
+        ("a.0", ["a.0.weight", "a.0.bias"], "train.py:10"),
+        (None, ["a.1.weight"], "train.py:20"),
+    ]
 
 
 def test_different_kinds_never_share_a_group():
@@ -194,6 +211,64 @@ def test_report_reads_back_its_groups(tmp_path):
     again = RunReport.read_json(path)
     assert again.table() == report.table()
     assert "module `a` (2 tensors, 4 parameters)" in again.table()
+
+
+# ---------------------------------------------------------------------- torch's own warnings under GradGuard's modes
+class BroadcastingLoss(LightningModule):
+    """A classic silent bug that torch warns about: an ``[B, 1]`` output against a ``[B]`` target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.layer(x), y)  # broadcasting loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def torch_warnings(caught: list, text: str) -> list[str]:
+    """``path:line`` of the caught warnings whose message contains ``text``."""
+    return sorted({f"{w.filename}:{w.lineno}" for w in caught if text in str(w.message)})
+
+
+def test_torch_warning_in_a_traced_step_names_the_users_line(tmp_path):
+    """While the tracer forwards the ops of a traced step, torch's own warnings (here ``mse_loss``'s Python warning
+    about broadcasting) name the user's line, not GradGuard's, and ``warnings.showwarning`` is left as it was."""
+    from conftest import loader
+
+    before = warnings.showwarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [GradGuard(diagnose="always")], max_steps=2).fit(BroadcastingLoss(), loader())
+    line = where("broadcasting loss").rsplit(":", 1)[1]
+    assert torch_warnings(caught, "different to the input size") == [f"{__file__}:{line}"]
+    assert warnings.showwarning is before
+
+
+@pytest.mark.parametrize("trace", [True, False])
+def test_torch_warnings_in_check_step_name_the_users_line(trace):
+    """In a ``check_step`` block, traced or not (then its backward spy is the mode), a Python warning of torch
+    (``mse_loss``) and a C++ one (``torch.tensor`` of a tensor) name the user's lines."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 4), torch.randn(8)
+    before = warnings.showwarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with check_step(model, opt, trace=trace):
+            out = model(x)
+            loss = nn.functional.mse_loss(out, y)  # python warning
+            torch.tensor(out)  # c++ warning
+            loss.backward()
+            opt.step()
+    line = {m: int(where(m).rsplit(":", 1)[1]) for m in ("python warning", "c++ warning")}
+    for text, marker in (("different to the input size", "python warning"), ("copy construct", "c++ warning")):
+        shown = torch_warnings(caught, text)
+        assert shown == [f"{__file__}:{line[marker]}"], marker
+    assert warnings.showwarning is before
 
 
 # ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)

@@ -62,6 +62,8 @@ INVALID: list[tuple[str, Any]] = [
     ("idle_window", "16"),
     ("flow_every", -1),
     ("flow_every", 2.5),
+    ("sync", "later"),
+    ("sync", None),
 ]
 #: YAML strings that jsonargparse legitimately converts to the option's type ("10" -> 10, "yes" -> True, ...).
 CONVERTED_BY_THE_CLI = [

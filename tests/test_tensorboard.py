@@ -536,8 +536,9 @@ def test_dashboard_text_report_when_findings_change_and_at_the_end(tmp_path):
     assert sorted(text) == [0, 3, 5]  # a new finding on step 0 and step 3; the end of fit at global_step 5
     assert "| module `aux` (2 tensors, 17 parameters) | unused |" in text[0]  # aux.weight and aux.bias: one row
     assert "nonfinite" not in text[0]
-    assert "| module `head` (2 tensors, 17 parameters) | nonfinite | - | 3 | 1 |" in text[3]  # grouped by module
-    assert "| module `head` (2 tensors, 17 parameters) | nonfinite | - | 3 | 2 |" in text[5]  # counted again on step 4
+    # the NaN reaches every tensor with a gradient (all but aux's two): one cause, one row
+    assert "| the model (7 of its 9 tensors, 434 parameters) | nonfinite | - | 3 | 1 |" in text[3]
+    assert "| the model (7 of its 9 tensors, 434 parameters) | nonfinite | - | 3 | 2 |" in text[5]  # again on step 4
     assert "| module `aux` (2 tensors, 17 parameters) | unused | - | 0 | 5 |" in text[5]
     header = "| parameter | kind | where | first step | count | what happened | fix |"
     assert all(header in t for t in text.values())

@@ -1,13 +1,15 @@
 """The real-model sweep: ground truth by construction, compared with ``check_step`` and ``GradGuard``.
 
-For one configuration (an architecture of :mod:`realmodels.zoo`, optionally with gradient checkpointing):
+For one configuration (an architecture of :mod:`realmodels.zoo`, optionally wrapped in a PEFT adapter (LoRA, see
+:data:`ADAPTERS`), optionally with gradient checkpointing, optionally with a planted bug):
 
 1. **Ground truth, without the guard.** A Lightning run of :data:`STEPS` seeded steps with a recording callback
    that, before every optimizer step, files each parameter of the optimizer as ``frozen`` (``requires_grad=False``),
-   ``nonfinite``, ``zero`` (all-zero gradient) or missing; a missing one is ``detached`` if the loss's *value*
-   changes when the parameter is perturbed (same batch, same random state, so the same dropout masks), ``unused``
-   if not. A parameter filed on some steps and healthy on others is **idle** (LayerDrop, MoE routing,
-   drop_path). The same for one plain step, the ground truth of ``check_step``.
+   ``nonfinite``, ``zero`` (all-zero gradient) or missing, and each parameter outside the optimizer that got a
+   gradient as ``orphan``; a missing one is ``detached`` if the loss's *value* changes when the parameter is
+   perturbed (same batch, same random state, so the same dropout masks), ``unused`` if not. A parameter filed on
+   some steps and healthy on others is **idle** (LayerDrop, MoE routing, drop_path). The same for one plain step,
+   the ground truth of ``check_step``.
 2. **check_step** on that plain step (every finding a warning): each parameter of the truth must be reported with
    its kind, nothing else.
 3. **GradGuard** (every action ``"warn"``, so the run goes on) in the same Trainer run, ``diagnose`` default and
@@ -16,6 +18,12 @@ For one configuration (an architecture of :mod:`realmodels.zoo`, optionally with
    to those of the run without the guard.
 4. **GradGuard()** with pure defaults: it raises if and only if the truth holds a parameter whose kind raises by
    default (``unused``, ``detached``, ``nonfinite``) on every step.
+
+A configuration whose loss has no autograd graph at all (LoRA adapters only inside reentrant checkpoints that no
+input requiring grad enters) cannot train: without the guard, ``backward()`` fails with torch's "element 0 of tensors
+does not require grad". Its truth is then filed from that step's loss (the recorder's ``on_before_backward``), and
+every guarded run, check_step included, must raise :class:`GradGuardError` at that step listing exactly the truth's
+parameters, in place of torch's error.
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ __all__ = ["STEPS", "Config", "Outcome", "Result", "configs", "run_config", "tab
 STEPS = 20
 #: Kinds whose default action is "raise".
 RAISING = frozenset({"unused", "detached", "stale", "nonfinite"})
-VARIANTS = ("", "ckpt-reentrant", "ckpt")
+#: Gradient checkpointing: none, reentrant, non-reentrant, and reentrant on every other layer only (as
+#: ``every_n_layers=2``; used by the LoRA configurations).
+VARIANTS = ("", "ckpt-reentrant", "ckpt", "ckpt-reentrant-2")
 #: GradGuard's default ``idle_window``: fewer steps in a row without a usable gradient are idle, not a finding.
 WINDOW: int = inspect.signature(GradGuard).parameters["idle_window"].default
 ALL_WARN = {f"on_{k}": "warn" for k in ("frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero")}
@@ -57,25 +67,43 @@ for _name in ("lightning", "lightning.pytorch", "lightning.fabric", "transformer
 
 @dataclass(frozen=True)
 class Config:
-    """An architecture, a gradient-checkpointing mode (``""`` none, ``"ckpt-reentrant"``, ``"ckpt"``) and a planted
-    bug (``""`` none; see :data:`PLANTS`)."""
+    """An architecture, a PEFT adapter (``""`` none; see :data:`ADAPTERS`), a gradient-checkpointing mode (see
+    :data:`VARIANTS`) and a planted bug (``""`` none; see :data:`PLANTS`).
+
+    Named ``arch[+adapter][+variant][/plant]``: ``"llama+lora+ckpt-reentrant/no-input-grads"``."""
 
     arch: Arch
     variant: str = ""
     plant: str = ""
+    adapter: str = ""
 
     @property
     def name(self) -> str:
-        name = f"{self.arch.name}+{self.variant}" if self.variant else self.arch.name
+        name = "+".join(p for p in (self.arch.name, self.adapter, self.variant) if p)
         return f"{name}/{self.plant}" if self.plant else name
+
+    @property
+    def optimize(self) -> str:
+        """What the optimizer is built over (see :func:`select_params`): the adapter's choice, else ``"all"``."""
+        return ADAPTERS[self.adapter].optimize if self.adapter else "all"
+
+    def optimizer_params(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """What the configuration's optimizer is built over."""
+        return select_params(model, self.optimize)
 
     def build(self) -> Built:
         built = build(self.arch)
+        if self.adapter:  # `get_peft_model(model)`, then `model.gradient_checkpointing_enable()`
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # peft reads transformers' deprecated `is_gradient_checkpointing`
+                built = Built(ADAPTERS[self.adapter].wrap(built.model, self.arch.name), built.batch)
         if self.variant:
+            every = {"every_n_layers": 2} if self.variant.endswith("-2") else {}  # layers 0, 2, ... only
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 built.model.gradient_checkpointing_enable(
-                    gradient_checkpointing_kwargs={"use_reentrant": self.variant == "ckpt-reentrant"}
+                    gradient_checkpointing_kwargs={"use_reentrant": self.variant.startswith("ckpt-reentrant")},
+                    **every,
                 )
         if self.plant:
             PLANTS[self.plant](built.model)
@@ -98,6 +126,19 @@ def wrong_where(config: Config, findings: Iterable[Finding]) -> list[str]:
     ]
 
 
+def wrong_message(config: Config, findings: Iterable[Finding]) -> list[str]:
+    """For reentrant checkpoints without ``enable_input_require_grads()``: each ``detached`` finding must say that
+    the checkpoint cut the path, and give the fix (``enable_input_require_grads()`` or ``use_reentrant=False``)."""
+    if config.plant != "no-input-grads":
+        return []
+    out = []
+    for f in findings:
+        text = f"{f.message} {f.hint}"
+        if f.kind == "detached" and not ("checkpoint" in text and "enable_input_require_grads" in text):
+            out.append(f"{f.param.removeprefix('model.')} message names no checkpoint or fix: {f.message[:80]}")
+    return out
+
+
 def _dead_head(model: torch.nn.Module) -> None:
     model.dead_head = torch.nn.Linear(8, 2)  # handed to the optimizer by model.parameters(), never called
 
@@ -114,6 +155,13 @@ def _freeze_embeddings_module(model: torch.nn.Module) -> None:
     model.base_model.embeddings.requires_grad_(False)  # ViT: patches, [CLS] and positions: nothing requires grad
 
 
+def _no_input_grads(model: torch.nn.Module) -> None:
+    # `gradient_checkpointing_enable()` in transformers (and `get_peft_model` on a checkpointing model) call
+    # `enable_input_require_grads()`; older versions did not, and hand-written checkpointing never does. Without it,
+    # nothing that enters a reentrant checkpoint requires grad when the embeddings are frozen (LoRA, say).
+    model.disable_input_require_grads()
+
+
 #: Bugs planted in real models, so that the sweep also has true `unused`, `detached` and `frozen` findings beside
 #: idle-by-design parts, and cuts inside checkpointed models.
 PLANTS: dict[str, Callable[[torch.nn.Module], None]] = {
@@ -121,6 +169,89 @@ PLANTS: dict[str, Callable[[torch.nn.Module], None]] = {
     "detach-emb": _detach_embeddings,
     "frozen-emb": _freeze_embeddings,
     "frozen-emb-all": _freeze_embeddings_module,
+    "no-input-grads": _no_input_grads,
+}
+
+
+def select_params(model: torch.nn.Module, optimize: str) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer is built over: ``"all"`` (``model.parameters()``), ``"trainable"`` (those that
+    require grad: PEFT's recipe), ``"frozen"`` (those that do not: with PEFT, the base model's, as an optimizer built
+    before ``get_peft_model`` holds them)."""
+    if optimize not in ("all", "trainable", "frozen"):
+        raise ValueError(f"optimize={optimize!r}")
+    return [p for p in model.parameters() if optimize == "all" or p.requires_grad == (optimize == "trainable")]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A PEFT wrapping of a model, and what its optimizer is built over (see :func:`select_params`)."""
+
+    wrap: Callable[[torch.nn.Module, str], torch.nn.Module]
+    optimize: str = "trainable"
+
+
+#: Per architecture with LoRA configurations: the attention projections LoRA adapts, PEFT's task type, and the
+#: classification head (for ``modules_to_save``).
+LORA_TARGETS: dict[str, tuple[tuple[str, ...], str | None, str | None]] = {
+    "llama": (("q_proj", "k_proj", "v_proj", "o_proj"), "CAUSAL_LM", None),
+    "bert-cls": (("query", "key", "value"), None, "classifier"),
+    "roberta": (("query", "key", "value"), None, "classifier"),
+}
+
+
+def _lora(save_head: bool = False, **kw: object) -> Callable[[torch.nn.Module, str], torch.nn.Module]:
+    def wrap(model: torch.nn.Module, arch: str) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        targets, task, head = LORA_TARGETS[arch]
+        config = LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=list(targets),
+            lora_dropout=0.1,
+            task_type=task,
+            modules_to_save=[head] if save_head and head else None,
+            **kw,
+        )
+        torch.manual_seed(1)  # the adapters' initialisation
+        return get_peft_model(model, config)
+
+    return wrap
+
+
+#: IA3 on Llama: the key and value projections and the MLP's down projection (PEFT's defaults for Llama).
+IA3_TARGETS = ["k_proj", "v_proj", "down_proj"]
+
+
+def _peft(kind: str, **kw: object) -> Callable[[torch.nn.Module, str], torch.nn.Module]:
+    """Another PEFT method (``"IA3Config"``, ``"PromptTuningConfig"``, ...) with PEFT's task type of the arch."""
+
+    def wrap(model: torch.nn.Module, arch: str) -> torch.nn.Module:
+        import peft
+
+        _, task, _ = LORA_TARGETS[arch]
+        torch.manual_seed(1)
+        return peft.get_peft_model(model, getattr(peft, kind)(task_type=task, **kw))
+
+    return wrap
+
+
+#: PEFT adapters (``peft`` is needed only for these): LoRA (r=4, dropout 0.1) on the attention projections with the
+#: base model frozen, the optimizer over the trainable parameters (``lora``), or over ``model.parameters()``, frozen
+#: base included (``lora-all-params``), or built before ``get_peft_model`` (``lora-opt-first``: it holds the base
+#: model's parameters, now frozen, and none of the adapters), or with the classification head trained too
+#: (``lora-head``: ``modules_to_save=[head]``); DoRA; and three other PEFT methods: IA3 (learned scaling vectors inside
+#: the layers), prompt tuning (virtual token embeddings prepended to the input) and prefix tuning (per-layer virtual
+#: keys and values; it does not run under transformers' checkpointing).
+ADAPTERS: dict[str, Adapter] = {
+    "lora": Adapter(_lora()),
+    "lora-all-params": Adapter(_lora(), optimize="all"),
+    "lora-opt-first": Adapter(_lora(), optimize="frozen"),
+    "lora-head": Adapter(_lora(save_head=True)),
+    "dora": Adapter(_lora(use_dora=True)),
+    "ia3": Adapter(_peft("IA3Config", target_modules=IA3_TARGETS, feedforward_modules=["down_proj"])),
+    "prompt": Adapter(_peft("PromptTuningConfig", num_virtual_tokens=4)),
+    "prefix": Adapter(_peft("PrefixTuningConfig", num_virtual_tokens=4)),
 }
 PLANTED = (
     "bert-cls/detach-emb",
@@ -137,11 +268,61 @@ PLANTED = (
     "mixtral/dead-head",
     "convnext/dead-head",
 )
+#: LoRA, the most common "why no gradients?" of parameter-efficient fine-tuning: healthy with a filtered optimizer,
+#: ``frozen`` base weights with ``model.parameters()``, ``frozen`` + ``orphan`` adapters with an optimizer built before
+#: ``get_peft_model``, and reentrant checkpointing with and without ``enable_input_require_grads()`` (without it, the
+#: adapters inside get no gradient: silently where the head trains, and with nothing trainable outside the
+#: checkpoints the loss has no graph at all; on every other layer only, half of them). Non-reentrant checkpointing
+#: and prompt tuning (whose virtual tokens require grad) need no input hook: healthy without it.
+PEFT = (
+    "llama+lora",
+    "llama+lora-all-params",
+    "llama+lora-opt-first",
+    "llama+lora+ckpt-reentrant",
+    "llama+lora+ckpt-reentrant/no-input-grads",
+    "llama+lora+ckpt",
+    "llama+lora+ckpt/no-input-grads",
+    "llama+lora+ckpt-reentrant-2/no-input-grads",
+    "llama+dora",
+    "llama+dora+ckpt-reentrant/no-input-grads",
+    "llama+ia3",
+    "llama+ia3+ckpt-reentrant/no-input-grads",
+    "llama+prompt",
+    "llama+prompt+ckpt-reentrant/no-input-grads",
+    "llama+prefix",
+    "bert-cls+lora",
+    "bert-cls+lora-all-params",
+    "bert-cls+lora-opt-first",
+    "bert-cls+lora-head",
+    "bert-cls+lora+ckpt-reentrant",
+    "bert-cls+lora-head+ckpt-reentrant",
+    "bert-cls+lora-head+ckpt-reentrant/no-input-grads",
+    "bert-cls+lora+ckpt-reentrant/no-input-grads",
+    "bert-cls+lora+ckpt",
+    "bert-cls+lora-head+ckpt/no-input-grads",
+    "roberta+lora-head",
+    "roberta+lora-head+ckpt-reentrant",
+    "roberta+lora-head+ckpt-reentrant/no-input-grads",
+    "roberta+lora-head+ckpt",
+)
+
+
+def _parse(name: str, by_arch: dict[str, Arch]) -> Config:
+    """``arch[+adapter][+variant][/plant]`` as a :class:`Config`."""
+    base, _, plant = name.partition("/")
+    arch, *mods = base.split("+")
+    unknown = [m for m in mods if m not in VARIANTS and m not in ADAPTERS] + [plant] * (plant not in ("", *PLANTS))
+    if unknown:
+        raise ValueError(f"{name}: unknown {unknown}; adapters {sorted(ADAPTERS)}, variants {VARIANTS[1:]}")
+    variant = next((m for m in mods if m in VARIANTS), "")
+    adapter = next((m for m in mods if m in ADAPTERS), "")
+    return Config(by_arch[arch], variant, plant, adapter)
 
 
 def configs(names: Iterable[str] | None = None) -> list[Config]:
-    """Every configuration of the sweep (each architecture, both checkpointing modes where supported, and the
-    planted bugs of :data:`PLANTED`), or those named (``"llama"``, ``"llama+ckpt-reentrant/detach-emb"``)."""
+    """Every configuration of the sweep (each architecture, both checkpointing modes where supported, the planted
+    bugs of :data:`PLANTED` and the adapters of :data:`PEFT`), or those named (``"llama"``,
+    ``"llama+ckpt-reentrant/detach-emb"``)."""
     out = []
     by_arch = {a.name: a for a in ARCHS}
     for arch in ARCHS:
@@ -149,10 +330,7 @@ def configs(names: Iterable[str] | None = None) -> list[Config]:
         model_cls_supports = _supports_checkpointing(arch)
         if model_cls_supports:
             out += [Config(arch, v) for v in ("ckpt-reentrant", "ckpt") if v not in dict(arch.broken)]
-    for planted in PLANTED:
-        base, plant = planted.split("/")
-        arch, _, variant = base.partition("+")
-        out.append(Config(by_arch[arch], variant, plant))
+    out += [_parse(name, by_arch) for name in (*PLANTED, *PEFT)]
     if names is None:
         return out
     by_name = {c.name: c for c in out}
@@ -203,7 +381,8 @@ def grad_status(
     """The parameters of ``named`` without a usable gradient, each with its kind.
 
     ``loss_of()`` recomputes the step's loss (same batch, same random state); a parameter without a gradient is
-    ``detached`` if perturbing it changes that loss, else ``unused``. The model's state is restored exactly.
+    ``detached`` if perturbing it changes that loss (alone, or once every other parameter without a gradient is
+    perturbed too), else ``unused``. The model's state is restored exactly.
     """
     status: dict[str, str] = {}
     missing = []
@@ -227,6 +406,13 @@ def grad_status(
             for k, v in model.state_dict(keep_vars=True).items():
                 v.copy_(saved[k])
 
+    def nudge(p: torch.Tensor, scale: float) -> None:
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+        p.add_(noise * scale * (p.detach().abs().max() + 1))
+
+    def moved(loss: torch.Tensor, base: torch.Tensor) -> bool:
+        return not (torch.equal(loss, base) or bool(torch.isnan(loss).all() and torch.isnan(base).all()))
+
     try:
         with torch.no_grad():
             base = loss_of()
@@ -234,25 +420,47 @@ def grad_status(
             for name, p in missing:
                 status[name] = "unused"
                 for scale in PERTURBATIONS:  # several draws: one that changes the loss's value is enough
-                    noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
-                    p.add_(noise * scale * (p.detach().abs().max() + 1))
+                    nudge(p, scale)
                     loss = loss_of()
                     restore()
-                    if not (torch.equal(loss, base) or bool(torch.isnan(loss).all() and torch.isnan(base).all())):
+                    if moved(loss, base):
                         status[name] = "detached"
                         break
+            # A factor that is zero hides the dependence on its partner: LoRA's `lora_B` starts at zero, so moving
+            # `lora_A` alone cannot move the loss. Each parameter still `unused` is moved again with every other
+            # parameter without a gradient moved too: if the loss moves then, it depends on the parameter.
+            for name, p in missing:
+                if status[name] != "unused" or len(missing) == 1:
+                    continue
+                for _, q in missing:
+                    if q is not p:
+                        nudge(q, PERTURBATIONS[0])
+                shifted = loss_of()
+                nudge(p, PERTURBATIONS[0])
+                loss = loss_of()
+                restore()
+                if moved(loss, shifted):
+                    status[name] = "detached"
     finally:
         restore()
         _set_rng_state(rng)
     return status
 
 
-class SweepModule(LightningModule):
-    """A `transformers` model trained on fixed batches with its own loss (AdamW over ``model.parameters()``)."""
+def orphans(model: torch.nn.Module, named: Sequence[tuple[str, torch.Tensor]]) -> dict[str, str]:
+    """The parameters of ``model`` that got a gradient but are not among the optimizer's (``named``): ``orphan``."""
+    held = {id(p) for _, p in named}
+    return {n: "orphan" for n, p in model.named_parameters() if id(p) not in held and p.grad is not None}
 
-    def __init__(self, model: torch.nn.Module) -> None:
+
+class SweepModule(LightningModule):
+    """A `transformers` model trained on fixed batches with its own loss (AdamW over ``model.parameters()``, or as
+    ``optimize`` says: see :func:`select_params`)."""
+
+    def __init__(self, model: torch.nn.Module, optimize: str = "all") -> None:
         super().__init__()
         self.model = model
+        self.optimize = optimize
         self.step_rng: tuple | None = None
         self.step_batch: Batch | None = None
 
@@ -265,16 +473,24 @@ class SweepModule(LightningModule):
         return self(batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        return torch.optim.AdamW(select_params(self.model, self.optimize), lr=1e-3)
+
+
+def has_graph(loss: torch.Tensor) -> bool:
+    """Whether ``backward()`` can run on ``loss``."""
+    return loss.requires_grad or loss.grad_fn is not None
 
 
 class Recorder(Callback):
-    """Files, before every optimizer step, each parameter of the optimizer lacking a usable gradient."""
+    """Files, before every optimizer step, each parameter of the optimizer lacking a usable gradient; and, when a
+    step's loss has no graph (``backward()`` is about to fail), that step's parameters before the failure
+    (``no_graph_step``)."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, str]] = []
+        self.no_graph_step: int | None = None
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: SweepModule, optimizer: object) -> None:
+    def _file(self, pl_module: SweepModule, optimizer: torch.optim.Optimizer) -> None:
         names = {id(p): n for n, p in pl_module.model.named_parameters()}  # the model's own names
         named = [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"]]
 
@@ -282,7 +498,16 @@ class Recorder(Callback):
             _set_rng_state(pl_module.step_rng)
             return pl_module(pl_module.step_batch)
 
-        self.steps.append(grad_status(pl_module, named, loss_of))
+        self.steps.append({**grad_status(pl_module, named, loss_of), **orphans(pl_module.model, named)})
+
+    def on_before_backward(self, trainer: Trainer, pl_module: SweepModule, loss: torch.Tensor) -> None:
+        if not has_graph(loss):  # no gradient at all: every parameter of the optimizer is filed now
+            (optimizer,) = trainer.optimizers
+            self.no_graph_step = trainer.global_step
+            self._file(pl_module, optimizer)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: SweepModule, optimizer: object) -> None:
+        self._file(pl_module, optimizer)
 
 
 def _trainer(tmp: str, callbacks: list[Callback], tensorboard: bool = False) -> Trainer:
@@ -306,7 +531,7 @@ def fit(config: Config, tmp: str, callbacks: list[Callback], tensorboard: bool =
     """Train ``config`` for :data:`STEPS` seeded steps; the final parameters (re-raises what the run raised).
     ``tensorboard``: log to a TensorBoard logger (GradGuard then draws its dashboards too)."""
     built = config.build()
-    module = SweepModule(built.model)
+    module = SweepModule(built.model, config.optimize)
     loader = torch.utils.data.DataLoader([built.batch(i) for i in range(STEPS)], batch_size=None)
     seed_all(1)
     with warnings.catch_warnings():
@@ -315,35 +540,56 @@ def fit(config: Config, tmp: str, callbacks: list[Callback], tensorboard: bool =
     return {n: p.detach().clone() for n, p in module.model.named_parameters()}
 
 
-def plain_step(config: Config, guard: bool) -> tuple[dict[str, str] | list, dict[str, torch.Tensor]]:
+@dataclass
+class PlainStep:
+    """One step of a plain loop: the truth (``status``) or check_step's findings, the parameters after it, and
+    whether the loss had no graph (without the guard: ``backward()`` would fail; with it: check_step raised
+    :class:`GradGuardError`, whose findings are ``findings``)."""
+
+    status: dict[str, str]
+    findings: list[Finding]
+    params: dict[str, torch.Tensor]
+    no_graph: bool = False
+
+
+def plain_step(config: Config, guard: bool) -> PlainStep:
     """One step of a plain loop: without the guard, the ground truth; with it, ``check_step``'s findings."""
     built = config.build()
     model, batch = built.model, built.batch(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(config.optimizer_params(model), lr=1e-3)
+    out = PlainStep({}, [], {})
     seed_all(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if guard:
-            with check_step(model, opt) as chk:
-                loss = model(**batch).loss
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            result: dict[str, str] | list = list(chk.findings)
+            try:
+                with check_step(model, opt) as chk:
+                    loss = model(**batch).loss
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                out.findings = list(chk.findings)
+            except GradGuardError as err:
+                out.findings, out.no_graph = list(err.findings), True
         else:
             rng = _rng_state()
             loss = model(**batch).loss
             opt.zero_grad()
-            loss.backward()
+            out.no_graph = not has_graph(loss)
+            if not out.no_graph:
+                loss.backward()
 
             def loss_of() -> torch.Tensor:
                 _set_rng_state(rng)
                 return model(**batch).loss
 
-            named = [(n, p) for n, p in model.named_parameters()]
-            result = grad_status(model, named, loss_of)
-            opt.step()
-    return result, {n: p.detach().clone() for n, p in model.named_parameters()}
+            ids = {id(p) for p in config.optimizer_params(model)}
+            named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+            out.status = {**grad_status(model, named, loss_of), **orphans(model, named)}
+            if not out.no_graph:
+                opt.step()
+    out.params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- comparison
@@ -535,27 +781,36 @@ def run_config(config: Config, tmp: str) -> Result:
     res = Result(config.name, config.arch.family)
     try:
         res.params = sum(p.numel() for p in config.build().model.parameters())
-        step_truth, plain_params = plain_step(config, guard=False)
+        plain = plain_step(config, guard=False)
         recorder = Recorder()
-        ref_params = fit(config, tmp, [recorder])
-        if len(recorder.steps) != STEPS:
+        try:
+            ref_params: dict[str, torch.Tensor] | None = fit(config, tmp, [recorder])
+        except RuntimeError:
+            if recorder.no_graph_step is None:
+                raise
+            ref_params = None  # torch's "element 0 of tensors does not require grad": the truth is that step's
+        if ref_params is not None and len(recorder.steps) != STEPS:
             raise RuntimeError(f"the run without the guard made {len(recorder.steps)} optimizer steps, not {STEPS}")
     except Exception as err:  # noqa: BLE001 - a model that does not train without the guard is the harness's problem
         res.harness_error = _crash(err)
         res.seconds = time.perf_counter() - t0
         return res
+    if ref_params is None:
+        return _run_no_graph(config, tmp, res, plain, recorder, t0)
     names = list(ref_params)
     truth = Truth.of(recorder.steps, names)
     res.truth = truth.summary()
-    res.step_truth = ", ".join(f"{k} {v}" for k, v in sorted(_count(step_truth.values()).items())) or "healthy"
+    res.step_truth = _status_text(plain.status)
 
     # check_step on the plain step
     try:
-        findings, params = plain_step(config, guard=True)
-        plain = Truth.of([step_truth], list(plain_params))
-        res.check_step = compare(plain, [(f.param, f.kind) for f in findings])
-        res.check_step.fp += wrong_where(config, findings)
-        res.check_step.changed = _changed(plain_params, params)
+        guarded = plain_step(config, guard=True)
+        step_truth = Truth.of([plain.status], list(plain.params))
+        res.check_step = compare(step_truth, [(f.param, f.kind) for f in guarded.findings])
+        res.check_step.fp += wrong_where(config, guarded.findings) + wrong_message(config, guarded.findings)
+        res.check_step.changed = _changed(plain.params, guarded.params)
+        if guarded.no_graph != plain.no_graph:
+            res.check_step.fp.append("raised: the loss has a graph")
     except Exception as err:  # noqa: BLE001 - a crash is a result
         res.check_step = Outcome(crash=_crash(err))
 
@@ -565,7 +820,7 @@ def run_config(config: Config, tmp: str) -> Result:
         try:
             params = fit(config, tmp, [guard])
             outcome = compare(truth, _reported(guard.findings))
-            outcome.fp += wrong_where(config, guard.findings)
+            outcome.fp += wrong_where(config, guard.findings) + wrong_message(config, guard.findings)
             outcome.shares = wrong_shares(recorder.steps, truth, guard.report.idle_shares())
             outcome.changed = _changed(ref_params, params)
         except Exception as err:  # noqa: BLE001 - a crash is a result
@@ -583,13 +838,14 @@ def run_config(config: Config, tmp: str) -> Result:
     except GradGuardError as err:
         out = compare(truth, _reported(err.findings))
         out.miss = []  # a raise lists one step's findings only
+        out.fp += wrong_message(config, err.findings)
         out.note = f"raised at step {min((f.step for f in err.findings), default=0)}"
         if not expect_raise and not out.fp and not out.idle:
             out.fp.append("raised")
         res.defaults = out
     except Exception as err:  # noqa: BLE001 - a crash is a result
         res.defaults = Outcome(crash=_crash(err))
-    if any(o.changed for o in res.outcomes.values()) and not _reproducible(config, tmp, ref_params, plain_params):
+    if any(o.changed for o in res.outcomes.values()) and not _reproducible(config, tmp, ref_params, plain.params):
         for o in res.outcomes.values():
             if o.changed:
                 o.changed = []
@@ -598,11 +854,58 @@ def run_config(config: Config, tmp: str) -> Result:
     return res
 
 
+def _run_no_graph(config: Config, tmp: str, res: Result, plain: PlainStep, recorder: Recorder, t0: float) -> Result:
+    """A configuration whose loss has no graph: without the guard, ``backward()`` fails at step
+    ``recorder.no_graph_step``; every guarded run must raise :class:`GradGuardError` there instead, listing exactly
+    the parameters of the truth of that step (nothing trains, so nothing can change)."""
+    names = list(recorder.steps[-1])
+    truth = Truth.of(recorder.steps, names)
+    res.truth = f"{truth.summary()}; backward() fails at step {recorder.no_graph_step} (the loss has no graph)"
+    res.step_truth = _status_text(plain.status)
+
+    def judge(findings: Sequence[Finding], raised: bool, on: Truth) -> Outcome:
+        out = compare(on, _reported(findings))
+        out.fp += wrong_where(config, findings) + wrong_message(config, findings)
+        if not raised:
+            out.miss.append("no GradGuardError: torch's error instead")
+        else:
+            out.note = f"raised at step {min((f.step for f in findings), default=0)}"
+        return out
+
+    try:
+        guarded = plain_step(config, guard=True)
+        res.check_step = judge(guarded.findings, guarded.no_graph, Truth.of([plain.status], list(plain.status)))
+    except Exception as err:  # noqa: BLE001 - a crash is a result
+        res.check_step = Outcome(crash=_crash(err))
+    runs = (
+        ("on_finding", GradGuard(**ALL_WARN, write_report=False)),
+        ("always", GradGuard(**ALL_WARN, diagnose="always", write_report=False)),
+        ("defaults", GradGuard()),
+    )
+    for attr, guard in runs:
+        try:
+            fit(config, tmp, [guard], tensorboard=attr == "defaults")
+            outcome = Outcome(miss=["no error at all"])
+        except GradGuardError as err:
+            outcome = judge(err.findings, True, truth)
+        except Exception as err:  # noqa: BLE001 - torch's own error (or a crash): the guard did not catch it
+            outcome = judge([], False, truth)
+            outcome.crash = _crash(err)
+        setattr(res, attr, outcome)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _status_text(status: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(_count(status.values()).items())) or "healthy"
+
+
 def _reproducible(
     config: Config, tmp: str, ref_params: dict[str, torch.Tensor], plain_params: dict[str, torch.Tensor]
 ) -> bool:
     """Whether the model itself trains the same twice without the guard (Reformer reseeds with `torch.seed()`)."""
-    return not _changed(ref_params, fit(config, tmp, [])) and not _changed(plain_params, plain_step(config, False)[1])
+    again = plain_step(config, False).params
+    return not _changed(ref_params, fit(config, tmp, [])) and not _changed(plain_params, again)
 
 
 def _count(items: Iterable[str]) -> dict[str, int]:
@@ -649,4 +952,4 @@ def configs_by_name() -> dict[str, Config]:
     return {c.name: c for c in configs()}
 
 
-__all__ += ["ARCHS", "Truth", "compare", "configs_by_name", "grad_status", "plain_step", "fit"]
+__all__ += ["ARCHS", "PEFT", "Truth", "compare", "configs_by_name", "grad_status", "plain_step", "fit"]

@@ -8,7 +8,18 @@ from torch import nn
 
 from lightning_gradguard import Finding
 
-from .harness import Result, Truth, compare, configs, grad_status, run_config, wrong_shares, wrong_where
+from .harness import (
+    PEFT,
+    Result,
+    Truth,
+    compare,
+    configs,
+    grad_status,
+    run_config,
+    wrong_message,
+    wrong_shares,
+    wrong_where,
+)
 from .zoo import ARCHS
 
 pytest.importorskip("transformers")
@@ -20,7 +31,10 @@ pytest.importorskip("transformers")
 #: (ConvNeXt), CLIP's text pooling (the last layer's attention projections get an all-zero gradient on some steps);
 #: planted: a detached embedding feeding reentrant checkpoints (every layer inside is `detached`), ViT's frozen
 #: embeddings feeding reentrant checkpoints (a real cut at the checkpoint call), a never-called head
-#: beside LayerDrop (raised, while the idle layers are not).
+#: beside LayerDrop (raised, while the idle layers are not); LoRA (PEFT): adapters inside reentrant checkpoints with
+#: `enable_input_require_grads()` (healthy), and without it: Llama, whose loss then has no graph at all (a
+#: GradGuardError in place of torch's "element 0 of tensors does not require grad"), and BERT with its head trained,
+#: which trains on silently while every adapter gets no gradient.
 SUBSET = [
     "bigbird",
     "pegasus",
@@ -35,6 +49,9 @@ SUBSET = [
     "llama+ckpt-reentrant/detach-emb",
     "vit+ckpt-reentrant/frozen-emb-all",
     "wav2vec2/dead-head",
+    "llama+lora+ckpt-reentrant",
+    "llama+lora+ckpt-reentrant/no-input-grads",
+    "bert-cls+lora-head+ckpt-reentrant/no-input-grads",
 ]
 
 
@@ -48,6 +65,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory):
     def run(name: str) -> Result:
         if name not in _RESULTS:
             (config,) = configs([name])
+            if config.adapter:
+                pytest.importorskip("peft")
             _RESULTS[name] = run_config(config, str(tmp_path_factory.mktemp("sweep")))
         return _RESULTS[name]
 
@@ -104,6 +123,60 @@ def test_grad_status_files_each_kind_by_construction() -> None:
         "frozen.weight": "frozen",
         "frozen.bias": "frozen",
     }
+
+
+class _LowRank(nn.Module):
+    """A LoRA-like pair: ``b(a(x))`` with ``b`` zero (as LoRA initialises ``lora_B``), cut by ``.detach()``; and a
+    head never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = nn.Linear(4, 4)
+        self.a = nn.Linear(4, 2, bias=False)
+        self.b = nn.Linear(2, 4, bias=False)
+        nn.init.zeros_(self.b.weight)
+        self.dead = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.base(x) + self.b(self.a(x)).detach()).pow(2).sum()
+
+
+def test_grad_status_sees_through_a_zero_factor() -> None:
+    """Moving `a` alone cannot move the loss while `b` is zero; moved with `b` it does: `a` is detached, not unused.
+    The never-called head stays unused whatever else moves."""
+    net, x = _LowRank(), torch.randn(3, 4)
+    net(x).backward()
+    status = grad_status(net, list(net.named_parameters()), lambda: net(x))
+    assert status == {"a.weight": "detached", "b.weight": "detached", "dead.weight": "unused", "dead.bias": "unused"}
+    assert not net.b.weight.any()  # the model is restored exactly
+
+
+def test_peft_configurations_are_named_and_parsed_back() -> None:
+    by_name = {c.name: c for c in configs()}
+    assert set(PEFT) <= set(by_name)
+    star = by_name["llama+lora+ckpt-reentrant/no-input-grads"]
+    assert (star.adapter, star.variant, star.plant) == ("lora", "ckpt-reentrant", "no-input-grads")
+    assert star.optimize == "trainable"
+    assert by_name["llama+lora-all-params"].optimize == "all"
+    assert by_name["llama+lora-opt-first"].optimize == "frozen"
+    assert by_name["llama+ckpt-reentrant"].optimize == "all"  # no adapter: `model.parameters()`
+    partial = by_name["llama+lora+ckpt-reentrant-2/no-input-grads"]
+    assert (partial.adapter, partial.variant, partial.plant) == ("lora", "ckpt-reentrant-2", "no-input-grads")
+
+
+def test_wrong_message_wants_the_checkpoint_and_its_fix_named() -> None:
+    (config,) = configs(["bert-cls+lora-head+ckpt-reentrant/no-input-grads"])
+    name = "model.base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
+    vague = Finding("detached", name, "The loss depends on it, but its gradient path is cut.")
+    good = Finding(
+        "detached",
+        name,
+        "... `checkpoint(..., use_reentrant=True)` at x.py:1 ... cuts its gradient path",
+        hint="in `transformers`: `model.enable_input_require_grads()`",
+    )
+    assert wrong_message(config, [vague])
+    assert not wrong_message(config, [good])
+    assert not wrong_message(configs(["llama"])[0], [vague])  # asked of this plant only
 
 
 def test_compare_counts_misses_false_positives_and_idle() -> None:
