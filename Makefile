@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench sweep corpus clean distclean
+.PHONY: venv test demo lint bench sweep corpus mutate clean distclean
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ bench: venv
 
 # The generated bug corpus (tests/corpus/): 3151 models with one planted bug or none, scored against the ground
 # truth; prints the confusion matrix and writes docs/corpus.md. `make test` runs a fixed 177 of them.
+# The mutation campaign (tests/mutation/run.py): one line of the verdict path broken at a time, in a temporary copy of
+# the checkout; each must turn a fast test subset red (~30 min on 1 core; results: tests/mutation/RESULTS.md).
+mutate: venv
+	OMP_NUM_THREADS=1 $(VPY) tests/mutation/run.py
+
 corpus: venv
 	OMP_NUM_THREADS=1 $(VPY) tests/corpus/corpus_run.py
 

@@ -164,7 +164,6 @@ class GuardCore:
         #: ``None`` in a single process, which then runs no collective.
         self.dist: RankSync | None = None
         self._late: list[LateRead] = []  # sync="late": reads of earlier steps, judged at the next check
-        self._confirm = False  # a late read showed an all-zero gradient: judge the next step at once, with its graph
         #: ``(tag, step, stats)`` of the late reads judged since the caller last took them (:meth:`take_resolved`).
         self.resolved: list[tuple[Any, int, GradStats]] = []
 
@@ -370,9 +369,8 @@ class GuardCore:
         traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
         read = None
         if (late and scaler is None and not isinstance(scale, torch.Tensor) and self.dist is None
-                and not (self._confirm or self._pending or history.zero_run or traced_step)):  # fmt: skip
+                and not (self._pending or history.zero_run or traced_step)):  # fmt: skip
             read = start_late_read(params, step, float(scale), tag)
-        self._confirm = False
         if read is not None:
             self._late.append(read)
             stats = read.host  # missing and frozen, judged now; the values later
@@ -424,9 +422,10 @@ class GuardCore:
 
         A non-finite gradient is a ``nonfinite`` finding dated to its step, enforced now: when it raises, that
         step's update has already been applied (the cost of reading late), and the step being checked has not. An
-        all-zero gradient is not judged from the read (telling it from a gradient left over from an earlier step,
-        ``zero_grad(set_to_none=False)``, needs that step's autograd graph, gone by now): the next check reads at
-        once, with its graph. Each read's stats go to :attr:`resolved`.
+        all-zero gradient counts in its parameter's idle run at its step but is not judged from the read (telling it
+        from a gradient left over from an earlier step, ``zero_grad(set_to_none=False)``, needs that step's autograd
+        graph, gone by now): while that run lasts the checks read at once, with their graphs. Each read's stats go
+        to :attr:`resolved`.
 
         Raises:
             GradGuardError: a ``nonfinite`` finding whose action is ``"raise"``.
@@ -436,8 +435,6 @@ class GuardCore:
         for read in reads:
             stats = read.result()
             self.resolved.append((read.tag, read.step, stats))
-            if stats.zero:
-                self._confirm = True
             self._settle_read(read, stats)
             if not stats.nonfinite or index is None:
                 continue
@@ -498,7 +495,6 @@ class GuardCore:
         """Forget the late reads not judged yet (after an exception)."""
         self._late.clear()
         self.resolved.clear()
-        self._confirm = False
 
     def _add(self, kept: list[Finding], step: int) -> list[Finding]:
         """Add ``kept`` (seen at ``step``) to the report; a new finding that ends a run of steps counts every step

@@ -76,6 +76,7 @@ TRACE = [
 ]
 FINDINGS = ["tests/test_messages.py", "tests/test_doctests.py", "tests/test_kinds.py", "tests/test_check_step.py",
             "tests/test_testing.py", "tests/test_tensorboard.py", "tests/test_cli.py"]  # fmt: skip
+LATE = ["tests/test_sync_late.py"]
 #: The in-process tests of distributed.py (the multi-process launches of test_ddp.py are left out: too slow here).
 DIST = ["tests/test_ddp.py", "-m", "not ddp", "tests/test_doctests.py"]
 
@@ -222,6 +223,29 @@ MUTATIONS: list[Mutation] = [
     M("F06", "findings.py", 'if len(wheres) > 3 else ""', "> 3", ">= 3", tests=FINDINGS),
     M("F07", "findings.py", 'if all(f.message.replace(f"`{f.param}`", "\\0") == template', "if all(", "if any(",
       tests=FINDINGS),
+    M("F08", "findings.py", "            if len(parts) == 1:", "== 1", "== 0", tests=FINDINGS,
+      killer="test_messages::test_findings_of_one_kind_with_different_causes_stay_apart"),
+    M("F09", "findings.py", "cause = (tuple(sorted({f.where for f in group}, key=str)), group[0].hint)",
+      "cause = (tuple(sorted({f.where for f in group}, key=str)), group[0].hint)", "cause = (group[0].hint,)",
+      tests=FINDINGS, killer="test_messages::test_findings_of_one_kind_with_different_causes_stay_apart"),
+    M("F10", "findings.py", "groups.append(FindingGroup(kind, holder, merged, numel, of if of != len(merged) else 0))",
+      "of if of != len(merged) else 0", "0", tests=FINDINGS,
+      killer="test_messages::test_group_findings_by_largest_module"),
+    # ------------------------------------------------------------------------- core.py, sync="late"
+    M("L01", "core.py", "and not (self._pending or history.zero_run or traced_step)",
+      " or history.zero_run", "", tests=LATE, killer="test_sync_late::test_an_all_zero_gradient_is_raised_..."),
+    M("L02", "core.py", "lacking |= self._present(history.open_runs())",
+      "lacking |= self._present(history.open_runs())", None, tests=LATE,
+      killer="test_sync_late::test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync"),
+    M("L03", "core.py", '                self.history.lack(index.names[bit], read.step, "zero")',
+      'self.history.lack(index.names[bit], read.step, "zero")', None, tests=LATE,
+      killer="test_sync_late::test_late_runs_like_step_runs[zero every other step]"),
+    M("L04", "core.py", "            if i is not None and i not in zero and i not in missing:", " and i not in zero",
+      "", tests=LATE, killer="test_sync_late::test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync"),
+    M("L06", "audit.py", "            elif v == 0.0 and i not in self.empty:", "v == 0.0", "v < 0.0", tests=LATE,
+      killer="test_sync_late::test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync"),
+    M("L07", "audit.py", "            if not math.isfinite(v):", "if not math", "if math", tests=LATE,
+      killer="test_sync_late::test_a_nan_is_raised_one_step_late_naming_the_step_that_made_it"),
     # -------------------------------------------------------------------------------------- distributed.py
     M("D01", "distributed.py", "        if with_grad == 0:", "==", "!=", tests=DIST),
     M("D02", "distributed.py", "        if bad > 0:", "> 0", ">= 0", tests=DIST),
