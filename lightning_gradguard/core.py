@@ -119,6 +119,11 @@ class _Loss:
         self.released = True
 
 
+#: Kinds a traced step can say more about (the cut line, the zero-derivative op); a new finding of another kind on an
+#: untraced step does not make the next step traced under ``diagnose="on_finding"``.
+_TRACE_EXPLAINS = frozenset({"unused", "detached", "zero"})
+
+
 class GuardCore:
     """Per-run state of a guard: the parameter index, the tracer, the losses of the current step, the report.
 
@@ -679,7 +684,8 @@ class GuardCore:
         elif self.diagnose == "never" or self.diagnose == "first":
             self._armed = False
         else:  # on_finding: trace the next step when something new turned up that a trace can explain
-            want = bool(self._pending) or bool(self._probing) or (bool(new) and not traced_step)
+            explainable = any(f.kind in _TRACE_EXPLAINS for f in new)  # not orphan, stale, frozen, nonfinite
+            want = bool(self._pending) or bool(self._probing) or (explainable and not traced_step)
             self._armed = want and self.history.traced_steps < MAX_TRACED_STEPS
             if want and not self._armed:
                 self._probing.clear()

@@ -680,3 +680,40 @@ def test_idle_shares_leave_out_the_parts_reported_dead(tmp_path):
         fit(tmp_path, LayerDrop(with_dead_head=True), guard, max_steps=40)
     assert kinds(guard.findings) == {("unused", "dead.weight"), ("unused", "dead.bias")}
     assert set(guard.report.idle_shares()) == {f"layers.{k}" for k in range(4)}  # idle, not `dead`: it is a finding
+
+
+class LateNan(LightningModule):
+    """``enc -> head``; from ``nan_from`` on, the head's gradient is NaN (``nonfinite``, which no trace explains);
+    with ``cut_from``, the encoder's output is ``.detach()``-ed from that step on (``detached``: a trace names it)."""
+
+    def __init__(self, nan_from: int | None = None, cut_from: int | None = None) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+        self.nan_from, self.cut_from = nan_from, cut_from
+        self.head.weight.register_hook(
+            lambda g: g * float("nan") if self.nan_from is not None and self.trainer.global_step >= self.nan_from else g
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.tanh(self.enc(x))
+        if self.cut_from is not None and self.trainer.global_step >= self.cut_from:
+            h = h.detach()
+        return ((self.head(h).squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+
+def test_a_finding_no_trace_can_explain_does_not_cost_a_trace(tmp_path):
+    """A NaN first seen on an untraced step is reported from the gradients: tracing the next step would explain
+    nothing (the tracer follows values and gradient paths, not NaNs), so only the first step is traced. Nearest
+    correct: a cut that starts on an untraced step gets the next step traced, which names it."""
+    nan = traced_steps(tmp_path / "nan", LateNan(nan_from=3), GradGuard(on_nonfinite="warn"), steps=6)
+    assert {f.kind for f in nan.findings} == {"nonfinite"}
+    assert nan._core.history.traced_steps == 1
+    cut = traced_steps(tmp_path / "cut", LateNan(cut_from=3), GradGuard(on_detached="warn", idle_window=1), steps=6)
+    assert {f.kind for f in cut.findings} == {"detached"}
+    assert cut._core.history.traced_steps == 2
+    assert all(f.where is not None for f in cut.findings)

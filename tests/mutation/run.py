@@ -159,7 +159,7 @@ MUTATIONS: list[Mutation] = [
     M("C18", "core.py", "elif self._may_trace(name, known is not None):", "is not None", "is None"),
     M("C19", "core.py", "if name in self.history.looked and not other_reason:", "and not other", "and other"),
     M("C20", "core.py", "        if self.history.traced_steps < MAX_TRACED_STEPS:", "<", "<="),
-    M("C21", "core.py", "(bool(new) and not traced_step)", "and not traced_step", "and traced_step"),
+    M("C21", "core.py", "(explainable and not traced_step)", "and not traced_step", "and traced_step"),
     M("C22", "core.py", "self._armed = want and self.history.traced_steps < MAX_TRACED_STEPS", "<", "<="),
     M("C23", "core.py", "if bit is None or run >= window:", ">=", ">"),
     M("C24", "core.py", 'if known is None or (known.kind == "zero") != (reason == "zero"):', ") != (", ") == ("),
