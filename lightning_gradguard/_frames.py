@@ -115,7 +115,7 @@ def user_stacklevel(start: int = 2) -> int:
 #: torch function for the user's code, so a warning torch raises there (from C++, or a Python ``warn`` with
 #: ``stacklevel=2``) names the mode's frame: "trace.py:659: UserWarning: Using a target size ...".
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_MODE_FILES = frozenset(os.path.join(_HERE, name) for name in ("trace.py", "step.py"))
+_MODE_FILES = {os.path.join(_HERE, f"{name}.py"): f"{__package__}.{name}" for name in ("trace", "step")}
 _depth = 0
 _previous: Any = None
 
@@ -134,9 +134,26 @@ def _show_at_user(
         while frame is not None and is_library_file(frame.f_code.co_filename):
             frame = frame.f_back
         if frame is not None:
+            _mark_shown(frame, message, category, _MODE_FILES[filename])
             filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None
     show = _previous if _previous is not None else warnings._showwarning_orig  # type: ignore[attr-defined]
     show(message, category, filename, lineno, file, line)
+
+
+def _mark_shown(frame: FrameType, message: Warning | str, category: type[Warning], module: str) -> None:
+    """Record the warning in the registry of the user's module as Python records a warning shown from there, so that
+    under the ``"default"`` action the same warning from the same line on a later step without the mode is not shown
+    a second time. The registry's filter version is taken from the mode's module, where Python just recorded it
+    (none there: an ``"always"`` filter, which keeps no registry)."""
+    version = getattr(sys.modules.get(module), "__warningregistry__", {}).get("version")
+    if version is None:
+        return
+    registry = frame.f_globals.setdefault("__warningregistry__", {})
+    if registry.get("version") != version:
+        registry.clear()
+        registry["version"] = version
+    text = str(message) if isinstance(message, Warning) else message
+    registry[(text, category, frame.f_lineno)] = True
 
 
 def warnings_at_user_begin() -> None:

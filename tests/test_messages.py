@@ -319,3 +319,19 @@ def test_a_group_whose_messages_differ_says_what_they_share_and_gives_one_exampl
         "module `m` (3 tensors, 12 parameters): no gradient: the loss does not depend on them "
         "(e.g. `m.0` received no gradient.)"
     )
+
+
+def test_torch_warning_is_shown_once_per_line_as_without_gradguard(tmp_path):
+    """Under Python's "default" action a warning shows once per line. Step 0 is traced (the warning is raised under
+    the mode), the later ones are not: still one warning at the user's line, as in the same run without the guard."""
+    from conftest import loader
+
+    shown = {}
+    for name, callbacks in (("guarded", [GradGuard(diagnose="first")]), ("plain", [])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            make_trainer(tmp_path / name, callbacks, max_steps=3).fit(BroadcastingLoss(), loader())
+        shown[name] = [f"{w.filename}:{w.lineno}" for w in caught if "different to the input size" in str(w.message)]
+    line = where("broadcasting loss").rsplit(":", 1)[1]
+    assert shown["plain"] == [f"{__file__}:{line}"]
+    assert shown["guarded"] == shown["plain"]
