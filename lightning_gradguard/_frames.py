@@ -134,25 +134,26 @@ def _show_at_user(
         while frame is not None and is_library_file(frame.f_code.co_filename):
             frame = frame.f_back
         if frame is not None:
-            _mark_shown(frame, message, category, _MODE_FILES[filename])
+            _mark_shown(frame, message, category, _MODE_FILES[filename], lineno)
             filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None
     show = _previous if _previous is not None else warnings._showwarning_orig  # type: ignore[attr-defined]
     show(message, category, filename, lineno, file, line)
 
 
-def _mark_shown(frame: FrameType, message: Warning | str, category: type[Warning], module: str) -> None:
+def _mark_shown(frame: FrameType, message: Warning | str, category: type[Warning], module: str, lineno: int) -> None:
     """Record the warning in the registry of the user's module as Python records a warning shown from there, so that
     under the ``"default"`` action the same warning from the same line on a later step without the mode is not shown
-    a second time. The registry's filter version is taken from the mode's module, where Python just recorded it
-    (none there: an ``"always"`` filter, which keeps no registry)."""
-    version = getattr(sys.modules.get(module), "__warningregistry__", {}).get("version")
-    if version is None:
+    a second time. Only when Python just recorded it at the mode's ``lineno`` (not under ``"always"``, which records
+    nothing), with the filter version it recorded there."""
+    mode_registry = getattr(sys.modules.get(module), "__warningregistry__", None) or {}
+    text = str(message) if isinstance(message, Warning) else message
+    version = mode_registry.get("version")
+    if version is None or not mode_registry.get((text, category, lineno)):
         return
     registry = frame.f_globals.setdefault("__warningregistry__", {})
     if registry.get("version") != version:
         registry.clear()
         registry["version"] = version
-    text = str(message) if isinstance(message, Warning) else message
     registry[(text, category, frame.f_lineno)] = True
 
 
