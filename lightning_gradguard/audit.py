@@ -110,6 +110,9 @@ def loss_scale(scaler: Any) -> float | torch.Tensor:
 
 _GRAD = operator.attrgetter("grad")
 _REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_LAYOUT = operator.attrgetter("layout")
 _HALF = (torch.float16, torch.bfloat16)
 
 #: On the CPU, gradients with fewer elements than this are measured together, through one flattened copy.
@@ -126,7 +129,7 @@ _GRAIN = 32768
 
 class LateRead:
     """The per-parameter gradient norms of one optimizer step, on their way to the host without a sync
-    (``sync="late"``): read by :meth:`result` at a later step.
+    (``sync="late"``): read by :meth:`result` at a later step. Made by :func:`start_late_read`.
 
     What the host knows without reading a value is in :attr:`host`, a :class:`GradStats` with the parameters that
     have no gradient (``missing``) or ``requires_grad=False`` (``frozen``), judged at once. The norms of the others
@@ -140,22 +143,15 @@ class LateRead:
     Holds the parameter list and one float64 value per gradient (pinned memory on an accelerator), never a gradient.
     """
 
-    def __init__(self, params: Sequence[torch.Tensor], step: int, scale: float, tag: Any = None) -> None:
-        self.params = list(params)
+    def __init__(self, host: GradStats, present: list[torch.Tensor], step: int, tag: Any = None) -> None:
+        self.host = host
         self.step = step
-        self.scale = scale
         self.tag = tag
-        grads = [p.grad for p in self.params]
-        self.present = [i for i, g in enumerate(grads) if g is not None]
-        missing = [i for i, g in enumerate(grads) if g is None]
-        frozen = [i for i, p in enumerate(self.params) if not p.requires_grad]
-        self.host = GradStats(self.params, [None] * len(self.params), missing, frozen=frozen, scale=scale, late=True)
-        self.empty = {i for i in self.present if self.params[i].numel() == 0}
         self.event: Any = None
         self.values: torch.Tensor | None = None
-        if not self.present:
+        if not present:
             return
-        norms = torch.stack(torch._foreach_norm([grads[i] for i in self.present], 2, dtype=torch.float64))  # type: ignore[misc]
+        norms = torch.stack(torch._foreach_norm(present, 2, dtype=torch.float64))  # type: ignore[arg-type]
         if norms.device.type == "cpu":
             self.values = norms
         else:
@@ -169,16 +165,22 @@ class LateRead:
         if self.event is not None:
             self.event.synchronize()
             self.event = None
-        values = self.values.tolist() if self.values is not None else []
         host = self.host
-        norms: list[float | None] = [None] * len(self.params)
-        stats = GradStats(self.params, norms, list(host.missing), frozen=list(host.frozen), scale=self.scale)
-        for i, v in zip(self.present, values, strict=True):
-            norms[i] = v / self.scale
-            if not math.isfinite(v):
-                stats.nonfinite.append(i)
-            elif v == 0.0 and i not in self.empty:
-                stats.zero.append(i)
+        stats = GradStats(host.params, host.norms, list(host.missing), frozen=list(host.frozen), scale=host.scale)
+        if self.values is None:
+            stats._total = 0.0
+            return stats
+        values = self.values.numpy()
+        n = len(host.params)
+        order = np.setdiff1d(np.arange(n), host.missing, assume_unique=True) if host.missing else np.arange(n)
+        finite = np.isfinite(values)
+        if not (finite.all() and values.all()):
+            stats.nonfinite = order[~finite].tolist()
+            stats.zero = [i for i in order[values == 0.0].tolist() if host.params[i].numel() > 0]
+        present = values / host.scale
+        norms = np.full(n, np.nan)
+        norms[order] = present
+        _set_norms(stats, norms, present, host.missing)
         return stats
 
 
@@ -187,19 +189,35 @@ def start_late_read(params: Sequence[torch.Tensor], step: int, scale: float = 1.
     gradients are sparse, complex, in float64 (whose squares can overflow), or on several devices."""
     if not params:
         return None
-    device = None
-    for p in params:
-        g = p.grad
-        if g is None:
-            continue
-        if g.layout != torch.strided or g.dtype == torch.float64 or g.is_complex():
+    grads, missing, frozen = _host_facts(params)
+    present = [g for g in grads if g is not None] if missing else grads
+    if present:
+        dtypes = set(map(_DTYPE, present))
+        if (len(set(map(_DEVICE, present))) != 1 or set(map(_LAYOUT, present)) != {torch.strided}
+                or torch.float64 in dtypes or any(d.is_complex for d in dtypes)):  # fmt: skip
             return None
-        if device is None:
-            device = g.device
-        elif g.device != device:
-            return None
+    host = GradStats(list(params), [None] * len(params), missing, frozen=frozen, scale=scale, late=True)
     with torch.no_grad(), torch._C.DisableTorchFunction():
-        return LateRead(params, step, scale, tag)
+        return LateRead(host, present, step, tag)  # type: ignore[arg-type]
+
+
+def _host_facts(params: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor | None], list[int], list[int]]:
+    """``(grads, missing, frozen)``: each parameter's ``.grad``, the indices without one, and those with
+    ``requires_grad=False``, read at C level (no Python per parameter when none is frozen)."""
+    grads = list(map(_GRAD, params))
+    missing = list(compress(range(len(params)), map(operator.is_, grads, repeat(None))))
+    frozen = [] if all(map(_REQUIRES_GRAD, params)) else [i for i, p in enumerate(params) if not p.requires_grad]
+    return grads, missing, frozen
+
+
+def _set_norms(stats: GradStats, norms: np.ndarray, present: np.ndarray, missing: Sequence[int]) -> None:
+    """``stats.norms`` from ``norms`` (one per parameter, ``None`` for ``missing``) and the total norm from those
+    ``present``."""
+    stats._total = float(np.sqrt(np.dot(present, present)))
+    out = norms.tolist()
+    for i in missing:
+        out[i] = None
+    stats.norms = out
 
 
 def _take(indices: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
@@ -440,9 +458,7 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 
 
 def _measure(params: Sequence[torch.Tensor], scale: float | torch.Tensor) -> GradStats:
     n = len(params)
-    grads = list(map(_GRAD, params))
-    missing = list(compress(range(n), map(operator.is_, grads, repeat(None))))
-    frozen = [] if all(map(_REQUIRES_GRAD, params)) else [i for i, p in enumerate(params) if not p.requires_grad]
+    grads, missing, frozen = _host_facts(params)
     stats = GradStats(list(params), [None] * n, missing, frozen=frozen)
     if len(missing) == n:
         stats._total = 0.0
@@ -478,12 +494,7 @@ def _measure(params: Sequence[torch.Tensor], scale: float | torch.Tensor) -> Gra
         _confirm(stats, grads, sorted(plan.order[~finite | (values == 0.0)].tolist()), norms)
     if scale != 1.0:
         norms /= scale
-    present = norms[plan.order]
-    stats._total = float(np.sqrt(np.dot(present, present)))
-    out = norms.tolist()
-    for i in missing:
-        out[i] = None
-    stats.norms = out
+    _set_norms(stats, norms, norms[plan.order], missing)
     return stats
 
 

@@ -440,7 +440,7 @@ class GuardCore:
         for read in reads:
             stats = read.result()
             self.resolved.append((read.tag, read.step, stats))
-            self._settle_read(read, stats)
+            self._settle_read(read.step, stats)
             if not stats.nonfinite or index is None:
                 continue
             bad = GradStats(stats.params, stats.norms, nonfinite=stats.nonfinite, scale=stats.scale)  # judged already
@@ -466,8 +466,8 @@ class GuardCore:
                 out.add(name)
         return out
 
-    def _settle_read(self, read: LateRead, stats: GradStats) -> None:
-        """Count the step of the late read for the idle runs: an all-zero gradient lacked a usable gradient then
+    def _settle_read(self, step: int, stats: GradStats) -> None:
+        """Count ``step``, read late, for the idle runs: an all-zero gradient lacked a usable gradient then
         (whether it is ``zero`` or a leftover is told on the next step, which reads at once); the open runs of the
         others, whose gradient was usable (finite or not), end."""
         index = self.index
@@ -475,13 +475,13 @@ class GuardCore:
             return
         frozen = set(stats.frozen)
         for i in stats.zero:
-            bit = index.index.get(id(read.params[i]))
+            bit = index.index.get(id(stats.params[i]))
             if bit is not None and i not in frozen:
-                self.history.lack(index.names[bit], read.step, "zero")
+                self.history.lack(index.names[bit], step, "zero")
         names = self.history.open_runs()
         if not names:
             return
-        at = {id(p): i for i, p in enumerate(read.params)}
+        at = {id(p): i for i, p in enumerate(stats.params)}
         zero, missing = set(stats.zero), set(stats.missing)
         usable = set()
         for name in names:
