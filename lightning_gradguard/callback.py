@@ -294,9 +294,9 @@ class GradGuard(Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
             scale = loss_scale(scaler)  # fused optimizers unscale inside `step()`; read with the norms, no own sync
         params = self._core.params_of(optimizer)
-        late = self.sync == "late" and not self._dashboard.should_log(trainer)
-        k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-        tag = (k, self._dashboard.step_of(trainer))  # where the dashboard files this step's total norm
+        logged = self._dashboard.should_log(trainer)
+        late = self.sync == "late" and not logged
+        tag = self._dashboard.slot_of(trainer, optimizer) if late else None  # where its total norm is filed later
         try:
             with rank_zero_warnings(trainer.global_rank):
                 stats = self._core.check(params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler,
@@ -306,7 +306,7 @@ class GradGuard(Callback):
         if stats.late:
             self._dashboard.mark_stepped()
         elif self._core.index is not None:
-            idle = (self._core.report.idle_shares() or None) if self._dashboard.should_log(trainer) else None
+            idle = (self._core.report.idle_shares() or None) if logged else None
             with torch._C.DisableTorchFunction():  # no function mode still on the stack sees the dashboard's ops
                 self._dashboard.log_step(
                     trainer, optimizer, stats, self._core.index, self._core.report, stats.scale, idle=idle

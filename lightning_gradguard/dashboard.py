@@ -804,8 +804,7 @@ class Dashboard:
         """
         self._stepped = True
         total = stats.total_norm
-        k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-        step = self.step_of(trainer)
+        k, step = self.slot_of(trainer, optimizer)
         self.record_total(k, step, total)
         if not self._targets:
             return
@@ -973,6 +972,12 @@ class Dashboard:
             self._write(metrics, [], snap.step)
 
     # ------------------------------------------------------------------ epoch
+    def slot_of(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+        """``(k, step)``: where :meth:`record_total` files ``optimizer``'s total norm of the step about to happen
+        (``k``: its index in ``trainer.optimizers``; ``step``: :meth:`step_of`)."""
+        k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        return k, self.step_of(trainer)
+
     def mark_stepped(self) -> None:
         """An optimizer stepped in this batch without :meth:`log_step` (its norms are read later, ``sync="late"``)."""
         self._stepped = True
