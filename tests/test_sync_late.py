@@ -58,8 +58,9 @@ class RaisedAt(Callback):
         self.at = trainer.global_step
 
 
-def fit(tmp_path, model, guard, steps=4, **kwargs):
-    witness = RaisedAt()
+def fit(tmp_path, model, guard, steps=4, witness=None, **kwargs):
+    """``steps`` steps of ``model`` under ``guard`` (warnings silenced); ``witness`` sees where an error left."""
+    witness = witness or RaisedAt()
     trainer = make_trainer(tmp_path, [guard, witness], max_steps=steps, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -70,10 +71,8 @@ def fit(tmp_path, model, guard, steps=4, **kwargs):
 @pytest.mark.parametrize(("sync", "raised_at", "late_text"), [("step", 2, False), ("late", 3, True)])
 def test_a_nan_is_raised_one_step_late_naming_the_step_that_made_it(tmp_path, sync, raised_at, late_text):
     witness = RaisedAt()
-    trainer = make_trainer(tmp_path, [GradGuard(sync=sync), witness], max_steps=6)
-    with pytest.raises(GradGuardError) as err, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Net(nan_at=frozenset({2})), loader(n=48))
+    with pytest.raises(GradGuardError) as err:
+        fit(tmp_path, Net(nan_at=frozenset({2})), GradGuard(sync=sync), steps=6, witness=witness)
     assert witness.at == raised_at  # steps 0..raised_at-1 were applied
     assert err.value.findings[0].step == 2
     assert ("read late (sync='late')" in str(err.value)) is late_text
@@ -121,10 +120,8 @@ def test_an_all_zero_gradient_is_raised_at_the_same_step_under_late(tmp_path, sy
     raised_at = 2
     witness = RaisedAt()
     guard = GradGuard(sync=sync, idle_window=3, diagnose="never", on_zero="raise")
-    trainer = make_trainer(tmp_path, [guard, witness], max_steps=8)
-    with pytest.raises(GradGuardError) as err, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Net(zero_head=True), loader(n=64))
+    with pytest.raises(GradGuardError) as err:
+        fit(tmp_path, Net(zero_head=True), guard, steps=8, witness=witness)
     assert witness.at == raised_at
     assert {f.kind for f in err.value.findings} == {"zero"}
 
@@ -138,10 +135,8 @@ def test_a_missing_gradient_is_judged_at_once_under_late(tmp_path):
             return ((self.head(torch.tanh(self.enc(x)).detach()).squeeze(-1) - y) ** 2).mean()
 
     witness = RaisedAt()
-    trainer = make_trainer(tmp_path, [GradGuard(sync="late"), witness], max_steps=4)
-    with pytest.raises(GradGuardError) as err, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(Detached(), loader(n=32))
+    with pytest.raises(GradGuardError) as err:
+        fit(tmp_path, Detached(), GradGuard(sync="late"), steps=4, witness=witness)
     assert witness.at == 0
     assert {(f.kind, f.param) for f in err.value.findings} == {("detached", "enc.weight"), ("detached", "enc.bias")}
 
