@@ -323,13 +323,19 @@ def test_torch_warnings_point_at_the_users_line_on_traced_and_untraced_lightning
 
 @pytest.mark.parametrize("trace", [True, False])
 def test_torch_warnings_inside_check_step_point_at_the_users_line(trace):
+    """Traced or not (then its backward spy is the mode): a C++ warning of torch (``torch.tensor`` of a tensor) and
+    a Python one (``mse_loss`` broadcasting) name the user's line, as outside the block; ``showwarning`` is put
+    back."""
+
     def warns(m, x):
         h = m.enc(x)
         copied = torch.tensor(h)  # CLAIMS: torch warns in a plain loop
+        nn.functional.mse_loss(h[:, :1], torch.zeros(len(h)))  # CLAIMS: torch warns from Python
         return m.head(h).mean() + m.aux(x).mean() + 0 * copied.sum()
 
     model = Aux()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = warnings.showwarning
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with check_step(model, opt, trace=trace):
@@ -341,6 +347,10 @@ def test_torch_warnings_inside_check_step_point_at_the_users_line(trace):
     inside, outside = copy_warnings(caught)
     assert outside.endswith(where("CLAIMS: torch warns in a plain loop"))
     assert inside == outside
+    inside, outside = [f"{w.filename}:{w.lineno}" for w in caught if "different to the input size" in str(w.message)]
+    assert outside.endswith(where("CLAIMS: torch warns from Python"))
+    assert inside == outside
+    assert warnings.showwarning is before
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -248,29 +248,6 @@ def test_torch_warning_in_a_traced_step_names_the_users_line(tmp_path):
     assert warnings.showwarning is before
 
 
-@pytest.mark.parametrize("trace", [True, False])
-def test_torch_warnings_in_check_step_name_the_users_line(trace):
-    """In a ``check_step`` block, traced or not (then its backward spy is the mode), a Python warning of torch
-    (``mse_loss``) and a C++ one (``torch.tensor`` of a tensor) name the user's lines."""
-    model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.randn(8, 4), torch.randn(8)
-    before = warnings.showwarning
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with check_step(model, opt, trace=trace):
-            out = model(x)
-            loss = nn.functional.mse_loss(out, y)  # python warning
-            torch.tensor(out)  # c++ warning
-            loss.backward()
-            opt.step()
-    line = {m: int(where(m).rsplit(":", 1)[1]) for m in ("python warning", "c++ warning")}
-    for text, marker in (("different to the input size", "python warning"), ("copy construct", "c++ warning")):
-        shown = torch_warnings(caught, text)
-        assert shown == [f"{__file__}:{line[marker]}"], marker
-    assert warnings.showwarning is before
-
-
 # ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
 def _unused(n: int, wheres: int = 0) -> tuple[list[Finding], dict[str, int]]:
     """``n`` unused findings on every tensor of module ``m`` (``wheres`` of them at distinct lines); the model also
