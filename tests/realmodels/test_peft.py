@@ -81,6 +81,11 @@ def test_lora_frozen_base_in_the_optimizer_is_one_warning(tmp_path):
     assert len(guard.findings) == 21  # every base tensor: that much is right today
     assert len(caught) == 1
     assert len(str(caught[0].message).splitlines()) <= 10
+    quoted = (  # as the README quotes it
+        "frozen: module `model.base_model.model` (21 of its 37 tensors, 28.8 k parameters) is in the optimizer but "
+        "has `requires_grad=False`"
+    )
+    assert quoted in str(caught[0].message)
 
 
 def test_lora_star_case_error_is_one_group(tmp_path):
