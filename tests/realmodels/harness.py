@@ -750,6 +750,7 @@ class Result:
     params: int = 0
     truth: str = ""
     step_truth: str = ""
+    idle: int = 0  # parameters the truth measured idle (no usable gradient on some steps, not on all)
     harness_error: str | None = None
     check_step: Outcome = field(default_factory=Outcome)
     on_finding: Outcome = field(default_factory=Outcome)
@@ -800,6 +801,7 @@ def run_config(config: Config, tmp: str) -> Result:
     names = list(ref_params)
     truth = Truth.of(recorder.steps, names)
     res.truth = truth.summary()
+    res.idle = len(truth.idle())
     res.step_truth = _status_text(plain.status)
 
     # check_step on the plain step
