@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench sweep corpus mutate clean distclean
+.PHONY: venv test demo lint bench sweep corpus mutate compat clean distclean
 
 venv: $(STAMP)
 
@@ -24,6 +24,15 @@ demo: venv
 	$(VPY) examples/train.py fit --config configs/demo.yaml
 	-$(VPY) -m lightning_gradguard check --config configs/demo.yaml --cli examples/train.py:DemoCLI --steps 1 \
 		--report lightning_logs/demo/preflight_report.json
+
+# The lowest versions pyproject.toml claims (constraints-min.txt: Lightning 2.4, torchmetrics 1.4, TensorBoard 2.18,
+# jsonargparse 4.31, NumPy 1.26, ...) in their own .venv-min, and the suite on them. Without `transformers` (a
+# test-only package): the real-model tests skip. Not part of CI (~6 minutes more).
+VENV_MIN := .venv-min
+compat:
+	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install -c constraints-min.txt -e . pytest
+	$(VENV_MIN)/bin/python -m pytest -q -p no:cacheprovider
 
 lint: venv
 	$(VPY) -m ruff check .
@@ -57,4 +66,4 @@ clean:
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VENV_MIN)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,3 +35,28 @@ def test_shipped_article_is_the_one_the_tests_use():
     tested = os.path.join(ROOT, "tests", "data", "why-no-gradients.md")
     with open(shipped, encoding="utf-8") as a, open(tested, encoding="utf-8") as b:
         assert a.read() == b.read()
+
+
+def test_pyproject_lower_bounds_are_the_compat_pins():
+    """Every requirement's lower bound in pyproject.toml is the version `make compat` installs and tests
+    (constraints-min.txt), and the suite's own pins (constraints.txt) satisfy every range."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = [Requirement(d) for d in tomllib.loads(Path(ROOT, "pyproject.toml").read_text())["project"]["dependencies"]]
+
+    def pins(name: str) -> dict[str, str]:
+        rows = (line.split("#")[0].strip() for line in Path(ROOT, name).read_text().splitlines())
+        return dict(row.lower().replace("_", "-").split("==") for row in rows if row)
+
+    lowest, tested = pins("constraints-min.txt"), pins("constraints.txt")
+    for req in deps:
+        name = req.name.lower()
+        floor = [s.version for s in req.specifier if s.operator == ">="]
+        assert floor, f"{req}: no lower bound"
+        assert Version(lowest.get(name, "0")) == Version(floor[0]), (
+            f"{req}: constraints-min.txt pins {lowest.get(name)}"
+        )
+        assert req.specifier.contains(tested[name]), f"{req}: constraints.txt pins {tested[name]}"
