@@ -223,6 +223,9 @@ def test_flow_cells_for_zero_missing_and_nonfinite_gradients():
     assert colours["bad"] == (228, 26, 28)
     assert colours["none"] == (190, 190, 190)
     assert colours["ok"] not in {(0, 0, 0), (228, 26, 28), (190, 190, 190), (255, 255, 255)}
+    dark = {key: (luminance(picture.image[b[1] : b[3], b[0] : b[2]]) < 100).any()
+            for key in ("ok", "none") for b in [picture.row_box("grad_norm", key)]}  # fmt: skip
+    assert dark == {"ok": False, "none": True}  # a row without any gradient says so in the row
 
 
 def cell_colour(picture, key: str, panel: str = "grad_norm") -> np.ndarray:
