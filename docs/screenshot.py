@@ -1,9 +1,9 @@
-"""Screenshot a page in headless Chromium after running a little JavaScript on it (e.g. ticking a checkbox).
+"""Screenshot a page in headless Chromium once it has loaded (TensorBoard draws its charts after the first paint).
 
-``chromium --screenshot`` cannot click; this drives Chromium through the DevTools protocol over
-``--remote-debugging-pipe`` (file descriptors 3 and 4, NUL-separated JSON), with the standard library only.
+This drives Chromium through the DevTools protocol over ``--remote-debugging-pipe`` (file descriptors 3 and 4,
+NUL-separated JSON), with the standard library only.
 
-    python docs/screenshot.py URL OUT.png --size 1400x900 [--click "Show actual image size"] [--wait 8]
+    python docs/screenshot.py URL OUT.png --size 1400x900 [--wait 8]
 """
 
 from __future__ import annotations
@@ -17,26 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-# Finds, through every shadow root, an element whose own text contains TEXT and that looks clickable, and clicks it
-# (once: a checked checkbox is left alone). Returns "clicked", "already" or "missing".
-CLICK = """
-(text) => {
-  const walk = (root) => {
-    for (const el of root.querySelectorAll('*')) {
-      const tag = el.tagName.toLowerCase();
-      if ((tag.endsWith('checkbox') || tag === 'button') && (el.textContent || '').includes(text)) return el;
-      if (el.shadowRoot) { const hit = walk(el.shadowRoot); if (hit) return hit; }
-    }
-    return null;
-  };
-  const el = walk(document);
-  if (!el) return 'missing';
-  if (el.checked === true || el.getAttribute('aria-checked') === 'true') return 'already';
-  el.click();
-  return 'clicked';
-}
-"""
 
 
 class Chromium:
@@ -86,9 +66,6 @@ class Chromium:
                     raise RuntimeError(f"{method}: {answer['error']}")
                 return answer.get("result", {})
 
-    def evaluate(self, expression: str) -> object:
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
@@ -100,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("url")
     parser.add_argument("out")
     parser.add_argument("--size", default="1400x900")
-    parser.add_argument("--click", action="append", default=[], help="text of a checkbox or button to click")
-    parser.add_argument("--wait", type=float, default=8.0, help="seconds to let the page load (and after clicks)")
+    parser.add_argument("--wait", type=float, default=8.0, help="seconds to let the page load")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.split("x"))
@@ -110,15 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         browser.call("Page.enable")
         browser.call("Page.navigate", url=args.url)
         time.sleep(args.wait)
-        for text in args.click:
-            deadline = time.monotonic() + 30
-            while (state := browser.evaluate(f"({CLICK})({json.dumps(text)})")) == "missing":
-                if time.monotonic() > deadline:
-                    print(f"screenshot.py: nothing to click with text {text!r}", file=sys.stderr)
-                    return 1
-                time.sleep(1)
-            print(f"screenshot.py: {text!r}: {state}")
-            time.sleep(args.wait / 2)
         data = browser.call("Page.captureScreenshot", format="png")["data"]
     finally:
         browser.close()

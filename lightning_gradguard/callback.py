@@ -115,17 +115,20 @@ class GradGuard(Callback):
     ``gradguard/grad_norm/<name>``          scalar     L2 norm per parameter or module (``norms``)
     ``gradguard/total_update_ratio``        scalar     ``||w_after - w_before|| / ||w_before||`` (``update_ratio``)
     ``gradguard/update_ratio/<name>``       scalar     the same per parameter or module (``update_ratio``)
-    ``gradguard/findings/<kind>``           scalar     distinct findings of a kind so far, only for kinds seen (one
-                                                       chart, added to the layout with the first finding)
+    ``gradguard/no_grad/<name>``            scalar     share of the parameters (elements) of ``<name>`` without a
+                                                       gradient, from the first logged step it lacks one (modules
+                                                       with ``norms="total"``; ``ignore`` matches left out)
+    ``gradguard/findings/<kind>``           scalar     distinct findings of a kind so far, only for kinds seen (a
+                                                       chart per kind, added to the layout with its first finding)
     ``gradguard/epoch/total_norm_max``      scalar     max of the total norm over the epoch, synced across ranks
     ``gradguard/epoch/total_norm_mean``     scalar     mean of the total norm over the epoch, synced across ranks
     ``gradguard/grad_norms``                histogram  the per-parameter gradient norms (``histograms``)
     ``gradguard/grad_values/<name>``        histogram  gradient values per parameter or module (``value_histograms``)
-    ``gradguard/report``                    text       the run report as a markdown table, when it changes and at the
+    ``gradguard/report``                    text       the run report as a markdown list, when it changes and at the
                                                        end (TensorBoard stores it as ``gradguard/report/text_summary``)
     ``gradguard/gradient_flow``             image      per module (rows, model order) the gradient norm across logged
-                                                       steps (columns), log-scale colour; a second panel of update
-                                                       ratios with ``update_ratio`` (``flow_every``)
+                                                       steps (columns), on a fixed log colour scale; a second panel
+                                                       of update ratios with ``update_ratio`` (``flow_every``)
     ======================================  =========  =============================================================
 
     ``<name>`` is a module (``norms="module"``), a parameter (``"param"``), or a parent module when the tags are

@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--report", default=None, help="also write the run report as JSON to this path")
     report = sub.add_parser("report", help="print a saved gradguard_report.json", description="Print a run report.")
     report.add_argument("path", help="a gradguard_report.json written by GradGuard")
-    report.add_argument("--markdown", action="store_true", help="print it as a markdown table")
+    report.add_argument("--markdown", action="store_true", help="print it as markdown (a list, as in TensorBoard)")
     return parser
 
 

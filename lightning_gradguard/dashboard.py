@@ -31,9 +31,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -554,6 +554,59 @@ class _View:
     groups: list[tuple[str, list[int]]]
     how: str
     flow: list[tuple[str, list[int]]]  # the gradient-flow picture's rows: the `norms="module"` keys
+    parts: _Parts  # the keys of `no_grad/<key>`
+
+
+@dataclass
+class _Parts:
+    """The keys of one optimizer's ``no_grad/<key>`` tags (those of ``norms``; modules under ``norms="total"``) and,
+    per key, whether it ever lacked a gradient (``tracked``) and ever had one (``fed``) at a logged step."""
+
+    keys: list[str]
+    owner: np.ndarray  # per parameter, the index of its key (-1: none, or an `ignore`d parameter)
+    numels: np.ndarray  # per parameter, its number of elements (float64)
+    sizes: np.ndarray  # per key, the elements of its parameters
+    tracked: np.ndarray  # per key (bool)
+    fed: np.ndarray  # per key (bool)
+
+    @classmethod
+    def of(
+        cls, groups: list[tuple[str, list[int]]], params: Sequence[torch.Tensor], skip: Sequence[bool] | None = None
+    ) -> _Parts:
+        """The keys of ``groups``, leaving out the parameters ``skip`` marks (those ``ignore`` matches)."""
+        owner = np.full(len(params), -1, dtype=np.int64)
+        for j, (_, idx) in enumerate(groups):
+            owner[idx] = j
+        if skip is not None:
+            owner[np.asarray(skip, dtype=bool)] = -1
+        numels = np.array([p.numel() for p in params], dtype=np.float64)
+        keep = owner >= 0
+        sizes = np.bincount(owner[keep], weights=numels[keep], minlength=len(groups))
+        n = len(groups)
+        return cls([k for k, _ in groups], owner, numels, sizes, np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
+
+    def inherit(self, old: _Parts) -> None:
+        """Take ``tracked`` and ``fed`` of the keys ``old`` had too."""
+        at = {k: j for j, k in enumerate(old.keys)}
+        for j, key in enumerate(self.keys):
+            if key in at:
+                self.tracked[j], self.fed[j] = old.tracked[at[key]], old.fed[at[key]]
+
+    def shares(self, missing: Sequence[int]) -> np.ndarray:
+        """Per key, the share of its parameters' elements among ``missing`` (0 for a key of ignored parameters)."""
+        miss = np.asarray(missing, dtype=np.int64)
+        miss = miss[self.owner[miss] >= 0]
+        lost = np.bincount(self.owner[miss], weights=self.numels[miss], minlength=len(self.keys))
+        return np.divide(lost, self.sizes, out=np.zeros(len(self.keys)), where=self.sizes > 0)
+
+
+class _Layout(NamedTuple):
+    """What the custom-scalars layout shows beyond the norms (written again when it changes)."""
+
+    idle: bool = False
+    findings: tuple[str, ...] = ()  # the kinds with a chart
+    no_grad: bool = False  # some part lacked a gradient at a logged step
+    dead: tuple[str, ...] = ()  # the charts whose every key lacked a gradient at every logged step
 
 
 @dataclass
@@ -682,7 +735,7 @@ class Dashboard:
     def _reset(self) -> None:
         self._targets: list[_Target] = []
         self._views: dict[int, _View] = {}
-        self._layout_written = False
+        self._layout: _Layout | None = None  # the custom-scalars layout written last
         self._reported = -1  # number of report entries last written as text
         self._snapshots: list[_Snapshot] = []
         self._buffers = HistogramBuffers()  # histograms_counts' key buffers, reused on logged steps
@@ -693,8 +746,9 @@ class Dashboard:
         self._said: set[str] = set()
         self._stepping_batches: int | None = None  # batches so far in which an optimizer stepped
         self._stepped = False  # an optimizer stepped in the current batch
-        self._layout_findings = False  # the layout written has the findings chart
-        self._layout_idle = False
+        self._dead: dict[str, None] = {}  # keys that lacked a gradient at every logged step so far
+        self._dead_charts: tuple[str, ...] = ()  # the per-module charts made of such keys only
+        self._lacked = False  # some key lacked a gradient at a logged step
         self._flow: dict[str, FlowHistory] = {}  # panel -> history (rank zero, while logging)
         self._flow_rank: dict[str, int] = {}  # row key -> position of its first parameter in the model
         self._flow_logged = 0  # logged batch steps so far
@@ -756,7 +810,7 @@ class Dashboard:
         return self._stepping_batches
 
     def _view(self, trainer: Trainer, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-              index: ParamIndex) -> _View:  # fmt: skip
+              index: ParamIndex, ignored: Sequence[str] = ()) -> _View:  # fmt: skip
         layout = optimizer_layout(optimizer)
         view = self._views.get(id(optimizer))
         if view is None or view.layout != layout:
@@ -772,7 +826,12 @@ class Dashboard:
             for key, idx in flow:  # rows of the picture in model order
                 first = min((index.index.get(id(params[i]), len(index)) for i in idx), default=len(index))
                 self._flow_rank[key] = min(first, self._flow_rank.get(key, first))
-            view = _View(layout, suffix, groups, how, flow)
+            skip = set(ignored)
+            unchecked = [index.name_of(p) in skip for p in params] if skip else None
+            parts = _Parts.of(flow if self.norms == "total" else groups, params, unchecked)
+            if view is not None:  # its param groups changed: what its keys went through so far carries over
+                parts.inherit(view.parts)
+            view = _View(layout, suffix, groups, how, flow, parts)
             self._views[id(optimizer)] = view
             if "depth" in how or "first" in how:
                 self._say(f"GradGuard: {len(params)} parameter tensors are more than max_norm_tags="
@@ -812,10 +871,8 @@ class Dashboard:
             self._write_text(report, step)
         if not self.should_log(trainer):
             return
-        view = self._view(trainer, optimizer, stats.params, index)
+        view = self._view(trainer, optimizer, stats.params, index, report.ignored)
         counts = {kind: n for kind, n in report.counts().items() if n}  # only kinds seen: no flat-zero lines
-        if not self._layout_written or (counts and not self._layout_findings):
-            self._write_layout(trainer, index, idle is not None or self._layout_idle, bool(counts))
         norms = stats.norms
         metrics: dict[str, float] = {f"{TAG}/total_norm{view.suffix}": total}
         if self.norms != "total":
@@ -823,6 +880,12 @@ class Dashboard:
                 value = _group_norm(norms, idx)
                 if value is not None:
                     metrics[f"{TAG}/grad_norm/{key}"] = value
+        for key, share in self._no_grad(view.parts, stats.missing).items():
+            metrics[f"{TAG}/no_grad/{key}"] = share
+        layout = _Layout(idle is not None or (self._layout is not None and self._layout.idle), tuple(counts),
+                         self._lacked, self._dead_charts)  # fmt: skip
+        if layout != self._layout:
+            self._write_layout(trainer, index, layout)
         for kind, n in counts.items():
             metrics[f"{TAG}/findings/{kind}"] = float(n)
         if self.flow_every:
@@ -841,6 +904,34 @@ class Dashboard:
         self._write(metrics, hists, step)
         if self.update_ratio:
             self._snapshot(k, step, stats, view)
+
+    def _no_grad(self, parts: _Parts, missing: Sequence[int]) -> dict[str, float]:
+        """The ``no_grad/<key>`` values of a logged step: per key that lacks a gradient now or lacked one at an earlier
+        logged step, the share of its parameters' elements without one (``{}`` while every part had one at every
+        logged step: nothing but this check on a clean step). Keeps :attr:`_dead` (the keys that lacked a gradient
+        at every logged step so far) and the per-module charts made of such keys only."""
+        if not missing and not parts.tracked.any() and parts.fed.all():
+            return {}
+        share = parts.shares(missing) if missing else np.zeros(len(parts.keys))
+        parts.fed |= share < 1
+        parts.tracked |= share > 0
+        tracked = np.flatnonzero(parts.tracked).tolist()
+        if tracked:
+            self._lacked = True
+        dead = dict(self._dead)
+        for j in tracked:
+            if parts.fed[j]:
+                dead.pop(parts.keys[j], None)
+            else:
+                dead.setdefault(parts.keys[j])
+        if dead != self._dead:
+            self._dead = dead
+            charts: dict[str, list[str]] = {}
+            for view in self._views.values():
+                for key, _ in view.groups if self.norms != "total" else ():
+                    charts.setdefault(_chart_of(key), []).append(key)
+            self._dead_charts = tuple(c for c, keys in charts.items() if all(k in dead for k in keys))
+        return {parts.keys[j]: float(share[j]) for j in tracked}
 
     def _value_histograms(
         self, view: _View, stats: GradStats, scale: float
@@ -1090,20 +1181,20 @@ class Dashboard:
             if t.writer is not None:
                 t.writer.add_text(TEXT_TAG, report.markdown(), step)
 
-    def _write_layout(self, trainer: Trainer, index: ParamIndex, idle: bool = False, findings: bool = False) -> None:
-        """Write the custom-scalars layout; again (TensorBoard shows the last) when the first finding appears."""
-        self._layout_written = True
-        self._layout_findings = findings
-        self._layout_idle = idle
+    def _write_layout(self, trainer: Trainer, index: ParamIndex, layout: _Layout) -> None:
+        """Write the custom-scalars layout; again (TensorBoard shows the last) when what it shows changes: a new kind
+        of finding, the first part without a gradient, a module without any so far or one that got a gradient."""
+        self._layout = layout
         keys: list[str] = []
         for opt in trainer.optimizers:
             params = [p for g in opt.param_groups for p in g["params"]]
             keys += [k for k in group_keys([index.name_of(p) for p in params], self.norms, self.max_norm_tags)[0]
                      if k is not None]  # fmt: skip
         charts = list(dict.fromkeys(_chart_of(k) for k in keys))
+        extra = (layout.idle, layout.findings, layout.no_grad, layout.dead)
         for t in self._targets:
             if t.writer is not None:
-                t.writer.add_custom_scalars(custom_scalars_layout(charts, t.prefix, self.update_ratio, idle, findings))
+                t.writer.add_custom_scalars(custom_scalars_layout(charts, t.prefix, self.update_ratio, *extra))
 
 
 def custom_scalars_layout(
@@ -1111,41 +1202,61 @@ def custom_scalars_layout(
     prefix: str = "",
     update_ratio: bool = False,
     idle: bool = False,
-    findings: bool = True,
+    findings: Sequence[str] = (),
+    no_grad: bool = False,
+    dead: Collection[str] = (),
 ) -> dict[str, Any]:
-    """The ``add_custom_scalars`` layout: one ``GradGuard`` section with the total norm, one chart of gradient norms
-    per top-level module (or ``ModuleList`` entry), the update ratios, the idle shares per module (``idle``) and one
-    chart of the finding counts per kind (``findings``: the dashboard adds it when the first finding appears).
+    """The ``add_custom_scalars`` layout: one ``GradGuard`` section with, first, what needs attention (the shares of
+    parameters without a gradient, ``no_grad``; one chart of finding counts per kind in ``findings``), then the total
+    norm, one chart of gradient norms per top-level module (or ``ModuleList`` entry), the update ratios and the idle
+    shares per module (``idle``).
+
+    A module chart in ``dead`` (none of its parameters had a gradient at any logged step) shows the module's
+    ``no_grad`` share under a title that says so, instead of an empty norm chart; it has no update-ratio chart.
 
     Example::
 
         >>> layout = custom_scalars_layout(["encoder", "head"])
         >>> list(layout["GradGuard"])[1:4]
         ['total gradient norm per epoch: max, mean', 'gradient norm: encoder', 'gradient norm: head']
+        >>> list(custom_scalars_layout(["encoder", "head"], findings=["detached"], no_grad=True, dead=["encoder"])
+        ...      ["GradGuard"])[:4]  # doctest: +NORMALIZE_WHITESPACE
+        ['share of parameters without a gradient', 'findings so far: detached (parameter tensors)',
+         'total gradient norm', 'total gradient norm per epoch: max, mean']
     """
     p = re.escape(prefix + TAG + "/")
-    section: dict[str, list[Any]] = {
-        "total gradient norm": ["Multiline", [rf"{p}total_norm(_opt\d+)?$"]],
-        "total gradient norm per epoch: max, mean": ["Multiline", [rf"{p}epoch/total_norm_.*"]],
-    }
+    section: dict[str, list[Any]] = {}
+    if no_grad:
+        section["share of parameters without a gradient"] = ["Multiline", [rf"{p}no_grad/.*"]]
+    for kind in findings:
+        section[f"findings so far: {kind} (parameter tensors)"] = ["Multiline", [rf"{p}findings/{re.escape(kind)}$"]]
+    section["total gradient norm"] = ["Multiline", [rf"{p}total_norm(_opt\d+)?$"]]
+    section["total gradient norm per epoch: max, mean"] = ["Multiline", [rf"{p}epoch/total_norm_.*"]]
     many = len(charts) > 24
     if many:
         section["gradient norm per group"] = ["Multiline", [rf"{p}grad_norm/.*"]]
     else:
         for c in charts:
-            section[f"gradient norm: {c}"] = ["Multiline", [rf"{p}grad_norm/{re.escape(c)}(\..*)?$"]]
+            if c in dead:
+                section[f"NO GRADIENT: {c} (share of parameters)"] = ["Multiline", [rf"{p}no_grad/{_key(c)}"]]
+            else:
+                section[f"gradient norm: {c}"] = ["Multiline", [rf"{p}grad_norm/{_key(c)}"]]
     if update_ratio:
         section["update / weight: total"] = ["Multiline", [rf"{p}total_update_ratio.*"]]
         if many:
             section["update / weight per group"] = ["Multiline", [rf"{p}update_ratio/.*"]]
         else:
             for c in charts:
-                section[f"update / weight: {c}"] = ["Multiline", [rf"{p}update_ratio/{re.escape(c)}(\..*)?$"]]
+                if c not in dead:
+                    section[f"update / weight: {c}"] = ["Multiline", [rf"{p}update_ratio/{_key(c)}"]]
     if idle:
         section["share of steps without a gradient, per module"] = ["Multiline", [rf"{p}idle/.*"]]
-    if findings:
-        section["findings so far, per kind"] = ["Multiline", [rf"{p}findings/.*"]]
     return {"GradGuard": section}
+
+
+def _key(chart: str) -> str:
+    """A regex matching the keys of ``chart``: the chart's module and its submodules or parameters."""
+    return rf"{re.escape(chart)}(\..*)?$"
 
 
 def use_fast_crc32c() -> bool:

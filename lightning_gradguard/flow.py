@@ -1,9 +1,12 @@
 """The gradient-flow picture: per module, the gradient norm (and update ratio) across logged steps, as one image.
 
 Rows are modules in model order (the keys of the ``norms="module"`` tags), columns are logged steps, the colour is
-the value on a log scale (viridis: dark = small, yellow = large), so that a layer whose gradients vanish (a dark
-row) or explode (a bright row) stands out. Cells say more than a colour where it matters: black = a gradient exactly
-zero, grey = no gradient at all, red = NaN/Inf.
+the value on a fixed log scale (:data:`SCALES`, the same in every run so that two runs compare; viridis from blue =
+small to yellow = large), so that a layer whose gradients vanish (a dark row) or explode (a bright row) stands out. A
+value outside the scale takes its end colour with a mark across the cell (white below, black above). Cells say more
+than a colour where it matters: black = a gradient exactly zero, grey = no gradient at all (a row without any says
+"no gradient"), red = NaN/Inf. The picture is :data:`WIDTH` pixels wide, its text sized to stay readable at the
+350 pixels TensorBoard's Images tab shows it at.
 
 :class:`FlowHistory` keeps the values of one panel in at most ``max_columns`` columns: when full, neighbouring
 columns are merged pairwise (geometric mean) and each later column covers twice as many logged steps, so its
@@ -25,13 +28,25 @@ Example::
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-__all__ = ["FLOW_FILE", "FLOW_TAG", "PANEL_TITLES", "FlowHistory", "FlowPicture", "render_flow", "write_png"]
+__all__ = [
+    "FLOW_FILE",
+    "FLOW_TAG",
+    "PANEL_TITLES",
+    "SCALES",
+    "WIDTH",
+    "FlowHistory",
+    "FlowPicture",
+    "render_flow",
+    "write_png",
+]
 
 #: The image tag in TensorBoard's Images tab.
 FLOW_TAG = "gradguard/gradient_flow"
@@ -46,17 +61,33 @@ PANEL_TITLES: dict[str, str] = {
 # A cell: [sum of log10 of the positive finite values, their count, zeros, non-finite, no gradient].
 _LOG, _POS, _ZERO, _BAD, _NONE = range(5)
 
-# viridis at 9 points (matplotlib's table), interpolated linearly: dark purple (small) to yellow (large).
+#: Each panel's colour scale, fixed (the same in every run, so that two runs compare): ``(low, high)``. Values
+#: outside are drawn in the end colour with a mark across the cell (white below, black above).
+SCALES: dict[str, tuple[float, float]] = {"grad_norm": (1e-6, 1e2), "update_ratio": (1e-6, 1.0)}
+#: The picture's width in pixels. TensorBoard's Images tab shows every image 350 px wide until "Show actual image
+#: size" is ticked (``tf-image-loader``: ``:host { width: 350px }``, ``img { width: 100% }``): the fonts are sized
+#: for that scale (a 22 px label is 12 px there).
+WIDTH = 640
+
+# viridis at 9 points (matplotlib's table), interpolated linearly: blue (small) to yellow (large). The scale starts
+# at a quarter of it: viridis' darkest purple is too close to the black of a gradient that is exactly zero.
 _VIRIDIS = np.array(
     [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
      [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]],
     dtype=np.float64,
 )  # fmt: skip
+_VIRIDIS_FROM = 0.25
 _ZERO_RGB = (0, 0, 0)
 _NONE_RGB = (190, 190, 190)
 _BAD_RGB = (228, 26, 28)
+_BELOW_MARK = (255, 255, 255)
+_ABOVE_MARK = (0, 0, 0)
 _BACKGROUND = (255, 255, 255)
 _INK = (30, 30, 30)
+# Font sizes (pixels of the picture; about half of that in TensorBoard's default view): title, row labels (up to 40
+# rows, more rows), axis and legend.
+_TITLE_PX, _LABEL_PX, _LABEL_MANY_PX, _SMALL_PX = 24, 22, 20, 20
+_GAP = 2  # white pixels below each row
 
 
 class FlowHistory:
@@ -203,68 +234,114 @@ class FlowPicture:
 
 
 def _colours(t: np.ndarray) -> np.ndarray:
-    """viridis of ``t`` in [0, 1] (any shape) as uint8 RGB."""
-    x = np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    """The colour scale at ``t`` in [0, 1] (any shape; clipped, NaN as 0) as uint8 RGB."""
+    t = np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0)
+    x = (_VIRIDIS_FROM + (1.0 - _VIRIDIS_FROM) * t) * (len(_VIRIDIS) - 1)
     i = np.minimum(np.floor(x).astype(np.int64), len(_VIRIDIS) - 2)
     f = (x - i)[..., None]
     return np.rint(_VIRIDIS[i] * (1 - f) + _VIRIDIS[i + 1] * f).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=4)
-def _label_strip(labels: tuple[str, ...], width: int, cell_h: int) -> np.ndarray:
-    """The row labels, right-aligned, one per ``cell_h`` pixels (read-only: pasted into each picture)."""
-    from PIL import Image, ImageDraw, ImageFont
+@functools.lru_cache(maxsize=8)
+def _font(size: int) -> Any:
+    from PIL import ImageFont
 
-    font = ImageFont.load_default(size=11 if cell_h >= 14 else 9)
+    return ImageFont.load_default(size=size)
+
+
+def _fit(label: str, font: Any, width: int) -> str:
+    """``label`` in at most ``width`` pixels of ``font``: else its last dotted parts after "…" (module names differ at
+    the end), or its last characters."""
+    if font.getlength(label) <= width:
+        return label
+    parts = label.split(".")
+    for i in range(1, len(parts)):
+        tail = "…" + ".".join(parts[i:])
+        if font.getlength(tail) <= width:
+            return tail
+    n = len(parts[-1])
+    while n > 1 and font.getlength("…" + label[-n:]) > width:
+        n -= 1
+    return "…" + label[-n:]
+
+
+@functools.lru_cache(maxsize=4)
+def _label_strip(labels: tuple[str, ...], width: int, cell_h: int, size: int) -> np.ndarray:
+    """The row labels, right-aligned, one per ``cell_h`` pixels (read-only: pasted into each picture)."""
+    from PIL import Image, ImageDraw
+
+    font = _font(size)
     image = Image.new("RGB", (width, max(1, len(labels)) * cell_h), _BACKGROUND)
     draw = ImageDraw.Draw(image)
     for r, label in enumerate(labels):
-        draw.text((width - 5, r * cell_h + cell_h // 2), label, fill=_INK, font=font, anchor="rm")
+        draw.text((width - 6, r * cell_h + (cell_h - _GAP) // 2), _fit(label, font, width - 8), fill=_INK,
+                  font=font, anchor="rm")  # fmt: skip
     strip = np.asarray(image).copy()
     strip.flags.writeable = False
     return strip
 
 
 def _fmt(v: float) -> str:
-    return f"{v:.0e}" if v >= 1e4 or v < 1e-2 else f"{v:.3g}"
+    """A power of ten as ``1e-6``, ``0.01``, ``1``, ``100``, ``1e3``."""
+    e = round(np.log10(v))
+    return f"{10.0**e:g}" if -2 <= e <= 2 else f"1e{e}"
+
+
+def _ticks(lo: float, hi: float, x0: int, width: int, font: Any) -> list[tuple[int, int, str]]:
+    """The colour bar's ticks, one per power of ten from ``10**lo`` to ``10**hi``: ``(x, label's left, label)``, the
+    label ``""`` on ticks left unlabelled so that the labels (every first, second, ... decade) do not touch."""
+    decades = list(range(math.ceil(lo), math.floor(hi) + 1))
+    xs = [x0 + round((e - lo) / (hi - lo) * (width - 1)) for e in decades]
+    labels = [_fmt(10.0**e) for e in decades]
+    lefts = []
+    for x, label in zip(xs, labels, strict=True):
+        w = int(font.getlength(label))
+        lefts.append(min(max(x - w // 2, x0), x0 + width - w))
+    for step in range(1, len(decades) + 1):
+        shown = list(range(0, len(decades), step))
+        ends = [(lefts[i], lefts[i] + int(font.getlength(labels[i]))) for i in shown]
+        if all(b[0] - a[1] >= 10 for a, b in zip(ends, ends[1:], strict=False)):
+            break
+    return [(x, left, label if i in shown else "") for i, (x, left, label) in enumerate(zip(xs, lefts, labels,
+                                                                                           strict=True))]  # fmt: skip
 
 
 def render_flow(histories: Mapping[str, FlowHistory], keys: Sequence[str] | None = None) -> FlowPicture:
     """Draw the panels of ``histories`` (``"grad_norm"``, ``"update_ratio"``: see :data:`PANEL_TITLES`) one above
-    the other, each with its steps, colour bar and legend.
+    the other, each with its steps, colour bar (the fixed range of :data:`SCALES`) and legend, :data:`WIDTH` pixels
+    wide.
 
     Args:
         histories: per panel, its values; panels without columns are left out.
         keys: the rows, top to bottom (default: the keys in the order first seen).
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     panels = [(name, h) for name, h in histories.items() if len(h)]
     if keys is None:
         keys = list(dict.fromkeys(k for _, h in panels for k in h.keys))
     keys = list(keys)
-    font = ImageFont.load_default(size=11)
-    title_font = ImageFont.load_default(size=13)
+    title_font, small = _font(_TITLE_PX), _font(_SMALL_PX)
     n_rows = max(1, len(keys))
-    cell_h = 14 if n_rows <= 40 else 11  # with a 9-pixel label font: every row keeps its label
-    label_font = font if cell_h >= 14 else ImageFont.load_default(size=9)
-    labels = [k if len(k) <= 40 else ".." + k[-38:] for k in keys]
-    label_w = max([int(label_font.getlength(s)) for s in labels] + [40]) + 10
-    ncols = max([len(h) for _, h in panels] + [1])
-    cell_w = max(2, min(24, 640 // ncols))
-    margin, title_h, axis_h, bar_h, legend_h = 10, 22, 16, 10, 34
-    plot_w = max(ncols * cell_w, 240)
-    panel_h = title_h + n_rows * cell_h + axis_h + bar_h + legend_h
-    titles = {}
-    for name, history in panels:
-        spans = history.steps()
-        titles[name] = f"{PANEL_TITLES.get(name, name)} (log scale), steps {spans[0][0]} to {spans[-1][1]}"
-        if history.stride > 1:
-            titles[name] += f", {history.stride} logged steps per column"
-    title_w = max([int(title_font.getlength(t)) for t in titles.values()] + [0])
-    width = margin + max(label_w + plot_w, title_w) + margin
+    label_px = _LABEL_PX if n_rows <= 40 else _LABEL_MANY_PX
+    cell_h = label_px + 6
+    label_font = _font(label_px)
+    margin, title_h, axis_h, bar_h, tick_h, legend_h = 12, 34, 28, 14, 30, 30
+    label_w = min(max([int(label_font.getlength(k)) for k in keys] + [40]) + 14, int(WIDTH * 0.4))
+    x0 = margin + label_w
+    plot_w = WIDTH - margin - x0
+    legend = [("zero", _ZERO_RGB, None), ("no gradient", _NONE_RGB, None), ("NaN/Inf", _BAD_RGB, None),
+              ("below scale", tuple(_colours(np.zeros(1))[0]), _BELOW_MARK),
+              ("above scale", tuple(_colours(np.ones(1))[0]), _ABOVE_MARK)]  # fmt: skip
+    legend_rows, x = 1, x0
+    for what, _, _ in legend:
+        w = 26 + int(small.getlength(what))
+        if x + w > WIDTH - margin and x > x0:
+            legend_rows, x = legend_rows + 1, x0
+        x += w
+    panel_h = title_h + n_rows * cell_h + axis_h + bar_h + tick_h + legend_rows * legend_h
     height = margin + max(1, len(panels)) * (panel_h + margin)
-    canvas = np.full((height, width, 3), _BACKGROUND, dtype=np.uint8)
+    canvas = np.full((height, WIDTH, 3), _BACKGROUND, dtype=np.uint8)
     picture = FlowPicture(canvas, keys=keys)
     text: list[tuple[tuple[int, int], str, object, str]] = []  # (xy, text, font, anchor)
     y = margin
@@ -273,43 +350,54 @@ def render_flow(histories: Mapping[str, FlowHistory], keys: Sequence[str] | None
     for name, history in panels:
         values, flags = history.matrix(keys)
         spans = history.steps()
-        title = titles[name]
-        text.append(((margin, y + 3), title, title_font, "la"))
+        text.append(((margin, y + 4), f"{PANEL_TITLES.get(name, name)} (log scale)", title_font, "la"))
         y0 = y + title_h
-        x0 = margin + label_w
-        hm_w = values.shape[1] * cell_w
-        finite = np.log10(values[flags == 0]) if (flags == 0).any() else np.zeros(0)
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if hi - lo < 1e-9:
-            lo, hi = lo - 0.5, hi + 0.5
-        picture.scales[name] = (10.0**lo, 10.0**hi)
+        low, high = SCALES.get(name, SCALES["grad_norm"])
+        lo, hi = np.log10(low), np.log10(high)
+        picture.scales[name] = (low, high)
         with np.errstate(divide="ignore", invalid="ignore"):
-            rgb = _colours((np.log10(values) - lo) / (hi - lo))
+            t = (np.log10(values) - lo) / (hi - lo)
+        rgb = _colours(t)
         rgb[flags == 1] = _ZERO_RGB
         rgb[flags == 2] = _BAD_RGB
         rgb[flags == 3] = _NONE_RGB
         rgb[flags == 4] = _BACKGROUND
-        block = np.repeat(np.repeat(rgb, cell_h, axis=0), cell_w, axis=1)
-        canvas[y0 : y0 + block.shape[0], x0 : x0 + hm_w] = block
-        picture.panels[name] = (x0, y0, x0 + hm_w, y0 + n_rows * cell_h)
-        strip = _label_strip(tuple(labels), label_w, cell_h)  # drawn once per set of rows
+        column = np.arange(plot_w) * values.shape[1] // plot_w  # each pixel column's logged-step column
+        block = np.repeat(rgb[:, column], cell_h, axis=0)
+        mark = np.repeat(((t > 1).astype(np.int8) - (t < 0))[:, column], cell_h, axis=0)  # above: 1, below: -1
+        band = (np.arange(n_rows * cell_h) % cell_h - (cell_h - _GAP) // 2)[:, None]
+        band = (band >= -1) & (band <= 1)  # 3 pixels across the middle of each row
+        block[band & (mark < 0)] = _BELOW_MARK
+        block[band & (mark > 0)] = _ABOVE_MARK
+        block[(np.arange(n_rows * cell_h) % cell_h >= cell_h - _GAP)] = _BACKGROUND  # rows apart
+        canvas[y0 : y0 + block.shape[0], x0 : x0 + plot_w] = block
+        for r in np.flatnonzero(((flags == 3) | (flags == 4)).all(axis=1) & (flags == 3).any(axis=1)).tolist():
+            text.append(((x0 + plot_w // 2, y0 + r * cell_h + (cell_h - _GAP) // 2), "no gradient", small, "mm"))
+        picture.panels[name] = (x0, y0, x0 + plot_w, y0 + n_rows * cell_h)
+        strip = _label_strip(tuple(keys), label_w, cell_h, label_px)  # drawn once per set of rows
         canvas[y0 : y0 + strip.shape[0], margin : margin + label_w] = strip
-        ya = y0 + n_rows * cell_h + 2
-        text.append(((x0, ya), f"step {spans[0][0]}", font, "la"))
+        ya = y0 + n_rows * cell_h + 4
+        text.append(((x0, ya), f"step {spans[0][0]}", small, "la"))
         if len(spans) > 1:
-            text.append(((x0 + hm_w, ya), f"{spans[-1][1]}", font, "ra"))
+            text.append(((x0 + plot_w, ya), f"{spans[-1][1]}", small, "ra"))
+        if history.stride > 1:
+            text.append(((x0 + plot_w // 2, ya), f"{history.stride} logged steps per column", small, "ma"))
         yb = ya + axis_h
-        bar = _colours(np.linspace(0.0, 1.0, plot_w))[None, :, :]
-        canvas[yb : yb + bar_h, x0 : x0 + plot_w] = np.repeat(bar, bar_h, axis=0)
-        text.append(((x0, yb + bar_h + 2), _fmt(10.0**lo), font, "la"))
-        text.append(((x0 + plot_w, yb + bar_h + 2), _fmt(10.0**hi), font, "ra"))
-        text.append(((x0 + plot_w // 2, yb + bar_h + 2), _fmt(10.0 ** ((lo + hi) / 2)), font, "ma"))
-        yl = yb + bar_h + 18
-        xl = x0
-        for colour, what in ((_ZERO_RGB, "zero"), (_NONE_RGB, "no gradient"), (_BAD_RGB, "NaN/Inf")):
-            canvas[yl + 2 : yl + 11, xl : xl + 9] = colour
-            text.append(((xl + 12, yl), what, font, "la"))
-            xl += 24 + int(font.getlength(what))
+        canvas[yb : yb + bar_h, x0 : x0 + plot_w] = _colours(np.linspace(0.0, 1.0, plot_w))[None, :, :]
+        ticks = _ticks(lo, hi, x0, plot_w, small)
+        for xt, _, _ in ticks:
+            canvas[yb + bar_h : yb + bar_h + 4, max(x0, xt - 1) : xt + 1] = _INK
+        text += [((left, yb + bar_h + 4), label, small, "la") for _, left, label in ticks if label]
+        yl, xl = yb + bar_h + tick_h, x0
+        for what, colour, marker in legend:
+            w = 26 + int(small.getlength(what))
+            if xl + w > WIDTH - margin and xl > x0:
+                yl, xl = yl + legend_h, x0
+            canvas[yl + 4 : yl + 20, xl : xl + 16] = colour
+            if marker is not None:
+                canvas[yl + 11 : yl + 14, xl : xl + 16] = marker
+            text.append(((xl + 21, yl), what, small, "la"))
+            xl += w
         y += panel_h + margin
     image = Image.fromarray(canvas)
     draw = ImageDraw.Draw(image)

@@ -250,26 +250,29 @@ class RunReport:
         return head + "".join(f"{sep}  {text}" for text in _idle_rows(shares, "{}"))
 
     def markdown(self) -> str:
-        """The table as GitHub markdown (TensorBoard's Text tab renders it): parameter or module, kind, where, first
-        step, count, what happened, fix."""
+        """The report as markdown (TensorBoard's Text tab renders it): one list item per group of findings (kind,
+        parameter or module, where, first step, count, then what happened and the fix), then the notes.
+
+        A list, not a table: TensorBoard's Text tab may break a word anywhere (``word-break: break-word``), so a
+        table wider than the page squeezes every column to a few letters ("det/ach/ed"); a list item wraps at spaces.
+        """
         ignored = self.ignored_line()
+        notes = [*self.notes, *([ignored] if ignored else [])]
         if not self._entries:
             text = "**" + self._clean_text().replace("GradGuard:", "GradGuard:**", 1)
-            notes = "".join(f"\n\n{_md_cell(n)}" for n in [*self.notes, *([ignored] if ignored else [])])
-            return text + notes + self._idle_markdown()
+            return text + "".join(f"\n\n{_md_text(n)}" for n in notes) + self._idle_markdown()
         n = len(self._entries)
-        lines = [
-            f"**GradGuard run report:** {n} finding{'s' if n != 1 else ''}",
-            "",
-            "| parameter | kind | where | first step | count | what happened | fix |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for g, first, count in self._rows():
+        rows = self._rows()
+        head = f"**GradGuard run report:** {n} finding{'s' if n != 1 else ''}"
+        if len(rows) != n:
+            head += f" in {len(rows)} group{'s' if len(rows) != 1 else ''}"
+        lines = [head, ""]
+        for g, first, count in rows:
             name = f"`{g.findings[0].param}`" if g.module is None or len(g.findings) == 1 else g.label
-            where = f"`{g.where}`" if g.where else "-"
-            cells = (name, g.kind, where, str(first), str(count), _md_cell(g.message), _md_cell(g.hint))
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += [f"\n{_md_cell(n)}" for n in [*self.notes, *([ignored] if ignored else [])]]
+            where = f" at `{g.where}`" if g.where else ""
+            what = _md_text(g.message) + (f" Fix: {_md_text(g.hint)}" if g.hint and g.hint not in g.message else "")
+            lines.append(f"- **{g.kind}**: {name}{where}, first step {first}, count {count}  \n  {what}")
+        lines += [f"\n{_md_text(n)}" for n in notes]
         return "\n".join(lines) + self._idle_markdown()
 
     def _idle_markdown(self) -> str:
@@ -301,6 +304,6 @@ def _idle_rows(shares: dict[str, float], name: str) -> list[str]:
     return rows
 
 
-def _md_cell(text: str) -> str:
-    """``text`` safe inside a markdown table cell (no pipes, no line breaks)."""
+def _md_text(text: str) -> str:
+    """``text`` on one markdown line (no line breaks; pipes escaped, so that no line reads as a table row)."""
     return text.replace("|", "\\|").replace("\n", " ")

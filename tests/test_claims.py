@@ -648,8 +648,7 @@ def test_preflight_cli_as_module_and_class_and_the_report_as_markdown(tmp_path, 
     assert "encoder.0.weight: detached" in out
     status, out = check_in_process(capsys, monkeypatch, "report", "--markdown", str(report))
     assert status == 0, out
-    assert "| parameter | kind | where | first step | count | what happened | fix |" in out
-    assert "| detached |" in out
+    assert "- **detached**: module `encoder` (2 tensors, 544 parameters) at `examples/train.py:" in out
 
 
 def test_preflight_names_the_model_and_data_classes_and_a_dead_module_fails_only_within_the_window(

@@ -18,7 +18,7 @@ from torch import nn
 
 from conftest import loader, make_trainer
 from lightning_gradguard import GradGuard
-from lightning_gradguard.dashboard import group_keys, own_keys
+from lightning_gradguard.dashboard import custom_scalars_layout, group_keys, own_keys
 
 
 class Logs(LightningModule):
@@ -127,9 +127,110 @@ def test_dashboard_findings_chart_appears_with_the_first_finding_and_holds_only_
     assert steps(acc, "gradguard/findings/nonfinite") == [2, 3]
     layouts = acc.Tensors("custom_scalars__config__")
     assert len(layouts) == 2  # written again when the first finding shows up (add_custom_scalars has no step)
-    assert "findings so far, per kind" not in charts_of(layouts[0])
-    (regex,) = charts_of(layouts[-1])["findings so far, per kind"]  # TensorBoard shows the last layout
+    assert not [title for title in charts_of(layouts[0]) if "findings" in title]
+    final = charts_of(layouts[-1])  # TensorBoard shows the last layout
+    assert list(final)[0] == "findings so far: nonfinite (parameter tensors)"  # a chart per kind, first: its title
+    (regex,) = final["findings so far: nonfinite (parameter tensors)"]  # is the line's label and says what it counts
     assert [t for t in acc.Tags()["scalars"] if re.match(regex, t)] == findings
+    assert [title for title in final if "findings" in title] == ["findings so far: nonfinite (parameter tensors)"]
+
+
+def test_custom_scalars_layout_one_findings_chart_per_kind():
+    layout = custom_scalars_layout(["enc"], findings=["detached", "unused"])["GradGuard"]
+    titles = [t for t in layout if t.startswith("findings")]
+    assert titles == ["findings so far: detached (parameter tensors)", "findings so far: unused (parameter tensors)"]
+    (regex,) = layout[titles[0]][1]
+    assert re.match(regex, "gradguard/findings/detached")
+    assert not re.match(regex, "gradguard/findings/unused")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parts without a gradient
+
+
+class Cut(LightningModule):
+    """``net`` regresses; ``side`` (an input branch) is ``.detach()``-ed from the loss, ``late`` joins it from step
+    ``late_from`` on, ``net.2.extra`` (3 of ``net.2``'s 20 elements) is never used."""
+
+    def __init__(self, late_from: int | None = None, extra: bool = False) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.side = nn.Linear(8, 1)
+        self.late = nn.Linear(8, 1) if late_from is not None else None
+        self.late_from = late_from
+        if extra:
+            self.net[2].register_parameter("extra", nn.Parameter(torch.zeros(3)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self.net(x).squeeze(-1) + self.side(x).detach().squeeze(-1)
+        if self.late is not None and self.global_step >= self.late_from:
+            out = out + self.late(x).squeeze(-1)
+        return ((out - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def matches(acc: EventAccumulator, regexes: list[str]) -> set[str]:
+    return {t for t in acc.Tags()["scalars"] if any(re.match(r, t) for r in regexes)}
+
+
+def test_dashboard_a_module_without_a_gradient_has_a_no_gradient_chart_not_an_empty_one(tmp_path):
+    guard = GradGuard(on_detached="warn", log_every_n_steps=2, update_ratio=True)
+    with pytest.warns(UserWarning, match="detached"):
+        trainer = fit(tmp_path, guard, Cut(), max_steps=6, log_every_n_steps=2)
+    acc = events(trainer)
+    assert {e.step: e.value for e in acc.Scalars("gradguard/no_grad/side")} == {1: 1.0, 3: 1.0, 5: 1.0}
+    assert "gradguard/grad_norm/side" not in acc.Tags()["scalars"]
+    assert not [t for t in acc.Tags()["scalars"] if t.startswith("gradguard/no_grad/net")]  # only what lacks one
+    (layout,) = acc.Tensors("custom_scalars__config__")  # known at the first logged step: written once
+    charts = charts_of(layout)
+    assert "gradient norm: side" not in charts
+    assert "update / weight: side" not in charts
+    assert matches(acc, charts["NO GRADIENT: side (share of parameters)"]) == {"gradguard/no_grad/side"}
+    assert matches(acc, charts["share of parameters without a gradient"]) == {"gradguard/no_grad/side"}
+    empty = [title for title, regexes in charts.items() if not matches(acc, regexes)]
+    assert not empty  # TensorBoard would show each as "Matches (0)", which reads as "no data yet"
+
+
+def test_dashboard_no_gradient_share_counts_the_elements_of_a_partly_dead_module(tmp_path):
+    guard = GradGuard(on_detached="warn", on_unused="warn", log_every_n_steps=1, idle_window=1)
+    with pytest.warns(UserWarning, match="unused"):
+        trainer = fit(tmp_path, guard, Cut(extra=True), max_steps=2, log_every_n_steps=1)
+    acc = events(trainer)
+    shares = {e.step: e.value for e in acc.Scalars("gradguard/no_grad/net.2")}
+    assert shares == {0: pytest.approx(3 / 20), 1: pytest.approx(3 / 20)}  # extra: 3 of weight 16 + bias 1 + 3
+    assert "gradguard/grad_norm/net.2" in acc.Tags()["scalars"]  # the rest of it has a gradient: its norm chart stays
+    (layout,) = acc.Tensors("custom_scalars__config__")
+    assert "gradient norm: net" in charts_of(layout)
+
+
+def test_dashboard_a_module_that_gets_a_gradient_later_gets_its_norm_chart_back(tmp_path):
+    guard = GradGuard(on_detached="warn", log_every_n_steps=1)  # late: idle for 2 steps, not a finding
+    with pytest.warns(UserWarning, match="detached"):
+        trainer = fit(tmp_path, guard, Cut(late_from=2), max_steps=4, log_every_n_steps=1)
+    acc = events(trainer)
+    assert {e.step: e.value for e in acc.Scalars("gradguard/no_grad/late")} == {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.0}
+    assert steps(acc, "gradguard/grad_norm/late") == [2, 3]
+    layouts = [charts_of(e) for e in acc.Tensors("custom_scalars__config__")]
+    assert "NO GRADIENT: late (share of parameters)" in layouts[0]
+    assert "gradient norm: late" in layouts[-1]
+    assert "NO GRADIENT: late (share of parameters)" not in layouts[-1]
+    assert "NO GRADIENT: side (share of parameters)" in layouts[-1]
+
+
+def test_dashboard_no_gradient_leaves_out_ignored_parameters_and_clean_runs(tmp_path):
+    guard = GradGuard(log_every_n_steps=1, ignore=["side.*"])
+    trainer = fit(tmp_path / "ignored", guard, Cut(), max_steps=2, log_every_n_steps=1)
+    acc = events(trainer)
+    assert not [t for t in acc.Tags()["scalars"] if "/no_grad/" in t]
+    (layout,) = acc.Tensors("custom_scalars__config__")
+    assert "share of parameters without a gradient" not in charts_of(layout)
+    assert not [title for title in charts_of(layout) if title.startswith("NO GRADIENT")]
+    assert "gradient norm: side" in charts_of(layout)  # an ignored part keeps its (empty) chart, as before
+    trainer = fit(tmp_path / "clean", GradGuard(), Logs(), max_steps=4, log_every_n_steps=1)
+    assert not [t for t in events(trainer).Tags()["scalars"] if "/no_grad/" in t]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,12 +19,12 @@ from torch import nn
 from conftest import loader, make_trainer
 from lightning_gradguard import GradGuard
 from lightning_gradguard.dashboard import REPORT_FILE, Dashboard
-from lightning_gradguard.flow import FLOW_FILE, FLOW_TAG, FlowHistory, render_flow
+from lightning_gradguard.flow import FLOW_FILE, FLOW_TAG, SCALES, WIDTH, FlowHistory, _fit, _font, render_flow
 
 
 class Planted(LightningModule):
     """``enc`` → ``head``, plus a ``side`` branch scaled by 1e-8 (its gradients vanish) and a ``boom`` branch on the
-    input scaled by 1e3 (its gradients are the largest, and it has no parameters upstream to share them with)."""
+    input scaled by 3 (its gradients are the largest, and it has no parameters upstream to share them with)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,7 +36,7 @@ class Planted(LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         h = torch.tanh(self.enc(x))
-        out = self.head(h) + 1e-8 * self.side(h) + 1e3 * self.boom(x)
+        out = self.head(h) + 1e-8 * self.side(h) + 3 * self.boom(x)
         return ((out.squeeze(-1) - y) ** 2).mean()
 
     def configure_optimizers(self):
@@ -59,10 +59,21 @@ def images(trainer) -> dict[int, np.ndarray]:
             for e in acc.Images(FLOW_TAG)}  # fmt: skip
 
 
-def luminance(image: np.ndarray, box: tuple[int, int, int, int]) -> float:
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    return rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+
+
+def fill(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The colours of a row's cells: its top two pixel lines (above the mark a value outside the scale gets), one
+    RGB per pixel column."""
+    x0, y0, x1, _ = box
+    return image[y0 : y0 + 2, x0:x1].mean(axis=0)
+
+
+def band(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The colours across the middle of a row (where a value outside the scale is marked), one RGB per pixel column."""
     x0, y0, x1, y1 = box
-    cells = image[y0:y1, x0:x1].astype(np.float64)
-    return float((cells @ np.array([0.299, 0.587, 0.114])).mean())
+    return image[(y0 + y1) // 2 - 1, x0:x1].astype(np.float64)
 
 
 def test_flow_picture_in_tensorboard_shows_a_vanishing_layer_darkest_and_an_exploding_one_brightest(tmp_path):
@@ -76,10 +87,15 @@ def test_flow_picture_in_tensorboard_shows_a_vanishing_layer_darkest_and_an_expl
     assert image.shape == final.image.shape
     assert (image == final.image).all()
     assert guard._dashboard._flow["grad_norm"].steps() == [(s, s) for s in range(6)]  # one column per logged step
-    rows = {key: luminance(image, final.row_box("grad_norm", key)) for key in final.keys}
+    rows = {key: float(luminance(fill(image, final.row_box("grad_norm", key))).mean()) for key in final.keys}
     assert min(rows, key=rows.get) == "side"
     assert max(rows, key=rows.get) == "boom"
     assert list(final.panels) == ["grad_norm"]  # no update-ratio panel unless update_ratio=True
+    low, high = final.scales["grad_norm"]
+    assert (low, high) == SCALES["grad_norm"]
+    # side's norms (about 3e-8) lie below the fixed scale: drawn in its lowest colour, a white mark across
+    assert (band(image, final.row_box("grad_norm", "side")) == 255).all()
+    assert not (band(image, final.row_box("grad_norm", "boom")) == 255).all(axis=1).any()
 
 
 def test_flow_picture_values_are_the_logged_module_norms(tmp_path):
@@ -206,7 +222,91 @@ def test_flow_cells_for_zero_missing_and_nonfinite_gradients():
     assert colours["zero"] == (0, 0, 0)
     assert colours["bad"] == (228, 26, 28)
     assert colours["none"] == (190, 190, 190)
-    assert colours["ok"] == (68, 1, 84)  # the smallest value: viridis' darkest end
+    assert colours["ok"] not in {(0, 0, 0), (228, 26, 28), (190, 190, 190), (255, 255, 255)}
+    dark = {key: (luminance(picture.image[b[1] : b[3], b[0] : b[2]]) < 100).any()
+            for key in ("ok", "none") for b in [picture.row_box("grad_norm", key)]}  # fmt: skip
+    assert dark == {"ok": False, "none": True}  # a row without any gradient says so in the row
+
+
+def cell_colour(picture, key: str, panel: str = "grad_norm") -> np.ndarray:
+    x0, y0, _, _ = picture.row_box(panel, key)
+    return picture.image[y0 + 1, x0 + 1].astype(np.float64)
+
+
+def test_flow_colour_scale_is_the_same_in_every_run():
+    """Two runs with different ranges of norms draw the same norm in the same colour (a scale per run would
+    stretch each run's own range over all colours)."""
+    quiet, loud = FlowHistory(), FlowHistory()
+    quiet.add(0, {"enc": 1e-3, "head": 2e-3})
+    loud.add(0, {"enc": 1e-3, "head": 50.0, "emb": 1e-5})
+    a, b = render_flow({"grad_norm": quiet}), render_flow({"grad_norm": loud})
+    assert a.scales == b.scales == {"grad_norm": SCALES["grad_norm"]}
+    assert (cell_colour(a, "enc") == cell_colour(b, "enc")).all()
+    assert luminance(cell_colour(b, "emb")) < luminance(cell_colour(b, "enc")) < luminance(cell_colour(b, "head"))
+
+
+def test_flow_values_outside_the_scale_take_its_end_colours_and_a_mark():
+    low, high = SCALES["grad_norm"]
+    history = FlowHistory()
+    history.add(0, {"tiny": low / 100, "low": low, "mid": 1e-2, "high": high, "huge": high * 100})
+    picture = render_flow({"grad_norm": history})
+    assert (cell_colour(picture, "tiny") == cell_colour(picture, "low")).all()
+    assert (cell_colour(picture, "huge") == cell_colour(picture, "high")).all()
+    marks = {key: band(picture.image, picture.row_box("grad_norm", key)) for key in picture.keys}
+    assert (marks["tiny"] == 255).all()  # white across a cell below the scale
+    assert (marks["huge"] == 0).all()  # black across a cell above it
+    for key in ("low", "mid", "high"):  # on the scale: no mark
+        assert (marks[key] == cell_colour(picture, key)).all()
+
+
+def test_flow_lowest_norm_colour_is_far_from_the_zero_colour():
+    """The scale's darkest colour must not read as black (an all-zero gradient): far apart in RGB and in
+    brightness (viridis' own first colour, (68, 1, 84), is 108 from black with a luminance of 31)."""
+    low, _ = SCALES["grad_norm"]
+    history = FlowHistory()
+    history.add(0, {"zero": 0.0, "low": low})
+    picture = render_flow({"grad_norm": history})
+    zero, lowest = cell_colour(picture, "zero"), cell_colour(picture, "low")
+    assert tuple(zero) == (0, 0, 0)
+    assert np.linalg.norm(lowest - zero) > 150
+    assert luminance(lowest) - luminance(zero) > 60
+
+
+#: TensorBoard's Images tab shows an image 350 CSS pixels wide until "Show actual image size" is ticked (its
+#: `tf-image-loader`: `:host { width: 350px }` and `img { width: 100% }`).
+TENSORBOARD_IMAGE_WIDTH = 350
+
+
+@pytest.mark.parametrize("rows", [3, 100])
+def test_flow_row_labels_are_readable_at_tensorboards_default_image_size(rows):
+    """Each row label's ink (a name with ascenders and digits, no descenders), scaled to TensorBoard's default
+    display, is at least 8 pixels high: about TensorBoard's own 11-12 px text."""
+    keys = [f"blocks.{i}.attn" for i in range(rows)]
+    history = FlowHistory()
+    history.add(0, dict.fromkeys(keys, 1e-2))
+    picture = render_flow({"grad_norm": history}, keys)
+    assert picture.image.shape[1] == WIDTH
+    scale = TENSORBOARD_IMAGE_WIDTH / picture.image.shape[1]
+    for key in (keys[0], keys[-1]):
+        x0, y0, _, y1 = picture.row_box("grad_norm", key)
+        ink = np.flatnonzero((luminance(picture.image[y0:y1, :x0]) < 128).any(axis=1))
+        assert ink.size, key
+        assert (ink[-1] - ink[0] + 1) * scale >= 8, (key, ink[-1] - ink[0] + 1)
+
+
+def test_flow_long_row_labels_keep_their_end_and_leave_the_heatmap_most_of_the_width():
+    name = "model.encoder.layers.11.self_attention.query_key_value.lora_A"
+    history = FlowHistory()
+    history.add(0, {name: 1.0, "head": 1.0})
+    picture = render_flow({"grad_norm": history})
+    x0, _, x1, _ = picture.panels["grad_norm"]
+    assert x1 - x0 >= WIDTH // 2
+    font = _font(22)
+    short = _fit(name, font, 200)
+    assert short.startswith("…")
+    assert name.endswith(short[1:])
+    assert font.getlength(short) <= 200
+    assert short[1:].split(".")[0] in name.split(".")  # cut between dotted parts
 
 
 def test_flow_history_rejects_a_bad_size():

@@ -22,6 +22,7 @@ from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugin_util import markdown_to_safe_html
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
@@ -534,14 +535,17 @@ def test_dashboard_text_report_when_findings_change_and_at_the_end(tmp_path):
         trainer, _ = fit(tmp_path, guard, Net(use_aux=False, nan_at=3), max_steps=5)
     text = texts(events(trainer))
     assert sorted(text) == [0, 3, 5]  # a new finding on step 0 and step 3; the end of fit at global_step 5
-    assert "| module `aux` (2 tensors, 17 parameters) | unused |" in text[0]  # aux.weight and aux.bias: one row
+    # aux.weight and aux.bias: one item
+    assert "\n- **unused**: module `aux` (2 tensors, 17 parameters), first step 0, count 1  \n" in text[0]
     assert "nonfinite" not in text[0]
-    # the NaN reaches every tensor with a gradient (all but aux's two): one cause, one row
-    assert "| the model (7 of its 9 tensors, 434 parameters) | nonfinite | - | 3 | 1 |" in text[3]
-    assert "| the model (7 of its 9 tensors, 434 parameters) | nonfinite | - | 3 | 2 |" in text[5]  # again on step 4
-    assert "| module `aux` (2 tensors, 17 parameters) | unused | - | 0 | 5 |" in text[5]
-    header = "| parameter | kind | where | first step | count | what happened | fix |"
-    assert all(header in t for t in text.values())
+    # the NaN reaches every tensor with a gradient (all but aux's two): one cause, one item
+    assert "\n- **nonfinite**: the model (7 of its 9 tensors, 434 parameters), first step 3, count 1  \n" in text[3]
+    assert "- **nonfinite**: the model (7 of its 9 tensors, 434 parameters), first step 3, count 2" in text[5]
+    assert "- **unused**: module `aux` (2 tensors, 17 parameters), first step 0, count 5" in text[5]
+    for step, groups in ((0, 1), (3, 2), (5, 2)):  # as TensorBoard's Text tab renders it: one list item per group,
+        html = markdown_to_safe_html(text[step])  # no table (it breaks words inside narrow table columns)
+        assert html.count("<li>") == groups
+        assert "<table" not in html
 
 
 def test_dashboard_text_report_without_findings(tmp_path):
@@ -750,7 +754,7 @@ def test_report_json_and_text_when_fit_fails(tmp_path, capsys):
     acc = EventAccumulator(str(path.parent), size_guidance={"tensors": 0})
     acc.Reload()
     (final,) = texts(acc).values()
-    assert "| module `aux` (2 tensors, 17 parameters) | unused |" in final
+    assert "- **unused**: module `aux` (2 tensors, 17 parameters), first step 0" in final
 
 
 # ---------------------------------------------------------------------------------------------------------------------
