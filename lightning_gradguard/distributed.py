@@ -379,6 +379,12 @@ class RankSync:
         if not self.strict:
             self._note_partial(core, unreached, step)
 
+    def forget_step(self) -> None:
+        """Forget this rank's facts about the losses of a step that reached no optimizer (its gradients were
+        cleared)."""
+        self._state = _StepState()
+        self._agreed = None
+
     def _all_reduce(self, flags: torch.Tensor) -> dict[int, tuple[int, ...]]:
         encoded = encode_ranks(flags, self.rank, self.world_size)
         dist.all_reduce(encoded, op=dist.ReduceOp.SUM, group=self.group)
