@@ -57,6 +57,8 @@ class GradStats:
         scale: the loss scale the norms were divided by (read in the same transfer when given as a tensor).
         late: no value was read yet (``sync="late"``): ``missing`` and ``frozen`` are known, the norms (``None``) and
             ``nonfinite``/``zero`` come with a :class:`LateRead` one step later.
+        skipped: the step was not judged: no backward fed it and no parameter has a usable gradient (a batch for
+            which ``training_step`` returned ``None``).
     """
 
     params: list[torch.Tensor]
@@ -68,6 +70,7 @@ class GradStats:
     syncs: int = 0
     scale: float = 1.0
     late: bool = False
+    skipped: bool = False
     _total: float | None = field(default=None, repr=False, compare=False)
 
     @property

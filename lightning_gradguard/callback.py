@@ -50,7 +50,8 @@ class GradGuard(Callback):
     the part is *idle*, and the run report shows each idle module's share of steps (``report.idle_shares()``).
 
     Gradients are judged at ``on_before_optimizer_step``: accumulated over micro-batches, AMP-unscaled, before
-    clipping, for the parameters of the optimizer that steps. The always-on check is one fused norm pass with one
+    clipping, for the parameters of the optimizer that steps (not on a skipped batch, for which ``training_step``
+    returned ``None``). The always-on check is one fused norm pass with one
     host sync; the forward pass is traced (to tell *detached* from *unused* and find the line) only on the steps
     that ``diagnose`` selects.
 
@@ -281,6 +282,12 @@ class GradGuard(Callback):
         self._core.begin_batch()
 
     @override
+    def on_before_zero_grad(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._core.grads_cleared()  # automatic optimization, before each closure's training_step
+
+    @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._core.record_loss(loss, trainer.global_step)
         if pl_module.automatic_optimization:
@@ -306,7 +313,7 @@ class GradGuard(Callback):
                                          scale=scale, late=late, tag=tag)  # fmt: skip
         finally:
             self._record_late()
-        if stats.late:
+        if stats.late or stats.skipped:  # norms read later, or none to show (a skipped batch)
             self._dashboard.mark_stepped()
         elif self._core.index is not None:
             idle = (self._core.report.idle_shares() or None) if logged else None

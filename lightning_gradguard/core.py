@@ -123,6 +123,10 @@ class _Loss:
 #: untraced step does not make the next step traced under ``diagnose="on_finding"``.
 _TRACE_EXPLAINS = frozenset({"unused", "detached", "zero"})
 
+#: Kinds of finding about a run of checked steps without a usable gradient (see :class:`History`): the run report
+#: counts every step of the run.
+_RUN_KINDS = frozenset({"unused", "detached", "zero"})
+
 
 class GuardCore:
     """Per-run state of a guard: the parameter index, the tracer, the losses of the current step, the report.
@@ -160,7 +164,6 @@ class GuardCore:
         self._pending: dict[int, tuple[int, str]] = {}
         self._restored_pending: dict[str, tuple[int, str]] = {}  # from a checkpoint, until `bind` knows the bits
         self._probing: set[str] = set()  # newly idle parameters the next traced step is to look at
-        self._runs: dict[tuple[str, str], int] = {}  # findings of this step that end a run: its length
         self._consistency_key: tuple[Any, ...] | None = None
         self._stale: list[Finding] = []  # stale tensors of the current optimizer layout
         self._outside: list[int] = []  # bits of the parameters no optimizer of the current layout holds
@@ -262,6 +265,18 @@ class GuardCore:
         self._losses.clear()
         self._checked = False
 
+    def grads_cleared(self) -> None:
+        """The gradients were just cleared (``zero_grad``) for a new step: losses recorded since the last check, whose
+        step did not reach an optimizer (a custom ``optimizer_step`` that ran the closure but did not step), no
+        longer feed any gradient. Forget them and their trace."""
+        if not self._losses or self._checked:
+            return
+        self._drop_losses()
+        if self.tracer is not None:
+            self.tracer.reset()
+        if self.dist is not None:
+            self.dist.forget_step()
+
     # ------------------------------------------------------------------ backward
     def record_loss(self, loss: torch.Tensor, step: int) -> None:
         """Remember ``loss`` (its graph, and the tracer's facts) for the coming optimizer step.
@@ -360,6 +375,11 @@ class GuardCore:
                 first, always. The stats returned are then :attr:`GradStats.late` (no norms).
             tag: given back with the late read's stats in :attr:`resolved`.
 
+        A step that no backward fed and on which no parameter of ``params`` has a usable gradient is not judged (nor
+        counted, nor traced): Lightning's skipped batch (``training_step`` returned ``None``), an optimizer stepping
+        without any ``backward()``. Its stats say :attr:`GradStats.skipped`. A step checked again (LBFGS evaluates its
+        closure several times per optimizer step) counts once in the idle runs, the idle shares and the report.
+
         Raises:
             GradGuardError: a finding whose action is ``"raise"`` (of this step, or of an earlier late read).
         """
@@ -367,13 +387,13 @@ class GuardCore:
         assert index is not None, "GuardCore.bind() first"
         if self._late:
             self.resolve_late()
-        self.checks += 1
         if isinstance(scale, torch.Tensor) and self.dist is not None and self.dist.sharded is not None:
             scale = float(scale)  # the sharded pass divides by a number (it runs a collective anyway)
         history = self.history
-        traced_step = bool(self._losses) and all(loss.facts is not None for loss in self._losses)
+        fed = bool(self._losses)  # a backward fed this step (or an earlier optimizer's check of the same backward)
+        traced_step = fed and all(loss.facts is not None for loss in self._losses)
         read = None
-        if (late and scaler is None and not isinstance(scale, torch.Tensor) and self.dist is None
+        if (late and fed and scaler is None and not isinstance(scale, torch.Tensor) and self.dist is None
                 and not (self._pending or history.zero_run or traced_step)):  # fmt: skip
             read = start_late_read(params, step, float(scale), tag)
         if read is not None:
@@ -383,7 +403,11 @@ class GuardCore:
             stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
         if not isinstance(scale, torch.Tensor):
             stats.scale = float(scale)
-        judged = history.count_check(params, self._names_among)
+        if not fed and params and len(stats.missing) + len(stats.zero) == len(params):
+            stats.skipped = True  # nothing was computed for this step: nothing to judge (and nothing to trace)
+            return stats
+        self.checks += 1
+        judged = history.count_check(params, self._names_among, step)
         findings: list[Finding] = []
         if traced_step and not self._checked:  # several optimizers stepping on one backward: one traced step
             history.traced_steps += 1
@@ -407,14 +431,15 @@ class GuardCore:
             self._probing.clear()
         if read is not None:  # a gradient is there, but whether it is usable is known when the read comes in
             lacking |= self._present(history.open_runs())
-        history.settle(judged, lacking)
+        runs = self._runs_of(findings)
+        history.settle(judged, lacking, step)
         self._checked = bool(self._losses)
         for loss in self._losses:  # (freeing a deep graph here would cost ~1 µs per node inside the hook)
             loss.release()
         if self.dist is not None:
             findings = self.dist.combine(findings, step)
         kept = self.policy.keep(findings)
-        new = self._add(kept, step)
+        new = self.report.add(kept, step, runs)
         if new:
             self._note_modules(new)
         self._arm_after_check(new, traced_step, step)
@@ -446,7 +471,7 @@ class GuardCore:
             bad = GradStats(stats.params, stats.norms, nonfinite=stats.nonfinite, scale=stats.scale)  # judged already
             found, _ = classify(index, bad, StepFacts(), read.step)
             kept = self.policy.keep(found)
-            new = self._add(kept, read.step)
+            new = self.report.add(kept, read.step)
             if new:
                 self._note_modules(new)
             self.policy.enforce(kept, read.step, (
@@ -489,7 +514,7 @@ class GuardCore:
             i = at.get(id(index.params[bit])) if bit is not None else None
             if i is not None and i not in zero and i not in missing:
                 usable.add(name)
-        self.history.settle(usable, set())
+        self.history.settle(usable, set(), step)
 
     def take_resolved(self) -> list[tuple[Any, int, GradStats]]:
         """The ``(tag, step, stats)`` of the late reads judged since the last call."""
@@ -501,18 +526,17 @@ class GuardCore:
         self._late.clear()
         self.resolved.clear()
 
-    def _add(self, kept: list[Finding], step: int) -> list[Finding]:
-        """Add ``kept`` (seen at ``step``) to the report; a new finding that ends a run of steps counts every step
-        of the run."""
-        new = self.report.add(kept, step)
-        if self._runs:
-            if new:
-                runs = {key: run for key, run in self._runs.items() if run > 1}
-                for entry in self.report.entries:
-                    if entry.finding.key in runs and entry.count == 1:
-                        entry.count = runs[entry.finding.key]
-            self._runs.clear()
-        return new
+    def _runs_of(self, findings: list[Finding]) -> dict[tuple[str, str], tuple[int, int]]:
+        """For each finding about a parameter in a run of steps without a usable gradient (``unused``, ``detached``,
+        ``zero``): the run's steps the report has not counted yet, and its last step (see
+        :meth:`History.count_run`), for :meth:`RunReport.add`. Call it while the runs of this step are open."""
+        runs = {}
+        for f in findings:
+            if f.kind in _RUN_KINDS:
+                run = self.history.count_run(f.param)
+                if run is not None:
+                    runs[f.key] = run
+        return runs
 
     def _note_modules(self, new: list[Finding]) -> None:
         """Report notes for modules all of whose parameters a traced step explained alike (see :func:`module_view`)."""
@@ -564,7 +588,7 @@ class GuardCore:
         window = history.window
         out: list[Finding] = []
         for f in found:
-            if f.kind not in ("unused", "detached", "zero"):
+            if f.kind not in _RUN_KINDS:
                 out.append(f)
                 continue
             first, run = history.lack(f.param, step, "zero" if f.kind == "zero" else "missing")
@@ -574,7 +598,7 @@ class GuardCore:
                 history.known[f.param] = f
                 history.looked.add(f.param)
             if f.kind == "detached" or (f.kind == "zero" and f.where is not None):
-                out.append(f)  # not control flow: at once
+                out.append(replace(f, step=first))  # not control flow: at once, for the whole run so far
             elif run >= window:
                 out.append(self._dead(f, first, run))
         due: list[tuple[int, str, int]] = []
@@ -583,7 +607,10 @@ class GuardCore:
             first, run = history.lack(name, step, reason)
             first = first if window > 1 else step
             lacking.add(name)
-            if run >= window:
+            known = history.known.get(name)
+            if history.reported(name) and known is not None and (known.kind == "zero") == (reason == "zero"):
+                out.append(replace(known, step=first))  # the run is a finding already: it holds on this step too
+            elif run >= window:
                 due.append((bit, reason, first))
             elif reason == "missing" and name not in history.looked:
                 self._probing.add(name)  # a cut that starts now is `detached` at once: let the next trace look
@@ -591,7 +618,6 @@ class GuardCore:
 
     def _dead(self, f: Finding, first: int, run: int) -> Finding:
         """``f`` as the finding of a run of ``run`` steps without a usable gradient, dated to its ``first`` step."""
-        self._runs[f.key] = run
         if self.history.window <= 1:
             return replace(f, step=first)
         return replace(f, step=first, message=(
@@ -714,18 +740,18 @@ class GuardCore:
             known = self.history.known.get(name)
             if known is None or (known.kind == "zero") != (reason == "zero"):
                 known = explain[reason](name, bit, facts, first)
-            self._runs[known.key] = run
             short.append(replace(known, step=first, message=(
                 f"{known.message} It got no usable gradient on any of the {run} checked steps of the run, fewer "
                 f"than idle_window={window}: too few to tell a dead part from one idle by design (routing, "
                 "LayerDrop), so this is a warning."
             )))  # fmt: skip
+        runs = self._runs_of(findings + short)
         kept = self.policy.keep(findings)
         kept_short = self.policy.keep(short)
         self.short = kept_short
         if not kept and not kept_short:
             return
-        self._note_modules(self._add(kept + kept_short, step))
+        self._note_modules(self.report.add(kept + kept_short, step, runs))
         self._warn(kept_short)
         self.policy.enforce(kept, step)
 

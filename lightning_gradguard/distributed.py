@@ -379,6 +379,12 @@ class RankSync:
         if not self.strict:
             self._note_partial(core, unreached, step)
 
+    def forget_step(self) -> None:
+        """Forget this rank's facts about the losses of a step that reached no optimizer (its gradients were
+        cleared)."""
+        self._state = _StepState()
+        self._agreed = None
+
     def _all_reduce(self, flags: torch.Tensor) -> dict[int, tuple[int, ...]]:
         encoded = encode_ranks(flags, self.rank, self.world_size)
         dist.all_reduce(encoded, op=dist.ReduceOp.SUM, group=self.group)
@@ -434,11 +440,35 @@ class RankSync:
         dist.all_gather_object(gathered, payload, group=self.group)
         self.collectives += 1
         findings = self._merge_unreached(unreached, gathered, step)
-        parts = []
-        if findings:
-            parts.append(self._unreached_text(findings, unreached, step, core.policy.sizes))
+        text = self._error_text(findings, unreached, error_ranks, gathered, step, core.policy.sizes)
         if error_ranks:
             findings += self._merge_error_findings(error_ranks, gathered)
+        self._state = _StepState()
+        # this rank's own loss error is in its report already (without ranks): make it the agreed version
+        own = {f.key for f in error.findings} if error is not None else set()
+        entries = {e.finding.key: e for e in core.report.entries if e.finding.key in own}
+        agreed = {f.key: f for f in findings}
+        for key, entry in entries.items():
+            if key in agreed:
+                entry.finding = agreed[key]
+        core.report.add([f for f in findings if f.key not in entries])
+        raise GradGuardError(text, findings)
+
+    def _error_text(
+        self,
+        findings: list[Finding],
+        unreached: dict[int, tuple[int, ...]],
+        error_ranks: tuple[int, ...],
+        gathered: list[Any],
+        step: int,
+        sizes: Mapping[str, int] | None,
+    ) -> str:
+        """The text every rank raises: the parameters some rank's loss did not reach (``findings``), then the ranks
+        whose loss has no graph, each with its own explanation (from ``gathered``)."""
+        parts = []
+        if findings:
+            parts.append(self._unreached_text(findings, unreached, step, sizes))
+        if error_ranks:
             parts.append(
                 f"GradGuard: at step {step} the loss on {format_ranks(error_ranks)} of {self.world_size} has no "
                 "autograd graph, so its `backward()` would fail, and the other ranks would wait in theirs:"
@@ -449,16 +479,7 @@ class RankSync:
                 f"GradGuard stopped every rank here (not just {format_ranks(error_ranks)}), so that none is left "
                 "waiting for the others' gradients."
             )
-        self._state = _StepState()
-        # this rank's own loss error is in its report already (without ranks): make it the agreed version
-        own = {f.key for f in error.findings} if error is not None else set()
-        entries = {e.finding.key: e for e in core.report.entries if e.finding.key in own}
-        agreed = {f.key: f for f in findings}
-        for key, entry in entries.items():
-            if key in agreed:
-                entry.finding = agreed[key]
-        core.report.add([f for f in findings if f.key not in entries])
-        raise GradGuardError("\n".join(parts), findings)
+        return "\n".join(parts)
 
     def _merge_unreached(self, unreached: dict[int, tuple[int, ...]], gathered: list[Any], step: int) -> list[Finding]:
         findings = []
@@ -500,9 +521,11 @@ class RankSync:
                 "timeout (30 minutes by default), waiting for gradients that never come."
             )
         else:
+            # Quoting DDP's own error here would cost the names: Lightning's `DDPStrategy.on_exception` replaces the
+            # text of any exception that contains it with its generic advice (tests/test_lightning_hooks.py).
             would = (
-                "Left alone, DDP would run this step with un-synchronised gradients and fail on the next one with "
-                '"Expected to have finished reduction in the prior iteration", which does not name the parameters.'
+                "Left alone, DDP would run this step with un-synchronised gradients and fail on the next one, in its "
+                "reducer, with an error that does not name the parameters."
             )
         fix = (
             "Fix: use these parameters in the loss on every rank and micro-batch (or freeze them with "

@@ -61,17 +61,20 @@ class History:
         self.window = window
         self.traced_steps = 0
         self.budget_spent: int | None = None
-        self._groups: dict[tuple[int, int, int], list[Any]] = {}  # key -> [names, name set, checks]
+        self._groups: dict[tuple[int, int, int], list[Any]] = {}  # key -> [names, name set, checks, last step]
         self._base: dict[str, list[int]] = {}  # restored name -> [checked, idle]
         self._idle: dict[str, int] = {}  # name -> checked steps without a usable gradient
-        self._gaps: dict[str, list[Any]] = {}  # name -> [first step of the current run, its length, last reason]
+        # name -> [first step of the current run, its length, last reason, its last step, how many of its steps the
+        # run report counted (0: the run is not a finding, yet)]
+        self._gaps: dict[str, list[Any]] = {}
         self.looked: set[str] = set()  # a traced step looked at it while (or just after) it lacked a gradient
         #: What a traced step found for a parameter lacking a usable gradient (reused instead of tracing again).
         self.known: dict[str, Finding] = {}
 
     # ------------------------------------------------------------------ per step
-    def count_check(self, params: Sequence[torch.Tensor], names_of: Any) -> set[str]:
-        """Count one checked step of ``params``; return their names (cached per parameter list).
+    def count_check(self, params: Sequence[torch.Tensor], names_of: Any, step: int) -> set[str]:
+        """Count checked step ``step`` of ``params`` (once, however often it is checked: LBFGS evaluates its closure
+        several times per step); return their names (cached per parameter list).
 
         ``names_of(params)`` gives the names of the model's parameters among ``params``; it is called only for a
         parameter list not seen before.
@@ -80,20 +83,43 @@ class History:
         group = self._groups.get(key)
         if group is None:
             names = list(names_of(params))
-            group = self._groups[key] = [names, set(names), 0]
-        group[2] += 1
+            group = self._groups[key] = [names, set(names), 0, None]
+        if group[3] != step:
+            group[2] += 1
+            group[3] = step
         return group[1]
 
     def lack(self, name: str, step: int, reason: str = "missing") -> tuple[int, int]:
-        """``name`` has no usable gradient on this checked step (``reason``: ``"missing"`` or ``"zero"``):
-        ``(first step of the run, run length)``."""
-        self._idle[name] = self._idle.get(name, 0) + 1
+        """``name`` has no usable gradient on checked step ``step`` (``reason``: ``"missing"`` or ``"zero"``):
+        ``(first step of the run, run length)``. A step counts once, however often it is checked."""
         gap = self._gaps.get(name)
         if gap is None:
-            gap = self._gaps[name] = [step, 0, reason]
-        gap[1] += 1
+            gap = self._gaps[name] = [step, 0, reason, None, 0]
         gap[2] = reason
+        if gap[3] != step:
+            self._idle[name] = self._idle.get(name, 0) + 1
+            gap[1] += 1
+            gap[3] = step
         return gap[0], gap[1]
+
+    def count_run(self, name: str) -> tuple[int, int] | None:
+        """``(steps of name's current run not counted before, the run's last step)``, and the whole run counted from
+        now on; ``None`` when ``name`` has no open run (it had a usable gradient on its last checked step).
+
+        A finding about a run of steps without a usable gradient held on each of them: the run report counts the
+        run's steps when the run first becomes a finding, and each further step as it comes.
+        """
+        gap = self._gaps.get(name)
+        if gap is None:
+            return None
+        new = gap[1] - gap[4]
+        gap[4] = gap[1]
+        return new, gap[3]
+
+    def reported(self, name: str) -> bool:
+        """``name``'s current run is a finding already (the run report counted its steps)."""
+        gap = self._gaps.get(name)
+        return gap is not None and gap[4] > 0
 
     def run_length(self, name: str) -> int:
         """Checked steps in a row on which ``name`` lacked a usable gradient, up to its last check (0: none)."""
@@ -108,11 +134,12 @@ class History:
         checked = self.checked()
         return [(n, g[0], g[1], g[2]) for n, g in self._gaps.items() if g[1] >= checked.get(n, 0)]
 
-    def settle(self, judged: set[str], lacking: set[str]) -> None:
-        """End the runs of parameters judged on this step that have a usable gradient again."""
+    def settle(self, judged: set[str], lacking: set[str], step: int) -> None:
+        """End the runs of parameters judged on ``step`` that have a usable gradient again (not of those that lacked
+        one on an earlier check of the same step: a step lacks a gradient if any of its checks does)."""
         if not self._gaps:
             return
-        for name in [n for n in self._gaps if n in judged and n not in lacking]:
+        for name in [n for n, g in self._gaps.items() if n in judged and n not in lacking and g[3] != step]:
             del self._gaps[name]
 
     def open_runs(self) -> list[str]:
@@ -136,7 +163,7 @@ class History:
     def checked(self) -> dict[str, int]:
         """Checked steps per parameter name (those before a resume included)."""
         out = {name: v[0] for name, v in self._base.items()}
-        for names, _, count in self._groups.values():
+        for names, _, count, _ in self._groups.values():
             for name in names:
                 out[name] = out.get(name, 0) + count
         return out
@@ -181,14 +208,14 @@ class History:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Plain values: per parameter ``[checked, idle, run start, run length, last reason]``, and the tracing
-        counters."""
+        """Plain values: per parameter ``[checked, idle, run start, run length, last reason, run's last step, run
+        steps counted as a finding]``, and the tracing counters."""
         checked = self.checked()
         params: dict[str, list[int]] = {}
         for name, n in checked.items():
             base_idle = self._base.get(name, [0, 0])[1]
-            gap = self._gaps.get(name, [0, 0, "missing"])
-            params[name] = [n, base_idle + self._idle.get(name, 0), gap[0], gap[1], gap[2]]
+            gap = self._gaps.get(name, [0, 0, "missing", None, 0])
+            params[name] = [n, base_idle + self._idle.get(name, 0), *gap]
         return {
             "window": self.window,
             "params": params,
@@ -205,10 +232,13 @@ class History:
         self._gaps.clear()
         self._base = {}
         for name, row in dict(state.get("params", {})).items():
-            row = [*row, 0, 0, 0, 0][:4] + [str(row[4]) if len(row) > 4 else "missing"]
-            self._base[name] = [int(row[0]), int(row[1])]
-            if int(row[3]) > 0:
-                self._gaps[name] = [int(row[2]), int(row[3]), row[4]]
+            checked, idle, first, run = [*row, 0, 0, 0, 0][:4]
+            self._base[name] = [int(checked), int(idle)]
+            if int(run) > 0:  # older checkpoints lack the last three: the run's last step is then its first + length
+                reason = str(row[4]) if len(row) > 4 else "missing"
+                last = int(row[5]) if len(row) > 5 and row[5] is not None else int(first) + int(run) - 1
+                counted = int(row[6]) if len(row) > 6 else 0
+                self._gaps[name] = [int(first), int(run), reason, last, counted]
         self.traced_steps = int(state.get("traced_steps", 0))
         spent = state.get("budget_spent")
         self.budget_spent = None if spent is None else int(spent)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,13 @@ _DEAD_KINDS = frozenset({"frozen", "unused", "detached", "zero"})
 
 @dataclass
 class Entry:
-    """A finding with its history in the run."""
+    """A finding with its history in the run.
+
+    Attributes:
+        finding: its first occurrence (``finding.step``: the first checked step on which it held).
+        count: the number of checked steps on which it held.
+        last_step: the last checked step on which it held.
+    """
 
     finding: Finding
     count: int = 1
@@ -90,22 +96,33 @@ class RunReport:
             return out
         return group_findings(self.findings, self.sizes)
 
-    def add(self, findings: Iterable[Finding], step: int | None = None) -> list[Finding]:
-        """Record ``findings`` of one step; return those never seen before in this run.
+    def add(
+        self,
+        findings: Iterable[Finding],
+        step: int | None = None,
+        runs: Mapping[tuple[str, str], tuple[int, int]] | None = None,
+    ) -> list[Finding]:
+        """Record ``findings`` that held on one checked step; return those never seen before in this run.
 
-        ``step``: the step they were seen at, when it is later than their own ``.step`` (a finding about a run of
-        idle steps is dated to the run's first step); it becomes the entry's ``last_step``.
+        Args:
+            findings: the findings.
+            step: the step they held on, when it is later than their own ``.step`` (a finding about a run of idle
+                steps is dated to the run's first step); else their ``.step``. A step already counted for a finding
+                (checked twice) is not counted again.
+            runs: for a finding that held on a run of steps, ``(steps of the run not counted before, the run's last
+                step)`` by key, instead of one step.
         """
         new = []
         for f in findings:
-            seen = f.step if step is None else max(f.step, step)
+            run = runs.get(f.key) if runs else None
+            n, last = run if run is not None else (1, f.step if step is None else max(f.step, step))
             entry = self._entries.get(f.key)
             if entry is None:
-                self._entries[f.key] = Entry(f, 1, seen)
+                self._entries[f.key] = Entry(f, max(n, 1), last)
                 new.append(f)
-            else:
-                entry.count += 1
-                entry.last_step = max(entry.last_step, seen)
+            elif run is not None or last != entry.last_step:
+                entry.count += n
+                entry.last_step = max(entry.last_step, last)
         return new
 
     def note(self, text: str) -> None:

@@ -117,6 +117,8 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         self._step_calls = 0
         self._seen: list[torch.optim.Optimizer] = []  # every optimizer that stepped (or was skipped) in the block
         self._judged: set[int] = set()  # ids of the given optimizers (or, without any, seen ones) already judged
+        self._measured = False  # a check in the block judged gradients
+        self._skipped = False  # a check in the block found no gradient to judge (the optimizer stepped without any)
 
     @property
     def findings(self) -> list[Finding]:
@@ -231,7 +233,9 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         core = self._core
         core.pause()
         try:
-            core.check(core.params_of(optimizer), self.step, scaler=scaler, scale=scale)
+            stats = core.check(core.params_of(optimizer), self.step, scaler=scaler, scale=scale)
+            self._skipped = self._skipped or stats.skipped
+            self._measured = self._measured or not stats.skipped
         finally:
             if skipped:  # no `optimizer.step()` ran, so no post-step hook will resume the tracer
                 self._resume()
@@ -269,11 +273,13 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         return scaler
 
     def _warn_no_backward(self) -> None:
-        if self._seen:
+        if self._measured:
             what = (
                 "an optimizer stepped on gradients computed before the block, so they were judged without knowing "
                 "what cut them"
             )
+        elif self._skipped:
+            what = "an optimizer stepped, but none of its parameters had a gradient, so nothing was checked"
         else:
             what = "nothing was checked"
         warnings.warn(

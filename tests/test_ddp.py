@@ -287,6 +287,31 @@ def test_ddp_a_step_that_raises_before_backward_runs_one_more_collective(ddp, sc
     assert [r["collectives"] for r in records] == [1 + extra] * 2
 
 
+#: Every DDP scenario that raises, per launch: the error that comes out of `trainer.fit` must still be GradGuard's.
+RAISING = [
+    *(("ddp", s) for s in ("unused_all", "unused_rank1", "detached", "nan_rank1", "graphless_rank1",
+                           "accumulate_last_skips")),
+    *(("find_unused", s) for s in ("unused_all", "unused_rank0_detached_rank1", "nan_rank1", "graphless_rank1")),
+    ("spawn", "unused_rank1"),
+]  # fmt: skip
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize(("launch", "scenario"), RAISING)
+def test_ddp_the_error_out_of_fit_is_gradguards_naming_the_parameters(request, launch, scenario):
+    """What the user finally sees (the exception out of `trainer.fit`, after Lightning's `on_exception` hooks) is
+    GradGuard's text, whole: `DDPStrategy.on_exception` replaces the text of any exception that matches
+    `.*Expected to have finished reduction in the prior iteration.*` with its own, which names no parameter. Under
+    `ddp_spawn` the launching process gets the rank's error inside `ProcessRaisedException` (rank 0's record)."""
+    records = request.getfixturevalue(launch).ranks(scenario)
+    for r in records[:1] if launch == "spawn" else records:
+        assert r["error"] in r["seen"], r["seen"][-2000:]
+        if launch != "spawn":
+            assert r["seen"].startswith("lightning_gradguard.findings.GradGuardError: ")
+        assert all(f["param"] in r["error"] for f in r["findings"][:5])  # the first five names are listed
+        assert "It looks like your LightningModule has parameters that were not used" not in r["seen"]
+
+
 # ---------------------------------------------------------------------------------------------------- find_unused
 @pytest.mark.ddp
 def test_ddp_find_unused_true_unused_on_every_rank_raises_on_all_ranks(find_unused):

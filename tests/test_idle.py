@@ -268,11 +268,11 @@ def test_idle_shares_pool_a_module_and_merge_identical_children():
     names = {id(x): "a.q.weight", id(y): "a.k.weight", id(z): "b.weight"}
     params = [x, y, z]
     for step in range(4):
-        h.count_check(params, lambda ps: [names[id(p)] for p in ps])
+        h.count_check(params, lambda ps: [names[id(p)] for p in ps], step)
         lacking = {"a.q.weight", "a.k.weight"} if step % 2 else set()
         for name in lacking:
             h.lack(name, step)
-        h.settle({"a.q.weight", "a.k.weight", "b.weight"}, lacking)
+        h.settle({"a.q.weight", "a.k.weight", "b.weight"}, lacking, step)
     assert h.idle_shares() == {"a": 0.5}
     assert h.run_length("a.q.weight") == 1
 

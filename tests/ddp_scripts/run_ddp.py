@@ -5,12 +5,17 @@
 Runs one ``Trainer.fit`` per scenario, one after the other, in the same two processes (``ddp``, ``ddp_find_unused_
 parameters_true``) or in freshly spawned ones (``ddp_spawn``). Each rank writes ``OUT/<scenario>.rank<r>.json``: its
 pid, whether GradGuard raised (and the message), ``guard.findings``, the report's notes, how many collectives
-GradGuard ran, and when. A hang shows as a missing file and a run killed by the test's timeout.
+GradGuard ran, and when. A hang shows as a missing file and a run killed by the test's timeout. The process that
+called ``trainer.fit`` adds, as ``seen``, the last line of the traceback the user would see: the exception that
+came out of ``fit``, after Lightning's ``on_exception`` hooks (``DDPStrategy`` rewrites some messages there).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import traceback
 
 import torch
 from _common import PG_TIMEOUT, Probe, SyntheticModule, make_trainer
@@ -96,11 +101,22 @@ def main(out: str, strategy: str, scenarios: list[str]) -> None:
         torch.manual_seed(0)
         try:
             trainer.fit(Net(scenario))
-        except GradGuardError:
-            pass  # the probe recorded it, on every rank
+        except GradGuardError as err:  # the probe recorded it, on every rank
+            record_seen(out, scenario, trainer.global_rank, err)
         except Exception as err:  # ddp_spawn re-raises a child's error in the parent as ProcessRaisedException
             if "GradGuardError" not in str(err):
                 raise
+            record_seen(out, scenario, trainer.global_rank, err)
+
+
+def record_seen(out: str, scenario: str, rank: int, err: BaseException) -> None:
+    """Add to the rank's record what the user sees of ``err``: the traceback's last line(s), as Python prints it."""
+    path = os.path.join(out, f"{scenario}.rank{rank}.json")
+    with open(path, encoding="utf-8") as fh:
+        record = json.load(fh)
+    record["seen"] = "".join(traceback.format_exception_only(type(err), err))
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(record, fh, indent=1)
 
 
 if __name__ == "__main__":
