@@ -271,19 +271,24 @@ class GradGuard(Callback):
         self._core.dist = RankSync.of(trainer.strategy.model, trainer.strategy.root_device)  # None: one process
         self._dashboard.start(trainer)
         if self._core.compiled and self.diagnose != "never":
-            log.info("GradGuard: the model is compiled; findings come from gradients alone (no tracing).")
+            log.info(
+                "GradGuard: the model is compiled, and torch < 2.6 cannot run it eagerly for a traced step: findings "
+                "come from gradients alone (unused and detached are not told apart)."
+            )
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._core.begin_batch()
 
     @override
+    @torch.compiler.disable  # run by `manual_backward` inside a compiled `training_step`: dynamo must not trace it
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._core.record_loss(loss, trainer.global_step)
         if pl_module.automatic_optimization:
             self._core.pause()  # what follows in this batch is backward and the optimizer step
 
     @override
+    @torch.compiler.disable  # run by `opt.step()` inside a compiled `training_step` (manual optimization)
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
