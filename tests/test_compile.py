@@ -209,6 +209,7 @@ def test_every_step_traced_never_compiles(tmp_path):
     assert runs_compiled()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo in SGD
 def test_manual_optimization_in_a_compiled_training_step(tmp_path):
     """With ``trainer.fit(torch.compile(module))`` and manual optimization, ``manual_backward`` and ``opt.step()``
     run GradGuard's hooks from inside the compiled ``training_step``: dynamo runs them as they are (not traced
@@ -241,6 +242,87 @@ def test_manual_optimization_in_a_compiled_training_step(tmp_path):
         make_trainer(tmp_path, [guard], max_steps=4).fit(torch.compile(Manual("detach", BACKEND), backend=BACKEND),
                                                          loader())  # fmt: skip
     assert {(f.kind, f.param, f.where, f.step) for f in guard.findings} == EAGER["detach"][0]
+    assert runs_compiled()
+
+
+class SeesTheStance(Callback):
+    """Whether compiled code runs compiled at each hook after the forward pass of a traced step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, bool]] = []
+
+    def on_after_backward(self, *args: object) -> None:
+        self.seen.append(("backward", runs_compiled()))
+
+    def on_before_optimizer_step(self, *args: object) -> None:
+        self.seen.append(("step", runs_compiled()))
+
+
+class NotingSGD(torch.optim.SGD):
+    """Notes whether compiled code runs compiled inside each ``step()``."""
+
+    seen: list[bool]
+
+    def step(self, closure=None):  # noqa: ANN001, ANN201 - torch's signature
+        self.seen.append(runs_compiled())
+        return super().step(closure)
+
+
+def test_only_the_forward_pass_runs_eagerly(tmp_path):
+    """The stance is held while the tracer records: the backward pass and the optimizer step (a compiled optimizer,
+    say) of a traced step run as they would without GradGuard, under Lightning and inside ``check_step``."""
+    seer = SeesTheStance()
+    make_trainer(tmp_path, [GradGuard(diagnose="always"), seer], max_steps=2).fit(Net("none", "sub"), loader())
+    assert seer.seen == [("backward", True), ("step", True)] * 2
+
+    model = nn.ModuleDict({"enc": torch.compile(Encoder("none"), backend=BACKEND), "head": nn.Linear(16, 1)})
+    opt = NotingSGD(model.parameters(), lr=0.1)
+    opt.seen = []
+    with check_step(model, opt, strict=True):
+        for _ in range(2):  # the second forward pass is traced again: the stance comes back after the step
+            model["head"](model["enc"](torch.randn(4, 8))).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert opt.seen == [True, True]
+    assert runs_compiled()
+
+
+def test_check_step_runs_each_forward_pass_of_the_block_eagerly():
+    """After an optimizer step inside the block, the next forward pass is traced, compiled code included."""
+    enc = Encoder("none")
+    model = nn.ModuleDict({"enc": torch.compile(enc, backend=BACKEND), "head": nn.Linear(16, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(GradGuardError) as err, check_step(model, opt, strict=True):
+        for cut in ("none", "inside"):
+            enc.cut = cut
+            model["head"](model["enc"](torch.randn(4, 8))).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert {(f.kind, f.param, f.where) for f in err.value.findings} == {
+        ("detached", p, where("CUT: inside")) for p in ENC
+    }
+    assert runs_compiled()
+
+
+class Raises(Net):
+    """Raises inside the traced forward pass: GradGuard's error for a loss without a graph (``"graph"``), or the
+    user's own (``"user"``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__("none", "sub")
+        self.how = how
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.how == "user":
+            raise ValueError("the user's own error")
+        return loss.detach()
+
+
+@pytest.mark.parametrize(("how", "error"), [("graph", GradGuardError), ("user", ValueError)])
+def test_the_stance_is_put_back_when_the_traced_step_raises(tmp_path, how, error):
+    with pytest.raises(error):
+        make_trainer(tmp_path, [GradGuard()]).fit(compiled(Raises(how), "whole"), loader())
     assert runs_compiled()
 
 
