@@ -66,7 +66,8 @@ class GradGuard(Callback):
             e.g. ``["pooler.*", "*.bias"]``, or one glob as a string (``"pooler.*"``).
         diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
             the next step after a new problem shows up on an untraced step), ``"always"`` (every step; slower),
-            ``"never"`` (no tracing: unused and detached are not told apart).
+            ``"never"`` (no tracing: unused and detached are not told apart). A traced step runs code compiled by
+            ``torch.compile`` eagerly (torch >= 2.6), so that its cuts are named too; the other steps run it compiled.
         log_every_n_steps: log the dashboards in every n-th batch that steps an optimizer, at the same steps as
             Lightning's own ``self.log`` (steps n-1, 2n-1, ...: ``(step + 1) % n == 0``); ``None``: the Trainer's
             ``log_every_n_steps``; ``0``: never (the checks and the run report stay).
