@@ -44,7 +44,8 @@ sweep: venv
 	OMP_NUM_THREADS=1 PYTHONPATH=tests$${PYTHONPATH:+:$$PYTHONPATH} $(VPY) -m realmodels --out docs/sweep.md
 
 # ~10 minutes on 2 cores: prints the paired and scaling tables and writes benchmarks/results.md, then the traced-step
-# table over the sweep's architectures (benchmarks/traced.md).
+# table over the sweep's architectures and over three of them compiled (benchmarks/traced.md; inductor builds C++
+# for each graph: a few minutes more).
 # `$(VPY) benchmarks/run.py --quick` is the smoke run that `make test` does (tests/test_benchmark.py).
 bench: venv
 	$(VPY) benchmarks/run.py

@@ -624,7 +624,8 @@ class StepFacts:
         cuts: on a traced step, the mask of cut sites that flowed into the losses.
         seen: on a traced step, the mask of parameters that took part in any op.
         tracer: the tracer that recorded the step (for its cut sites).
-        compiled: the forward ran under ``torch.compile`` (no tracing; the graph walk over-approximates).
+        compiled: the forward ran under ``torch.compile`` where the tracer cannot follow it (torch < 2.6, which
+            cannot run compiled code eagerly for a traced step; the graph walk over-approximates).
         opaque: the graph walk passed through a reentrant activation checkpoint, so ``received`` misses the
             parameters inside it (a parameter outside ``received`` may still have received a gradient).
     """
@@ -657,17 +658,28 @@ def _culprit(facts: StepFacts, bit: int, *, zero: bool = False) -> CutSite | Non
     return site
 
 
+#: The fix of a parameter without a gradient on a step that was not traced: unused or detached, it cannot be told.
+_UNTRACED_HINT = (
+    "if the loss uses it, remove what cuts its gradient path (`.detach()`, `.data`, `no_grad`, numpy, `.item()`); "
+    "if not, use it in the loss, delete it, or leave it out of the optimizer"
+)
+
+
 def explain_missing(name: str, bit: int, facts: StepFacts, step: int) -> Finding:
     """An ``unused`` or ``detached`` finding for trainable parameter ``name`` (bit ``bit``) that got no gradient."""
     if facts.dep is None:
-        why = "the forward ran under torch.compile" if facts.compiled else "the step was not traced"
-        return _finding(
-            "unused",
-            name,
-            f"`{name}` received no gradient ({why}, so GradGuard cannot tell an unused parameter from a detached "
-            "one; set diagnose='always' for the cause).",
-            step,
-        )
+        if facts.compiled:
+            why = (
+                "the forward ran under torch.compile, which torch < 2.6 cannot run eagerly for GradGuard's tracer, so "
+                "it cannot tell an unused parameter from a detached one; with torch >= 2.6 it can, and so can "
+                "`check_step` on the model uncompiled"
+            )
+        else:
+            why = (
+                "the step was not traced, so GradGuard cannot tell an unused parameter from a detached one; trace it "
+                "for the cause: `GradGuard(diagnose='always')`, `check_step(..., trace=True)`"
+            )
+        return _finding("unused", name, f"`{name}` received no gradient ({why}).", step, hint=_UNTRACED_HINT)
     if facts.dep >> bit & 1:
         site = _culprit(facts, bit)
         if site is None:

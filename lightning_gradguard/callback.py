@@ -67,7 +67,8 @@ class GradGuard(Callback):
             e.g. ``["pooler.*", "*.bias"]``, or one glob as a string (``"pooler.*"``).
         diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
             the next step after a new problem shows up on an untraced step), ``"always"`` (every step; slower),
-            ``"never"`` (no tracing: unused and detached are not told apart).
+            ``"never"`` (no tracing: unused and detached are not told apart). A traced step runs code compiled by
+            ``torch.compile`` eagerly (torch >= 2.6), so that its cuts are named too; the other steps run it compiled.
         log_every_n_steps: log the dashboards in every n-th batch that steps an optimizer, at the same steps as
             Lightning's own ``self.log`` (steps n-1, 2n-1, ...: ``(step + 1) % n == 0``); ``None``: the Trainer's
             ``log_every_n_steps``; ``0``: never (the checks and the run report stay).
@@ -275,7 +276,10 @@ class GradGuard(Callback):
         self._core.dist = RankSync.of(trainer.strategy.model, trainer.strategy.root_device)  # None: one process
         self._dashboard.start(trainer)
         if self._core.compiled and self.diagnose != "never":
-            log.info("GradGuard: the model is compiled; findings come from gradients alone (no tracing).")
+            log.info(
+                "GradGuard: the model is compiled, and torch < 2.6 cannot run it eagerly for a traced step: findings "
+                "come from gradients alone (unused and detached are not told apart)."
+            )
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -288,12 +292,14 @@ class GradGuard(Callback):
         self._core.grads_cleared()  # automatic optimization, before each closure's training_step
 
     @override
+    @torch.compiler.disable  # run by `manual_backward` inside a compiled `training_step`: dynamo must not trace it
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
         self._core.record_loss(loss, trainer.global_step)
         if pl_module.automatic_optimization:
             self._core.pause()  # what follows in this batch is backward and the optimizer step
 
     @override
+    @torch.compiler.disable  # run by `opt.step()` inside a compiled `training_step` (manual optimization)
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:

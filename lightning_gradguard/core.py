@@ -40,7 +40,7 @@ from .history import MAX_TRACED_STEPS, History
 from .params import ParamIndex, ParamList, module_of, optimizer_layout, optimizer_params
 from .policy import GradGuardWarning, Policy
 from .report import RunReport
-from .trace import LossFacts, Tracer
+from .trace import EagerStance, LossFacts, Tracer
 
 if TYPE_CHECKING:
     from .distributed import RankSync
@@ -151,6 +151,7 @@ class GuardCore:
         self.report.idle_provider = self.history.idle_shares
         self.index: ParamIndex | None = None
         self.tracer: Tracer | None = None
+        #: The model runs code compiled by ``torch.compile`` that the tracer cannot follow (torch < 2.6 only).
         self.compiled = False
         self.checks = 0
         self._armed = diagnose != "never"
@@ -178,7 +179,8 @@ class GuardCore:
     # ------------------------------------------------------------------ setup
     def bind(self, model: nn.Module, *, on_backward: Any = None) -> None:
         """Index ``model``'s parameters (again, if they changed) and make a tracer for them."""
-        self.compiled = is_compiled(model)
+        # A traced step runs compiled code eagerly (see `EagerStance`); torch < 2.6 cannot, and then steps aside.
+        self.compiled = not EagerStance.supported and is_compiled(model)
         index = ParamIndex.of(model)
         if self.index is not None and self.index.params == index.params:
             return
@@ -224,7 +226,8 @@ class GuardCore:
 
     @property
     def can_trace(self) -> bool:
-        """The tracer can follow the model's parameters (not under torch.compile, nor when FSDP swaps them)."""
+        """The tracer can follow the model's parameters (not when FSDP swaps them, nor through torch.compile on
+        torch < 2.6, which cannot run compiled code eagerly for a traced step)."""
         return not self.compiled and (self.dist is None or self.dist.traceable)
 
     @property
@@ -310,10 +313,16 @@ class GuardCore:
             'not require grad and does not have a grad_fn".'
         )
         if facts is None:
+            if self.can_trace:
+                how = "; a traced step names it: `GradGuard(diagnose='always')`, `check_step(..., trace=True)`."
+            else:  # tracing would not help
+                how = (
+                    f" ({'torch.compile on torch < 2.6' if self.compiled else 'FSDP'} keeps GradGuard from tracing "
+                    "this model)."
+                )
             detail = (
-                " This step was not traced, so GradGuard cannot name the line that cut the graph; set "
-                "diagnose='always' to find it. Look for `.detach()`, `.data`, `torch.no_grad()`, `.item()` or numpy "
-                "between the model's output and the loss."
+                f" This step was not traced, so GradGuard cannot name the line that cut the graph{how} Look for "
+                "`.detach()`, `.data`, `torch.no_grad()`, `.item()` or numpy between the model's output and the loss."
             )
         elif not findings:
             detail = " Its value does not depend on any trainable parameter."

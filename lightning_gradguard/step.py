@@ -47,10 +47,11 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
       above 1; once the scale has fallen to 1 or below they are ``nonfinite`` (as in :class:`GradGuard`).
       Without ``scaler``, a step the scaler skipped counts as not taken and is judged when the block ends.
 
-    Under ``torch.compile`` the forward pass is not traced: findings come from the gradients alone, with
-    ``where=None``. A block in which no ``backward()`` ran warns (:class:`~lightning_gradguard.GradGuardWarning`)
-    instead of passing silently. A loss without a graph raises :class:`~lightning_gradguard.GradGuardError` at
-    ``backward()`` (torch would fail there anyway), naming the parameters that were cut and where.
+    Code compiled by ``torch.compile`` runs eagerly inside a traced block (torch >= 2.6), so that the trace sees it and
+    a cut in it is named as in an uncompiled model. A block in which no ``backward()`` ran warns
+    (:class:`~lightning_gradguard.GradGuardWarning`) instead of passing silently. A loss without a graph raises
+    :class:`~lightning_gradguard.GradGuardError` at ``backward()`` (torch would fail there anyway), naming the
+    parameters that were cut and where.
 
     Args:
         model: the model whose parameters are checked.
@@ -140,7 +141,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         if self.scaler is not None:
             self._wrap_scaler()
         core.begin_batch()
-        if not core.tracing:  # trace=False, or a compiled model: the tracer is off, but backward must be seen
+        if not core.tracing:  # trace=False (or torch < 2.6 and a compiled model): no tracer, but backward must be seen
             self._spy = _BackwardSpy(self._on_backward)
             self._spy.__enter__()
         return self

@@ -71,7 +71,7 @@ from torch.overrides import TorchFunctionMode
 from ._frames import format_where, frame_where, is_library_file, warnings_at_user_begin, warnings_at_user_end
 from .params import ParamIndex
 
-__all__ = ["CutSite", "LossFacts", "Tracer", "format_where", "is_library_file"]
+__all__ = ["CutSite", "EagerStance", "LossFacts", "Tracer", "format_where", "is_library_file"]
 
 _TENSOR = torch.Tensor
 _DATA_DESCRIPTOR = torch._C.TensorBase.__dict__.get("data", None)
@@ -263,6 +263,32 @@ class LossFacts:
 _ZERO = (0, 0, 0)
 
 
+class EagerStance:
+    """Makes code compiled by ``torch.compile`` run eagerly between :meth:`enter` and :meth:`leave`, so that a function
+    mode sees its ops: torch's ``torch.compiler.set_stance("force_eager")`` (torch >= 2.6). The compiled code and its
+    cache stay: after :meth:`leave` the next call runs it again without recompiling. :meth:`leave` restores the stance
+    that was set before :meth:`enter`; both are safe to call twice.
+
+    Nothing is done while ``torch._dynamo`` is not loaded: then nothing can have been compiled (and loading it takes
+    a second).
+    """
+
+    #: torch can run compiled code eagerly on demand (``torch.compiler.set_stance``, torch >= 2.6).
+    supported: bool = hasattr(torch.compiler, "set_stance")
+
+    def __init__(self) -> None:
+        self._prior: Any = None  # torch's `set_stance` object, which restores the stance from before on `__exit__`
+
+    def enter(self) -> None:
+        if self._prior is None and self.supported and "torch._dynamo" in sys.modules:
+            self._prior = torch.compiler.set_stance("force_eager")
+
+    def leave(self) -> None:
+        prior, self._prior = self._prior, None
+        if prior is not None:
+            prior.__exit__(None, None, None)
+
+
 class Tracer(TorchFunctionMode):
     """Records, for a diagnosed step, the dataflow from each parameter to the loss and the sites that cut it.
 
@@ -273,7 +299,9 @@ class Tracer(TorchFunctionMode):
 
     Use it as a context manager, or :meth:`start`/:meth:`stop` across hooks. ``paused = True`` makes every call
     pass straight through: after :meth:`start`, the mode leaves torch's mode stack while paused (when it is on top
-    of it), so that the backward pass, the optimizer step and the guard's own work pay nothing for it.
+    of it), so that the backward pass, the optimizer step and the guard's own work pay nothing for it. While it
+    records after :meth:`start`, code compiled by ``torch.compile`` runs eagerly (:class:`EagerStance`), so that the
+    tracer sees its ops as in an uncompiled model.
     """
 
     def __init__(self, index: ParamIndex, on_backward: Callable[[torch.Tensor], None] | None = None) -> None:
@@ -283,6 +311,7 @@ class Tracer(TorchFunctionMode):
         self._paused = False
         self.active = False
         self._pushed = False  # on torch's mode stack because of `start()` (not because of `with tracer:`)
+        self._eager = EagerStance()  # compiled code runs eagerly while the tracer records (start/stop, paused)
         self._params = {id(p): i for i, p in enumerate(index.params)}
         self.reset()
 
@@ -331,12 +360,15 @@ class Tracer(TorchFunctionMode):
         if not self.active:
             return
         if value:
+            self._eager.leave()
             if self._pushed and _current_mode() is self:  # not when a mode pushed later is still above it
                 _pop_mode()
                 self._pushed = False
-        elif not self._pushed:
-            _push_mode(self)
-            self._pushed = True
+        else:
+            self._eager.enter()
+            if not self._pushed:
+                _push_mode(self)
+                self._pushed = True
 
     def start(self) -> Tracer:
         """Push the mode (it stays active until :meth:`stop`; while :attr:`paused`, it is off torch's mode stack)."""
@@ -344,6 +376,7 @@ class Tracer(TorchFunctionMode):
             self.active = True
             warnings_at_user_begin()  # torch's warnings from the ops it forwards name the user's line, not this file
             if not self._paused:
+                self._eager.enter()
                 _push_mode(self)
                 self._pushed = True
         return self
@@ -353,6 +386,7 @@ class Tracer(TorchFunctionMode):
         if self.active:
             self.active = False
             warnings_at_user_end()
+            self._eager.leave()
             self._grad_off.clear()
             self._ckpt = None
             if self._pushed:

@@ -235,7 +235,7 @@ def test_orphan_and_stale_warnings_point_at_configure_optimizers(tmp_path, model
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Limits: "Under `torch.compile` or `diagnose="never"` a detach looks `unused`, so it is windowed too."
+# Limits: "With `diagnose="never"` a detach looks `unused`, so it is windowed too."
 
 
 def test_untraced_detach_is_unused_and_waits_for_the_idle_window(tmp_path):

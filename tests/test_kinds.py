@@ -176,6 +176,7 @@ def test_detached_is_judged_on_untraced_steps_too_but_without_where(tmp_path):
         fit(tmp_path, DetachedEncoder(), GradGuard(diagnose="never", idle_window=1))
     assert {f.kind for f in err.value.findings} == {"unused"}  # cannot be told apart without a trace
     assert "not traced" in err.value.findings[0].message
+    assert "remove what cuts its gradient path" in err.value.findings[0].hint  # the fix for either case
 
 
 # ---------------------------------------------------------------- orphan

@@ -353,26 +353,6 @@ def test_trace_holds_no_tensor_after_the_step(tmp_path):
     assert guard._core.tracer._prov == {}
 
 
-# ---------------------------------------------------------------- torch.compile
-def test_compiled_model_steps_aside_and_falls_back_to_gradients(tmp_path, recwarn):
-    class Lit(LitCase):
-        def __init__(self, forward):
-            super().__init__(forward)
-            self.net.enc = torch.compile(self.net.enc, backend="eager")
-            self.aux = nn.Linear(4, 1)
-
-        def training_step(self, batch, batch_idx):
-            return self.net.head(self.net.enc(batch[0]).detach()).mean()
-
-    with pytest.raises(GradGuardError) as err:
-        make_trainer(tmp_path, [GradGuard(idle_window=1)]).fit(Lit(cut_detach), loader())
-    names = {f.param for f in err.value.findings}
-    assert names == {"net.enc.weight", "net.enc.bias", "aux.weight", "aux.bias"}  # `_orig_mod.` stripped
-    assert all(f.where is None for f in err.value.findings)
-    assert "torch.compile" in err.value.findings[0].message
-    assert not [w for w in recwarn if "dynamo" in str(w.message).lower()]
-
-
 def test_setitem_carries_the_written_value():
     model = Model()
     with check_step(model) as chk:

@@ -191,6 +191,9 @@ def test_traced_benchmark_quick_mode_prints_the_table_and_writes_nothing(tmp_pat
     for row in ("| gpt2 |", "| bert-cls |", "| vit |", "| **median** (3 architectures) |", "| **max** |"):
         assert row in proc.stdout
     assert "Traced step / untraced step: median" in proc.stdout
+    assert "| architecture (`aot_eager`) | compiled ms | traced ms |" in proc.stdout  # the compiled part: gpt2
+    assert "| gpt2 | " in proc.stdout.split("(`aot_eager`)")[1]
+    assert "frames compiled after the first two steps: 0." in proc.stdout
     assert (results.read_bytes() if results.exists() else None) == before
 
 
