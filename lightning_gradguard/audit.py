@@ -672,10 +672,10 @@ def explain_missing(name: str, bit: int, facts: StepFacts, step: int) -> Finding
         return _finding(
             "detached",
             name,
-            f"The loss depends on `{name}`, but {site.describe()} cuts its gradient path: {site.fix()}.",
+            f"The loss depends on `{name}`, but {site.describe(bit)} cuts its gradient path: {site.fix(bit)}.",
             step,
             site.where,
-            site.fix(),
+            site.fix(bit),
         )
     exits = facts.tracer.escapes_of(bit) if facts.tracer is not None else []
     if exits:  # its value left torch: the loss may use it through a value the tracer could not follow
