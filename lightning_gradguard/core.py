@@ -552,7 +552,9 @@ class GuardCore:
 
         Each such parameter extends its run in :attr:`history` (its name goes into ``lacking``). It stays idle
         (no finding) while the run is shorter than the window, unless a traced step shows a cause that is not
-        control flow: a ``detached`` parameter, or a zero-derivative op behind an all-zero gradient.
+        control flow: a ``detached`` parameter, a zero-derivative op behind an all-zero gradient, or an ``unused``
+        one that never had a usable gradient and whose value the step took out of the graph instead of into the
+        loss (logged, `.item()`-ed: :meth:`~lightning_gradguard.trace.Tracer.dropped_at`).
 
         Returns:
             ``(findings, due)``: ``due`` holds ``(bit, reason, first step of the run)`` of untraced candidates
@@ -573,7 +575,7 @@ class GuardCore:
             if facts.traced:
                 history.known[f.param] = f
                 history.looked.add(f.param)
-            if f.kind == "detached" or (f.kind == "zero" and f.where is not None):
+            if f.kind == "detached" or (f.kind == "zero" and f.where is not None) or self._dropped(f, facts):
                 out.append(f)  # not control flow: at once
             elif run >= window:
                 out.append(self._dead(f, first, run))
@@ -588,6 +590,15 @@ class GuardCore:
             elif reason == "missing" and name not in history.looked:
                 self._probing.add(name)  # a cut that starts now is `detached` at once: let the next trace look
         return out, due
+
+    def _dropped(self, f: Finding, facts: StepFacts) -> bool:
+        """``f`` is ``unused``, its parameter never had a usable gradient, and this traced step shows its value put
+        to a use other than the loss (``.detach()``-ed to be logged, ``.item()``-ed): its output does not reach the
+        loss by design of the code, not because routing or LayerDrop skipped it on this step."""
+        if f.kind != "unused" or facts.tracer is None or not facts.traced or not self.history.always_lacked(f.param):
+            return False
+        bit = self.index.bit_of.get(f.param) if self.index is not None else None
+        return bit is not None and bool(facts.tracer.dropped_at(bit))
 
     def _dead(self, f: Finding, first: int, run: int) -> Finding:
         """``f`` as the finding of a run of ``run`` steps without a usable gradient, dated to its ``first`` step."""

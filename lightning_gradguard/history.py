@@ -100,6 +100,15 @@ class History:
         gap = self._gaps.get(name)
         return gap[1] if gap else 0
 
+    def always_lacked(self, name: str) -> bool:
+        """``name`` lacked a usable gradient on every one of its checked steps (those before a resume included)."""
+        gap = self._gaps.get(name)
+        if gap is None:
+            return False
+        checked = self._base.get(name, [0, 0])[0] + sum(count for _, names, count in self._groups.values()
+                                                        if name in names)  # fmt: skip
+        return gap[1] >= checked
+
     def never_usable(self) -> list[tuple[str, int, int, str]]:
         """``(name, first step, run length, last reason)`` of the parameters that had no usable gradient on any of
         their checked steps."""

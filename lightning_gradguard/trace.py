@@ -141,6 +141,9 @@ _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 #: ``.tolist()`` results are followed element by element up to this many items (a traced step stays cheap).
 _MAX_ESCAPED_ITEMS = 4096
 
+#: Kinds of cut sites that take a value out of the graph (see ``Tracer.dropped_at``).
+_DROPS = frozenset({"detach", "data", "no_grad", "inference_mode", "escape", "nondiff", "copy"})
+
 #: The code of ``torch.autograd.Function.apply`` (a classmethod every custom Function inherits): its frame on the
 #: stack means a Function's ``forward`` runs (see ``Tracer._function``); ``None`` if torch changes that.
 _APPLY_CODE = getattr(getattr(getattr(torch.autograd.Function, "apply", None), "__func__", None), "__code__", None)
@@ -476,6 +479,21 @@ class Tracer(TorchFunctionMode):
         """
         return [site for site in self._exits.values() if site.mask >> param_bit & 1]
 
+    def used_at(self, param_bit: int) -> str | None:
+        """The user's ``path:line`` of the first op that took parameter ``param_bit`` as an argument this step (for
+        a module's parameter, the line that called the module), or ``None``."""
+        return self._used_at.get(param_bit) or None
+
+    def dropped_at(self, param_bit: int) -> list[CutSite]:
+        """Where the value of parameter ``param_bit`` was taken out of the graph this step: the cut sites that
+        severed it (``.detach()`` or ``no_grad`` to log or measure it, ``argmax`` for a metric; not a custom
+        Function or a checkpoint, which pass a value on), then the places where it left torch
+        (:meth:`escapes_of`). For a parameter the loss does not depend on, evidence that its output was put to a
+        use other than the loss, rather than not computed or dropped by control flow."""
+        cuts = [s for s in self.sites if s.kind in _DROPS and s.mask >> param_bit & 1]
+        spots = {(s.kind, s.op, s.where) for s in cuts}
+        return cuts + [s for s in self.escapes_of(param_bit) if (s.kind, s.op, s.where) not in spots]
+
     # ---------------------------------------------------------------- internals
     def _lookup(self, t: torch.Tensor) -> tuple[int, int, int]:
         i = self._params.get(id(t))
@@ -762,7 +780,7 @@ class Tracer(TorchFunctionMode):
         else:
             out = func(*args)
         if first_use:
-            self._note_use(args, kwargs, sys._getframe(1))
+            self._note_use(args, kwargs, out, sys._getframe(1))
         if not (dep or cuts):
             return out
         if not kind:
@@ -948,12 +966,12 @@ class Tracer(TorchFunctionMode):
                 return idx
         return None
 
-    def _note_use(self, args: tuple, kwargs: dict | None, frame: FrameType | None) -> None:
+    def _note_use(self, args: tuple, kwargs: dict | None, out: object, frame: FrameType | None) -> None:
         """Remember the user's line of the op that first took each parameter among its arguments this step (for a
-        module, the line that called it)."""
+        module, the line that called it); an in-place op on the parameter itself (``w.zero_()``) does not count."""
         where: str | None = ""
         for a in (*args, *kwargs.values()) if kwargs else args:
-            i = self._params.get(id(a)) if isinstance(a, _TENSOR) else None
+            i = self._params.get(id(a)) if isinstance(a, _TENSOR) and a is not out else None
             if i is not None and i not in self._used_at:
                 if where == "":
                     where, _ = self._locate(frame, "use")

@@ -262,7 +262,7 @@ def test_integer_arithmetic_after_item_stays_unused_and_names_the_escape():
         return m.head(m.enc(x)).mean() * k
 
     findings = plain_step(Aux(), int_arith).findings
-    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, None) for p in AUX}
+    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, where("CLAIMS: int item")) for p in AUX}
     assert all(f"`.item()` at {where('CLAIMS: int item')}" in f.message for f in findings)
 
 
