@@ -37,7 +37,7 @@ from .audit import (
 )
 from .findings import HINTS, Finding, GradGuardError, group_findings
 from .history import MAX_TRACED_STEPS, History
-from .params import ParamIndex, ParamList, module_of, optimizer_layout, optimizer_params
+from .params import ParamIndex, ParamList, alike_items, module_of, optimizer_layout, optimizer_params
 from .policy import GradGuardWarning, Policy
 from .report import RunReport
 from .trace import LossFacts, Tracer
@@ -739,6 +739,29 @@ class GuardCore:
         self._note_modules(self._add(kept + kept_short, step))
         self._warn(kept_short)
         self.policy.enforce(kept, step)
+
+    def unrouted(self, model: nn.Module) -> list[Finding]:
+        """Those of :attr:`short` (no usable gradient on any step of a run shorter than the idle window) whose part
+        does not look routed: not an item of an ``nn.ModuleList``/``nn.ModuleDict`` another item of whose class got
+        a usable gradient on some step (as experts, LayerDrop layers and heads chosen per batch do, taking turns).
+        Nothing in the run took turns with such a part: a module never called, or whose output is dropped, is dead
+        rather than idle (the verdict of ``gradguard check``, whose few steps cannot wait for the window)."""
+        if not self.short:
+            return []
+        history = self.history
+        never = {name for name, *_ in history.never_usable()}
+        usable = [name for name in history.checked() if name not in never]
+        alike = alike_items(model)
+
+        def routed(name: str) -> bool:
+            parts = name.split(".")[:-1]
+            for k in range(len(parts), 0, -1):  # the parameter's module, then each module above it
+                others = [m for m in alike.get(".".join(parts[:k]), ()) if m != ".".join(parts[:k])]
+                if any(n.startswith(f"{m}.") for m in others for n in usable):
+                    return True
+            return False
+
+        return [f for f in self.short if not routed(f.param)]
 
     def _warn(self, findings: list[Finding]) -> None:
         """Warn once per group of ``findings`` (as :meth:`Policy.enforce` does), whatever their kind's action."""

@@ -652,27 +652,106 @@ def test_preflight_cli_as_module_and_class_and_the_report_as_markdown(tmp_path, 
     assert "| detached |" in out
 
 
-def test_preflight_names_the_model_and_data_classes_and_a_dead_module_fails_only_within_the_window(
-    tmp_path, capsys, monkeypatch
+#: LightningModules for `gradguard check --model <this file>:<class>` (DemoData's batches: 16 features, 4 classes).
+PREFLIGHT_MODELS = """
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+
+class Net(LightningModule):
+    \"\"\"Four residual layers in a ModuleList; `skip` names the layer left out on every step (LayerDrop's draw).\"\"\"
+
+    def __init__(self, skip: int = -1, extra: str = "none") -> None:
+        super().__init__()
+        self.skip = skip
+        self.extra = extra
+        self.inp = nn.Linear(16, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+        self.head = nn.Linear(16, 4)
+        self.aux = nn.Linear(16, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.inp(x)
+        for k, layer in enumerate(self.layers):
+            if k != self.skip:
+                h = h + torch.tanh(layer(h))
+        loss = F.cross_entropy(self.head(h), y)
+        if self.extra == "dropped":
+            _ = self.aux(h)  # computed, never used
+        elif self.extra == "logged":
+            self.log("aux", F.cross_entropy(self.aux(h), y))
+        elif self.extra == "none":
+            loss = loss + 0.1 * F.cross_entropy(self.aux(h), y)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class Experts(Net):
+    \"\"\"Top-1 routing over the ModuleList `layers` as experts; expert `skip` gets no token (not called).\"\"\"
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.inp(x)
+        choice = torch.arange(len(x)) % 4
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.layers):
+            rows = ((choice == e) & (choice != self.skip)).nonzero().squeeze(-1)
+            if rows.numel():
+                out = out.index_add(0, rows, expert(h[rows]))
+        return F.cross_entropy(self.head(out) + self.aux(h), y)
+"""
+
+
+@pytest.mark.parametrize(("model", "args", "status", "says"), [
+    ("Net", ["--model.extra=never_called"], 1, "in `aux`: not items of a ModuleList"),  # no part takes turns with it
+    ("Net", ["--model.extra=dropped"], 1, "in `aux`: not items of a ModuleList"),  # ran, output simply dropped
+    ("Net", ["--model.extra=logged"], 1, "aux.weight: unused"),  # logged only: the first traced step raises
+    ("Net", ["--model.skip=2"], 0, "Run with --steps 16 to have them judged."),  # layers.2 idle: LayerDrop
+    ("Experts", ["--model.skip=3"], 0, "Run with --steps 16 to have them judged."),  # expert 3 idle: routing
+    ("Net", [], 0, "gradguard check: passed (3 optimizer step(s))\n"),  # nothing more to say
+])  # fmt: skip
+def test_preflight_with_its_default_steps_fails_on_a_dead_part_and_passes_parts_that_take_turns(
+    tmp_path, capsys, monkeypatch, model, args, status, says
 ):
-    """A never-called module gets no gradient on any of the `--steps`: fewer than `idle_window` (16) steps warn
-    (exit 0), as a short `fit` does; `--steps 16` reaches the window, and the check fails."""
+    """README: with its default 3 steps, `gradguard check` exits 1 on a module never called or whose output never
+    reaches the loss; a part that got nothing on any step but is one of several alike items of a `ModuleList` or
+    `ModuleDict`, some of which got gradients (experts, LayerDrop layers), is only a warning."""
+    models = tmp_path / "models.py"
+    models.write_text(PREFLIGHT_MODELS)
     config = tmp_path / "plain.yaml"
-    config.write_text("model:\n  bug: unused\ndata:\n  num_samples: 64\n")  # no class_path anywhere
+    config.write_text("data:\n  num_samples: 64\n")  # no class_path anywhere: --model and --data name the classes
+    classes = ("--model", f"{models}:{model}", "--data", "examples.train:DemoData")
+    root = f"--trainer.default_root_dir={tmp_path}"
+    status_, out = check_in_process(capsys, monkeypatch, "check", "--config", str(config), root, *classes, *args)
+    assert status_ == status, out
+    assert says in out
+    if status:
+        assert "gradguard check: FAILED" in out
+    else:
+        assert "gradguard check: passed (3 optimizer step(s))" in out
+
+
+def test_preflight_a_dead_part_passes_when_its_kind_is_not_raised(tmp_path, capsys, monkeypatch):
+    """The config's own actions decide: with `on_unused: warn` the never-called `aux` is a warning, exit 0."""
+    config = tmp_path / "plain.yaml"
+    config.write_text(
+        "model:\n  bug: unused\ndata:\n  num_samples: 64\n"
+        "trainer:\n  callbacks:\n    - class_path: GradGuard\n      init_args:\n        on_unused: warn\n"
+    )
     root = f"--trainer.default_root_dir={tmp_path}"
     classes = ("--model", "examples.train:DemoModel", "--data", "examples.train:DemoData")
-    status, out = check_in_process(
-        capsys, monkeypatch, "check", "--config", str(config), "--steps", "3", root, *classes
-    )
+    status, out = check_in_process(capsys, monkeypatch, "check", "--config", str(config), root, *classes)
     assert status == 0, out
-    assert "gradguard check: passed (3 optimizer step(s))" in out
     assert "but 2 parameter tensor(s) got no usable gradient on any step" in out
-    assert "Run with --steps 16 to have them judged." in out
     status, out = check_in_process(
         capsys, monkeypatch, "check", "--config", str(config), "--steps", "16", root, *classes
     )
-    assert status == 1, out
-    assert "aux.weight: unused" in out
+    assert status == 0, out  # reported at the window now, as a warning all the same
 
 
 def test_python_m_is_the_command_and_a_config_without_class_paths_needs_model_and_data(tmp_path):
