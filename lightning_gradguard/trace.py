@@ -757,6 +757,8 @@ class Tracer(TorchFunctionMode):
                 d, g, c = self._lookup(a)
             elif escaping or isinstance(a, (list, tuple)):
                 d, g, c = self._scan(a)
+                if d and not first_use and isinstance(a, (list, tuple)):  # an RNN's `_flat_weights`
+                    first_use = any(params.get(id(b), -1) not in used for b in a if id(b) in params)
             else:
                 continue
             dep |= d
@@ -971,11 +973,12 @@ class Tracer(TorchFunctionMode):
         module, the line that called it); an in-place op on the parameter itself (``w.zero_()``) does not count."""
         where: str | None = ""
         for a in (*args, *kwargs.values()) if kwargs else args:
-            i = self._params.get(id(a)) if isinstance(a, _TENSOR) and a is not out else None
-            if i is not None and i not in self._used_at:
-                if where == "":
-                    where, _ = self._locate(frame, "use")
-                self._used_at[i] = where
+            for b in a if isinstance(a, (list, tuple)) else (a,):
+                i = self._params.get(id(b)) if isinstance(b, _TENSOR) and b is not out else None
+                if i is not None and i not in self._used_at:
+                    if where == "":
+                        where, _ = self._locate(frame, "use")
+                    self._used_at[i] = where
 
     def _through_checkpoint(self, out: torch.Tensor, name: str, frame: FrameType | None) -> bool:
         """``out`` was made inside a reentrant checkpoint some of whose inputs require grad, by an op that the

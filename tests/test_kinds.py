@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from conftest import loader, make_trainer, where
-from lightning_gradguard import Finding, GradGuard, GradGuardError, GradGuardWarning
+from lightning_gradguard import Finding, GradGuard, GradGuardError, GradGuardWarning, check_step
 
 
 class Net(LightningModule):
@@ -166,6 +166,22 @@ def test_an_output_put_to_another_use_than_the_loss_raises_at_the_first_step(tmp
     for f in err.value.findings:
         assert (f.step, f.where) == (0, where(call))
         assert drop.format(where(marker)) in f.message
+
+
+@pytest.mark.parametrize("module", [nn.Linear(8, 8), nn.LSTM(8, 8, batch_first=True), nn.Conv1d(1, 2, 3)])
+def test_a_discarded_module_is_named_at_the_line_that_called_it(module):
+    """Whatever the module hands its parameters to the op as (an LSTM's are a list: `_flat_weights`)."""
+    net = nn.ModuleDict({"body": nn.Linear(8, 8), "extra": module})
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    with check_step(net, opt, strict=False) as chk, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _ = net["extra"](x[:, None] if isinstance(module, nn.Conv1d) else x)  # CALL: extra
+        opt.zero_grad()
+        net["body"](x).sum().backward()
+        opt.step()
+    names = {n for n, _ in module.named_parameters(prefix="extra")}
+    assert {(f.kind, f.param, f.where) for f in chk.findings} == {("unused", n, where("CALL: extra")) for n in names}
 
 
 def test_an_output_simply_dropped_is_reported_within_the_window_at_its_call(tmp_path):
