@@ -135,8 +135,9 @@ class GuardCore:
             ``"never"``.
         idle_window: a parameter without a usable gradient on fewer than this many checked steps in a row is idle
             (counted in :meth:`History.idle_shares`), not a finding; ``1`` judges each step at once. A ``detached``
-            parameter (a traced step shows the cut) and an all-zero gradient caused by a traced zero-derivative op
-            are reported at once whatever the window.
+            parameter (a traced step shows the cut), an all-zero gradient caused by a traced zero-derivative op and
+            an ``unused`` one whose output a traced step shows taken out of the graph (see :meth:`_dropped`) are
+            reported at once whatever the window.
     """
 
     def __init__(self, policy: Policy, diagnose: str = "on_finding", idle_window: int = 1) -> None:

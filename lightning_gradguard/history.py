@@ -10,7 +10,8 @@ token to an expert, LayerDrop and stochastic depth make parts idle on some steps
 nothing on ``window`` checked steps in a row, from the first step on, is dead. A run of fit shorter than the window
 reports, at its end, the parameters that got no usable gradient on any of its steps. Not control flow, so reported
 at once whatever the window: ``detached`` (a traced step shows the loss depends on the parameter through a cut),
-and an all-zero gradient that a traced step blames on a zero-derivative op. Under DDP with
+an all-zero gradient that a traced step blames on a zero-derivative op, and a part that never had a usable gradient
+whose output a traced step shows logged or ``.item()``-ed instead of used in the loss. Under DDP with
 ``find_unused_parameters=False`` a skipped parameter is named at once by ``distributed.py`` (DDP itself would fail
 on the next step).
 

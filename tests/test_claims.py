@@ -595,6 +595,112 @@ def test_no_grad_inside_a_reentrant_checkpoint_is_detached_without_a_line(reentr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Limits: "a part whose output is logged or `.item()`-ed but not in the loss, is reported on the first traced step: an
+# auxiliary loss logged from the start but added to the loss only after a warmup is reported then".
+
+
+class AuxAfterWarmup(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+        self.aux = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.tanh(self.enc(x))
+        loss = ((self.head(h).squeeze(-1) - y) ** 2).mean()
+        aux_loss = ((self.aux(h).squeeze(-1) - y) ** 2).mean()  # CLAIMS: aux after warmup
+        self.log("aux_loss", aux_loss)
+        return loss + aux_loss if self.global_step >= 5 else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_an_aux_loss_logged_before_a_warmup_adds_it_is_reported_at_the_first_step(tmp_path):
+    trainer = make_trainer(tmp_path, [GradGuard()], max_steps=10)
+    with pytest.raises(GradGuardError) as err:
+        trainer.fit(AuxAfterWarmup(), loader())
+    assert trainer.global_step == 0
+    assert {(f.kind, f.param, f.where) for f in err.value.findings} == {
+        ("unused", p, where("CLAIMS: aux after warmup")) for p in AUX
+    }
+    guard = GradGuard(ignore="aux.*")  # the README's way out
+    make_trainer(tmp_path, [guard], max_steps=10).fit(AuxAfterWarmup(), loader())
+    assert guard.findings == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Limits: "Through a custom autograd Function the tracer follows the ops it sees: a `forward` that calls a compiled
+# extension kernel (not a torch function) carries nothing, so a parameter reaching the loss only that way is `unused`,
+# not `detached` at the `.apply` line. Of two Functions in a row that a parameter reaches the loss through, the later
+# one is named, whichever `backward` left it out."
+
+
+class OpaqueKernel(torch.autograd.Function):
+    """`forward` computes out of the tracer's sight (as an extension kernel does); `backward` leaves out `w`."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        with torch._C.DisableTorchFunction():
+            return x @ w
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g @ w.t(), None
+
+
+class LeavesOutW(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g @ w.t(), None
+
+
+class Doubles(torch.autograd.Function):
+    """Correct: `2 * x`."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class Square(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(8, 8) / 3)
+        self.head = nn.Linear(8, 1)
+
+
+def test_a_function_computing_out_of_the_tracers_sight_leaves_its_parameter_unused():
+    findings = plain_step(Square(), lambda m, x: m.head(OpaqueKernel.apply(m.enc(x), m.w)).mean()).findings
+    assert {(f.kind, f.param) for f in findings} == {("unused", "w")}
+
+
+def test_of_two_functions_in_a_row_the_later_one_is_named():
+    def forward(m, x):
+        h = LeavesOutW.apply(m.enc(x), m.w)  # CLAIMS: leaves out w
+        return m.head(Doubles.apply(h)).mean()  # CLAIMS: the later Function
+
+    [f] = plain_step(Square(), forward).findings
+    assert (f.kind, f.param, f.where) == ("detached", "w", where("CLAIMS: the later Function"))
+    assert "`Doubles.apply`" in f.message
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Lightning Fabric: "Fabric calls only `on_after_setup` and `on_after_optimizer_step` on its callbacks".
 
 
