@@ -1053,6 +1053,8 @@ def test_readme_corpus_and_sweep_numbers_are_the_generated_reports():
     right = re.search(r"right kinds and parameters: (\d+/\d+)", corpus).group(1)
     cuts = re.search(r"right `where` \(detached parameters\): (\d+/\d+)", corpus).group(1)
     assert f"Result: {right} right kinds and parameters, {cuts} cut lines right" in readme
+    calls = re.search(r"module whose output is discarded \(the line that called it\): (\d+/\d+)", corpus).group(1)
+    assert f"named at the line that called it ({calls} parameters)" in readme
     assert f"healthy models with a finding: 0/{healthy}" in corpus  # "no finding on any healthy model"
     assert "crashes: 0" in corpus  # "no crash"
     configs, archs = re.search(r"(\d+) configurations of (\d+) architectures: \1 fully right", sweep).groups()
