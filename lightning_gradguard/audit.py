@@ -687,24 +687,33 @@ def explain_missing(name: str, bit: int, facts: StepFacts, step: int) -> Finding
         return _finding(
             "detached",
             name,
-            f"The loss depends on `{name}`, but {site.describe()} cuts its gradient path: {site.fix()}.",
+            f"The loss depends on `{name}`, but {site.describe(bit)} cuts its gradient path: {site.fix(bit)}.",
             step,
             site.where,
-            site.fix(),
+            site.fix(bit),
         )
-    exits = facts.tracer.escapes_of(bit) if facts.tracer is not None else []
+    tracer = facts.tracer
+    exits = tracer.escapes_of(bit) if tracer is not None else []
+    used = tracer.used_at(bit) if tracer is not None and facts.seen >> bit & 1 else None
+    ran = f" at {used}" if used else ""
     if exits:  # its value left torch: the loss may use it through a value the tracer could not follow
         left = ", ".join(site.describe() for site in exits[:3]) + (" and elsewhere" if len(exits) > 3 else "")
-        msg = f"`{name}` received no gradient, and no torch operation carried its value to the loss; but its value "
-        msg += f"left torch this step through {left}. If the loss uses that value (re-wrapped after Python or numpy "
-        msg += "arithmetic, `torch.Tensor(...)`, `torch.from_numpy`), that is where its gradient path is cut: keep "
-        msg += "it a tensor. Otherwise its output was discarded."
+        msg = f"`{name}` took part in the forward pass{ran}, but no torch operation carried its value to the loss, "
+        msg += f"and it received no gradient; its value left torch this step through {left}. If the loss uses that "
+        msg += "value (re-wrapped after Python or numpy arithmetic, `torch.Tensor(...)`, `torch.from_numpy`), that is "
+        msg += "where its gradient path is cut: keep it a tensor. Otherwise its output was discarded."
     elif facts.seen >> bit & 1:
-        msg = f"`{name}` took part in the forward pass, but nothing it computed reached the loss (its output was "
-        msg += "discarded)."
+        msg = f"`{name}` took part in the forward pass{ran}, but nothing it computed reached the loss"
+        drops = tracer.dropped_at(bit) if tracer is not None else []
+        if drops:
+            taken = " and ".join(site.describe() for site in drops[:2]) + (" and elsewhere" if len(drops) > 2 else "")
+            msg += f": it was taken out of the graph by {taken} (to be logged or measured, say)."
+        else:
+            msg += " (its output was discarded)."
     else:
         msg = f"`{name}` never took part in the forward pass: its module was not called, or a branch skipped it."
-    return _finding("unused", name, msg, step)
+        return _finding("unused", name, msg, step)
+    return _finding("unused", name, msg, step, used)
 
 
 def explain_zero(name: str, bit: int, facts: StepFacts, step: int) -> Finding:

@@ -89,7 +89,8 @@ class GradGuard(Callback):
             shown in the report's idle shares, not a finding; a run of this many steps (counting from the start of
             training) makes it ``unused`` or ``zero``. A parameter that gets no usable gradient on any step of a
             shorter run is reported at the end of ``fit``. Reported at once whatever the window: ``detached`` (a
-            traced step shows the cut), and an all-zero gradient caused by a traced zero-derivative op. With the
+            traced step shows the cut), an all-zero gradient caused by a traced zero-derivative op, and a part that
+            never had a gradient whose output a traced step shows logged or ``.item()``-ed, not in the loss. With the
             default 16, a LayerDrop-0.1 layer raises a false alarm with a chance of about 1e-10 in a million steps.
             ``1``: judge every step on its own.
         flow_every: draw the gradient-flow picture (TensorBoard's Images tab) on the first logged step and every

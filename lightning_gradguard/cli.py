@@ -9,7 +9,9 @@
 ``check`` builds model, data and Trainer from the YAML exactly as the user's ``LightningCLI`` would (``--cli`` names
 that class, or a ``LightningCLI`` subclass that knows its model; by default the YAML's ``model``/``data`` need
 ``class_path``), runs ``N`` optimizer steps with every step traced, prints the run report and exits 1 when a finding's
-action is ``"raise"`` (0 otherwise). The config's own ``GradGuard`` (its ``on_*`` actions and ``ignore``) is used, or
+action is ``"raise"`` (0 otherwise). A part that got no usable gradient on any of the ``N`` steps, fewer than the idle
+window, counts as such a finding unless it looks routed (see :meth:`~lightning_gradguard.core.GuardCore.unrouted`):
+a preflight cannot wait for the window. The config's own ``GradGuard`` (its ``on_*`` actions and ``ignore``) is used, or
 a default one is added. Like ``callback.py``, this is an adapter: it only drives a Trainer with the callback.
 """
 
@@ -74,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
         "check",
         help="run a few traced optimizer steps of a LightningCLI configuration and report (exit 1 on a 'raise')",
         description="Build model, data and Trainer from a LightningCLI YAML, run --steps optimizer steps with every "
-        "step traced, print GradGuard's report. Exit status: 1 when a finding's action is 'raise', else 0. "
+        "step traced, print GradGuard's report. Exit status: 1 when a finding's action is 'raise' (a part that got "
+        "no gradient on any step is one, unless it looks routed: one of several alike items of a ModuleList), else 0. "
         "Arguments it does not know (e.g. --model.lr=0.1) go to LightningCLI.",
     )
     check.add_argument("--config", "-c", action="append", required=True, help="LightningCLI YAML (repeatable)")
@@ -159,15 +162,28 @@ def run_check(
         print(f"\nGradGuardError: {failed}")
         print("gradguard check: FAILED (a finding whose action is 'raise')")
         return FOUND
-    print(f"gradguard check: passed ({trainer.global_step} optimizer step(s))")
+    steps_run = trainer.global_step
+    dead = [
+        f for guard in guards for f in guard._core.unrouted(parsed.model) if guard._policy.actions[f.kind] == "raise"
+    ]
+    if dead:
+        modules = ", ".join(f"`{m}`" if m else "the root module" for m in dict.fromkeys(f.module for f in dead))
+        print(
+            f"\ngradguard check: FAILED: {len({f.param for f in dead})} parameter tensor(s) got no usable gradient on "
+            f"any of the {steps_run} step(s) (the warnings above), in {modules}: not items of a ModuleList or "
+            "ModuleDict whose other items of their class got one (as experts and LayerDrop layers take turns), so "
+            "dead rather than idle."
+        )
+        return FOUND
+    print(f"gradguard check: passed ({steps_run} optimizer step(s))")
     short = [f for guard in guards for f in guard._core.short]
     if short:
         window = max(guard.idle_window for guard in guards)
         n = len({f.param for f in short})
         print(
             f"gradguard check: but {n} parameter tensor(s) got no usable gradient on any step (the warnings above): "
-            f"{trainer.global_step} step(s) are fewer than idle_window={window}, too few to tell a dead part from "
-            f"one idle by design (routing, LayerDrop). Run with --steps {window} to have them judged."
+            f"{steps_run} step(s) are fewer than idle_window={window}, too few to tell a part idle by design "
+            f"(routing, LayerDrop) from a dead one. Run with --steps {window} to have them judged."
         )
     return OK
 

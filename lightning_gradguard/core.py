@@ -37,7 +37,7 @@ from .audit import (
 )
 from .findings import HINTS, Finding, GradGuardError, group_findings
 from .history import MAX_TRACED_STEPS, History
-from .params import ParamIndex, ParamList, module_of, optimizer_layout, optimizer_params
+from .params import ParamIndex, ParamList, alike_items, module_of, optimizer_layout, optimizer_params
 from .policy import GradGuardWarning, Policy
 from .report import RunReport
 from .trace import EagerStance, LossFacts, Tracer
@@ -139,8 +139,9 @@ class GuardCore:
             ``"never"``.
         idle_window: a parameter without a usable gradient on fewer than this many checked steps in a row is idle
             (counted in :meth:`History.idle_shares`), not a finding; ``1`` judges each step at once. A ``detached``
-            parameter (a traced step shows the cut) and an all-zero gradient caused by a traced zero-derivative op
-            are reported at once whatever the window.
+            parameter (a traced step shows the cut), an all-zero gradient caused by a traced zero-derivative op and
+            an ``unused`` one whose output a traced step shows taken out of the graph (see :meth:`_dropped`) are
+            reported at once whatever the window.
     """
 
     def __init__(self, policy: Policy, diagnose: str = "on_finding", idle_window: int = 1) -> None:
@@ -585,7 +586,9 @@ class GuardCore:
 
         Each such parameter extends its run in :attr:`history` (its name goes into ``lacking``). It stays idle
         (no finding) while the run is shorter than the window, unless a traced step shows a cause that is not
-        control flow: a ``detached`` parameter, or a zero-derivative op behind an all-zero gradient.
+        control flow: a ``detached`` parameter, a zero-derivative op behind an all-zero gradient, or an ``unused``
+        one that never had a usable gradient and whose value the step took out of the graph instead of into the
+        loss (logged, `.item()`-ed: :meth:`~lightning_gradguard.trace.Tracer.dropped_at`).
 
         Returns:
             ``(findings, due)``: ``due`` holds ``(bit, reason, first step of the run)`` of untraced candidates
@@ -606,7 +609,7 @@ class GuardCore:
             if facts.traced:
                 history.known[f.param] = f
                 history.looked.add(f.param)
-            if f.kind == "detached" or (f.kind == "zero" and f.where is not None):
+            if f.kind == "detached" or (f.kind == "zero" and f.where is not None) or self._dropped(f, facts):
                 out.append(replace(f, step=first))  # not control flow: at once, for the whole run so far
             elif run >= window:
                 out.append(self._dead(f, first, run))
@@ -624,6 +627,15 @@ class GuardCore:
             elif reason == "missing" and name not in history.looked:
                 self._probing.add(name)  # a cut that starts now is `detached` at once: let the next trace look
         return out, due
+
+    def _dropped(self, f: Finding, facts: StepFacts) -> bool:
+        """``f`` is ``unused``, its parameter never had a usable gradient, and this traced step shows its value put
+        to a use other than the loss (``.detach()``-ed to be logged, ``.item()``-ed): its output does not reach the
+        loss by design of the code, not because routing or LayerDrop skipped it on this step."""
+        if f.kind != "unused" or facts.tracer is None or not facts.traced or not self.history.always_lacked(f.param):
+            return False
+        bit = self.index.bit_of.get(f.param) if self.index is not None else None
+        return bit is not None and bool(facts.tracer.dropped_at(bit))
 
     def _dead(self, f: Finding, first: int, run: int) -> Finding:
         """``f`` as the finding of a run of ``run`` steps without a usable gradient, dated to its ``first`` step."""
@@ -763,6 +775,29 @@ class GuardCore:
         self._note_modules(self.report.add(kept + kept_short, step, runs))
         self._warn(kept_short)
         self.policy.enforce(kept, step)
+
+    def unrouted(self, model: nn.Module) -> list[Finding]:
+        """Those of :attr:`short` (no usable gradient on any step of a run shorter than the idle window) whose part
+        does not look routed: not an item of an ``nn.ModuleList``/``nn.ModuleDict`` another item of whose class got
+        a usable gradient on some step (as experts, LayerDrop layers and heads chosen per batch do, taking turns).
+        Nothing in the run took turns with such a part: a module never called, or whose output is dropped, is dead
+        rather than idle (the verdict of ``gradguard check``, whose few steps cannot wait for the window)."""
+        if not self.short:
+            return []
+        history = self.history
+        never = {name for name, *_ in history.never_usable()}
+        usable = [name for name in history.checked() if name not in never]
+        alike = alike_items(model)
+
+        def routed(name: str) -> bool:
+            parts = name.split(".")[:-1]
+            for k in range(len(parts), 0, -1):  # the parameter's module, then each module above it
+                others = [m for m in alike.get(".".join(parts[:k]), ()) if m != ".".join(parts[:k])]
+                if any(n.startswith(f"{m}.") for m in others for n in usable):
+                    return True
+            return False
+
+        return [f for f in self.short if not routed(f.param)]
 
     def _warn(self, findings: list[Finding]) -> None:
         """Warn once per group of ``findings`` (as :meth:`Policy.enforce` does), whatever their kind's action."""

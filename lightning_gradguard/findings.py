@@ -40,7 +40,8 @@ class Finding:
             compiled submodules stripped). A stale tensor, which has no name, is called after the model
             parameter it copies, or ``param_groups[g][i]``.
         message: one sentence for the user: what happened and how to fix it.
-        where: ``"path:line"`` of the user's code that caused it (the line that cut the graph), or ``None``.
+        where: ``"path:line"`` of the user's code that caused it (the line that cut the graph; for a module that
+            ran but whose output never reached the loss, the line that called it), or ``None``.
         step: the optimizer step (``trainer.global_step``) on which it was first seen.
         hint: the usual fix for this kind.
         module: the name of the module that owns the parameter (``""`` for the root).

@@ -10,7 +10,8 @@ token to an expert, LayerDrop and stochastic depth make parts idle on some steps
 nothing on ``window`` checked steps in a row, from the first step on, is dead. A run of fit shorter than the window
 reports, at its end, the parameters that got no usable gradient on any of its steps. Not control flow, so reported
 at once whatever the window: ``detached`` (a traced step shows the loss depends on the parameter through a cut),
-and an all-zero gradient that a traced step blames on a zero-derivative op. Under DDP with
+an all-zero gradient that a traced step blames on a zero-derivative op, and a part that never had a usable gradient
+whose output a traced step shows logged or ``.item()``-ed instead of used in the loss. Under DDP with
 ``find_unused_parameters=False`` a skipped parameter is named at once by ``distributed.py`` (DDP itself would fail
 on the next step).
 
@@ -125,6 +126,15 @@ class History:
         """Checked steps in a row on which ``name`` lacked a usable gradient, up to its last check (0: none)."""
         gap = self._gaps.get(name)
         return gap[1] if gap else 0
+
+    def always_lacked(self, name: str) -> bool:
+        """``name`` lacked a usable gradient on every one of its checked steps (those before a resume included)."""
+        gap = self._gaps.get(name)
+        if gap is None:
+            return False
+        checked = self._base.get(name, [0, 0])[0] + sum(count for _, names, count in self._groups.values()
+                                                        if name in names)  # fmt: skip
+        return gap[1] >= checked
 
     def never_usable(self) -> list[tuple[str, int, int, str]]:
         """``(name, first step, run length, last reason)`` of the parameters that had no usable gradient on any of

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["ParamIndex", "ParamList", "clean_name", "optimizer_layout", "optimizer_params"]
+__all__ = ["ParamIndex", "ParamList", "alike_items", "clean_name", "optimizer_layout", "optimizer_params"]
 
 
 #: Name segments that wrappers insert: ``torch.compile``, FSDP (``FullyShardedDataParallel``), activation checkpointing.
@@ -120,3 +120,26 @@ class ParamIndex:
 def module_of(name: str) -> str:
     """The owning module's name of parameter ``name`` (``""`` for the root module)."""
     return name.rpartition(".")[0]
+
+
+def alike_items(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """Per item of an ``nn.ModuleList`` or ``nn.ModuleDict``, the names of the items of that container of the same
+    class, itself included: the parts that routing, LayerDrop or a task chosen per batch runs some of on a step
+    (experts, layers, heads). Names as :func:`clean_name` gives them.
+
+    Example::
+
+        >>> from torch import nn
+        >>> net = nn.Module()
+        >>> net.experts = nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2), nn.ReLU()])
+        >>> net.head = nn.Linear(2, 1)
+        >>> alike_items(net)
+        {'experts.0': ('experts.0', 'experts.1'), 'experts.1': ('experts.0', 'experts.1'), 'experts.2': ('experts.2',)}
+    """
+    out: dict[str, tuple[str, ...]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            items = [(clean_name(f"{name}.{key}" if name else key), child) for key, child in module.named_children()]
+            for item, child in items:
+                out[item] = tuple(n for n, other in items if type(other) is type(child))
+    return out

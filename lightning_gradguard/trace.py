@@ -14,10 +14,10 @@ While it is active, :class:`Tracer` (a ``TorchFunctionMode``) sees every torch c
 
 A *cut site* is an op whose input had a gradient path to some parameters and whose output has none
 (``.detach()``, ``.data``, ``no_grad``/``inference_mode``, a reentrant checkpoint none of whose inputs requires grad,
-non-differentiable ops such as ``argmax``, ``.item()``/numpy escapes, a parameter copied into a new leaf), or
-an op whose derivative is zero everywhere (``round``, ``sign``, ...). Each site remembers the user's ``path:line``
-(the innermost frame outside torch, lightning, torchmetrics, numpy, the standard library and this package) and
-the parameters it severed.
+non-differentiable ops such as ``argmax``, ``.item()``/numpy escapes, a parameter copied into a new leaf), an op
+whose derivative is zero everywhere (``round``, ``sign``, ...), or a custom autograd Function (see below). Each
+site remembers the user's ``path:line`` (the innermost frame outside torch, lightning, torchmetrics, numpy, the
+standard library and this package) and the parameters it severed.
 
 Values that leave torch are followed as far as they can be:
 
@@ -47,6 +47,13 @@ grad mode were on (a non-differentiable op inside still cuts); when none does, i
 located at the line that called ``checkpoint(...)``. A cut under ``inference_mode`` (whose entry a function mode
 cannot see) inside a checkpointed function is also named at the line that called ``checkpoint(...)``.
 
+A custom autograd Function (``torch.autograd.Function``) runs its ``forward`` with grad mode off, and autograd gives
+each input of ``apply`` what ``backward`` returns for it. An op inside ``forward`` cuts nothing by itself: what it
+makes is settled when ``apply`` returned it (linked to ``backward``: a gradient path to the parameters behind the
+inputs that its value depends on; not differentiable: none). The Function is a site of its own, located at the
+``.apply`` line: a parameter that reached the loss through it and got no gradient was given none by ``backward``
+(or was used in ``forward`` without being an input), which only the gradients show, after ``backward`` ran.
+
 Memory: across ops the tracer holds tensors and numpy arrays (whose ``.base`` may be a tensor) only through weak
 references, and no stack frame (a ``no_grad`` region is remembered by its frame's ``id`` and code object). Python
 numbers and lists that escaped are held until :meth:`Tracer.reset` (they hold no tensor). Everything is forgotten
@@ -55,12 +62,13 @@ at :meth:`Tracer.reset`.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -101,6 +109,7 @@ _SPECIAL = (
                                                                "detach_"}
 )  # fmt: skip
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 
 # What `Tracer.__torch_function__` does with a torch function, looked up once per function (by `_kind_of`).
 _PLAIN = 0  # one or more tensors out, masks of the inputs (the fast path)
@@ -132,6 +141,13 @@ _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
 #: ``.tolist()`` results are followed element by element up to this many items (a traced step stays cheap).
 _MAX_ESCAPED_ITEMS = 4096
 
+#: Kinds of cut sites that take a value out of the graph (see ``Tracer.dropped_at``).
+_DROPS = frozenset({"detach", "data", "no_grad", "inference_mode", "escape", "nondiff", "copy"})
+
+#: The code of ``torch.autograd.Function.apply`` (a classmethod every custom Function inherits): its frame on the
+#: stack means a Function's ``forward`` runs (see ``Tracer._function``); ``None`` if torch changes that.
+_APPLY_CODE = getattr(getattr(getattr(torch.autograd.Function, "apply", None), "__func__", None), "__code__", None)
+
 
 def _kind_of(func: Any) -> int:
     """The kind of ``func`` for :meth:`Tracer.__torch_function__` (remembered in ``_KINDS``)."""
@@ -156,6 +172,19 @@ def _kind_of(func: Any) -> int:
     return kind
 
 
+def _input_names(cls: Any, n: int) -> list[str | None]:
+    """The names of the ``n`` inputs of custom Function ``cls`` (``forward``'s parameters after ``ctx``), or
+    ``None`` for each one its signature does not name."""
+    try:
+        code = inspect.unwrap(cls.forward).__code__
+    except (AttributeError, TypeError, ValueError):
+        return [None] * n
+    names: list[str | None] = list(code.co_varnames[: code.co_argcount])
+    if getattr(cls, "setup_context", None) is getattr(torch.autograd.Function, "setup_context", None):
+        names = names[1:]  # `forward(ctx, ...)`: no `setup_context` of its own
+    return (names + [None] * n)[:n]
+
+
 def _checkpoint_caller(frame: FrameType) -> FrameType | None:
     """The user frame that called ``torch.utils.checkpoint`` to run ``frame``'s function, or ``None`` if a
     checkpoint did not run it."""
@@ -174,14 +203,20 @@ class CutSite:
     Attributes:
         kind: ``"detach"``, ``"data"``, ``"no_grad"``, ``"inference_mode"``, ``"checkpoint"``, ``"escape"``
             (``.item()``, ``.tolist()``, ``float()``, numpy), ``"nondiff"`` (``argmax``, comparisons, integer
-            casts, ...), ``"copy"`` (a parameter's value copied into a new leaf) or ``"zero_derivative"``.
-        op: the torch function's name (``"detach"``, ``"argmax"``, ``"item"``, ...).
+            casts, ...), ``"copy"`` (a parameter's value copied into a new leaf), ``"zero_derivative"``,
+            ``"function"`` (a custom ``torch.autograd.Function``, whose ``backward`` gave no gradient for an input,
+            or whose ``forward`` used a tensor that is not an input) or ``"function_output"`` (an output of one that
+            is not differentiable).
+        op: the torch function's name (``"detach"``, ``"argmax"``, ``"item"``, ...); for ``function`` sites the
+            Function's class name.
         where: the user's ``path:line``, or ``None`` if no user frame was on the stack.
-        mask: the parameters whose gradient path this site severed.
+        mask: the parameters whose gradient path this site severed (for ``function``: that pass through it).
         entered: for ``no_grad``: where the no-grad region was entered.
         note: for ``checkpoint``: what is true of the checkpoint's inputs.
         calls: how many times the op cut a gradient path here this step.
         losses: how many losses of this step (seen by :meth:`Tracer.facts`) carry this site.
+        inputs: for ``function``: per input of ``apply``, its name (``None``: unknown) and the parameters with a
+            gradient path to it.
     """
 
     kind: str
@@ -192,6 +227,7 @@ class CutSite:
     note: str | None = None
     calls: int = 0
     losses: int = 0
+    inputs: list[tuple[str | None, int]] = field(default_factory=list)
 
     @property
     def reused(self) -> bool:
@@ -199,9 +235,19 @@ class CutSite:
         discriminator's loss and reused in the generator's): the cut is wanted in one of them."""
         return self.kind in ("detach", "data") and self.losses > max(self.calls, 1)
 
-    def describe(self) -> str:
-        """What happened here, in a few words, e.g. ``"`.detach()` at model.py:42"``."""
+    def describe(self, bit: int | None = None) -> str:
+        """What happened here, in a few words, e.g. ``"`.detach()` at model.py:42"``; ``bit``: the parameter
+        asked about (a ``function`` site names the input that carried it)."""
         at = f" at {self.where}" if self.where else ""
+        if self.kind == "function":
+            inputs = self._inputs_of(bit)
+            if not inputs:
+                return (f"`{self.op}.apply`{at}, whose `forward` uses it without taking it as an input (autograd "
+                        "gives gradients to the inputs of `apply` only),")  # fmt: skip
+            return f"`{self.op}.apply`{at}, whose `backward` returned no gradient for its {_spell_inputs(inputs)},"
+        if self.kind == "function_output":
+            return (f"`{self.op}.apply`{at}, whose output used by the loss is not differentiable (marked with "
+                    "`ctx.mark_non_differentiable`, or not a floating-point tensor),")  # fmt: skip
         if self.reused:
             spelled = "`.data`" if self.kind == "data" else f"`.{self.op}()`"
             return f"{spelled}{at}, whose result another loss of this step also uses (and may need detached),"
@@ -227,8 +273,21 @@ class CutSite:
             return f"`{self.op}`{at}, whose derivative is zero everywhere"
         return f"non-differentiable `{self.op}`{at}"
 
-    def fix(self) -> str:
-        """What to change at this site, e.g. ``"remove the `.detach()`"``."""
+    def fix(self, bit: int | None = None) -> str:
+        """What to change at this site, e.g. ``"remove the `.detach()`"`` (``bit``: see :meth:`describe`)."""
+        if self.kind == "function":
+            inputs = self._inputs_of(bit)
+            if not inputs:
+                return f"pass it to `{self.op}.apply` as an input and return its gradient from `{self.op}.backward`"
+            which = " and ".join(_ordinal(i) for i, _ in inputs)
+            several = len(inputs) > 1
+            if all(name for _, name in inputs):
+                names = " and ".join(f"`{name}`" for _, name in inputs)
+                return (f"return {'gradients' if several else 'a gradient'} for {names} from `{self.op}.backward` "
+                        f"(its {which} value{'s' if several else ''})")  # fmt: skip
+            return f"return a gradient from `{self.op}.backward` as its {which} value{'s' if several else ''}"
+        if self.kind == "function_output":
+            return f"use a differentiable output of `{self.op}.apply` in the loss"
         if self.reused:
             spelled = "`.data`" if self.kind == "data" else f"`.{self.op}()`"
             return (
@@ -249,6 +308,28 @@ class CutSite:
             else "use the parameter itself, not a detached copy",
             "zero_derivative": f"replace `{self.op}` by a differentiable op (e.g. a straight-through estimator)",
         }.get(self.kind, f"replace the non-differentiable `{self.op}`, or keep its result out of the loss")
+
+    def _inputs_of(self, bit: int | None) -> list[tuple[int, str | None]]:
+        """``(position, name)`` of the inputs of a ``function`` site that carried parameter ``bit``."""
+        if bit is None:
+            return []
+        return [(i, name) for i, (name, mask) in enumerate(self.inputs) if mask >> bit & 1]
+
+
+def _spell_inputs(inputs: list[tuple[int, str | None]]) -> str:
+    """``[(1, "w")]`` -> ``"2nd input `w`"``; ``[(0, "x"), (1, None)]`` -> ``"1st and 2nd inputs (`x`, ...)"``."""
+    if len(inputs) == 1:
+        i, name = inputs[0]
+        return f"{_ordinal(i)} input" + (f" `{name}`" if name else "")
+    names = ", ".join(f"`{name}`" if name else "..." for _, name in inputs)
+    return f"{' and '.join(_ordinal(i) for i, _ in inputs)} inputs ({names})"
+
+
+def _ordinal(i: int) -> str:
+    """``0`` -> ``"1st"``, ``1`` -> ``"2nd"``, ``10`` -> ``"11th"``."""
+    n = i + 1
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 @dataclass
@@ -340,11 +421,16 @@ class Tracer(TorchFunctionMode):
         self._ckpt: tuple[int, object, bool, int] | None = None
         # (kind, op, code object, line) of a cut called straight from user code -> its site (see `_site`).
         self._site_memo: dict[tuple[str, str, object, int], int] = {}
+        # id of a tensor made inside a custom autograd Function's forward -> (a weak reference to it, dep, grad, cuts,
+        # index of the Function's site): what it carries is settled once `apply` returned (`_function_output`).
+        self._fn_out: dict[int, tuple[weakref.ref, int, int, int, int]] = {}
+        # index of a parameter -> the user's `path:line` of the first op that took it as an argument this step.
+        self._used_at: dict[int, str] = {}
 
     @property
     def recorded(self) -> bool:
         """Something was recorded since the last :meth:`reset`."""
-        return bool(self._prov or self.sites or self._escapes or self.seen or self._ptrs or self._exits)
+        return bool(self._prov or self.sites or self._escapes or self.seen or self._ptrs or self._exits or self._fn_out)
 
     @property
     def paused(self) -> bool:
@@ -427,6 +513,21 @@ class Tracer(TorchFunctionMode):
         """
         return [site for site in self._exits.values() if site.mask >> param_bit & 1]
 
+    def used_at(self, param_bit: int) -> str | None:
+        """The user's ``path:line`` of the first op that took parameter ``param_bit`` as an argument this step (for
+        a module's parameter, the line that called the module), or ``None``."""
+        return self._used_at.get(param_bit) or None
+
+    def dropped_at(self, param_bit: int) -> list[CutSite]:
+        """Where the value of parameter ``param_bit`` was taken out of the graph this step: the cut sites that
+        severed it (``.detach()`` or ``no_grad`` to log or measure it, ``argmax`` for a metric; not a custom
+        Function or a checkpoint, which pass a value on), then the places where it left torch
+        (:meth:`escapes_of`). For a parameter the loss does not depend on, evidence that its output was put to a
+        use other than the loss, rather than not computed or dropped by control flow."""
+        cuts = [s for s in self.sites if s.kind in _DROPS and s.mask >> param_bit & 1]
+        spots = {(s.kind, s.op, s.where) for s in cuts}
+        return cuts + [s for s in self.escapes_of(param_bit) if (s.kind, s.op, s.where) not in spots]
+
     # ---------------------------------------------------------------- internals
     def _lookup(self, t: torch.Tensor) -> tuple[int, int, int]:
         i = self._params.get(id(t))
@@ -436,6 +537,10 @@ class Tracer(TorchFunctionMode):
         r = self._prov.get(id(t))
         if r is not None and r[0]() is t:
             return r[1], r[2], r[3]
+        if self._fn_out:
+            fn = self._function_output(t)
+            if fn is not None:
+                return fn
         hit = self._unseen(t)
         self._prov[id(t)] = (weakref.ref(t), *hit)  # a tensor first seen here keeps what it was first taken to be
         return hit
@@ -457,12 +562,18 @@ class Tracer(TorchFunctionMode):
             return _ZERO
         hit = self._ptrs.get(ptr)
         if hit is not None:  # memory an escaped numpy array owns or shares (`torch.from_numpy(arr)`)
-            return hit[0], 0, hit[1]
-        if self._numpy[0] and not t.untyped_storage().resizable() and not t.is_shared():
-            return self._numpy[0], 0, self._numpy[1]  # storage owned by numpy: `torch.from_numpy(np_result)`
-        if self._pyvals and t.is_floating_point() and t.numel() > 0:
-            return self._by_value(t)
-        return _ZERO
+            found = hit[0], 0, hit[1]
+        elif self._numpy[0] and not t.untyped_storage().resizable() and not t.is_shared():
+            found = self._numpy[0], 0, self._numpy[1]  # storage owned by numpy: `torch.from_numpy(np_result)`
+        elif self._pyvals and t.is_floating_point() and t.numel() > 0:
+            found = self._by_value(t)
+        else:
+            return _ZERO
+        if found[0] and t.grad_fn is not None:  # built so in a custom Function's forward, returned by its `apply`
+            idx = self._function_of(t.grad_fn)
+            if idx is not None:
+                found = self._linked(found[0], found[2], idx)
+        return found
 
     def _new_leaf(self, dep: int, cuts: int) -> tuple[int, int, int]:
         """A leaf sharing memory with a traced value that has no gradient path: a copy of it into a new leaf."""
@@ -658,7 +769,9 @@ class Tracer(TorchFunctionMode):
         params = self._params
         prov = self._prov
         escaping = self._escaping
+        used = self._used_at
         dep = grad = cuts = 0
+        first_use = False
         for a in args:
             if isinstance(a, _TENSOR):
                 i = params.get(id(a))
@@ -666,6 +779,8 @@ class Tracer(TorchFunctionMode):
                     dep |= 1 << i
                     if a.requires_grad:
                         grad |= 1 << i
+                    if i not in used:
+                        first_use = True
                     continue
                 r = prov.get(id(a))
                 if r is not None and r[0]() is a:
@@ -676,6 +791,8 @@ class Tracer(TorchFunctionMode):
                 d, g, c = self._lookup(a)
             elif escaping or isinstance(a, (list, tuple)):
                 d, g, c = self._scan(a)
+                if d and not first_use and isinstance(a, (list, tuple)):  # an RNN's `_flat_weights`
+                    first_use = any(params.get(id(b), -1) not in used for b in a if id(b) in params)
             else:
                 continue
             dep |= d
@@ -684,6 +801,9 @@ class Tracer(TorchFunctionMode):
         if kwargs:
             for a in kwargs.values():
                 if isinstance(a, _TENSOR):
+                    i = params.get(id(a))
+                    if i is not None and i not in used:
+                        first_use = True
                     d, g, c = self._lookup(a)
                 elif escaping and isinstance(a, (float, list, tuple)):
                     d, g, c = self._scan(a)
@@ -695,18 +815,21 @@ class Tracer(TorchFunctionMode):
             out = func(*args, **kwargs)
         else:
             out = func(*args)
+        if first_use:
+            self._note_use(args, kwargs, out, sys._getframe(1))
         if not (dep or cuts):
             return out
         if not kind:
             if isinstance(out, _TENSOR):  # the common case: one tensor out of a plain op
                 self.seen |= dep
-                if out.requires_grad:
-                    if id(out) not in params:
-                        prov[id(out)] = (weakref.ref(out), dep, grad, cuts)
-                    return out
-                if not grad:
-                    self._record(out, dep, 0, cuts)  # also remembers its memory (for a copy into a new leaf)
-                    return out
+                if _grad_enabled():  # (off: maybe in a custom Function's forward, see `_record_outputs`)
+                    if out.requires_grad:
+                        if id(out) not in params:
+                            prov[id(out)] = (weakref.ref(out), dep, grad, cuts)
+                        return out
+                    if not grad:
+                        self._record(out, dep, 0, cuts)  # also remembers its memory (for a copy into a new leaf)
+                        return out
             name = getattr(func, "__name__", "")
             if isinstance(out, _TENSOR):
                 self._record_outputs(out, dep, grad, cuts, (func, name), sys._getframe(1))
@@ -724,7 +847,7 @@ class Tracer(TorchFunctionMode):
         self.seen |= dep
 
         frame = sys._getframe(1)
-        if name in _ZERO_DERIVATIVE and grad:
+        if name in _ZERO_DERIVATIVE and grad and (_grad_enabled() or self._function(frame) is None):
             cuts |= self._site("zero_derivative", name, grad, frame)
         elif name == "requires_grad_" and not grad and (args[1:2] or [(kwargs or {}).get("requires_grad", True)])[0]:
             # A parameter's own value made into a new leaf (`p.detach().clone().requires_grad_()`): exactly one
@@ -756,6 +879,12 @@ class Tracer(TorchFunctionMode):
 
     def _record_outputs(self, out, dep, grad, cuts, op, frame, depth=0) -> None:
         if isinstance(out, _TENSOR):
+            if not _grad_enabled() and id(out) not in self._params:
+                fn = self._function(frame)
+                if fn is not None:  # made in a custom Function's forward: its backward decides, not this op
+                    self.sites[fn].mask |= grad
+                    self._fn_out[id(out)] = (weakref.ref(out), dep, grad, cuts, fn)
+                    return
             if grad and not out.requires_grad:
                 if op is not None and self._through_checkpoint(out, op[1], frame):
                     self._record(out, dep, grad, cuts)
@@ -767,6 +896,123 @@ class Tracer(TorchFunctionMode):
         elif isinstance(out, (list, tuple)) and depth < 2:
             for o in out:
                 self._record_outputs(o, dep, grad, cuts, op, frame, depth + 1)
+
+    def _function(self, frame: FrameType | None) -> int | None:
+        """The index of the site of the custom autograd Function (``torch.autograd.Function``) whose ``forward``
+        runs the op called from ``frame`` (made on first sight), or ``None``.
+
+        Autograd runs a Function's ``forward`` with grad mode off and links its outputs to its ``backward``: an op
+        in there cuts nothing by itself. The ``apply`` that autograd differentiates is the outermost one on the stack
+        (another ``apply`` inside a ``forward`` runs with grad mode off), unless grad mode was switched off around it
+        (a ``no_grad`` region: its ops are cut as usual). A reentrant checkpoint is a Function too, handled by
+        :meth:`_checkpoint`: when some input of it requires grad, the backward recompute differentiates the next
+        ``apply`` inside it; when none does, the checkpoint cuts.
+        """
+        if _APPLY_CODE is None or torch.is_inference_mode_enabled():
+            return None
+        entry = self._grad_off[-1] if self._grad_off else None
+        applies: list[tuple[FrameType, FrameType | None]] = []  # (`apply`'s frame, the `forward` it called)
+        f, below = frame, None
+        while f is not None:
+            if entry is not None and id(f) == entry[0] and f.f_code is entry[1]:
+                return None  # grad mode was switched off around it
+            if f.f_code is _APPLY_CODE:
+                applies.append((f, below))
+            below, f = f, f.f_back
+        for apply, forward in reversed(applies):
+            if forward is not None and forward.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+                ckpt = self._checkpoint(forward)
+                if ckpt is None or not ckpt[2]:
+                    return None
+                continue
+            return self._function_site(apply)
+        return None
+
+    def _function_site(self, apply: FrameType) -> int:
+        """The site of the Function whose ``apply`` runs in frame ``apply``; adds what reaches each of its inputs."""
+        local = apply.f_locals
+        cls = local.get("cls")
+        args = local.get("args", ())
+        name = getattr(cls, "__name__", "Function")
+        where, _ = self._locate(apply.f_back, "function")
+        key = ("function", name, where)
+        idx = self._site_keys.get(key)
+        if idx is None:
+            idx = len(self.sites)
+            self._site_keys[key] = idx
+            self.sites.append(CutSite("function", name, where, calls=1))
+        site = self.sites[idx]
+        if len(site.inputs) < len(args):
+            names = _input_names(cls, len(args))
+            site.inputs += [(names[i], 0) for i in range(len(site.inputs), len(args))]
+        for i, a in enumerate(args):
+            if isinstance(a, _TENSOR):
+                g = self._lookup(a)[1]
+                if g:
+                    site.inputs[i] = (site.inputs[i][0], site.inputs[i][1] | g)
+                    site.mask |= g
+        return idx
+
+    def _function_output(self, t: torch.Tensor) -> tuple[int, int, int] | None:
+        """The facts of ``t``, made in a custom Function's ``forward`` (``None``: it was not). Once ``apply``
+        returned, ``t`` has a gradient path to the parameters behind the inputs of ``apply`` that its value depends
+        on when autograd linked it to the Function's ``backward`` (whether ``backward`` gives each input a gradient
+        is known only after it ran: the Function's site is then the culprit), and none when it is not
+        differentiable; inside ``forward`` it keeps what it was made with."""
+        entry = self._fn_out.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        ref, dep, grad, cuts, idx = entry
+        site = self.sites[idx]
+        if t.requires_grad:
+            hit = self._linked(dep, cuts, idx)
+        elif _grad_enabled():  # after `apply`: an output it did not make differentiable
+            inputs = 0
+            for _, mask in site.inputs:
+                inputs |= mask
+            key = ("function_output", site.op, site.where)
+            out = self._site_keys.get(key)
+            if out is None:
+                out = len(self.sites)
+                self._site_keys[key] = out
+                self.sites.append(CutSite("function_output", site.op, site.where))
+            self.sites[out].mask |= grad | dep & inputs
+            hit = (dep, 0, cuts | 1 << out)
+        else:
+            return dep, grad, cuts  # still inside `forward`
+        del self._fn_out[id(t)]
+        self._prov[id(t)] = (ref, *hit)
+        return hit
+
+    def _linked(self, dep: int, cuts: int, idx: int) -> tuple[int, int, int]:
+        """The facts of an output of the Function of site ``idx`` that autograd linked to its ``backward``: a
+        gradient path to the parameters behind the Function's inputs that its value depends on."""
+        inputs = 0
+        for _, mask in self.sites[idx].inputs:
+            inputs |= mask
+        return dep, dep & inputs, cuts | 1 << idx
+
+    def _function_of(self, node: object) -> int | None:
+        """The latest site of the custom Function whose backward node ``node`` is (autograd names its class
+        ``<Function>Backward``), or ``None``."""
+        name = type(node).__name__
+        for idx in range(len(self.sites) - 1, -1, -1):
+            site = self.sites[idx]
+            if site.kind == "function" and name == f"{site.op}Backward":
+                return idx
+        return None
+
+    def _note_use(self, args: tuple, kwargs: dict | None, out: object, frame: FrameType | None) -> None:
+        """Remember the user's line of the op that first took each parameter among its arguments this step (for a
+        module, the line that called it); an in-place op on the parameter itself (``w.zero_()``) does not count."""
+        where: str | None = ""
+        for a in (*args, *kwargs.values()) if kwargs else args:
+            for b in a if isinstance(a, (list, tuple)) else (a,):
+                i = self._params.get(id(b)) if isinstance(b, _TENSOR) and b is not out else None
+                if i is not None and i not in self._used_at:
+                    if where == "":
+                        where, _ = self._locate(frame, "use")
+                    self._used_at[i] = where
 
     def _through_checkpoint(self, out: torch.Tensor, name: str, frame: FrameType | None) -> bool:
         """``out`` was made inside a reentrant checkpoint some of whose inputs require grad, by an op that the
@@ -846,7 +1092,7 @@ class Tracer(TorchFunctionMode):
     def _escape(self, name: str, out: object, dep: int, grad: int, cuts: int) -> None:
         self._escaping = True
         frame = sys._getframe(2)
-        if grad:
+        if grad and (_grad_enabled() or self._function(frame) is None):  # (a custom Function's backward decides)
             cuts |= self._site("escape", name, grad, frame)
         elif cuts:  # `.detach().numpy()` on one line is one escape, not a `.detach()` to remove
             where, _ = self._locate(frame, "escape")

@@ -262,7 +262,7 @@ def test_integer_arithmetic_after_item_stays_unused_and_names_the_escape():
         return m.head(m.enc(x)).mean() * k
 
     findings = plain_step(Aux(), int_arith).findings
-    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, None) for p in AUX}
+    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, where("CLAIMS: int item")) for p in AUX}
     assert all(f"`.item()` at {where('CLAIMS: int item')}" in f.message for f in findings)
 
 
@@ -595,6 +595,112 @@ def test_no_grad_inside_a_reentrant_checkpoint_is_detached_without_a_line(reentr
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Limits: "a part whose output is logged or `.item()`-ed but not in the loss, is reported on the first traced step: an
+# auxiliary loss logged from the start but added to the loss only after a warmup is reported then".
+
+
+class AuxAfterWarmup(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 1)
+        self.aux = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.tanh(self.enc(x))
+        loss = ((self.head(h).squeeze(-1) - y) ** 2).mean()
+        aux_loss = ((self.aux(h).squeeze(-1) - y) ** 2).mean()  # CLAIMS: aux after warmup
+        self.log("aux_loss", aux_loss)
+        return loss + aux_loss if self.global_step >= 5 else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_an_aux_loss_logged_before_a_warmup_adds_it_is_reported_at_the_first_step(tmp_path):
+    trainer = make_trainer(tmp_path, [GradGuard()], max_steps=10)
+    with pytest.raises(GradGuardError) as err:
+        trainer.fit(AuxAfterWarmup(), loader())
+    assert trainer.global_step == 0
+    assert {(f.kind, f.param, f.where) for f in err.value.findings} == {
+        ("unused", p, where("CLAIMS: aux after warmup")) for p in AUX
+    }
+    guard = GradGuard(ignore="aux.*")  # the README's way out
+    make_trainer(tmp_path, [guard], max_steps=10).fit(AuxAfterWarmup(), loader())
+    assert guard.findings == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Limits: "Through a custom autograd Function the tracer follows the ops it sees: a `forward` that calls a compiled
+# extension kernel (not a torch function) carries nothing, so a parameter reaching the loss only that way is `unused`,
+# not `detached` at the `.apply` line. Of two Functions in a row that a parameter reaches the loss through, the later
+# one is named, whichever `backward` left it out."
+
+
+class OpaqueKernel(torch.autograd.Function):
+    """`forward` computes out of the tracer's sight (as an extension kernel does); `backward` leaves out `w`."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        with torch._C.DisableTorchFunction():
+            return x @ w
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g @ w.t(), None
+
+
+class LeavesOutW(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(w)
+        return x @ w
+
+    @staticmethod
+    def backward(ctx, g):
+        (w,) = ctx.saved_tensors
+        return g @ w.t(), None
+
+
+class Doubles(torch.autograd.Function):
+    """Correct: `2 * x`."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class Square(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.w = nn.Parameter(torch.randn(8, 8) / 3)
+        self.head = nn.Linear(8, 1)
+
+
+def test_a_function_computing_out_of_the_tracers_sight_leaves_its_parameter_unused():
+    findings = plain_step(Square(), lambda m, x: m.head(OpaqueKernel.apply(m.enc(x), m.w)).mean()).findings
+    assert {(f.kind, f.param) for f in findings} == {("unused", "w")}
+
+
+def test_of_two_functions_in_a_row_the_later_one_is_named():
+    def forward(m, x):
+        h = LeavesOutW.apply(m.enc(x), m.w)  # CLAIMS: leaves out w
+        return m.head(Doubles.apply(h)).mean()  # CLAIMS: the later Function
+
+    [f] = plain_step(Square(), forward).findings
+    assert (f.kind, f.param, f.where) == ("detached", "w", where("CLAIMS: the later Function"))
+    assert "`Doubles.apply`" in f.message
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Lightning Fabric: "Fabric calls only `on_after_setup` and `on_after_optimizer_step` on its callbacks".
 
 
@@ -651,27 +757,106 @@ def test_preflight_cli_as_module_and_class_and_the_report_as_markdown(tmp_path, 
     assert "- **detached**: module `encoder` (2 tensors, 544 parameters) at `examples/train.py:" in out
 
 
-def test_preflight_names_the_model_and_data_classes_and_a_dead_module_fails_only_within_the_window(
-    tmp_path, capsys, monkeypatch
+#: LightningModules for `gradguard check --model <this file>:<class>` (DemoData's batches: 16 features, 4 classes).
+PREFLIGHT_MODELS = """
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+
+
+class Net(LightningModule):
+    \"\"\"Four residual layers in a ModuleList; `skip` names the layer left out on every step (LayerDrop's draw).\"\"\"
+
+    def __init__(self, skip: int = -1, extra: str = "none") -> None:
+        super().__init__()
+        self.skip = skip
+        self.extra = extra
+        self.inp = nn.Linear(16, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+        self.head = nn.Linear(16, 4)
+        self.aux = nn.Linear(16, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.inp(x)
+        for k, layer in enumerate(self.layers):
+            if k != self.skip:
+                h = h + torch.tanh(layer(h))
+        loss = F.cross_entropy(self.head(h), y)
+        if self.extra == "dropped":
+            _ = self.aux(h)  # computed, never used
+        elif self.extra == "logged":
+            self.log("aux", F.cross_entropy(self.aux(h), y))
+        elif self.extra == "none":
+            loss = loss + 0.1 * F.cross_entropy(self.aux(h), y)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class Experts(Net):
+    \"\"\"Top-1 routing over the ModuleList `layers` as experts; expert `skip` gets no token (not called).\"\"\"
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.inp(x)
+        choice = torch.arange(len(x)) % 4
+        out = torch.zeros_like(h)
+        for e, expert in enumerate(self.layers):
+            rows = ((choice == e) & (choice != self.skip)).nonzero().squeeze(-1)
+            if rows.numel():
+                out = out.index_add(0, rows, expert(h[rows]))
+        return F.cross_entropy(self.head(out) + self.aux(h), y)
+"""
+
+
+@pytest.mark.parametrize(("model", "args", "status", "says"), [
+    ("Net", ["--model.extra=never_called"], 1, "in `aux`: not items of a ModuleList"),  # no part takes turns with it
+    ("Net", ["--model.extra=dropped"], 1, "in `aux`: not items of a ModuleList"),  # ran, output simply dropped
+    ("Net", ["--model.extra=logged"], 1, "aux.weight: unused"),  # logged only: the first traced step raises
+    ("Net", ["--model.skip=2"], 0, "Run with --steps 16 to have them judged."),  # layers.2 idle: LayerDrop
+    ("Experts", ["--model.skip=3"], 0, "Run with --steps 16 to have them judged."),  # expert 3 idle: routing
+    ("Net", [], 0, "gradguard check: passed (3 optimizer step(s))\n"),  # nothing more to say
+])  # fmt: skip
+def test_preflight_with_its_default_steps_fails_on_a_dead_part_and_passes_parts_that_take_turns(
+    tmp_path, capsys, monkeypatch, model, args, status, says
 ):
-    """A never-called module gets no gradient on any of the `--steps`: fewer than `idle_window` (16) steps warn
-    (exit 0), as a short `fit` does; `--steps 16` reaches the window, and the check fails."""
+    """README: with its default 3 steps, `gradguard check` exits 1 on a module never called or whose output never
+    reaches the loss; a part that got nothing on any step but is one of several alike items of a `ModuleList` or
+    `ModuleDict`, some of which got gradients (experts, LayerDrop layers), is only a warning."""
+    models = tmp_path / "models.py"
+    models.write_text(PREFLIGHT_MODELS)
     config = tmp_path / "plain.yaml"
-    config.write_text("model:\n  bug: unused\ndata:\n  num_samples: 64\n")  # no class_path anywhere
+    config.write_text("data:\n  num_samples: 64\n")  # no class_path anywhere: --model and --data name the classes
+    classes = ("--model", f"{models}:{model}", "--data", "examples.train:DemoData")
+    root = f"--trainer.default_root_dir={tmp_path}"
+    status_, out = check_in_process(capsys, monkeypatch, "check", "--config", str(config), root, *classes, *args)
+    assert status_ == status, out
+    assert says in out
+    if status:
+        assert "gradguard check: FAILED" in out
+    else:
+        assert "gradguard check: passed (3 optimizer step(s))" in out
+
+
+def test_preflight_a_dead_part_passes_when_its_kind_is_not_raised(tmp_path, capsys, monkeypatch):
+    """The config's own actions decide: with `on_unused: warn` the never-called `aux` is a warning, exit 0."""
+    config = tmp_path / "plain.yaml"
+    config.write_text(
+        "model:\n  bug: unused\ndata:\n  num_samples: 64\n"
+        "trainer:\n  callbacks:\n    - class_path: GradGuard\n      init_args:\n        on_unused: warn\n"
+    )
     root = f"--trainer.default_root_dir={tmp_path}"
     classes = ("--model", "examples.train:DemoModel", "--data", "examples.train:DemoData")
-    status, out = check_in_process(
-        capsys, monkeypatch, "check", "--config", str(config), "--steps", "3", root, *classes
-    )
+    status, out = check_in_process(capsys, monkeypatch, "check", "--config", str(config), root, *classes)
     assert status == 0, out
-    assert "gradguard check: passed (3 optimizer step(s))" in out
     assert "but 2 parameter tensor(s) got no usable gradient on any step" in out
-    assert "Run with --steps 16 to have them judged." in out
     status, out = check_in_process(
         capsys, monkeypatch, "check", "--config", str(config), "--steps", "16", root, *classes
     )
-    assert status == 1, out
-    assert "aux.weight: unused" in out
+    assert status == 0, out  # reported at the window now, as a warning all the same
 
 
 def test_python_m_is_the_command_and_a_config_without_class_paths_needs_model_and_data(tmp_path):
@@ -867,6 +1052,8 @@ def test_readme_corpus_and_sweep_numbers_are_the_generated_reports():
     right = re.search(r"right kinds and parameters: (\d+/\d+)", corpus).group(1)
     cuts = re.search(r"right `where` \(detached parameters\): (\d+/\d+)", corpus).group(1)
     assert f"Result: {right} right kinds and parameters, {cuts} cut lines right" in readme
+    calls = re.search(r"module whose output is discarded \(the line that called it\): (\d+/\d+)", corpus).group(1)
+    assert f"named at the line that called it ({calls} parameters)" in readme
     assert f"healthy models with a finding: 0/{healthy}" in corpus  # "no finding on any healthy model"
     assert "crashes: 0" in corpus  # "no crash"
     configs, archs = re.search(r"(\d+) configurations of (\d+) architectures: \1 fully right", sweep).groups()

@@ -160,6 +160,70 @@ def test_experts_without_tokens_on_some_steps_are_idle_not_unused(tmp_path):
     assert all(0 < v < 1 for v in shares.values())
 
 
+class DenseExperts(LightningModule):
+    """Every expert runs on every token; the router picks one output per token by index (tensor level) or, in the
+    Python form, one expert's output for the whole batch: the others' outputs are computed and dropped."""
+
+    def __init__(self, python_choice: bool = False) -> None:
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.out = nn.Linear(8, 1)
+        self.python_choice = python_choice
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        probs = self.router(x).softmax(-1)
+        outs = [expert(x) for expert in self.experts]
+        if self.python_choice:
+            e = self.global_step % 4  # a schedule standing in for a batch-level routing decision
+            h = outs[e] * probs[:, e : e + 1]
+        else:
+            choice = probs.argmax(-1)
+            h = torch.stack(outs, 1)[torch.arange(len(x)), choice] * probs.gather(1, choice[:, None])
+        return ((self.out(h).squeeze(-1) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("python_choice", [False, True])
+def test_experts_computed_then_selected_are_idle_not_unused(tmp_path, python_choice):
+    """Selected by index, the unchosen experts' outputs still reach the loss: all-zero gradients, idle. Selected in
+    Python, they are computed and dropped, nothing else: idle too, every step traced."""
+    guard = quiet(tmp_path, DenseExperts(python_choice), GradGuard(on_zero="raise", diagnose="always"), max_steps=40)
+    assert guard.findings == []
+    assert set(guard.report.idle_shares()) <= {"experts", *(f"experts.{e}" for e in range(4))}
+
+
+class AuxEveryThirdStep(LightningModule):
+    """An auxiliary loss logged on every step and added to the loss on every third one (from the first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 1)
+        self.aux = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.tanh(self.body(x))
+        loss = ((self.out(h).squeeze(-1) - y) ** 2).mean()
+        aux_loss = ((self.aux(h).squeeze(-1) - y) ** 2).mean()
+        self.log("aux_loss", aux_loss)
+        return loss + aux_loss if self.global_step % 3 == 0 else loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_an_output_logged_on_every_step_and_in_the_loss_on_some_is_idle(tmp_path):
+    """Logged and left out of the loss on a traced step, but it had a gradient before: idle, not dead."""
+    guard = quiet(tmp_path, AuxEveryThirdStep(), GradGuard(diagnose="always"), max_steps=40)
+    assert guard.findings == []
+    assert guard.report.idle_shares() == {"aux": pytest.approx(26 / 40)}
+
+
 def test_a_dead_expert_is_unused_within_the_window(tmp_path):
     trainer = make_trainer(tmp_path, [GradGuard()], max_steps=100)
     with pytest.raises(GradGuardError) as err:

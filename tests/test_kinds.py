@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from conftest import loader, make_trainer, where
-from lightning_gradguard import Finding, GradGuard, GradGuardError, GradGuardWarning
+from lightning_gradguard import Finding, GradGuard, GradGuardError, GradGuardWarning, check_step
 
 
 class Net(LightningModule):
@@ -106,7 +106,31 @@ class OutputDiscarded(Net):
     def training_step(self, batch, batch_idx):
         x, y = batch
         h = self.features(x)
-        _pooled = self.pooler(h)  # computed, never read
+        _pooled = self.pooler(h)  # CALL: pooler (computed, never read)
+        return self.loss(self.head(h), y)
+
+
+class AuxLogged(Net):
+    """An auxiliary head whose output is only logged (`self.log` detaches it), never added to the loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.features(x)
+        aux_loss = self.loss(self.aux(h), y)  # CALL: aux
+        self.log("aux_loss", aux_loss)  # DROP: self.log
+        return self.loss(self.head(h), y)
+
+
+class AuxPrinted(AuxLogged):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = self.features(x)
+        aux = self.aux(h)  # CALL: aux printed
+        self.printed = aux.abs().mean().item()  # DROP: item
         return self.loss(self.head(h), y)
 
 
@@ -124,6 +148,52 @@ def test_discarded_output_is_unused_not_detached(tmp_path):
     assert kinds(err.value.findings) == {("unused", "pooler.weight"), ("unused", "pooler.bias")}
     assert "nothing it computed reached the loss" in err.value.findings[0].message
     assert err.value.findings[0].module == "pooler"
+
+
+@pytest.mark.parametrize(("model", "call", "drop"), [
+    (AuxLogged, "CALL: aux", "`.detach()` at {}"),  # Lightning's `self.log` detaches what it logs
+    (AuxPrinted, "CALL: aux printed", "`.item()` at {}"),
+])  # fmt: skip
+def test_an_output_put_to_another_use_than_the_loss_raises_at_the_first_step(tmp_path, model, call, drop):
+    """Not control flow: the traced first step shows the head ran and its value went elsewhere (logged, `.item()`-ed),
+    never into the loss; it is reported at once, at the line that called it, naming where its value went."""
+    trainer = make_trainer(tmp_path, [GradGuard()], max_steps=20)
+    with pytest.raises(GradGuardError) as err:
+        trainer.fit(model(), loader())
+    assert trainer.global_step == 0
+    assert kinds(err.value.findings) == {("unused", "aux.weight"), ("unused", "aux.bias")}
+    marker = "DROP: self.log" if model is AuxLogged else "DROP: item"
+    for f in err.value.findings:
+        assert (f.step, f.where) == (0, where(call))
+        assert drop.format(where(marker)) in f.message
+
+
+@pytest.mark.parametrize("module", [nn.Linear(8, 8), nn.LSTM(8, 8, batch_first=True), nn.Conv1d(1, 2, 3)])
+def test_a_discarded_module_is_named_at_the_line_that_called_it(module):
+    """Whatever the module hands its parameters to the op as (an LSTM's are a list: `_flat_weights`)."""
+    net = nn.ModuleDict({"body": nn.Linear(8, 8), "extra": module})
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(4, 8)
+    with check_step(net, opt, strict=False) as chk, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _ = net["extra"](x[:, None] if isinstance(module, nn.Conv1d) else x)  # CALL: extra
+        opt.zero_grad()
+        net["body"](x).sum().backward()
+        opt.step()
+    names = {n for n, _ in module.named_parameters(prefix="extra")}
+    assert {(f.kind, f.param, f.where) for f in chk.findings} == {("unused", n, where("CALL: extra")) for n in names}
+
+
+def test_an_output_simply_dropped_is_reported_within_the_window_at_its_call(tmp_path):
+    """Computed and dropped, nowhere else: as a task head chosen per batch would be on a step, so the window decides;
+    the finding names the line that called it."""
+    trainer = make_trainer(tmp_path, [GradGuard()], max_steps=40)
+    with pytest.raises(GradGuardError) as err:
+        trainer.fit(OutputDiscarded(), loader(n=320))
+    assert trainer.global_step == 15
+    assert kinds(err.value.findings) == {("unused", "pooler.weight"), ("unused", "pooler.bias")}
+    assert {(f.step, f.where) for f in err.value.findings} == {(0, where("CALL: pooler (computed, never read)"))}
+    assert "took part in the forward pass at " in err.value.findings[0].message
 
 
 class SometimesSkipped(Net):

@@ -213,7 +213,7 @@ def _findings(forward, model_cls: type[nn.Module] = Aux):
 def test_constants_built_after_an_escape_are_not_tainted():
     """`torch.tensor(0.5)`, a learning-rate scalar, `torch.full`: the logged `aux` stays `unused`, not `detached`."""
     findings = _findings(constants_after_an_escape)
-    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, None) for p in AUX}
+    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, where("CUT: logged")) for p in AUX}
     for f in findings:  # its value did leave torch: the message says where, without claiming it was discarded
         assert f"`.item()` at {where('CUT: logged')}" in f.message
         assert "Otherwise its output was discarded" in f.message
@@ -222,14 +222,14 @@ def test_constants_built_after_an_escape_are_not_tainted():
 def test_long_literals_in_the_code_are_constants_not_escaped_values():
     """`* 0.123456789`, `torch.tensor(2.718281828)`: literals of the calling code, however long their repr."""
     findings = _findings(long_literal_after_an_escape)
-    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, None) for p in AUX}
+    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, where("CUT: logged-long")) for p in AUX}
     assert all(f"`.item()` at {where('CUT: logged-long')}" in f.message for f in findings)
 
 
 def test_floats_a_library_passes_are_constants_after_a_short_escape():
     """After a short-repr escape, a module's own `eps` (passed by torch) does not taint the loss."""
     findings = _findings(short_escape_then_library_floats, AuxNorm)
-    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, None) for p in AUX}
+    assert {(f.kind, f.param, f.where) for f in findings} == {("unused", p, where("CUT: logged-short")) for p in AUX}
 
 
 def test_a_value_that_cannot_be_followed_is_not_called_unused_with_confidence():

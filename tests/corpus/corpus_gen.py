@@ -117,6 +117,8 @@ class Case:
         source: the Python source of the module (``Net``, ``make_optimizers``).
         expected: ``{(kind, param)}`` with param names as ``Net.named_parameters()`` gives them.
         cut_lines: ``{param: line}`` for the detached parameters (line numbers in ``source``).
+        call_lines: ``{param: line}`` for the parameters of a module whose output is discarded: the line that first
+            uses each, where GradGuard names the module's call.
         steps: optimizer steps to run.
         graphless: the loss has no graph (``GradGuardError`` at backward).
         blocks: the trunk's block kinds (for the report).
@@ -130,6 +132,7 @@ class Case:
     source: str = ""
     expected: set[tuple[str, str]] = field(default_factory=set)
     cut_lines: dict[str, int] = field(default_factory=dict)
+    call_lines: dict[str, int] = field(default_factory=dict)
     steps: int = 1
     graphless: bool = False
     blocks: list[str] = field(default_factory=list)
@@ -529,7 +532,7 @@ def _generate(seed: int, kind: str | None, setup: str | None, rng: random.Random
             b.lines = [replace(b.lines[0], code=b.lines[0].code.format(reentrant=b.reentrant and grad_in[i]))]
         wrap = plan.get("wrap")
         if extra and extra[2] == i:
-            _emit_extra(extra_block, extra[1], emit)
+            case.call_lines = _emit_extra(extra_block, extra[1], emit)
         if wrap and wrap[0] == i:
             emit(wrap[1])
             first = None
@@ -581,7 +584,7 @@ def _generate(seed: int, kind: str | None, setup: str | None, rng: random.Random
             elif kind == "zero":
                 expected |= {("zero", p) for p in _affected(blocks, i)}
     if extra and extra[2] == len(blocks):
-        _emit_extra(extra_block, extra[1], emit)
+        case.call_lines = _emit_extra(extra_block, extra[1], emit)
     emit("out = self.head(h).squeeze(-1)")
     if plan.get("ema"):
         emit("with torch.no_grad():")
@@ -657,22 +660,27 @@ def _generate(seed: int, kind: str | None, setup: str | None, rng: random.Random
     return case
 
 
-def _emit_extra(block: Block, variant: str, emit) -> None:  # noqa: ANN001
-    """The unused module: never called, behind a branch never taken, or its output discarded."""
+def _emit_extra(block: Block, variant: str, emit) -> dict[str, int]:  # noqa: ANN001
+    """The unused module: never called, behind a branch never taken, or its output discarded (then ``{param: the
+    line that first uses it}``)."""
     if variant == "never_called":
-        return
+        return {}
     if variant == "idle_branch":
         emit("self.calls += 1")
         emit("if self.calls % 2 == 0:")
         for line in block.lines:
             emit(line.code, 12)
-        return
+        return {}
     if variant == "untaken_branch":
         emit("if h.shape[0] > 10_000:")
         for line in block.lines:
             emit(line.code, 12)
-        return
+        return {}
     emit("keep = h")
+    calls: dict[str, int] = {}
     for line in block.lines:
-        emit(line.code)
+        n = emit(line.code)
+        for p in line.params:
+            calls.setdefault(p, n)
     emit("h = keep  # the block's output is discarded")
+    return calls

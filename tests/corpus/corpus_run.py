@@ -93,6 +93,15 @@ class Result:
             right += w == expected_where(path, line)
         return right, len(self.case.cut_lines)
 
+    def call_misses(self, path: str) -> list[str]:
+        """The parameters of a discarded module whose `unused` finding does not name the line that used them."""
+        out = []
+        for p, line in sorted(self.case.call_lines.items()):
+            w = self.wheres.get(("unused", p))
+            if w != expected_where(path, line):
+                out.append(f"{p}: want {expected_where(path, line)}, got {w}")
+        return out
+
     @property
     def label(self) -> str:
         """The confusion-matrix column: the planted kind when the reported kinds are right."""
@@ -379,6 +388,8 @@ def score(results: list[tuple[Result, str]]) -> dict:
         "where_total": where_total,
         "cut_cases_ok": sum(r.where_hits(p)[0] == r.where_hits(p)[1] for r, p in results if r.case.cut_lines),
         "cut_cases": sum(bool(r.case.cut_lines) for r, _ in results),
+        "call_total": sum(len(r.case.call_lines) for r, _ in results),
+        "call_right": sum(len(r.case.call_lines) - len(r.call_misses(p)) for r, p in results),
     }
 
 
@@ -390,7 +401,7 @@ def failure_class(res: Result, path: str) -> str | None:
     if c.kind == "none":
         return f"false positive: {sorted(res.reported_kinds)} under {c.setup}" if res.got else None
     r, t = res.where_hits(path)
-    if res.params_ok and r == t:
+    if res.params_ok and r == t and not res.call_misses(path):
         return None
     if not res.kinds_ok:
         return f"{c.kind}/{c.variant} reported as {res.label}"
@@ -416,6 +427,7 @@ def describe(res: Result, path: str) -> str:
         w = res.wheres.get(("detached", p))
         if w != expected_where(path, line) and not (c.unfollowable and ("unused", p) in res.got):
             bad.append(f"{p}: want {expected_where(path, line)}, got {w}")
+    bad += res.call_misses(path)
     if bad:
         lines.append("where: " + "; ".join(bad[:3]))
     return " | ".join(lines)
@@ -515,6 +527,8 @@ def render(results: list[tuple[Result, str]], elapsed: float, validated: str = "
         f"- right kinds and parameters: {s['params_ok']}/{s['buggy']}",
         f"- right `where` (detached parameters): {s['where_right']}/{s['where_total']} "
         f"({s['cut_cases_ok']}/{s['cut_cases']} models with a cut)",
+        f"- right `where` of the parameters of a module whose output is discarded (the line that called it): "
+        f"{s['call_right']}/{s['call_total']}",
         f"- healthy models with a finding: {s['healthy_fp']}/{s['healthy']}",
         f"- crashes: {s['crashes']}",
         f"- ground truth checked against raw torch (one fp32 step without the guard; `--validate`): {validated} "

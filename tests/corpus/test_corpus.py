@@ -65,6 +65,7 @@ def test_corpus_case(seed, folder):
     assert res.params_ok, describe(res, path)
     right, total = res.where_hits(path)
     assert right == total, describe(res, path)
+    assert not res.call_misses(path), describe(res, path)
 
 
 def test_ground_truth_holds_in_raw_torch(folder):
