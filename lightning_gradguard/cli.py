@@ -247,7 +247,7 @@ def check_trainer(trainer: Any, run_fit: Callable[[], None], steps: int, report_
     from lightning.pytorch.callbacks import Checkpoint, ModelSummary, ProgressBar
     from lightning.pytorch.loggers.logger import DummyLogger
 
-    from .callback import GradGuard
+    from .callback import GradGuard, _keep_one
     from .findings import GradGuardError
 
     # Callbacks that only write or draw are dropped (a ModelCheckpoint would write into the run's directory);
@@ -259,6 +259,8 @@ def check_trainer(trainer: Any, run_fit: Callable[[], None], steps: int, report_
     if not guards:
         guards = [GradGuard()]
         trainer.callbacks.append(guards[0])
+    elif len(guards) > 1:  # before their options change here, as `GradGuard.setup` would
+        guards = [_keep_one(trainer, guards)]
     for guard in guards:
         guard.diagnose = "always"  # every step of the check is traced (the core is rebuilt at `setup`)
         if report_path:
@@ -274,7 +276,6 @@ def check_trainer(trainer: Any, run_fit: Callable[[], None], steps: int, report_
         print("gradguard check: FAILED (a finding whose action is 'raise')")
         return FOUND
     print(f"gradguard check: passed ({trainer.global_step} optimizer step(s))")
-    guards = [cb for cb in trainer.callbacks if isinstance(cb, GradGuard)]  # one, if there were several
     short = [f for guard in guards for f in guard._core.short]
     if short:
         window = max(guard.idle_window for guard in guards)
