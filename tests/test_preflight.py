@@ -341,11 +341,9 @@ def test_a_script_the_check_cannot_run_is_a_usage_error(tmp_path: Path, script: 
 
 @pytest.mark.slow
 def test_check_with_a_yaml_guard_and_a_command_line_guard_reports_once(tmp_path: Path) -> None:
-    config = tmp_path / "demo_on_zero.yaml"
-    config.write_text(
-        (REPO / "configs" / "demo.yaml").read_text().replace("ignore: []", "ignore: []\n        on_zero: ignore")
-    )
-    proc = check(tmp_path, str(config), "--trainer.callbacks+=GradGuard")
+    """demo.yaml's GradGuard has the default options; the one added on the command line has one of its own, so it
+    is the one kept (chosen before the check sets `diagnose` on it)."""
+    proc = check(tmp_path, "configs/demo.yaml", "--trainer.callbacks+=GradGuard", "--trainer.callbacks.on_zero=ignore")
     assert proc.returncode == 1, proc.stdout
     assert proc.stdout.count("2 GradGuard callbacks: only GradGuard(on_zero='ignore') runs") == 1
     assert proc.stdout.count("GradGuard run report") == 1
