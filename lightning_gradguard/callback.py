@@ -137,6 +137,11 @@ class GradGuard(Callback):
     ``_opt<k>`` (``k``: the optimizer's index in ``trainer.optimizers``). The epoch statistics cover the steps
     whose total norm is finite (the scaler's skipped overflow steps are not).
 
+    One GradGuard per Trainer: of several (a YAML's and ``--trainer.callbacks+=GradGuard``), the first whose options
+    are not all the defaults, else the first, runs; at ``setup`` it takes the first one's place in
+    ``trainer.callbacks``, the others leave the list, and a warning says so. Two with the same options are refused
+    by Lightning itself ("more than one stateful callback"): their ``state_key`` is the same.
+
     Raises:
         ValueError: an option has a value it does not take.
 

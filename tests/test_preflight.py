@@ -34,13 +34,14 @@ def gradguard(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def check(tmp_path: Path, config: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`gradguard check` of the demo script, in the README's form (`--cli examples/train.py`)."""
     return gradguard(
         tmp_path,
         "check",
         "--config",
         config,
         "--cli",
-        "examples/train.py:DemoCLI",
+        "examples/train.py",
         "--steps",
         "2",
         f"--trainer.default_root_dir={tmp_path / 'logs'}",

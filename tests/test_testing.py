@@ -231,13 +231,22 @@ def test_optimizer_over_a_copy_is_stale():
         assert_gradients_flow(Stale(), (X, Y))
 
 
-def test_module_without_configure_optimizers_gets_sgd_silently():
-    class NoOptimizers(LitModel):
-        configure_optimizers = LightningModule.configure_optimizers
+class NoOptimizers(LitModel):
+    configure_optimizers = LightningModule.configure_optimizers  # Lightning's own: warns and returns None
 
+
+class ReturnsNone(LitModel):
+    def configure_optimizers(self):
+        return None
+
+
+@pytest.mark.parametrize("model_class", [NoOptimizers, ReturnsNone])
+def test_module_without_an_optimizer_of_its_own_gets_sgd_silently(model_class):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Lightning's "`configure_optimizers` must be implemented" is not called
-        assert_gradients_flow(NoOptimizers(), (X, Y))
+        assert_gradients_flow(model_class(), (X, Y))
+    with pytest.raises(GradientFlowError, match="head.weight: unused"):
+        assert_gradients_flow(model_class(unused_head=True), (X, Y))
 
 
 class TwoOptimizers(LitModel):
