@@ -40,7 +40,7 @@ __all__ = ["main"]
 OK, FOUND, USAGE = 0, 1, 2
 
 #: What the check gives the LightningCLI after the user's configs and overrides (the last value of a key wins), besides
-#: ``--trainer.max_steps``. The loggers, checkpoints and progress bar are dealt with on the Trainer (``_check``): as
+#: ``--trainer.max_steps``. Loggers, checkpoints and progress bars are dealt with on the Trainer (``check_trainer``): as
 #: arguments they would clash with a YAML's ``LearningRateMonitor``, ``ModelCheckpoint`` or ``RichProgressBar``.
 CHECK_ARGS = (
     "--trainer.max_epochs=-1",
@@ -303,31 +303,29 @@ def _unnamed(configs: Sequence[str]) -> list[str]:
     return found
 
 
-def _builder(cli: str | None, model: str | None, data: str | None) -> tuple[str, Callable[[_Interceptor], Any]]:
-    """How messages name what builds the LightningCLI, and a function that builds it (inside ``active()``)."""
+def _build_cli(cli: str | None, model: str | None, data: str | None, interceptor: _Interceptor) -> None:
+    """Build the user's LightningCLI as ``--cli`` says (inside ``interceptor.active()``: even importing a module may
+    build one)."""
     from lightning.pytorch.cli import LightningCLI
 
     if cli is None or model or data:
         cli_class = load_object(cli) if cli else LightningCLI
         if not (isinstance(cli_class, type) and issubclass(cli_class, LightningCLI)):
             raise UsageError(f"--cli {cli!r} with --model/--data must name a LightningCLI subclass.")
-        classes = {"model_class": load_object(model) if model else None,
-                   "datamodule_class": load_object(data) if data else None}  # fmt: skip
-        return cli or "LightningCLI", lambda _: cli_class(**classes)
+        cli_class(
+            model_class=load_object(model) if model else None, datamodule_class=load_object(data) if data else None
+        )
+        return
     target, name = _split_cli(cli)
-
-    def run(interceptor: _Interceptor) -> None:
-        with _as_main(target, cli) as namespace:
-            if name is None or interceptor.cli is not None:
-                return
-            built = namespace.get(name)  # the script built no LightningCLI: `NAME()` builds it
-            if not callable(built):
-                raise UsageError(
-                    f"--cli {cli!r}: {target} has no {name!r} to call (a LightningCLI subclass or a function)."
-                )
-            built()
-
-    return cli, run
+    with _as_main(target, cli) as namespace:
+        if name is None or interceptor.cli is not None:
+            return
+        built = namespace.get(name)  # the script built no LightningCLI: `NAME()` builds it
+        if not callable(built):
+            raise UsageError(
+                f"--cli {cli!r}: {target} has no {name!r} to call (a LightningCLI subclass or a function)."
+            )
+        built()
 
 
 def run_check(
@@ -347,19 +345,19 @@ def run_check(
     if steps < 1:
         raise UsageError(f"--steps {steps} must be at least 1.")
     args = [*(a for c in configs for a in ("--config", c)), *overrides, f"--trainer.max_steps={steps}", *CHECK_ARGS]
-    what, build = _builder(cli, model, data)
+    what = cli or "LightningCLI"
     interceptor = _Interceptor(args, steps, report_path, what, configs)
     try:
         with interceptor.active():
-            build(interceptor)
+            _build_cli(cli, model, data, interceptor)
     except _Stop as stop:
         if stop.usage:
             raise UsageError(stop.usage) from None
         return stop.status
     if interceptor.cli is None:
         raise UsageError(
-            f"{what} built no LightningCLI. Name what builds it: `--cli train.py:main` (a function) or "
-            "`--cli train.py:MyCLI` (your LightningCLI subclass)."
+            f"{what} built no LightningCLI. Name what builds it: `--cli train.py:main` (a function that builds it) "
+            "or `--cli train.py:MyCLI` (your LightningCLI subclass)."
         )
     raise UsageError(
         f"{what} built {type(interceptor.cli).__name__} but never called `trainer.fit`: with `run=False`, call "
