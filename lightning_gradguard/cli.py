@@ -232,6 +232,14 @@ class _Interceptor:
                 "Trainer of your LightningCLI (with `run=False`: "
                 "`cli.trainer.fit(cli.model, datamodule=cli.datamodule)`)."
             )
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        processes = trainer.num_devices * trainer.num_nodes
+        if processes > 1 and not getattr(environment, "creates_processes_externally", False):
+            raise _Stop(
+                usage=f"{self.what}'s Trainer runs {processes} processes ({trainer.num_devices} device(s) x "
+                f"{trainer.num_nodes} node(s)); the check runs in this one, and Lightning would start your script "
+                "again for the others, outside the check: add `--trainer.devices=1` (and `--trainer.num_nodes=1`)."
+            )
         bound = inspect.signature(fit).bind(trainer, *args, **kwargs)
         ckpt_path = bound.arguments.pop("ckpt_path", None)
         if ckpt_path:

@@ -349,3 +349,18 @@ def test_check_with_a_yaml_guard_and_a_command_line_guard_reports_once(tmp_path:
     assert proc.stdout.count("2 GradGuard callbacks: only GradGuard(on_zero='ignore') runs") == 1
     assert proc.stdout.count("GradGuard run report") == 1
     assert proc.stdout.count("GradGuardError: ") == 1
+
+
+@pytest.mark.slow
+def test_a_multi_device_config_is_a_usage_error_and_one_device_runs(tmp_path: Path) -> None:
+    """Lightning's launcher would start the script again for rank 1, outside the check (which killed the run)."""
+    files, spec, config = PATTERNS["module_level"]
+    write_project(tmp_path, files, config, bug="none")
+    devices = ("--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2")
+    proc = check_in(tmp_path, "--cli", spec, "--steps", "1", *devices)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = usage_lines(proc)
+    assert "train.py's Trainer runs 2 processes (2 device(s) x 1 node(s)); the check runs in this one" in line
+    assert line.endswith("add `--trainer.devices=1` (and `--trainer.num_nodes=1`).")
+    proc = check_in(tmp_path, "--cli", spec, "--steps", "1", *devices, "--trainer.devices=1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
