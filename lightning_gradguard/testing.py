@@ -190,26 +190,30 @@ def _trainer_findings(
     guard = GradGuard(**{f"on_{kind}": "warn" for kind in KINDS}, ignore=ignore, diagnose="always", idle_window=1,
                       log_every_n_steps=0, histograms=False, write_report=False, flow_every=0)  # fmt: skip
     device = next(model.parameters(), torch.empty(0)).device
-    trainer = Trainer(
-        accelerator="gpu" if device.type == "cuda" else device.type,
-        devices=[device.index or 0] if device.type == "cuda" else 1,
-        max_epochs=1,
-        callbacks=[guard],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
     batches = DataLoader([batch] * steps, batch_size=None, collate_fn=_same)
     lightning_log = logging.getLogger("lightning.pytorch")
     level = lightning_log.level
+    try:
+        attached = model.trainer  # type: ignore[union-attr]
+    except RuntimeError:  # "... is not attached to a `Trainer`"
+        attached = None
     with _restored(model, []), warnings.catch_warnings():
         warnings.simplefilter("ignore", GradGuardWarning)
         warnings.filterwarnings("ignore", module=r"lightning\.")  # about the Trainer set up here, not the user's code
         lightning_log.setLevel(logging.WARNING)  # no "GPU available" lines, no end-of-fit report
         try:
+            trainer = Trainer(
+                accelerator="gpu" if device.type == "cuda" else device.type,
+                devices=[device.index or 0] if device.type == "cuda" else 1,
+                max_epochs=1,
+                callbacks=[guard],
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+            )
             trainer.fit(model, train_dataloaders=batches)
         except GradGuardError as err:  # the loss has no graph at all
             if not err.findings:
@@ -217,7 +221,7 @@ def _trainer_findings(
             return list(err.findings), guard.report.sizes
         finally:
             lightning_log.setLevel(level)
-            model.trainer = None  # type: ignore[assignment]
+            model.trainer = attached  # type: ignore[union-attr]
     return guard.findings, guard.report.sizes
 
 
