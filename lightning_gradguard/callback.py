@@ -427,7 +427,7 @@ def _keep_one(trainer: Trainer, guards: list[GradGuard]) -> GradGuard:
     for guard in guards:
         if guard is not kept:
             diff = [f"{k} ({v!r} vs {options[k]!r})" for k, v in guard._options().items() if v != options[k]]
-            dropped.append(f"{own(guard)}, " + (f"which differs in {', '.join(diff)}" if diff else "the same"))
+            dropped.append(f"{own(guard)}, which differs in {', '.join(diff)}")  # Lightning refuses identical ones
     rank_zero_warn(
         f"This Trainer has {len(guards)} GradGuard callbacks: only {own(kept)} runs "
         f"({'the first with options of its own' if kept._options() != defaults else 'the first'}), so that each step "
