@@ -22,7 +22,7 @@ test: venv
 # Logs and gradguard_report.json: lightning_logs/demo/version_N. Then the same check as a CI preflight (exit 1).
 demo: venv
 	$(VPY) examples/train.py fit --config configs/demo.yaml
-	-$(VPY) -m lightning_gradguard check --config configs/demo.yaml --cli examples/train.py:DemoCLI --steps 1 \
+	-$(VPY) -m lightning_gradguard check --config configs/demo.yaml --cli examples/train.py --steps 1 \
 		--report lightning_logs/demo/preflight_report.json
 
 # The lowest versions pyproject.toml claims (constraints-min.txt: Lightning 2.4, torchmetrics 1.4, TensorBoard 2.18,

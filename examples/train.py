@@ -134,7 +134,8 @@ class DemoData(LightningDataModule):
 
 class DemoCLI(LightningCLI):
     """LightningCLI for the demo's model and data, that keeps a handle on itself: when ``fit`` raises,
-    ``LightningCLI(...)`` never returns. ``gradguard check --cli examples/train.py:DemoCLI`` uses it too."""
+    ``LightningCLI(...)`` never returns. ``gradguard check --cli examples/train.py`` runs ``main()``, which builds
+    it."""
 
     last: DemoCLI | None = None
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from .audit import loss_scale
@@ -143,6 +143,11 @@ class GradGuard(Callback):
     ``_opt<k>`` (``k``: the optimizer's index in ``trainer.optimizers``). The epoch statistics cover the steps
     whose total norm is finite (the scaler's skipped overflow steps are not).
 
+    One GradGuard per Trainer: of several (a YAML's and ``--trainer.callbacks+=GradGuard``), the first whose options
+    are not all the defaults, else the first, runs; at ``setup`` it takes the first one's place in
+    ``trainer.callbacks``, the others leave the list, and a warning says so. Two with the same options are refused
+    by Lightning itself ("more than one stateful callback"): their ``state_key`` is the same.
+
     Raises:
         ValueError: an option has a value it does not take.
 
@@ -232,8 +237,11 @@ class GradGuard(Callback):
         self._reported = False
 
     def __repr__(self) -> str:
-        names = [k for k in inspect.signature(GradGuard.__init__).parameters if k != "self"]
-        return f"GradGuard({', '.join(f'{k}={getattr(self, k)!r}' for k in names)})"
+        return f"GradGuard({', '.join(f'{k}={v!r}' for k, v in self._options().items())})"
+
+    def _options(self) -> dict[str, Any]:
+        """Every option by name, as the constructor stored it (``ignore`` as a list)."""
+        return {k: getattr(self, k) for k in inspect.signature(GradGuard.__init__).parameters if k != "self"}
 
     @property
     def findings(self) -> list[Finding]:
@@ -257,6 +265,12 @@ class GradGuard(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        guards = [cb for cb in trainer.callbacks if isinstance(cb, GradGuard)]
+        if len(guards) > 1 and guards[0] is self:  # the first of them to be set up decides, once per Trainer
+            kept = _keep_one(trainer, guards)
+            if kept is not self:  # it took this guard's place in the list, after the loop had passed it
+                kept.setup(trainer, pl_module, stage)
+                return
         self._core = GuardCore(self._policy, self.diagnose, self.idle_window)
         self._reported = False
         if self._restored is not None:
@@ -405,3 +419,37 @@ class GradGuard(Callback):
             self._core.history.load_state_dict(self._restored_history)
         self._restored_pending = state_dict.get("pending", [])
         self._core.load_pending_state(self._restored_pending)
+
+
+def _keep_one(trainer: Trainer, guards: list[GradGuard]) -> GradGuard:
+    """Keep one of several GradGuards in ``trainer.callbacks`` and say so once; return the one kept.
+
+    Two guards would check every step twice, print two reports and write one JSON twice. The one kept is the first
+    whose options are not all the defaults (the configured one, wherever the bare one came from: a YAML's
+    ``class_path: GradGuard`` beside ``--trainer.callbacks+=GradGuard``), else the first. It takes the first guard's
+    place in the list and the others leave it, so their state is neither saved nor restored. The list is edited in
+    place while Lightning's ``setup`` loop runs over it (at the first guard): only items after the first guard move.
+    """
+    defaults = GradGuard()._options()
+    kept = next((g for g in guards if g._options() != defaults), guards[0])
+    first, left_out = trainer.callbacks.index(guards[0]), {id(g) for g in guards}
+    trainer.callbacks[:] = [
+        kept if i == first else cb for i, cb in enumerate(trainer.callbacks) if i == first or id(cb) not in left_out
+    ]
+
+    def own(guard: GradGuard) -> str:
+        return f"GradGuard({', '.join(f'{k}={v!r}' for k, v in guard._options().items() if v != defaults[k])})"
+
+    options, dropped = kept._options(), []
+    for guard in guards:
+        if guard is not kept:
+            diff = [f"{k} ({v!r} vs {options[k]!r})" for k, v in guard._options().items() if v != options[k]]
+            dropped.append(f"{own(guard)}, which differs in {', '.join(diff)}")  # Lightning refuses identical ones
+    rank_zero_warn(
+        f"This Trainer has {len(guards)} GradGuard callbacks: only {own(kept)} runs "
+        f"({'the first with options of its own' if kept._options() != defaults else 'the first'}), so that each step "
+        f"is checked once, with one report and one JSON. Left out: {'; '.join(dropped)}. Configure GradGuard once: "
+        "drop the extra `--trainer.callbacks+=GradGuard`, the YAML's entry under `trainer.callbacks`, or the second "
+        "GradGuard in `Trainer(callbacks=...)`."
+    )
+    return kept

@@ -7,6 +7,7 @@ the findings of :func:`~lightning_gradguard.check_step` (kind, parameter, the li
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -55,10 +56,14 @@ def assert_gradients_flow(
         model: the model to check: a plain ``nn.Module`` or a ``LightningModule``.
         batch_or_loss_fn: either a callable ``loss_fn(model) -> loss`` (a scalar tensor), or, for a
             ``LightningModule``, a batch: the loss is then ``model.training_step(batch, step)`` (a tensor, or a
-            mapping with a ``"loss"`` key). The module must not need a ``Trainer`` in ``training_step`` (its
-            ``self.log`` calls are fine) and must use automatic optimization. A plain module needs a loss function.
-        optimizer: the optimizer to step. ``None``: ``torch.optim.SGD`` over the trainable parameters (so
-            ``frozen``, ``orphan`` and ``stale`` cannot occur); pass the real one to check those as well.
+            mapping with a ``"loss"`` key), which must not need a ``Trainer`` (its ``self.log`` calls are fine).
+            A module with manual optimization (``automatic_optimization = False``) steps its own optimizers in
+            ``training_step``: with a batch it runs in a one-device ``Trainer`` (on the model's device), where a
+            :class:`~lightning_gradguard.GradGuard` judges each optimizer step. A plain module needs a loss function.
+        optimizer: the optimizer to step. ``None``: a ``LightningModule``'s own, from ``configure_optimizers()``
+            (any form Lightning accepts; its learning-rate schedulers are not stepped), so that a frozen backbone
+            still handed to it, a head missing from it or a copy's tensors in it fail too; for a plain module (or a
+            ``configure_optimizers()`` that returns ``None``), ``torch.optim.SGD`` over the trainable parameters.
         steps: how many steps to run.
         ignore: fnmatch globs on parameter names never to report.
         allow: finding kinds that do not fail the assertion (e.g. ``("zero",)``).
@@ -66,7 +71,9 @@ def assert_gradients_flow(
     Raises:
         GradientFlowError: (an ``AssertionError``) some parameter got no usable gradient; the text lists the
             findings with their fixes, ``err.findings`` holds them as :class:`~lightning_gradguard.Finding` objects.
-        TypeError, ValueError: bad arguments, or the loss is not a tensor.
+            pytest shows the line of your test and this text (this helper's frames are hidden).
+        TypeError, ValueError: bad arguments, the loss is not a tensor, or ``configure_optimizers()`` fails or
+            returns what Lightning would reject.
 
     Example::
 
@@ -94,6 +101,7 @@ def assert_gradients_flow(
         def test_lightning_module_learns():
             assert_gradients_flow(MyLightningModule(), next(iter(my_datamodule.train_dataloader())), steps=2)
     """
+    __tracebackhide__ = True  # pytest shows the caller's line and the message, not this function's source
     if not isinstance(model, nn.Module):
         raise TypeError(f"`assert_gradients_flow(model={model!r})` must be a `torch.nn.Module`.")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -105,50 +113,191 @@ def assert_gradients_flow(
         )
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"`assert_gradients_flow(optimizer={optimizer!r})` must be a `torch.optim.Optimizer` or None.")
-    compute = _loss_of(model, batch_or_loss_fn)
-    if optimizer is None:
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        if not trainable:
-            raise GradientFlowError(f"{type(model).__name__} has no trainable parameter: no gradient can flow.")
-        optimizer = torch.optim.SGD(trainable, lr=1e-3)
-    check = check_step(model, optimizer, ignore=ignore)  # validates `ignore`
-    found: dict[tuple[str, str], Finding] = {}
-    with _restored(model, optimizer), warnings.catch_warnings():
-        warnings.simplefilter("ignore", GradGuardWarning)  # the findings go into the assertion, not into warnings
-        warnings.filterwarnings("ignore", message=r"You are trying to `self.log\(\)`")
-        for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            check = check_step(model, optimizer, ignore=ignore, step=step)
-            try:
-                with check:
-                    loss = compute(step)
-                    loss.backward()
-                    optimizer.step()
-            except GradGuardError as err:  # the loss has no graph at all: nothing more to run
-                for f in err.findings or check.findings:
-                    found.setdefault(f.key, f)
-                if not err.findings:
-                    raise GradientFlowError(f"Gradients cannot flow through {type(model).__name__}: {err}") from None
-                break
-            for f in check.findings:
-                found.setdefault(f.key, f)
-    failed = [f for f in found.values() if f.kind not in allow]
+    check_step(model, optimizer, ignore=ignore)  # validates `ignore`
+    manual = getattr(model, "automatic_optimization", True) is False
+    if manual and not _is_loss_fn(batch_or_loss_fn):
+        if optimizer is not None:
+            raise ValueError(
+                f"{type(model).__name__} uses manual optimization: with a batch its `training_step` steps the "
+                "optimizers of its `configure_optimizers()` in a Trainer; leave `optimizer=None`, or pass a function "
+                "`loss_fn(model) -> loss` to step `optimizer` after."
+            )
+        found, sizes = _trainer_findings(model, batch_or_loss_fn, steps, ignore)
+    else:
+        compute = _loss_of(model, batch_or_loss_fn)
+        optimizers = [optimizer] if optimizer is not None else _own_optimizers(model, manual)
+        found, sizes = _step_findings(model, compute, optimizers, steps, ignore)
+    failed = [f for f in found if f.kind not in allow]
     if failed:
         n = len({f.param for f in failed})
         head = (
             f"Gradients do not flow to {n} parameter tensor{'s' if n != 1 else ''} of {type(model).__name__} "
             f"({steps} step{'s' if steps != 1 else ''} checked)"
         )
-        sizes = getattr(check.report, "sizes", None)  # group findings by module, as the guard's own errors do
         raise GradientFlowError(str(GradGuardError.from_findings(failed, None, head, sizes)), failed)
+
+
+def _step_findings(
+    model: nn.Module,
+    compute: Callable[[int], torch.Tensor],
+    optimizers: list[torch.optim.Optimizer],
+    steps: int,
+    ignore: Sequence[str] | None,
+) -> tuple[list[Finding], dict[str, int] | None]:
+    """Every finding (each parameter and kind once) of ``steps`` steps under ``check_step``, and the module sizes
+    that group them."""
+    __tracebackhide__ = True
+    found: dict[tuple[str, str], Finding] = {}
+    sizes = None
+    with _restored(model, optimizers), warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradGuardWarning)  # the findings go into the assertion, not into warnings
+        warnings.filterwarnings("ignore", message=r"You are trying to `self.log\(\)`")
+        for step in range(steps):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            check = check_step(model, optimizers, ignore=ignore, step=step)
+            try:
+                with check:
+                    loss = compute(step)
+                    loss.backward()
+                    for opt in optimizers:
+                        opt.step()
+            except GradGuardError as err:  # the loss has no graph at all: nothing more to run
+                if not err.findings:
+                    raise GradientFlowError(f"Gradients cannot flow through {type(model).__name__}: {err}") from None
+                for f in err.findings:
+                    found.setdefault(f.key, f)
+                break
+            finally:
+                sizes = check.report.sizes  # group findings by module, as the guard's own errors do
+            for f in check.findings:
+                found.setdefault(f.key, f)
+    return list(found.values()), sizes
+
+
+def _trainer_findings(
+    model: nn.Module, batch: Any, steps: int, ignore: Sequence[str] | None
+) -> tuple[list[Finding], dict[str, int] | None]:
+    """A manual-optimization module's ``training_step`` calls ``self.optimizers()`` and ``self.manual_backward()``,
+    which only a Trainer provides: run ``steps`` batches in a quiet one-device Trainer on the model's device, with a
+    GradGuard that judges each optimizer step on its own and raises nothing."""
+    __tracebackhide__ = True
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader
+
+    from .callback import GradGuard
+
+    guard = GradGuard(**{f"on_{kind}": "warn" for kind in KINDS}, ignore=ignore, diagnose="always", idle_window=1,
+                      log_every_n_steps=0, histograms=False, write_report=False, flow_every=0)  # fmt: skip
+    device = next(model.parameters(), torch.empty(0)).device
+    batches = DataLoader([batch] * steps, batch_size=None, collate_fn=_same)
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    try:
+        attached = model.trainer  # type: ignore[union-attr]
+    except RuntimeError:  # "... is not attached to a `Trainer`"
+        attached = None
+    with _restored(model, []), warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradGuardWarning)
+        warnings.filterwarnings("ignore", module=r"lightning\.")  # about the Trainer set up here, not the user's code
+        lightning_log.setLevel(logging.WARNING)  # no "GPU available" lines, no end-of-fit report
+        try:
+            trainer = Trainer(
+                accelerator="gpu" if device.type == "cuda" else device.type,
+                devices=[device.index or 0] if device.type == "cuda" else 1,
+                max_epochs=1,
+                callbacks=[guard],
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                limit_val_batches=0,
+            )
+            trainer.fit(model, train_dataloaders=batches)
+        except GradGuardError as err:  # the loss has no graph at all
+            if not err.findings:
+                raise GradientFlowError(f"Gradients cannot flow through {type(model).__name__}: {err}") from None
+            return list(err.findings), guard.report.sizes
+        finally:
+            lightning_log.setLevel(level)
+            model.trainer = attached  # type: ignore[union-attr]
+    return guard.findings, guard.report.sizes
+
+
+def _same(batch: Any) -> Any:
+    return batch
+
+
+def _is_loss_fn(batch_or_loss_fn: Any) -> bool:
+    return callable(batch_or_loss_fn) and not isinstance(batch_or_loss_fn, (nn.Module, torch.Tensor))
+
+
+def _own_optimizers(model: nn.Module, manual: bool) -> list[torch.optim.Optimizer]:
+    """A LightningModule's optimizers from its ``configure_optimizers()`` (each form Lightning accepts); else SGD over
+    the trainable parameters."""
+    __tracebackhide__ = True
+    name = type(model).__name__
+    configure = getattr(type(model), "configure_optimizers", None)
+    conf = None
+    if callable(configure) and not getattr(configure, "__module__", "").startswith(
+        ("lightning.", "pytorch_lightning.")
+    ):
+        try:
+            conf = model.configure_optimizers()  # type: ignore[operator]
+        except Exception as err:
+            raise ValueError(
+                f"`{name}.configure_optimizers()` failed ({type(err).__name__}: {err}); pass the optimizer to check "
+                "as `optimizer=` (it may need a Trainer: `self.trainer` is not set here)."
+            ) from err
+    optimizers = _optimizers_of(conf, name)
+    if len(optimizers) > 1 and not manual:
+        raise ValueError(
+            f"`{name}.configure_optimizers()` returns {len(optimizers)} optimizers, which Lightning trains only with "
+            "manual optimization (`self.automatic_optimization = False`); pass the one to check as `optimizer=`."
+        )
+    if optimizers:
+        return optimizers
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise GradientFlowError(f"{name} has no trainable parameter: no gradient can flow.")
+    return [torch.optim.SGD(trainable, lr=1e-3)]
+
+
+def _optimizers_of(conf: Any, name: str) -> list[torch.optim.Optimizer]:
+    """The optimizers in what ``configure_optimizers()`` returned, read as Lightning reads it (schedulers left out):
+    an optimizer, a list of them, ``([optimizers], [schedulers])``, a dict with ``"optimizer"``, a list of dicts."""
+    __tracebackhide__ = True
+    optimizers: list[Any]
+    if conf is None:
+        optimizers = []
+    elif isinstance(conf, Mapping):
+        optimizers = [conf.get("optimizer")]
+    elif isinstance(conf, (list, tuple)) and len(conf) == 2 and isinstance(conf[0], list):
+        optimizers = list(conf[0])
+    elif isinstance(conf, (list, tuple)) and conf and all(isinstance(d, Mapping) for d in conf):
+        optimizers = [d.get("optimizer") for d in conf]
+    elif isinstance(conf, (list, tuple)):
+        optimizers = list(conf)
+    else:
+        optimizers = [conf]
+    if not all(isinstance(opt, torch.optim.Optimizer) for opt in optimizers):
+        raise TypeError(
+            f"`{name}.configure_optimizers()` returned {conf!r}: Lightning takes an optimizer, a list of them, "
+            '`([optimizers], [schedulers])`, `{"optimizer": optimizer, ...}` or a list of such dicts (torch '
+            "optimizers, to be checked here); pass the optimizer to check as `optimizer=`."
+        )
+    return optimizers
 
 
 def _loss_of(model: nn.Module, batch_or_loss_fn: Any) -> Callable[[int], torch.Tensor]:
     """A function of the step number that returns the loss."""
-    if callable(batch_or_loss_fn) and not isinstance(batch_or_loss_fn, (nn.Module, torch.Tensor)):
+    __tracebackhide__ = True
+    if _is_loss_fn(batch_or_loss_fn):
         fn: LossFn = batch_or_loss_fn
 
         def from_fn(step: int) -> torch.Tensor:
+            __tracebackhide__ = True
             return _as_loss(fn(model), "loss_fn(model)")
 
         return from_fn
@@ -158,33 +307,31 @@ def _loss_of(model: nn.Module, batch_or_loss_fn: Any) -> Callable[[int], torch.T
             f"`assert_gradients_flow` got a batch for {type(model).__name__}, which has no `training_step`: pass a "
             "function `loss_fn(model) -> loss` instead, e.g. `lambda m: loss(m(x), y)`."
         )
-    if getattr(model, "automatic_optimization", True) is False:
-        raise ValueError(
-            f"{type(model).__name__} uses manual optimization: its `training_step` steps its own optimizers; pass a "
-            "function `loss_fn(model) -> loss` instead."
-        )
 
     def from_batch(step: int) -> torch.Tensor:
+        __tracebackhide__ = True
         return _as_loss(training_step(batch_or_loss_fn, step), "training_step(batch, step)")
 
     return from_batch
 
 
 def _as_loss(out: Any, what: str) -> torch.Tensor:
+    __tracebackhide__ = True
     if isinstance(out, Mapping):
         out = out.get("loss")
     if not isinstance(out, torch.Tensor) or out.numel() != 1:
-        raise TypeError(f"`{what}` must return a scalar loss tensor (or a mapping with a 'loss' key), got {out!r}.")
+        got = f"a tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else repr(out)
+        raise TypeError(f"`{what}` must return a scalar loss tensor (or a mapping with a 'loss' key), got {got}.")
     return out
 
 
 @contextmanager
-def _restored(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Put the model, its gradients, the optimizer's state, the train/eval modes and the CPU RNG back afterwards."""
+def _restored(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer]) -> Iterator[None]:
+    """Put the model, its gradients, the optimizers' state, the train/eval modes and the CPU RNG back afterwards."""
     tensors = [*model.parameters(), *model.buffers()]
     values = [t.detach().clone() for t in tensors]
     grads = [p.grad.detach().clone() if p.grad is not None else None for p in model.parameters()]
-    opt_state = copy.deepcopy(optimizer.state_dict())
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     modes = [(m, m.training) for m in model.modules()]
     with torch.random.fork_rng(devices=[]):
         try:
@@ -196,6 +343,7 @@ def _restored(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[No
                     t.copy_(v)
             for p, g in zip(model.parameters(), grads, strict=True):
                 p.grad = g
-            optimizer.load_state_dict(opt_state)
+            for opt, state in zip(optimizers, opt_states, strict=True):
+                opt.load_state_dict(state)
             for m, training in modes:
                 m.training = training

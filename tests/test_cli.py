@@ -429,3 +429,26 @@ def test_yaml_ignore_takes_one_string(demo: ModuleType, tmp_path: Path) -> None:
     path = write_demo_yaml(tmp_path, ignore="aux.*")
     (guard,) = guards_of(make_cli(demo, tmp_path, "--config", str(path)).trainer)
     assert guard.ignore == ["aux.*"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A YAML GradGuard plus `--trainer.callbacks+=GradGuard`: one runs (the YAML's, which has options of its own).
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_yaml_guard_plus_command_line_guard_run_as_the_yamls(demo: ModuleType, tmp_path: Path) -> None:
+    path = write_demo_yaml(tmp_path, on_zero="ignore")
+    cli = make_cli(demo, tmp_path, "--config", str(path), "--trainer.callbacks+=GradGuard", "--model.bug=none",
+                   "--trainer.max_steps=2", "--trainer.logger=false")  # fmt: skip
+    yaml_guard, added = guards_of(cli.trainer)
+    assert (yaml_guard.on_zero, added.on_zero) == ("ignore", "warn")
+    with pytest.warns(UserWarning, match=r"2 GradGuard callbacks: only GradGuard\(on_zero='ignore'\) runs") as rec:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert guards_of(cli.trainer) == [yaml_guard]
+    assert len([w for w in rec if "GradGuard callbacks" in str(w.message)]) == 1
+
+
+def test_yaml_guard_plus_the_same_guard_is_refused_by_lightning(demo: ModuleType, tmp_path: Path) -> None:
+    """configs/demo.yaml's GradGuard has the default options: a second default one clashes in `state_key`."""
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `GradGuard`"):
+        make_cli(demo, tmp_path, "--config", str(DEMO_YAML), "--trainer.callbacks+=GradGuard")

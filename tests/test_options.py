@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -289,3 +291,103 @@ def test_complex_gradient_value_histogram_keeps_the_imaginary_part():
     g = torch.tensor([3 + 4j, 0 + 1j], dtype=torch.cfloat)
     stats, _ = histogram_counts([g])
     assert float(stats[4]) == pytest.approx(float(torch.linalg.vector_norm(g)) ** 2)  # sum of squares = norm^2
+
+
+# ---------------------------------------------------------------------------------------------------- two guards
+class AuxOrphan(_Base):
+    """``aux`` takes part in the loss, but the optimizer holds ``layer`` only: an orphan on every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(8, 1)
+        self.aux = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss((self.layer(x) + self.aux(x)).squeeze(-1), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.layer.parameters(), lr=0.1)
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.hooks: list[str] = []
+
+    def setup(self, trainer, pl_module, stage):
+        self.hooks.append("setup")
+
+    def on_train_start(self, trainer, pl_module):
+        self.hooks.append("on_train_start")
+
+
+TWO_GUARDS = "This Trainer has 2 GradGuard callbacks: only "
+
+
+def test_two_guards_keep_the_configured_one_and_say_so_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")
+    bare, configured, between, after = GradGuard(), GradGuard(ignore=["aux.*"]), Recorder(), Recorder()
+    trainer = make_trainer(tmp_path, [bare, between, configured, after], max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(AuxOrphan())
+    said = [str(w.message) for w in caught if TWO_GUARDS in str(w.message)]
+    assert said == [
+        "This Trainer has 2 GradGuard callbacks: only GradGuard(ignore=['aux.*']) runs (the first with options of its "
+        "own), so that each step is checked once, with one report and one JSON. Left out: GradGuard(), which differs "
+        "in ignore ([] vs ['aux.*']). Configure GradGuard once: drop the extra `--trainer.callbacks+=GradGuard`, the "
+        "YAML's entry under `trainer.callbacks`, or the second GradGuard in `Trainer(callbacks=...)`."
+    ]
+    assert not any(issubclass(w.category, GradGuardWarning) for w in caught)  # the bare guard's orphan warning
+    assert [cb for cb in trainer.callbacks if isinstance(cb, (GradGuard, Recorder))] == [configured, between, after]
+    assert between.hooks == after.hooks == ["setup", "on_train_start"]  # the others' hooks all ran, once
+    assert caplog.text.count("GradGuard: every checked parameter received a usable gradient") == 1
+    assert caplog.text.count("GradGuard: report written to") == 1
+    assert json.loads((tmp_path / "gradguard_report.json").read_text())["ignored"] == ["aux.weight", "aux.bias"]
+
+
+def test_of_two_configured_guards_the_first_runs(tmp_path):
+    first, second = GradGuard(on_orphan="raise"), GradGuard(on_orphan="ignore", on_zero="ignore")
+    kept = r"only GradGuard\(on_orphan='raise'\) runs \(the first with options"
+    with pytest.warns(UserWarning, match=kept) as rec, pytest.raises(GradGuardError, match="aux.weight: orphan"):
+        make_trainer(tmp_path, [first, second], max_steps=2).fit(AuxOrphan())
+    (text,) = [str(w.message) for w in rec if TWO_GUARDS in str(w.message)]
+    assert "Left out: GradGuard(on_orphan='ignore', on_zero='ignore'), which differs in on_orphan ('ignore' vs " in text
+
+
+def test_one_guard_says_nothing_about_duplicates(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(tmp_path, [GradGuard(ignore=["aux.*"]), Recorder()], max_steps=1).fit(AuxOrphan())
+    assert not [w for w in caught if "GradGuard callbacks" in str(w.message)]
+
+
+def test_two_identical_guards_are_refused_by_lightning(tmp_path):
+    """Their `state_key`s clash: Lightning stops at `Trainer(...)`, before GradGuard could keep one."""
+    with pytest.raises(RuntimeError, match="state_key` must be unique"):
+        make_trainer(tmp_path, [GradGuard(), GradGuard()])
+
+
+def test_two_guards_resume_with_the_kept_ones_state(tmp_path):
+    """The checkpoint holds the kept guard's state only; resuming with both again, or with the kept one alone,
+    restores it (the orphan's count goes on from 2), and the left-out guard's absence breaks nothing."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    kept = GradGuard(on_orphan="warn", on_zero="ignore")
+    with pytest.warns(UserWarning, match=TWO_GUARDS):
+        trainer = make_trainer(tmp_path, [GradGuard(), kept, ckpt], max_steps=2, enable_checkpointing=True)
+        trainer.fit(AuxOrphan())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert [k for k in saved if "GradGuard" in str(k)] == [kept.state_key]
+    for guards in (
+        [GradGuard(), GradGuard(on_orphan="warn", on_zero="ignore")],
+        [GradGuard(on_orphan="warn", on_zero="ignore")],
+    ):
+        resumed = guards[-1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("error", GradGuardWarning)  # warned before the checkpoint: not again
+            make_trainer(tmp_path, guards, max_steps=4).fit(AuxOrphan(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+        counts = {row["param"]: row["count"] for row in resumed.report.to_dict()["findings"]}
+        assert counts == {"aux.weight": 4, "aux.bias": 4}
