@@ -132,7 +132,7 @@ class History:
         gap = self._gaps.get(name)
         if gap is None:
             return False
-        checked = self._base.get(name, [0, 0])[0] + sum(count for _, names, count in self._groups.values()
+        checked = self._base.get(name, [0, 0])[0] + sum(count for _, names, count, _ in self._groups.values()
                                                         if name in names)  # fmt: skip
         return gap[1] >= checked
 
