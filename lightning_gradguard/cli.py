@@ -408,7 +408,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Build model, data and Trainer as your LightningCLI script does, from a YAML, run --steps "
         "optimizer steps with every step traced, print GradGuard's report. Exit status: 1 when a finding's action is "
         "'raise' (a part that got no gradient on any step is one, unless it looks routed: one of several alike items "
-        "of a ModuleList), 2 for bad usage, else 0. Arguments it does not know (e.g. --model.lr=0.1) go to LightningCLI.",
+        "of a ModuleList), 2 for bad usage, else 0. Arguments it does not know (e.g. --model.lr=0.1) go to "
+        "LightningCLI.",
     )
     check.add_argument("--config", "-c", action="append", required=True, help="LightningCLI YAML (repeatable)")
     check.add_argument("--steps", type=int, default=3, help="optimizer steps to run (default: 3)")
