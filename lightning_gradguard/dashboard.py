@@ -40,8 +40,8 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from .audit import GradStats, _l2_norms
 from .flow import FLOW_FILE, FLOW_TAG, FlowHistory, FlowPicture, render_flow, write_png
+from .measure import GradStats, _l2_norms
 from .params import ParamIndex, module_of, optimizer_layout
 from .report import RunReport
 
