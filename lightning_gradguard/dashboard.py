@@ -41,7 +41,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from .flow import FLOW_FILE, FLOW_TAG, FlowHistory, FlowPicture, render_flow, write_png
-from .measure import GradStats, _l2_norms
+from .measure import GradStats, l2_norms
 from .params import ParamIndex, module_of, optimizer_layout
 from .report import RunReport
 
@@ -632,14 +632,6 @@ class _Target:
     prefix: str
 
 
-def _l2(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-tensor L2 norms (half precision measured in float32), without a sync."""
-    if all(t.dtype in (torch.float32, torch.float64) and t.device == tensors[0].device for t in tensors):
-        return _l2_norms(tensors)
-    return [torch.linalg.vector_norm(t, dtype=torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None)
-            for t in tensors]  # fmt: skip
-
-
 def _copy_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copies of 1-D ``tensors``, as views into one buffer per device and dtype (one allocation: about 3x faster
     than a clone per tensor)."""
@@ -969,7 +961,7 @@ class Dashboard:
             params = [stats.params[i].detach().reshape(-1) for i in idx]
             before = _copy_flat(params)
             with torch.no_grad():
-                norms = _l2(before)
+                norms = l2_norms(before)
             self._snapshots.append(_Snapshot(k, step, view, idx, params, before, norms))
 
     def end_batch(self) -> None:
@@ -1032,7 +1024,7 @@ class Dashboard:
         with torch.no_grad():
             w = snap.norms
             torch._foreach_sub_(snap.before, snap.params)  # before := -(update)
-            d = _l2(snap.before)
+            d = l2_norms(snap.before)
             norms = [*w, *d]
             if len({x.dtype for x in norms}) > 1:
                 norms = [x.to(torch.float64) for x in norms]

@@ -22,6 +22,7 @@ import torch
 __all__ = [
     "GradStats",
     "LateRead",
+    "l2_norms",
     "loss_scale",
     "measure_grads",
     "start_late_read",
@@ -89,13 +90,41 @@ def loss_scale(scaler: Any) -> float | torch.Tensor:
     :class:`torch.amp.GradScaler`.
 
     ``scaler.get_scale()`` would copy the scale to the host on its own (a second sync per step on CUDA).
-    ``_get_scale_async`` is what torch's fused optimizers read the scale with.
     """
-    get = getattr(scaler, "_get_scale_async", None)
-    scale = get() if callable(get) else None
+    scale = _scale_tensor(scaler)
     if isinstance(scale, torch.Tensor):
         return scale
     return float(scaler.get_scale())
+
+
+def _scale_tensor(scaler: Any) -> Any:
+    """``scaler._get_scale_async()``: a :class:`torch.amp.GradScaler`'s scale tensor, read without a sync (what
+    torch's fused optimizers read it with; private to torch), ``None`` before its first ``scale()`` or for another
+    kind of scaler."""
+    get = getattr(scaler, "_get_scale_async", None)
+    return get() if callable(get) else None
+
+
+def _torch_function_off() -> Any:
+    """``torch._C.DisableTorchFunction()``: a context in which ``__torch_function__`` handling is off (private to
+    torch), so that a function mode still on the stack (GradGuard's tracer, a FLOP counter of the user's) neither sees
+    nor pays for the measurement's own ops; tensor subclasses that work through ``__torch_dispatch__`` (``DTensor``)
+    are unaffected."""
+    return torch._C.DisableTorchFunction()
+
+
+def _foreach_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """``torch._foreach_norm(tensors, 2, dtype=dtype)`` (private to torch; ``clip_grad_norm_`` uses it): the L2 norm of
+    each of ``tensors`` (strided, one device), computed in ``dtype`` if given, in one fused kernel per device and
+    dtype off the CPU; on the CPU a loop of ``torch.linalg.vector_norm``, with the same values."""
+    return torch._foreach_norm(tensors, 2, dtype=dtype)  # type: ignore[arg-type]
+
+
+def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch._C._nn.flatten_dense_tensors(tensors)`` (private to torch; DDP's bucketing uses it): the values of
+    dense ``tensors`` of one device and dtype as one 1-D tensor, in one allocation and one copy (``torch.cat`` of
+    their ``reshape(-1)`` would make a view per tensor first)."""
+    return torch._C._nn.flatten_dense_tensors(tensors)
 
 
 _GRAD = operator.attrgetter("grad")
@@ -104,6 +133,7 @@ _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _LAYOUT = operator.attrgetter("layout")
 _HALF = (torch.float16, torch.bfloat16)
+_BLAS = (torch.float32, torch.float64)  # the dtypes of `torch.dot` on the CPU
 
 #: On the CPU, gradients with fewer elements than this are measured together, through one flattened copy.
 _FLAT_MAX = 16384
@@ -141,7 +171,7 @@ class LateRead:
         self.values: torch.Tensor | None = None
         if not present:
             return
-        norms = torch.stack(torch._foreach_norm(present, 2, dtype=torch.float64))  # type: ignore[arg-type]
+        norms = torch.stack(_foreach_norm(present, torch.float64))
         if norms.device.type == "cpu":
             self.values = norms
         else:
@@ -187,7 +217,7 @@ def start_late_read(params: Sequence[torch.Tensor], step: int, scale: float = 1.
                 or torch.float64 in dtypes or any(d.is_complex for d in dtypes)):  # fmt: skip
             return None
     host = GradStats(list(params), [None] * len(params), missing, frozen=frozen, scale=scale, late=True)
-    with torch.no_grad(), torch._C.DisableTorchFunction():
+    with torch.no_grad(), _torch_function_off():
         return LateRead(host, present, step, tag)  # type: ignore[arg-type]
 
 
@@ -344,29 +374,17 @@ def _run_plan(plan: _Plan, grads: Sequence[torch.Tensor | None]) -> list[torch.T
         x = x.view(rows, numel)
         parts.append(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in _HALF else None))
     if plan.lengths is not None:
-        flat = torch._C._nn.flatten_dense_tensors(plan.flat(grads))
+        flat = _flatten(plan.flat(grads))
         if flat.device != plan.device or not flat.dtype.is_floating_point:
             return None
         if flat.dtype in _HALF:
             flat = flat.float()
         parts.append(torch.segment_reduce(flat * flat, "sum", lengths=plan.lengths).sqrt_())
     for take, dtype in plan.foreach:
-        parts.append(torch.stack(torch._foreach_norm(take(grads), 2, dtype=dtype)))
+        parts.append(torch.stack(_foreach_norm(take(grads), dtype)))  # type: ignore[arg-type]
     for idx in plan.single:
-        parts.append(torch.stack([_norm(grads[i]).double().reshape(()) for i in idx]))  # type: ignore[arg-type]
+        parts.append(torch.stack([n.double() for n in l2_norms([grads[i] for i in idx])]))  # type: ignore[misc]
     return parts
-
-
-def _norm(g: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of one gradient of any layout and dtype, as a 0-dim tensor on its device (no sync)."""
-    if g.layout != torch.strided:
-        g = g.coalesce().values()
-    if g.dtype in _HALF:
-        return torch.linalg.vector_norm(g, dtype=torch.float32)
-    if g.device.type == "cpu" and g.numel() >= _DOT_MIN and g.is_contiguous() and g.dtype.is_floating_point:
-        v = g.view(-1)
-        return torch.dot(v, v).sqrt_()
-    return torch.linalg.vector_norm(g)
 
 
 _PLANS: dict[tuple[tuple[int, ...], tuple[int, ...]], _Plan] = {}
@@ -442,7 +460,7 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 
     a FLOP counter) neither sees nor pays for the guard's own ops (several microseconds per tensor otherwise);
     tensor subclasses that work through ``__torch_dispatch__`` (``DTensor``) are unaffected.
     """
-    with torch._C.DisableTorchFunction():
+    with _torch_function_off():
         return _measure(params, scale)
 
 
@@ -530,29 +548,48 @@ def _confirm(stats: GradStats, grads: Sequence[torch.Tensor | None], candidates:
             stats.zero.append(i)
 
 
-#: On the CPU, gradients with at least this many elements are reduced with a BLAS dot product.
+#: On the CPU, tensors with at least this many elements are reduced with a BLAS dot product.
 _DOT_MIN = 16384
 
 
-def _l2_norms(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """L2 norms of float32/float64 tensors of one device and dtype, as 0-dim tensors (no sync).
+def l2_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """The L2 norm of each of ``tensors``, as 0-dim tensors on their devices, without a sync.
 
-    Off the CPU one fused ``torch._foreach_norm``. On the CPU, where ``_foreach_norm`` reduces each tensor with a
-    slower generic kernel, the large contiguous tensors go through ``torch.dot(g, g)`` (BLAS: about twice as fast on
-    a transformer's gradients, and no less accurate) and the small ones through one ``_foreach_norm``. A sum of
-    squares that overflows gives ``inf`` either way, which :func:`measure_grads` re-measures in float64.
+    Any device, dtype and layout: half precision (float16, bfloat16) is measured in float32, a sparse (COO) tensor
+    by its stored values, a complex one by its elements' moduli (in its own precision). The tensors of one device and
+    dtype go through one fused ``torch._foreach_norm``; on the CPU, where that is a loop of ``vector_norm``, a large
+    contiguous tensor goes through a BLAS dot product instead (about twice as fast on a transformer's gradients, and
+    as accurate). A sum of squares that overflows gives ``inf``, as ``torch.linalg.vector_norm`` does.
+
+    Args:
+        tensors: the tensors.
+        dtype: measure in this floating dtype instead (``torch.float64``: the square of no float32, bfloat16 or
+            float16 value overflows or underflows in it).
+
+    Example::
+
+        >>> [float(n) for n in l2_norms([torch.tensor([3.0, 4.0]), torch.ones(4, dtype=torch.bfloat16)])]
+        [5.0, 2.0]
+        >>> l2_norms([torch.tensor([3.0, 4.0])], torch.float64)[0].dtype
+        torch.float64
     """
-    if grads[0].device.type != "cpu":
-        return list(torch._foreach_norm(grads, 2))
-    out: list[torch.Tensor | None] = [None] * len(grads)
-    small = []
-    for i, g in enumerate(grads):
-        if g.numel() >= _DOT_MIN and g.is_contiguous():
-            v = g.view(-1)
-            out[i] = torch.dot(v, v).sqrt_()
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
+    for i, t in enumerate(tensors):
+        v = t.detach()
+        if v.layout != torch.strided:
+            v = v.coalesce().values()
+        if v.is_complex() or not v.dtype.is_floating_point:
+            out[i] = torch.linalg.vector_norm(v)
+        elif dtype is None and v.dtype in _BLAS and v.numel() >= _DOT_MIN and v.is_contiguous() and v.is_cpu:
+            flat = v.view(-1)
+            out[i] = torch.dot(flat, flat).sqrt_()
         else:
-            small.append(i)
-    if small:
-        for i, n in zip(small, torch._foreach_norm([grads[i] for i in small], 2), strict=True):
+            idx, group = groups.setdefault((v.device, v.dtype), ([], []))
+            idx.append(i)
+            group.append(v)
+    for (_, kind), (idx, group) in groups.items():
+        norms = _foreach_norm(group, dtype if dtype is not None else torch.float32 if kind in _HALF else None)
+        for i, n in zip(idx, norms, strict=True):
             out[i] = n
     return out  # type: ignore[return-value]

@@ -95,6 +95,41 @@ def test_non_contiguous_large_gradient_is_measured():
     assert stats.norms[0] == pytest.approx(reference(g), rel=1e-6)
 
 
+def test_l2_norms_of_every_kind_of_tensor_match_a_float64_reference():
+    """The one L2-norm helper (`measure.l2_norms`): every path (BLAS dot, fused per device and dtype, half precision
+    in float32, sparse values, complex moduli) against an independent float64 reference, in the input order."""
+    torch.manual_seed(3)
+    sparse = torch.sparse_coo_tensor([[1, 3, 1]], torch.tensor([2.0, -1.0, 0.5]), (6,), check_invariants=True)
+    tensors = [
+        torch.randn(300, 100),  # large contiguous float32: a dot product
+        torch.randn(8, 3),
+        torch.randn(256, 128).t(),  # large, not contiguous: the fused path
+        torch.randn(20000, dtype=torch.float64) * 1e3,
+        (torch.rand(40000) * 300 + 200).half(),  # squares overflow float16: summed in float32
+        torch.randn(7).bfloat16(),
+        sparse,
+        torch.randn(5, dtype=torch.cfloat),
+        torch.empty(0),
+        torch.tensor(-2.5),
+    ]
+    norms = measure.l2_norms(tensors)
+    assert [n.dim() for n in norms] == [0] * len(tensors)
+    expected = [reference(sparse.coalesce()) if t is sparse else reference(t) for t in tensors[:7]]
+    expected += [math.sqrt(float(tensors[7].abs().double().square().sum())), 0.0, 2.5]
+    assert [float(n) for n in norms] == pytest.approx(expected, rel=2e-6)
+    assert norms[4].dtype == norms[5].dtype == torch.float32  # half precision measured in float32
+    in_float64 = measure.l2_norms(tensors[:7], torch.float64)
+    assert {n.dtype for n in in_float64} == {torch.float64}
+    assert [float(n) for n in in_float64] == pytest.approx(expected[:7], rel=1e-12)
+    assert measure.l2_norms([]) == []
+
+
+def test_l2_norms_in_float64_keep_a_norm_that_float32_squares_overflow():
+    g = torch.full((4,), 2e19)  # its square, 4e38, is above float32's max
+    assert math.isinf(float(measure.l2_norms([g])[0]))  # as torch.linalg.vector_norm does
+    assert float(measure.l2_norms([g], torch.float64)[0]) == pytest.approx(4e19, rel=1e-7)
+
+
 def _param_with_grad(g: torch.Tensor) -> torch.Tensor:
     p = nn.Parameter(torch.zeros(g.shape))
     p.grad = g
