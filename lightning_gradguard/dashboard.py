@@ -54,91 +54,6 @@ NORMS: tuple[str, ...] = ("param", "module", "total")
 REPORT_FILE = "gradguard_report.json"
 
 
-@dataclass
-class _View:
-    """How one optimizer's parameters are logged: its tag suffix and the parameter indices of each key."""
-
-    layout: tuple[Any, ...]
-    suffix: str
-    groups: list[tuple[str, list[int]]]
-    how: str
-    flow: list[tuple[str, list[int]]]  # the gradient-flow picture's rows: the `norms="module"` keys
-    parts: _Parts  # the keys of `no_grad/<key>`
-
-
-@dataclass
-class _Parts:
-    """The keys of one optimizer's ``no_grad/<key>`` tags (those of ``norms``; modules under ``norms="total"``) and,
-    per key, whether it ever lacked a gradient (``tracked``) and ever had one (``fed``) at a logged step."""
-
-    keys: list[str]
-    owner: np.ndarray  # per parameter, the index of its key (-1: none, or an `ignore`d parameter)
-    numels: np.ndarray  # per parameter, its number of elements (float64)
-    sizes: np.ndarray  # per key, the elements of its parameters
-    tracked: np.ndarray  # per key (bool)
-    fed: np.ndarray  # per key (bool)
-
-    @classmethod
-    def of(
-        cls, groups: list[tuple[str, list[int]]], params: Sequence[torch.Tensor], skip: Sequence[bool] | None = None
-    ) -> _Parts:
-        """The keys of ``groups``, leaving out the parameters ``skip`` marks (those ``ignore`` matches)."""
-        owner = np.full(len(params), -1, dtype=np.int64)
-        for j, (_, idx) in enumerate(groups):
-            owner[idx] = j
-        if skip is not None:
-            owner[np.asarray(skip, dtype=bool)] = -1
-        numels = np.array([p.numel() for p in params], dtype=np.float64)
-        keep = owner >= 0
-        sizes = np.bincount(owner[keep], weights=numels[keep], minlength=len(groups))
-        n = len(groups)
-        return cls([k for k, _ in groups], owner, numels, sizes, np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
-
-    def inherit(self, old: _Parts) -> None:
-        """Take ``tracked`` and ``fed`` of the keys ``old`` had too."""
-        at = {k: j for j, k in enumerate(old.keys)}
-        for j, key in enumerate(self.keys):
-            if key in at:
-                self.tracked[j], self.fed[j] = old.tracked[at[key]], old.fed[at[key]]
-
-    def shares(self, missing: Sequence[int]) -> np.ndarray:
-        """Per key, the share of its parameters' elements among ``missing`` (0 for a key of ignored parameters)."""
-        miss = np.asarray(missing, dtype=np.int64)
-        miss = miss[self.owner[miss] >= 0]
-        lost = np.bincount(self.owner[miss], weights=self.numels[miss], minlength=len(self.keys))
-        return np.divide(lost, self.sizes, out=np.zeros(len(self.keys)), where=self.sizes > 0)
-
-
-class _Layout(NamedTuple):
-    """What the custom-scalars layout shows beyond the norms (written again when it changes)."""
-
-    idle: bool = False
-    findings: tuple[str, ...] = ()  # the kinds with a chart
-    no_grad: bool = False  # some part lacked a gradient at a logged step
-    dead: tuple[str, ...] = ()  # the charts whose every key lacked a gradient at every logged step
-
-
-def _groups(keys: Sequence[str | None]) -> list[tuple[str, list[int]]]:
-    """The indices of each key, keys in the order first seen (``None``: left out)."""
-    groups: dict[str, list[int]] = {}
-    for i, key in enumerate(keys):
-        if key is not None:
-            groups.setdefault(key, []).append(i)
-    return list(groups.items())
-
-
-def _group_norm(norms: Sequence[float | None], idx: Sequence[int]) -> float | None:
-    """The L2 norm over the tensors ``idx`` that have a gradient (``None``: none has)."""
-    present = [norms[i] for i in idx if norms[i] is not None]
-    if not present:
-        return None
-    return present[0] if len(present) == 1 else _root(math.fsum(n * n for n in present))  # type: ignore[operator,misc]
-
-
-def _root(v: float) -> float:
-    return math.sqrt(v) if v >= 0 else math.nan
-
-
 class Dashboard:
     """Writes GradGuard's gradient dashboards and run report to a Trainer's loggers (see ``GradGuard``'s docstring
     for the options and the list of tags).
@@ -206,12 +121,12 @@ class Dashboard:
         self._metrics: dict[int, tuple[Any, Any]] = {}
         self._finished = False
         self._started = False
-        self._said: set[str] = set()
+        self._informed: set[str] = set()
         self._stepping_batches: int | None = None  # batches so far in which an optimizer stepped
         self._stepped = False  # an optimizer stepped in the current batch
         self._dead: dict[str, None] = {}  # keys that lacked a gradient at every logged step so far
         self._dead_charts: tuple[str, ...] = ()  # the per-module charts made of such keys only
-        self._lacked = False  # some key lacked a gradient at a logged step
+        self._any_no_grad = False  # some key lacked a gradient at a logged step
         self._flow: dict[str, FlowHistory] = {}  # panel -> history (rank zero, while logging)
         self._flow_rank: dict[str, int] = {}  # row key -> position of its first parameter in the model
         self._flow_logged = 0  # logged batch steps so far
@@ -220,7 +135,7 @@ class Dashboard:
         self._flow_drawn: int | None = None  # the step of the last picture written
         self.flow_path: str | None = None  # the PNG written at the end of fit
 
-    # ------------------------------------------------------------------ setup
+    # ------------------------------------------------------------------ setup: where, and when
     def start(self, trainer: Trainer) -> None:
         """Find where to write (rank zero only) and say once what the loggers that are not TensorBoard skip."""
         self._reset()
@@ -235,7 +150,7 @@ class Dashboard:
                 "loggers."
             )
 
-    def every(self, trainer: Trainer) -> int:
+    def log_interval(self, trainer: Trainer) -> int:
         """Log every this many optimizer steps (0: never)."""
         return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
 
@@ -243,54 +158,34 @@ class Dashboard:
         """Whether the optimizer step about to happen is logged: every step of every n-th batch that steps an
         optimizer (with one optimizer, every n-th optimizer step; with several, the steps they take in the same
         batches, however often each steps)."""
-        every = self.every(trainer)
-        if not every or not self._targets:
+        interval = self.log_interval(trainer)
+        if not interval or not self._targets:
             return False
-        return (self.step_of(trainer) + 1) % every == 0 or bool(trainer.should_stop)
+        return (self.step_of(trainer) + 1) % interval == 0 or bool(trainer.should_stop)
 
     def step_of(self, trainer: Trainer) -> int:
         """The step Lightning logs the current batch's metrics at: the number of earlier batches in which an
-        optimizer stepped (Lightning's ``fit_loop.epoch_loop._batches_that_stepped``; with one optimizer, the
-        ``global_step`` before the step). GradGuard logs at the same steps as ``self.log`` and
-        ``LearningRateMonitor``: those of the batches where ``(step + 1) % log_every_n_steps == 0``."""
-        loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        n = getattr(loop, "_batches_that_stepped", None)
-        if isinstance(n, int):
+        optimizer stepped (:func:`_batches_that_stepped`; with one optimizer, the ``global_step`` before the step).
+        GradGuard logs at the same steps as ``self.log`` and ``LearningRateMonitor``: those of the batches where
+        ``(step + 1) % log_every_n_steps == 0``."""
+        n = _batches_that_stepped(trainer)
+        if n is not None:
             return n
         if self._stepping_batches is None:  # no fit loop (a stand-in Trainer): count stepping batches ourselves
             self._stepping_batches = trainer.global_step // max(1, len(trainer.optimizers))
         return self._stepping_batches
 
-    def _view(self, trainer: Trainer, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-              index: ParamIndex, ignored: Sequence[str] = ()) -> _View:  # fmt: skip
-        layout = optimizer_layout(optimizer)
-        view = self._views.get(id(optimizer))
-        if view is None or view.layout != layout:
-            optimizers = list(trainer.optimizers)
-            k = next((i for i, o in enumerate(optimizers) if o is optimizer), len(self._views))
-            suffix = f"_opt{k}" if len(optimizers) > 1 else ""
-            keys, how = group_keys([index.name_of(p) for p in params], self.norms, self.max_norm_tags)
-            groups = _groups(keys)
-            if self.norms == "module":
-                flow = groups
-            else:
-                flow = _groups(group_keys([index.name_of(p) for p in params], "module", self.max_norm_tags)[0])
-            for key, idx in flow:  # rows of the picture in model order
-                first = min((index.index.get(id(params[i]), len(index)) for i in idx), default=len(index))
-                self._flow_rank[key] = min(first, self._flow_rank.get(key, first))
-            skip = set(ignored)
-            unchecked = [index.name_of(p) in skip for p in params] if skip else None
-            parts = _Parts.of(flow if self.norms == "total" else groups, params, unchecked)
-            if view is not None:  # its param groups changed: what its keys went through so far carries over
-                parts.inherit(view.parts)
-            view = _View(layout, suffix, groups, how, flow, parts)
-            self._views[id(optimizer)] = view
-            if "depth" in how or "first" in how:
-                self._say(f"GradGuard: {len(params)} parameter tensors are more than max_norm_tags="
-                          f"{self.max_norm_tags}: their norms are logged {how}.")  # fmt: skip
-        return view
+    def slot_of(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+        """``(k, step)``: where :meth:`record_total` files ``optimizer``'s total norm of the step about to happen
+        (``k``: its index in ``trainer.optimizers``; ``step``: :meth:`step_of`)."""
+        k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
+        return k, self.step_of(trainer)
 
-    # ------------------------------------------------------------------ every step
+    def mark_stepped(self) -> None:
+        """An optimizer stepped in this batch without :meth:`log_step` (its norms are read later, ``sync="late"``)."""
+        self._stepped = True
+
+    # ------------------------------------------------------------------ a checked step
     def log_step(
         self,
         trainer: Trainer,
@@ -323,7 +218,7 @@ class Dashboard:
             self._write_text(report, step)
         if not self.should_log(trainer):
             return
-        view = self._view(trainer, optimizer, stats.params, index, report.ignored)
+        view = self._view_of(trainer, optimizer, stats.params, index, report.ignored)
         counts = {kind: n for kind, n in report.counts().items() if n}  # only kinds seen: no flat-zero lines
         norms = stats.norms
         metrics: dict[str, float] = {f"{TAG}/total_norm{view.suffix}": total}
@@ -332,16 +227,16 @@ class Dashboard:
                 value = _group_norm(norms, idx)
                 if value is not None:
                     metrics[f"{TAG}/grad_norm/{key}"] = value
-        for key, share in self._no_grad(view.parts, stats.missing).items():
+        for key, share in self._no_grad_shares(view.parts, stats.missing).items():
             metrics[f"{TAG}/no_grad/{key}"] = share
         layout = _Layout(idle is not None or (self._layout is not None and self._layout.idle), tuple(counts),
-                         self._lacked, self._dead_charts)  # fmt: skip
+                         self._any_no_grad, self._dead_charts)  # fmt: skip
         if layout != self._layout:
             self._write_layout(trainer, index, layout)
         for kind, n in counts.items():
             metrics[f"{TAG}/findings/{kind}"] = float(n)
         if self.flow_every:
-            self._add_flow("grad_norm", step, {key: _group_norm(norms, idx) for key, idx in view.flow})
+            self._record_flow("grad_norm", step, {key: _group_norm(norms, idx) for key, idx in view.flow})
         if idle:
             for module, share in idle.items():
                 metrics[f"{TAG}/idle/{module or 'root'}"] = float(share)
@@ -353,11 +248,42 @@ class Dashboard:
                 hists.append(([f"{TAG}/grad_norms{view.suffix}"], s[None], c[None]))
         if self.value_histograms:
             hists += self._value_histograms(view, stats, scale)
-        self._write(metrics, hists, step)
+        self._write_step(metrics, hists, step)
         if self.update_ratio:
             self._snapshot(k, step, stats, view)
 
-    def _no_grad(self, parts: _Parts, missing: Sequence[int]) -> dict[str, float]:
+    def _view_of(self, trainer: Trainer, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+                 index: ParamIndex, ignored: Sequence[str] = ()) -> _View:  # fmt: skip
+        """How ``optimizer``'s parameters are logged: made when it is first logged and again when its parameter
+        groups change."""
+        layout = optimizer_layout(optimizer)
+        view = self._views.get(id(optimizer))
+        if view is None or view.layout != layout:
+            optimizers = list(trainer.optimizers)
+            k = next((i for i, o in enumerate(optimizers) if o is optimizer), len(self._views))
+            suffix = f"_opt{k}" if len(optimizers) > 1 else ""
+            keys, how = group_keys([index.name_of(p) for p in params], self.norms, self.max_norm_tags)
+            groups = _indices_by_key(keys)
+            if self.norms == "module":
+                flow = groups
+            else:
+                flow = _indices_by_key(group_keys([index.name_of(p) for p in params], "module", self.max_norm_tags)[0])
+            for key, idx in flow:  # rows of the picture in model order
+                first = min((index.index.get(id(params[i]), len(index)) for i in idx), default=len(index))
+                self._flow_rank[key] = min(first, self._flow_rank.get(key, first))
+            skip = set(ignored)
+            unchecked = [index.name_of(p) in skip for p in params] if skip else None
+            parts = _Parts.of(flow if self.norms == "total" else groups, params, unchecked)
+            if view is not None:  # its param groups changed: what its keys went through so far carries over
+                parts.inherit(view.parts)
+            view = _View(layout, suffix, groups, how, flow, parts)
+            self._views[id(optimizer)] = view
+            if "depth" in how or "first" in how:
+                self._inform_once(f"GradGuard: {len(params)} parameter tensors are more than max_norm_tags="
+                          f"{self.max_norm_tags}: their norms are logged {how}.")  # fmt: skip
+        return view
+
+    def _no_grad_shares(self, parts: _Parts, missing: Sequence[int]) -> dict[str, float]:
         """The ``no_grad/<key>`` values of a logged step: per key that lacks a gradient now or lacked one at an earlier
         logged step, the share of its parameters' elements without one (``{}`` while every part had one at every
         logged step: nothing but this check on a clean step). Keeps :attr:`_dead` (the keys that lacked a gradient
@@ -369,7 +295,7 @@ class Dashboard:
         parts.tracked |= share > 0
         tracked = np.flatnonzero(parts.tracked).tolist()
         if tracked:
-            self._lacked = True
+            self._any_no_grad = True
         dead = dict(self._dead)
         for j in tracked:
             if parts.fed[j]:
@@ -412,19 +338,19 @@ class Dashboard:
             return view.groups
         return [(f"all{view.suffix}", list(range(len(stats.params))))]
 
-    # ------------------------------------------------------------------ update-to-weight ratio
     def _snapshot(self, k: int, step: int, stats: GradStats, view: _View) -> None:
         """Copy the parameters about to be updated (only on logged steps; released at the end of the batch)."""
-        self._flush_snapshots(only=k)
+        self._log_ratios(only=k)
         snap = UpdateSnapshot.take(stats.params, k, step, view)
         if snap is not None:
             self._snapshots.append(snap)
 
+    # ------------------------------------------------------------------ end of a batch: ratios, flow picture
     def end_batch(self) -> None:
         """Log the update-to-weight ratios of this batch's logged steps and drop the parameter copies; draw the
         gradient-flow picture when due."""
         if self._snapshots:
-            self._flush_snapshots()
+            self._log_ratios()
         if self._flow_due is not None:
             self._write_flow(self._flow_due)
             self._flow_due = None
@@ -433,8 +359,36 @@ class Dashboard:
             if self._stepping_batches is not None:
                 self._stepping_batches += 1
 
-    # ------------------------------------------------------------------ gradient-flow picture
-    def _add_flow(self, panel: str, step: int, values: Mapping[str, float | None]) -> None:
+    def _log_ratios(self, only: int | None = None) -> None:
+        keep = []
+        for snap in self._snapshots:
+            if only is None or snap.optimizer == only:
+                self._log_ratio(snap)
+            else:
+                keep.append(snap)
+        self._snapshots = keep
+
+    def _log_ratio(self, snap: UpdateSnapshot) -> None:
+        """``||w_after - w_before|| / ||w_before||`` per key, from the copies taken before the step (one sync)."""
+        weights, updates = snap.squares()
+        view: _View = snap.view
+        metrics: dict[str, float] = {}
+        total = update_ratio(weights, updates, snap.idx)
+        if total is not None:
+            metrics[f"{TAG}/total_update_ratio{view.suffix}"] = total
+        if self.norms != "total":
+            for key, idx in view.groups:
+                ratio = update_ratio(weights, updates, idx)
+                if ratio is not None:
+                    metrics[f"{TAG}/update_ratio/{key}"] = ratio
+        if self.flow_every:
+            self._record_flow(
+                "update_ratio", snap.step, {key: update_ratio(weights, updates, idx) for key, idx in view.flow}
+            )
+        if metrics:
+            self._write_step(metrics, [], snap.step)
+
+    def _record_flow(self, panel: str, step: int, values: Mapping[str, float | None]) -> None:
         """Record one logged step of a panel; a picture is due on the first logged step and every
         ``flow_every``-th after it."""
         history = self._flow.get(panel)
@@ -464,46 +418,7 @@ class Dashboard:
         self._flow_drawn = step
         return picture
 
-    def _flush_snapshots(self, only: int | None = None) -> None:
-        keep = []
-        for snap in self._snapshots:
-            if only is None or snap.optimizer == only:
-                self._log_ratio(snap)
-            else:
-                keep.append(snap)
-        self._snapshots = keep
-
-    def _log_ratio(self, snap: UpdateSnapshot) -> None:
-        """``||w_after - w_before|| / ||w_before||`` per key, from the copies taken before the step (one sync)."""
-        weights, updates = snap.squares()
-        view: _View = snap.view
-        metrics: dict[str, float] = {}
-        total = update_ratio(weights, updates, snap.idx)
-        if total is not None:
-            metrics[f"{TAG}/total_update_ratio{view.suffix}"] = total
-        if self.norms != "total":
-            for key, idx in view.groups:
-                ratio = update_ratio(weights, updates, idx)
-                if ratio is not None:
-                    metrics[f"{TAG}/update_ratio/{key}"] = ratio
-        if self.flow_every:
-            self._add_flow(
-                "update_ratio", snap.step, {key: update_ratio(weights, updates, idx) for key, idx in view.flow}
-            )
-        if metrics:
-            self._write(metrics, [], snap.step)
-
     # ------------------------------------------------------------------ epoch
-    def slot_of(self, trainer: Trainer, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-        """``(k, step)``: where :meth:`record_total` files ``optimizer``'s total norm of the step about to happen
-        (``k``: its index in ``trainer.optimizers``; ``step``: :meth:`step_of`)."""
-        k = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), 0)
-        return k, self.step_of(trainer)
-
-    def mark_stepped(self) -> None:
-        """An optimizer stepped in this batch without :meth:`log_step` (its norms are read later, ``sync="late"``)."""
-        self._stepped = True
-
     def record_total(self, k: int, step: int, total: float) -> None:
         """Add optimizer ``k``'s total norm of ``step`` to this epoch's running max, sum and count (finite only)."""
         if math.isfinite(total):
@@ -546,8 +461,8 @@ class Dashboard:
     def end_epoch(self, trainer: Trainer, device: torch.device) -> None:
         """Log :meth:`epoch_stats` (every rank must call this)."""
         out, step = self.epoch_stats(max(1, len(trainer.optimizers)), device)
-        if out and self._targets and self.every(trainer):
-            self._write(out, [], step)
+        if out and self._targets and self.log_interval(trainer):
+            self._write_step(out, [], step)
 
     # ------------------------------------------------------------------ end
     def finish(self, trainer: Trainer, report: RunReport) -> str | None:
@@ -580,12 +495,13 @@ class Dashboard:
         self._buffers.clear()
 
     # ------------------------------------------------------------------ writing
-    def _say(self, text: str) -> None:
-        if text not in self._said:
-            self._said.add(text)
+    def _inform_once(self, text: str) -> None:
+        """``rank_zero_info(text)``, once per run."""
+        if text not in self._informed:
+            self._informed.add(text)
             rank_zero_info(text)
 
-    def _write(
+    def _write_step(
         self, metrics: dict[str, float], hists: list[tuple[list[str], torch.Tensor, torch.Tensor]], step: int
     ) -> None:
         write_step(self._targets, metrics, hists, step)
@@ -608,6 +524,91 @@ class Dashboard:
         write_layout(self._targets, lambda prefix: custom_scalars_layout(charts, prefix, self.update_ratio, *extra))
 
 
+@dataclass
+class _View:
+    """How one optimizer's parameters are logged: its tag suffix and the parameter indices of each key."""
+
+    layout: tuple[Any, ...]
+    suffix: str
+    groups: list[tuple[str, list[int]]]
+    how: str
+    flow: list[tuple[str, list[int]]]  # the gradient-flow picture's rows: the `norms="module"` keys
+    parts: _Parts  # the keys of `no_grad/<key>`
+
+
+@dataclass
+class _Parts:
+    """The keys of one optimizer's ``no_grad/<key>`` tags (those of ``norms``; modules under ``norms="total"``) and,
+    per key, whether it ever lacked a gradient (``tracked``) and ever had one (``fed``) at a logged step."""
+
+    keys: list[str]
+    owner: np.ndarray  # per parameter, the index of its key (-1: none, or an `ignore`d parameter)
+    numels: np.ndarray  # per parameter, its number of elements (float64)
+    sizes: np.ndarray  # per key, the elements of its parameters
+    tracked: np.ndarray  # per key (bool)
+    fed: np.ndarray  # per key (bool)
+
+    @classmethod
+    def of(
+        cls, groups: list[tuple[str, list[int]]], params: Sequence[torch.Tensor], skip: Sequence[bool] | None = None
+    ) -> _Parts:
+        """The keys of ``groups``, leaving out the parameters ``skip`` marks (those ``ignore`` matches)."""
+        owner = np.full(len(params), -1, dtype=np.int64)
+        for j, (_, idx) in enumerate(groups):
+            owner[idx] = j
+        if skip is not None:
+            owner[np.asarray(skip, dtype=bool)] = -1
+        numels = np.array([p.numel() for p in params], dtype=np.float64)
+        keep = owner >= 0
+        sizes = np.bincount(owner[keep], weights=numels[keep], minlength=len(groups))
+        n = len(groups)
+        return cls([k for k, _ in groups], owner, numels, sizes, np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
+
+    def inherit(self, old: _Parts) -> None:
+        """Take ``tracked`` and ``fed`` of the keys ``old`` had too."""
+        at = {k: j for j, k in enumerate(old.keys)}
+        for j, key in enumerate(self.keys):
+            if key in at:
+                self.tracked[j], self.fed[j] = old.tracked[at[key]], old.fed[at[key]]
+
+    def shares(self, missing: Sequence[int]) -> np.ndarray:
+        """Per key, the share of its parameters' elements among ``missing`` (0 for a key of ignored parameters)."""
+        miss = np.asarray(missing, dtype=np.int64)
+        miss = miss[self.owner[miss] >= 0]
+        lost = np.bincount(self.owner[miss], weights=self.numels[miss], minlength=len(self.keys))
+        return np.divide(lost, self.sizes, out=np.zeros(len(self.keys)), where=self.sizes > 0)
+
+
+class _Layout(NamedTuple):
+    """What the custom-scalars layout shows beyond the norms (written again when it changes)."""
+
+    idle: bool = False
+    findings: tuple[str, ...] = ()  # the kinds with a chart
+    no_grad: bool = False  # some part lacked a gradient at a logged step
+    dead: tuple[str, ...] = ()  # the charts whose every key lacked a gradient at every logged step
+
+
+def _indices_by_key(keys: Sequence[str | None]) -> list[tuple[str, list[int]]]:
+    """The indices of each key, keys in the order first seen (``None``: left out)."""
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    return list(groups.items())
+
+
+def _group_norm(norms: Sequence[float | None], idx: Sequence[int]) -> float | None:
+    """The L2 norm over the tensors ``idx`` that have a gradient (``None``: none has)."""
+    present = [norms[i] for i in idx if norms[i] is not None]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else _root(math.fsum(n * n for n in present))  # type: ignore[operator,misc]
+
+
+def _root(v: float) -> float:
+    return math.sqrt(v) if v >= 0 else math.nan
+
+
 def _log_dir(trainer: Trainer) -> str:
     """The first logger's ``log_dir`` (or ``save_dir``), else the Trainer's ``default_root_dir`` (no collectives)."""
     for logger in trainer.loggers[:1]:
@@ -616,3 +617,12 @@ def _log_dir(trainer: Trainer) -> str:
             if d:
                 return os.fspath(d)
     return os.fspath(trainer.default_root_dir)
+
+
+def _batches_that_stepped(trainer: Trainer) -> int | None:
+    """The number of batches so far in which an optimizer stepped, the step Lightning logs ``self.log`` values at:
+    ``trainer.fit_loop.epoch_loop._batches_that_stepped`` (private to Lightning); ``None`` without a fit loop (a
+    stand-in Trainer)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    n = getattr(loop, "_batches_that_stepped", None)
+    return n if isinstance(n, int) else None

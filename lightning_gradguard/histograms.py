@@ -36,8 +36,8 @@ __all__ = [
 # Histogram buckets: the top 12 bits of a float32 (sign, exponent, 3 mantissa bits): 8 log-linear buckets per
 # power of two, for either sign; `bits >> 20` is one integer op per value.
 _SHIFT = 20
-_HALF = 1 << (31 - _SHIFT)  # 2048 buckets per sign
-_NBINS = 2 * _HALF
+_PER_SIGN = 1 << (31 - _SHIFT)  # 2048 buckets per sign
+_NBINS = 2 * _PER_SIGN
 
 
 def _bucket_edges() -> tuple[list[float], list[float], list[int]]:
@@ -58,7 +58,7 @@ def _bucket_edges() -> tuple[list[float], list[float], list[int]]:
     left = np.full(_NBINS, np.nan)
     right = np.full(_NBINS, np.nan)
     left[:n], right[:n] = -hi, -lo  # bins 0..2047: negative values, magnitude bucket = bin
-    left[_HALF : _HALF + n], right[_HALF : _HALF + n] = below[:-1], below[1:]
+    left[_PER_SIGN : _PER_SIGN + n], right[_PER_SIGN : _PER_SIGN + n] = below[:-1], below[1:]
     finite = [j for j in range(_NBINS) if not math.isnan(right[j])]
     order = sorted(finite, key=lambda j: (right[j], j))
     return left.tolist(), right.tolist(), order
@@ -152,14 +152,14 @@ def _bincount(keys: torch.Tensor, minlength: int) -> torch.Tensor:
     return torch.bincount(keys, minlength=minlength)
 
 
-def _on(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small tensor of host ``values`` on ``device``, copied without waiting for the device (a blocking copy to an
     accelerator synchronises its stream)."""
     t = torch.tensor(values, dtype=dtype)
     return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
-class _Keys:
+class _KeyBuffer:
     """Writes bucket keys into a bounded buffer and counts them into ``counts`` (one row of ``4096`` per histogram).
 
     Each histogram with keys in the buffer has a slot; its keys are offset by ``slot * 4096``, so that one
@@ -178,7 +178,7 @@ class _Keys:
     def room(self) -> int:
         return self.cap - self.fill
 
-    def slots(self, ks: Sequence[int], max_slots: int) -> list[int]:
+    def assign_slots(self, ks: Sequence[int], max_slots: int) -> list[int]:
         """The slots of histograms ``ks`` (at most ``max_slots`` distinct ones), after a count if they do not fit."""
         new = [k for k in dict.fromkeys(ks) if k not in self.slot]
         if new and self.groups and len(self.groups) + len(new) > max_slots:
@@ -196,10 +196,10 @@ class _Keys:
             if not self.room():
                 self.flush()
             take = min(n - done, self.room())
-            slot = self.slot[k] if k in self.slot else self.slots([k], _SLOTS)[0]
-            out = self._take(take)
+            slot = self.slot[k] if k in self.slot else self.assign_slots([k], _SLOTS)[0]
+            out = self._reserve(take)
             torch.bitwise_right_shift(bits[done : done + take], _SHIFT, out=out)
-            out.add_(slot * _NBINS + _HALF)
+            out.add_(slot * _NBINS + _PER_SIGN)
             done += take
 
     def add_rows(self, bits: torch.Tensor, ks: Sequence[int]) -> None:
@@ -207,12 +207,12 @@ class _Keys:
         rows, n = bits.shape
         if self.room() < rows * n:
             self.flush()
-        slots = self.slots(ks, _SMALL_SLOTS)
-        out = self._take(rows * n).view(rows, n)
+        slots = self.assign_slots(ks, _SMALL_SLOTS)
+        out = self._reserve(rows * n).view(rows, n)
         torch.bitwise_right_shift(bits, _SHIFT, out=out)
-        out.add_(_on([s * _NBINS + _HALF for s in slots], torch.int32, out.device)[:, None])
+        out.add_(_to_device([s * _NBINS + _PER_SIGN for s in slots], torch.int32, out.device)[:, None])
 
-    def _take(self, n: int) -> torch.Tensor:
+    def _reserve(self, n: int) -> torch.Tensor:
         out = self.keys[self.fill : self.fill + n]
         self.fill += n
         return out
@@ -224,7 +224,7 @@ class _Keys:
             if groups == list(range(groups[0], groups[0] + len(groups))):
                 self.counts[groups[0] : groups[0] + len(groups)] += found
             else:
-                self.counts.index_add_(0, _on(groups, torch.int64, found.device), found)
+                self.counts.index_add_(0, _to_device(groups, torch.int64, found.device), found)
         self.fill, self.groups, self.slot = 0, [], {}
 
 
@@ -267,7 +267,7 @@ def histograms_counts(
     maxs, sums, sq = mins.clone(), torch.zeros_like(mins), torch.zeros_like(mins)
     if total:
         keys = (buffers or HistogramBuffers()).keys(device, min(total, _CHUNK))
-        writer = _Keys(keys, counts)
+        writer = _KeyBuffer(keys, counts)
         small: dict[int, list[tuple[int, torch.Tensor]]] = {}  # size -> (group, values), in group order
         large: list[list[Any]] = [[], [], [], [], []]  # group, min, max, sum, sum of squares (0-d) per large tensor
         blocks: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
@@ -301,15 +301,15 @@ def histograms_counts(
             pieces = ([torch.stack(large[j])] if large[j] else []) + [b[j] for b in blocks]  # type: ignore[misc]
             return torch.cat(pieces).to(f64)
 
-        idx = _on(large[0] + [k for b in blocks for k in b[0]], torch.int64, device)
+        idx = _to_device(large[0] + [k for b in blocks for k in b[0]], torch.int64, device)
         mins.scatter_reduce_(0, idx, column(1), "amin", include_self=False)
         maxs.scatter_reduce_(0, idx, column(2), "amax", include_self=False)
         sums.index_add_(0, idx, column(3))
         if squares is None:
             sq.index_add_(0, idx, column(4))
     if squares is not None:
-        sq = _on(list(squares), f64, device)
-    num = _on(nums, f64, device)
+        sq = _to_device(list(squares), f64, device)
+    num = _to_device(nums, f64, device)
     return torch.stack([mins, maxs, num, sums, sq], dim=1), counts.view(n_groups, _NBINS)
 
 
@@ -336,7 +336,7 @@ _RANK_NP = np.full(_NBINS, -1, dtype=np.int64)  # bin -> its place in value orde
 _RANK_NP[_ORDER_NP] = np.arange(_NFINITE)
 # -0.0 (and negative subnormals above -2**-126/8) counted with +0.0: the bin of -0.0 has the right edge -0.0, in
 # which TensorBoard would count +0.0 too
-_RANK_NP[0] = _RANK_NP[_HALF]
+_RANK_NP[0] = _RANK_NP[_PER_SIGN]
 
 
 def _protos(

@@ -240,7 +240,7 @@ def _set_norms(stats: GradStats, norms: np.ndarray, present: np.ndarray, missing
     stats.norms = out
 
 
-def _take(indices: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
+def _make_getter(indices: Sequence[int]) -> Callable[[Sequence[Any]], Sequence[Any]]:
     """A C-level getter of ``indices`` from a sequence, returning a sequence (a tuple, or a one-item list)."""
     if not indices:
         return lambda seq: []
@@ -339,19 +339,19 @@ def _make_plan(
             rows = max(_STACK_MIN, (_GRAIN - 1) // max(numel, 1))  # each block under the grain size (or 4 of them)
             for k in range(0, len(idx), rows):
                 part = idx[k : k + rows]
-                blocks.append((_take(part), len(part), numel, len(shape) > 0))
+                blocks.append((_make_getter(part), len(part), numel, len(shape) > 0))
             stacked += idx
         elif kind == "small":
             flat += idx
         elif kind == "foreach":
-            foreach.append((_take(idx), torch.float32 if key[1] != torch.float64 else None))
+            foreach.append((_make_getter(idx), torch.float32 if key[1] != torch.float64 else None))
             foreach_idx += idx
         else:
             single.append(idx)
     order = stacked + flat + foreach_idx + [i for idx in single for i in idx]
     return _Plan(
         blocks,
-        _take(flat),
+        _make_getter(flat),
         torch.tensor(layout.numel[flat], dtype=torch.int64) if flat else None,
         foreach,
         single,

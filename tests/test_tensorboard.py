@@ -417,10 +417,10 @@ def reference_bin_counts(values: torch.Tensor) -> list[int]:
 
 def fast_bin_counts(counts: torch.Tensor) -> list[int]:
     """The counts of :func:`histograms_counts` (one per key) in the reference's value order, -0.0 with +0.0."""
-    from lightning_gradguard.histograms import _HALF, _ORDER_NP
+    from lightning_gradguard.histograms import _ORDER_NP, _PER_SIGN
 
     row = counts.numpy().copy()
-    row[_HALF] += row[0]
+    row[_PER_SIGN] += row[0]
     row[0] = 0
     return row[_ORDER_NP].tolist()
 
@@ -510,7 +510,7 @@ def test_value_histograms_on_cuda_sync_once_and_match_the_cpu():
 def test_fast_value_histograms_of_a_model_match_torch_histc_per_tensor():
     """A transformer layer's gradients (12 tensors, default buffer sizes): per tensor and sign, the fast counts summed
     over each power of two's 8 buckets equal ``torch.histc`` of ``floor(log2|g|)``, one bin per power of two."""
-    from lightning_gradguard.histograms import _HALF, histograms_counts
+    from lightning_gradguard.histograms import _PER_SIGN, histograms_counts
 
     torch.manual_seed(0)
     model = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
@@ -519,7 +519,7 @@ def test_fast_value_histograms_of_a_model_match_torch_histc_per_tensor():
     _, counts = histograms_counts([[g] for g in grads])
     for g, row in zip(grads, counts, strict=True):
         g = g.flatten()
-        for sign, part in ((1, row[_HALF:]), (-1, row[:_HALF])):
+        for sign, part in ((1, row[_PER_SIGN:]), (-1, row[:_PER_SIGN])):
             v = g[(g * sign > 0)].abs()
             octaves = part[8:2040].reshape(-1, 8).sum(1)  # exponents 1..254: the normal floats, by power of two
             lo, hi = -126, 128
