@@ -11,12 +11,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from .audit import loss_scale
 from .core import DIAGNOSE, GuardCore
 from .dashboard import Dashboard
 from .distributed import RankSync, rank_zero_warnings
 from .findings import Finding
 from .history import DEFAULT_WINDOW
+from .measure import loss_scale
 from .policy import Policy, function_site
 from .report import RunReport
 

@@ -22,21 +22,10 @@ import torch
 from torch import nn
 
 from ._frames import user_stacklevel
-from .audit import (
-    GradStats,
-    LateRead,
-    StepFacts,
-    audit_layout,
-    classify,
-    explain_missing,
-    explain_zero,
-    find_orphans,
-    measure_grads,
-    start_late_read,
-    walk_graph,
-)
+from .audit import StepFacts, audit_layout, classify, explain_missing, explain_zero, find_orphans, walk_graph
 from .findings import HINTS, Finding, GradGuardError, group_findings
 from .history import MAX_TRACED_STEPS, History
+from .measure import GradStats, LateRead, measure_grads, start_late_read
 from .params import ParamIndex, ParamList, alike_items, module_of, optimizer_layout, optimizer_params
 from .policy import GradGuardWarning, Policy
 from .report import RunReport

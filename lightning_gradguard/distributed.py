@@ -43,8 +43,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .audit import GradStats, StepFacts, explain_missing, measure_grads, reached_params
+from .audit import StepFacts, explain_missing, reached_params
 from .findings import Finding, GradGuardError, format_findings
+from .measure import GradStats, measure_grads
 from .policy import GradGuardWarning
 
 if TYPE_CHECKING:

@@ -13,9 +13,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.overrides import TorchFunctionMode
 
 from ._frames import user_stacklevel, warnings_at_user_begin, warnings_at_user_end
-from .audit import loss_scale
 from .core import GuardCore
 from .findings import Finding
+from .measure import loss_scale
 from .policy import DEFAULT_ACTIONS, GradGuardWarning, Policy
 
 __all__ = ["check_step"]
