@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench sweep corpus mutate compat clean distclean
+.PHONY: venv test demo lint bench gpu sweep corpus mutate compat clean distclean
 
 venv: $(STAMP)
 
@@ -37,6 +37,13 @@ compat:
 lint: venv
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
+
+# On a CUDA machine, not in CI (~5 minutes): every test marked `cuda`, then `benchmarks/run.py --device cuda`; writes
+# benchmarks/gpu-results.md. Runs the machine's own python3 and its CUDA torch (GPU_PYTHON=... picks another) on this
+# checkout, installing nothing; fails if any of those tests fails or skips.
+GPU_PYTHON ?= python3
+gpu:
+	$(GPU_PYTHON) benchmarks/gpu.py
 
 # The real-model sweep (tests/realmodels): every architecture, ground truth vs check_step and GradGuard. Prints the
 # table and writes it to docs/sweep.md; fails if any configuration has a crash, false positive, miss or change.

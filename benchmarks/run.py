@@ -54,6 +54,7 @@ RESULTS = Path(__file__).resolve().parent / "results.md"
 SIZES = {"full": (4096, 256, 6, 4, 1024, 64, 8), "quick": (256, 32, 2, 2, 64, 16, 4)}
 VOCAB, WIDTH, LAYERS, HEADS, FF, CONTEXT, BATCH = SIZES["full"]
 TRAINER_LOG_EVERY = 8
+DEVICE = "cpu"  # --device
 
 
 class TinyLM(pl.LightningModule):
@@ -115,39 +116,64 @@ class StepTimer(pl.Callback):
         self.steps: list[float] = []
 
     def on_train_batch_end(self, *args: Any) -> None:
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()  # a step ends when its kernels have run, with or without GradGuard
         now = time.perf_counter()
         if self.last is not None:
             self.steps.append(now - self.last)
         self.last = now
 
 
+#: The hooks run inside a training batch, in the order Lightning calls them (FACTS.md); the per-hook breakdown.
+STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_before_zero_grad",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+)
+
+
 class TimedGradGuard(GradGuard):
-    """GradGuard that adds up the wall and thread CPU time spent in its own hooks, per training batch."""
+    """GradGuard that adds up the wall and thread CPU time spent in each of its own per-batch hooks (every hook of
+    ``STEP_HOOKS`` that GradGuard overrides: a hook added later is timed without touching this class)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.wall = self.cpu = 0.0
         self.per_batch: list[tuple[float, float]] = []
+        self.per_hook: dict[str, list[float]] = {}  # hook -> wall time of each call
+        self._current: dict[str, float] = {}
 
     def _timed(self, hook: str, *args: Any) -> None:
         w, c = time.perf_counter(), time.thread_time()
         getattr(super(), hook)(*args)
-        self.wall += time.perf_counter() - w
+        wall = time.perf_counter() - w
+        self.wall += wall
         self.cpu += time.thread_time() - c
+        self._current[hook] = self._current.get(hook, 0.0) + wall
+        if hook == "on_train_batch_end":
+            self.per_batch.append((self.wall, self.cpu))
+            for name in STEP_HOOKS:
+                if name in self.overridden:
+                    self.per_hook.setdefault(name, []).append(self._current.get(name, 0.0))
+            self.wall = self.cpu = 0.0
+            self._current = {}
 
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._timed("on_train_batch_start", *args)
+    overridden: tuple[str, ...] = tuple(h for h in STEP_HOOKS if getattr(GradGuard, h) is not getattr(pl.Callback, h))
 
-    def on_before_backward(self, *args: Any) -> None:
-        self._timed("on_before_backward", *args)
 
-    def on_before_optimizer_step(self, *args: Any) -> None:
-        self._timed("on_before_optimizer_step", *args)
+def _timed_hook(name: str) -> Any:
+    def hook(self: TimedGradGuard, *args: Any) -> None:
+        self._timed(name, *args)
 
-    def on_train_batch_end(self, *args: Any) -> None:
-        self._timed("on_train_batch_end", *args)
-        self.per_batch.append((self.wall, self.cpu))
-        self.wall = self.cpu = 0.0
+    hook.__name__ = name
+    return hook
+
+
+for _name in TimedGradGuard.overridden:
+    setattr(TimedGradGuard, _name, _timed_hook(_name))
 
 
 class TracerClock:
@@ -234,7 +260,7 @@ except ImportError:
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu",
+        accelerator=DEVICE,
         devices=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -269,8 +295,10 @@ def run_once(name: str, steps: int, warmup: int, root: str) -> dict[str, Any]:
     with clock.installed():
         trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=BATCH))
     hooks = guard.per_batch[1:][warmup:] if guard is not None else []  # aligned with the timer's intervals
+    per_hook = {h: calls[1:][warmup:] for h, calls in guard.per_hook.items()} if guard is not None else {}
     return {
         "steps": timer.steps[warmup:],
+        "per_hook": per_hook,
         "hooks_wall": [w for w, _ in hooks],
         "hooks_cpu": [c for _, c in hooks],
         "tracer": clock.spent / (steps + warmup + 1),
@@ -342,6 +370,7 @@ def scaling_row(label: str, layers: int, width: int, steps: int, warmup: int, dr
 
 
 SCALING = [  # label, layers, width, timed steps (full run), share of layers skipped per step
+    ("10 tensors", 5, 8, 100, 0.0),
     ("100 tensors", 50, 8, 30, 0.0),
     ("1000 tensors", 500, 8, 30, 0.0),
     ("4000 tensors", 2000, 8, 30, 0.0),
@@ -352,9 +381,26 @@ SCALING = [  # label, layers, width, timed steps (full run), share of layers ski
 ]
 
 
+def hook_table(runs: dict[str, list[dict[str, Any]]], base: list[float]) -> str:
+    """Median wall time per step in each of GradGuard's per-batch hooks, per configuration that has GradGuard."""
+    hooks = TimedGradGuard.overridden
+    lines = [
+        "| configuration | " + " | ".join(f"`{h}`, ms" for h in hooks) + " | all, % of the no-callback step |",
+        "|---|" + "---:|" * (len(hooks) + 1),
+    ]
+    step = statistics.median(base) if base else float("nan")
+    for name, rs in runs.items():
+        if not rs or not rs[0]["per_hook"]:
+            continue
+        medians = [statistics.median(x for run in rs for x in run["per_hook"][h]) for h in hooks]
+        cells = " | ".join(f"{m * 1e3:.3f}" for m in medians)
+        lines.append(f"| {name} | {cells} | {sum(medians) / step:.2%} |")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear script
-    global VOCAB, WIDTH, LAYERS, HEADS, FF, CONTEXT, BATCH
+    global VOCAB, WIDTH, LAYERS, HEADS, FF, CONTEXT, BATCH, DEVICE
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each run")
@@ -365,7 +411,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--only", action="append", help="run only the configurations whose name contains this")
     parser.add_argument("--quick", action="store_true", help="a tiny model, a few steps, one round; print only")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the models train")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"the results file (default {RESULTS.name})")
     args = parser.parse_args(argv)
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device cuda: no CUDA device (torch {torch.__version__})")
     scaling = SCALING if not args.no_100m else SCALING[:-1]
     if args.quick:
         args.steps, args.warmup, args.rounds = 2, 1, 1
@@ -418,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             f"{', '.join(f'{x:.2f}' for x in ratios)} | {hooks} | {tracer:.2f} | {rss:.0f} |"
         )
     paired = "\n".join(lines)
+    per_hook = hook_table(runs, base)
     never = runs.get("GradGuard diagnose='never', no dashboard")
     always = runs.get("GradGuard diagnose='always' (every step traced), no dashboard")
     traced_line = ""
@@ -429,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     if runs:
         print()
         print(paired)
+        print()
+        print(per_hook)
         print()
         print(traced_line)
 
@@ -459,12 +513,15 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         return 0
 
     cpu = platform.processor() or platform.machine()
+    gpu = f"{torch.cuda.get_device_name()}, " if DEVICE == "cuda" else ""
     env = (
-        f"torch {torch.__version__}, lightning {pl.__version__}, Python {platform.python_version()}, {cpu}, "
+        f"torch {torch.__version__}, lightning {pl.__version__}, Python {platform.python_version()}, {gpu}{cpu}, "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs visible"
     )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    RESULTS.write_text(
+    where = "CPU" if DEVICE == "cpu" else f"CUDA ({torch.cuda.get_device_name()}; a step's time ends at a "
+    where += "`torch.cuda.synchronize()` in `on_train_batch_end`)" if DEVICE == "cuda" else ""
+    args.out.write_text(
         "# GradGuard benchmark\n\n"
         f"Written by `python benchmarks/run.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip()
         + f" ({elapsed / 60:.1f} min; the paired table "
@@ -472,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         "ratios per round).\n\n"
         "## Paired table\n\n"
         f"Model: causal transformer LM, {params / 1e6:.2f} M parameters in {tensors} tensors (vocabulary {VOCAB}, "
-        f"width {WIDTH}, {LAYERS} layers, batch {BATCH} × {CONTEXT} tokens, AdamW), CPU, `TensorBoardLogger`, "
+        f"width {WIDTH}, {LAYERS} layers, batch {BATCH} × {CONTEXT} tokens, AdamW), {where}, `TensorBoardLogger`, "
         f"`Trainer(log_every_n_steps={TRAINER_LOG_EVERY})`. Each of {args.rounds} rounds runs every configuration "
         f"once (shuffled order; {args.steps} timed steps after {args.warmup} warm-up steps). Step: the median "
         "time between consecutive `on_train_batch_end` calls. Ratio: a run's median step over the no-callback run's "
@@ -481,7 +538,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         "the thread waited for a core; TensorBoard's writer thread is not in it). Tracer: its own time per step "
         "inside the forward pass (`Tracer.__torch_function__` minus the ops it forwards). Peak RSS: the process's "
         "`VmHWM`, reset before each run, the largest over rounds.\n\n"
-        f"{paired}\n\n{traced_line}\n\n"
+        f"{paired}\n\n"
+        "### Where the time in GradGuard's hooks goes\n\n"
+        "Median wall time per step inside each of GradGuard's per-batch hooks, per configuration (the hooks that "
+        "GradGuard does not override are left out); the last column is the sum of the medians over the no-callback "
+        "step of the same rounds.\n\n"
+        f"{per_hook}\n\n{traced_line}\n\n"
         "## Scaling\n\n"
         "`GradGuard()` defaults, no logger (so no dashboard: the always-on check alone), on residual stacks "
         "`x = x + 0.01 * Linear(width, width)(x)` (batch 8, SGD): width 8 for the tensor counts, wider for the "
@@ -494,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         f"{scale_text}\n",
         encoding="utf-8",
     )
-    print(f"\nwritten to {RESULTS}")
+    print(f"\nwritten to {args.out}")
     return 0
 
 

@@ -581,6 +581,7 @@ def test_gradguard_step_reads_the_device_once_per_optimizer_step(tmp_path, trans
     assert len(transfers) == 4
 
 
+@pytest.mark.cuda
 @CUDA
 def test_cuda_clean_step_synchronises_once():
     params = with_grads(*[torch.randn(8, 8, device="cuda") for _ in range(10)], torch.randn(40000, device="cuda"),
@@ -599,6 +600,7 @@ def test_cuda_clean_step_synchronises_once():
     assert stats.syncs == 1
 
 
+@pytest.mark.cuda
 @CUDA
 def test_cuda_nonfinite_and_zero_gradients_are_reported():
     params = with_grads(torch.tensor([1.0, math.nan], device="cuda"), torch.zeros(4, device="cuda"),

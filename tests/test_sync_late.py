@@ -166,6 +166,7 @@ def test_sync_must_be_step_or_late():
         GradGuard(sync="later")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("sync", ["step", "late"])
 def test_clean_late_steps_do_not_synchronise_on_cuda(tmp_path, sync):

@@ -476,6 +476,7 @@ def test_accelerator_counting_without_sync_equals_bincount():
     assert torch.equal(_add_counts(keys, 4 * 4096), torch.bincount(keys, minlength=4 * 4096))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_value_histograms_on_cuda_sync_once_and_match_the_cpu():
     from lightning_gradguard.histograms import fetch_histograms, histograms_counts
