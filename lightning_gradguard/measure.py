@@ -132,6 +132,7 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
 _LAYOUT = operator.attrgetter("layout")
+_FLAT_VIEW = operator.methodcaller("view", -1)
 _HALF = (torch.float16, torch.bfloat16)
 _BLAS = (torch.float32, torch.float64)  # the dtypes of `torch.dot` on the CPU
 
@@ -265,7 +266,8 @@ class _Plan:
     flat: Callable[[Sequence[Any]], Sequence[Any]]  # the other small CPU gradients: one flattened copy, a segment sum
     lengths: torch.Tensor | None
     foreach: list[tuple[Callable[[Sequence[Any]], Sequence[Any]], torch.dtype | None]]  # off the CPU, per dtype
-    single: list[list[int]]  # measured one by one, per device: large, sparse, complex, or odd gradients
+    dots: list[Callable[[Sequence[Any]], Sequence[Any]]]  # large float32/float64 CPU gradients, per dtype: a dot each
+    single: list[list[int]]  # measured one by one, per device: sparse, complex, or odd gradients
     order: np.ndarray  # the parameter index of each value, in the order they are transferred
     device: torch.device | None
 
@@ -278,7 +280,8 @@ class _Layout:
 
     group: np.ndarray  # per parameter, the index of its group in `keys`; -1: no gradient seen yet
     numel: np.ndarray  # per parameter, its gradient's number of elements
-    #: ``("small", dtype, shape)`` (CPU), ``("foreach", device, dtype)`` (off the CPU) or ``("single", device)``
+    #: ``("small", dtype, shape)``, ``("dot", dtype)`` (CPU), ``("foreach", device, dtype)`` (off the CPU) or
+    #: ``("single", device)``
     keys: list[tuple[Any, ...]] = field(default_factory=list)
     ids: dict[tuple[Any, ...], int] = field(default_factory=dict)  # key -> its index in `keys`
     device: torch.device | None = None  # the one device of the small CPU gradients
@@ -294,6 +297,8 @@ class _Layout:
         if dense_float and g.device.type == "cpu" and numel < _FLAT_MAX and self.device in (None, g.device):
             self.device = g.device
             key: tuple[Any, ...] = ("small", g.dtype, tuple(g.shape))
+        elif dense_float and g.device.type == "cpu" and g.dtype in _BLAS and g.is_contiguous():
+            key = ("dot", g.dtype)
         elif dense_float and g.device.type != "cpu":
             key = ("foreach", g.device, g.dtype)
         else:
@@ -329,6 +334,8 @@ def _make_plan(
     flat: list[int] = []
     foreach: list[tuple[Callable[[Sequence[Any]], Sequence[Any]], torch.dtype | None]] = []
     foreach_idx: list[int] = []
+    dots: list[Callable[[Sequence[Any]], Sequence[Any]]] = []
+    dot_idx: list[int] = []
     single: list[list[int]] = []
     for chunk in np.split(sel, cuts) if len(sel) else []:
         idx = chunk.tolist()
@@ -346,14 +353,18 @@ def _make_plan(
         elif kind == "foreach":
             foreach.append((_make_getter(idx), torch.float32 if key[1] != torch.float64 else None))
             foreach_idx += idx
+        elif kind == "dot":
+            dots.append(_make_getter(idx))
+            dot_idx += idx
         else:
             single.append(idx)
-    order = stacked + flat + foreach_idx + [i for idx in single for i in idx]
+    order = stacked + flat + foreach_idx + dot_idx + [i for idx in single for i in idx]
     return _Plan(
         blocks,
         _make_getter(flat),
         torch.tensor(layout.numel[flat], dtype=torch.int64) if flat else None,
         foreach,
+        dots,
         single,
         np.asarray(order, dtype=np.int64),
         layout.device,
@@ -382,6 +393,12 @@ def _run_plan(plan: _Plan, grads: Sequence[torch.Tensor | None]) -> list[torch.T
         parts.append(torch.segment_reduce(flat * flat, "sum", lengths=plan.lengths).sqrt_())
     for take, dtype in plan.foreach:
         parts.append(torch.stack(_foreach_norm(take(grads), dtype)))  # type: ignore[arg-type]
+    for take in plan.dots:  # `view(-1)` raises on a gradient that is no longer flat in memory: a new plan then
+        flat = list(map(_FLAT_VIEW, take(grads)))
+        squares = torch.stack(list(map(torch.dot, flat, flat)))
+        if squares.device.type != "cpu":
+            return None
+        parts.append(squares.sqrt_())
     for idx in plan.single:
         parts.append(torch.stack([n.double() for n in l2_norms([grads[i] for i in idx])]))  # type: ignore[misc]
     return parts

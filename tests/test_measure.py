@@ -78,12 +78,23 @@ def test_blas_dot_path_at_real_sizes_matches_vector_norm(shape, dtype):
     small = torch.randn(10, dtype=dtype)
     stats = measure_grads(with_grads(small, g))
     if g.numel() >= measure._DOT_MIN:  # the path under test: measured alone, by a dot product
-        assert measure._make_plan([small, g]).single == [[1]]
+        plan = measure._make_plan([small, g])
+        assert (len(plan.dots), plan.single, plan.order.tolist()) == (1, [], [0, 1])
     expected = float(torch.linalg.vector_norm(g.double()))
     torch_error = abs(float(torch.linalg.vector_norm(g)) - expected)  # torch's own, in the gradient's dtype
     assert abs(stats.norms[1] - expected) <= max(2 * torch_error, 1e-6 * expected)  # no less accurate than torch
     assert stats.norms[1] == pytest.approx(expected, rel=1e-5 if dtype == torch.float32 else 1e-12)
     assert stats.norms[0] == pytest.approx(float(torch.linalg.vector_norm(small.double())), rel=1e-6)
+
+
+def test_a_large_gradient_that_stops_being_contiguous_gets_a_new_plan():
+    """Planned as a dot product while contiguous; a later step's transposed gradient (``view(-1)`` fails) is measured
+    by a new plan, right, in the same call."""
+    p = _param_with_grad(torch.randn(256, 128))
+    params = [p, _param_with_grad(torch.randn(4))]
+    assert measure_grads(params).norms[0] == pytest.approx(reference(p.grad), rel=1e-6)
+    p.grad = torch.randn(128, 256).t()
+    assert measure_grads(params).norms[0] == pytest.approx(reference(p.grad), rel=1e-6)
 
 
 def test_non_contiguous_large_gradient_is_measured():
