@@ -432,7 +432,6 @@ def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatc
     monkeypatch.setattr(histograms, "_CHUNK", 1000)  # 3 tensors and more per buffer, and splits
     monkeypatch.setattr(histograms, "_SMALL", 64)
     monkeypatch.setattr(histograms, "_SLOTS", 1)
-    monkeypatch.setattr(histograms, "_SMALL_SLOTS", 3)  # histograms 3 and 5 share a count
     from lightning_gradguard.histograms import HistogramBuffers, histograms_counts
 
     torch.manual_seed(0)
