@@ -158,7 +158,9 @@ def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> t
     return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
-def _count_rows(blocks: Sequence[tuple[Sequence[int], torch.Tensor]], keys: torch.Tensor, n_groups: int) -> torch.Tensor:
+def _count_rows(
+    blocks: Sequence[tuple[Sequence[int], torch.Tensor]], keys: torch.Tensor, n_groups: int
+) -> torch.Tensor:
     """The counts (``n_groups * 4096``, one row per histogram) of 2-D float32 ``blocks``, row ``i`` of a block
     belonging to histogram ``ks[i]``: each key carries its histogram's row, so that one ``bincount`` per full buffer
     counts every histogram's small tensors, and its output is the counts themselves (no per-histogram slots to add
