@@ -107,13 +107,12 @@ def _values(t: torch.Tensor, scale: float, finite: bool) -> torch.Tensor:
 
 #: Values bucketed per ``bincount``: their int32 keys (4 MiB) are written, tagged and counted while in the cache.
 _CHUNK = 1 << 20
-#: Tensors up to this many values are bucketed together with the others of their size (one 2-D pass, not one
-#: Python round per tensor: most tensors of a model are small biases and norms).
+#: Tensors up to this many values (at most ``_CHUNK``) are bucketed together with the others of their size (one 2-D
+#: pass, not one Python round per tensor: most tensors of a model are small biases and norms), and every histogram's
+#: small tensors are counted by one ``bincount`` (per ``_CHUNK`` keys) whose output is the histograms' counts.
 _SMALL = 1 << 15
-#: The most histograms counted by one ``bincount`` of large tensors' keys, and of small tensors' (its output has
-#: 4096 counts per histogram).
+#: The most histograms counted by one ``bincount`` of large tensors' keys (its output has 4096 counts per histogram).
 _SLOTS = 4
-_SMALL_SLOTS = 64
 
 
 class HistogramBuffers:
@@ -159,11 +158,37 @@ def _to_device(values: list[Any], dtype: torch.dtype, device: torch.device) -> t
     return t if device.type == "cpu" else t.to(device, non_blocking=True)
 
 
+def _count_rows(
+    blocks: Sequence[tuple[Sequence[int], torch.Tensor]], keys: torch.Tensor, n_groups: int
+) -> torch.Tensor:
+    """The counts (``n_groups * 4096``, one row per histogram) of 2-D float32 ``blocks``, row ``i`` of a block
+    belonging to histogram ``ks[i]``: each key carries its histogram's row, so that one ``bincount`` per full buffer
+    counts every histogram's small tensors, and its output is the counts themselves (no per-histogram slots to add
+    back)."""
+    counts, fill = None, 0
+    for at in range(len(blocks) + 1):
+        rows = blocks[at][1].numel() if at < len(blocks) else 0
+        if fill and (at == len(blocks) or fill + rows > len(keys)):
+            found = _bincount(keys[:fill], n_groups * _NBINS)
+            counts = found if counts is None else counts.add_(found)
+            fill = 0
+        if rows:
+            ks, block = blocks[at]
+            out = keys[fill : fill + rows].view(block.shape)
+            torch.bitwise_right_shift(block.view(torch.int32), _SHIFT, out=out)
+            out.add_(_to_device([k * _NBINS + _PER_SIGN for k in ks], torch.int32, out.device)[:, None])
+            fill += rows
+    if counts is None:
+        return torch.zeros(n_groups * _NBINS, dtype=torch.int64, device=keys.device)
+    return counts
+
+
 class _KeyBuffer:
-    """Writes bucket keys into a bounded buffer and counts them into ``counts`` (one row of ``4096`` per histogram).
+    """Writes large tensors' bucket keys into a bounded buffer and counts them into ``counts`` (one row of ``4096``
+    per histogram).
 
     Each histogram with keys in the buffer has a slot; its keys are offset by ``slot * 4096``, so that one
-    ``bincount`` counts them all when the buffer is full or holds ``max_slots`` histograms (its output, ``4096``
+    ``bincount`` counts them all when the buffer is full or holds ``_SLOTS`` histograms (its output, ``4096``
     counts per slot, stays bounded whatever the number of histograms).
     """
 
@@ -173,49 +198,21 @@ class _KeyBuffer:
         self.cap = keys.numel()
         self.fill = 0
         self.groups: list[int] = []  # the histogram of each slot
-        self.slot: dict[int, int] = {}
-
-    def room(self) -> int:
-        return self.cap - self.fill
-
-    def assign_slots(self, ks: Sequence[int], max_slots: int) -> list[int]:
-        """The slots of histograms ``ks`` (at most ``max_slots`` distinct ones), after a count if they do not fit."""
-        new = [k for k in dict.fromkeys(ks) if k not in self.slot]
-        if new and self.groups and len(self.groups) + len(new) > max_slots:
-            self.flush()
-            new = list(dict.fromkeys(ks))
-        for k in new:
-            self.slot[k] = len(self.groups)
-            self.groups.append(k)
-        return [self.slot[k] for k in ks]
 
     def add(self, bits: torch.Tensor, k: int) -> None:
         """The keys of 1-D float32 values viewed as int32 ``bits``, all of histogram ``k``."""
         done, n = 0, len(bits)
         while done < n:
-            if not self.room():
+            if self.fill == self.cap or (k not in self.groups and len(self.groups) == _SLOTS):
                 self.flush()
-            take = min(n - done, self.room())
-            slot = self.slot[k] if k in self.slot else self.assign_slots([k], _SLOTS)[0]
-            out = self._reserve(take)
+            if k not in self.groups:
+                self.groups.append(k)
+            take = min(n - done, self.cap - self.fill)
+            out = self.keys[self.fill : self.fill + take]
+            self.fill += take
             torch.bitwise_right_shift(bits[done : done + take], _SHIFT, out=out)
-            out.add_(slot * _NBINS + _PER_SIGN)
+            out.add_(self.groups.index(k) * _NBINS + _PER_SIGN)
             done += take
-
-    def add_rows(self, bits: torch.Tensor, ks: Sequence[int]) -> None:
-        """The keys of a 2-D ``bits`` whose row ``i`` belongs to histogram ``ks[i]`` (at most ``_SMALL_SLOTS``)."""
-        rows, n = bits.shape
-        if self.room() < rows * n:
-            self.flush()
-        slots = self.assign_slots(ks, _SMALL_SLOTS)
-        out = self._reserve(rows * n).view(rows, n)
-        torch.bitwise_right_shift(bits, _SHIFT, out=out)
-        out.add_(_to_device([s * _NBINS + _PER_SIGN for s in slots], torch.int32, out.device)[:, None])
-
-    def _reserve(self, n: int) -> torch.Tensor:
-        out = self.keys[self.fill : self.fill + n]
-        self.fill += n
-        return out
 
     def flush(self) -> None:
         if self.fill:
@@ -225,7 +222,7 @@ class _KeyBuffer:
                 self.counts[groups[0] : groups[0] + len(groups)] += found
             else:
                 self.counts.index_add_(0, _to_device(groups, torch.int64, found.device), found)
-        self.fill, self.groups, self.slot = 0, [], {}
+        self.fill, self.groups = 0, []
 
 
 def histograms_counts(
@@ -239,10 +236,12 @@ def histograms_counts(
     without Python per value or per bucket and without a sync.
 
     Each value's bucket is one integer shift of its float32 bits (8 log-linear buckets per power of two), written
-    into a bounded int32 buffer of keys and offset by ``4096 *`` its histogram's slot in the buffer, so that one
-    ``bincount`` counts up to ``_CHUNK`` keys of several histograms at once (on an accelerator, an ``index_add_``
-    that does not sync). Small tensors of the same size go through as
-    one 2-D tensor. Minimum, maximum and sum are reduced per tensor (per row for the small ones).
+    into a bounded int32 buffer of keys and offset by ``4096 *`` its histogram's place, so that one ``bincount``
+    counts up to ``_CHUNK`` keys of several histograms at once (on an accelerator, an ``index_add_`` that does not
+    sync): small tensors of the same size go through as one 2-D tensor, and one count of every histogram's small
+    tensors is the counts (:func:`_count_rows`); large tensors' keys are then counted in slots of up to ``_SLOTS``
+    histograms and added (:class:`_KeyBuffer`). Minimum, maximum and sum are reduced per tensor (per row for the
+    small ones).
 
     Args:
         groups: per histogram, its tensors.
@@ -261,52 +260,59 @@ def histograms_counts(
     sizes = [[v.numel() for v in vs] for vs in values]
     nums = [float(sum(n)) for n in sizes]
     total = int(sum(nums))
-    counts = torch.zeros(n_groups * _NBINS, dtype=torch.int64, device=device)
     f64 = torch.float64
     mins = torch.full((n_groups,), math.nan, dtype=f64, device=device)
     maxs, sums, sq = mins.clone(), torch.zeros_like(mins), torch.zeros_like(mins)
-    if total:
+    if not total:
+        counts = torch.zeros(n_groups * _NBINS, dtype=torch.int64, device=device)
+    else:
         keys = (buffers or HistogramBuffers()).keys(device, min(total, _CHUNK))
-        writer = _KeyBuffer(keys, counts)
         small: dict[int, list[tuple[int, torch.Tensor]]] = {}  # size -> (group, values), in group order
-        large: list[list[Any]] = [[], [], [], [], []]  # group, min, max, sum, sum of squares (0-d) per large tensor
-        blocks: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
-        for k, vs in enumerate(values):  # large tensors first, in group order
+        large: list[tuple[int, torch.Tensor]] = []
+        for k, vs in enumerate(values):
             for v, n in zip(vs, sizes[k], strict=True):
                 if 0 < n <= _SMALL:
                     small.setdefault(n, []).append((k, v))
                 elif n:
-                    mn, mx = torch.aminmax(v)
-                    large[0].append(k)
-                    large[1].append(mn)
-                    large[2].append(mx)
-                    large[3].append(v.sum())
-                    if squares is None:
-                        large[4].append(torch.dot(v, v))
-                    writer.add(v.view(torch.int32), k)
-        writer.flush()
-        for n, items in small.items():
-            per = max(1, min(keys.numel() // n, _SMALL_SLOTS))  # rows that fit the buffer, and their slots
+                    large.append((k, v))
+        stat: list[list[Any]] = [[], [], [], [], []]  # group, min, max, sum, sum of squares: per tensor or block
+        blocks: list[tuple[list[int], torch.Tensor]] = []
+        for items in small.values():
+            per = max(1, keys.numel() // len(items[0][1]))  # rows that fit the buffer
             for at in range(0, len(items), per):
-                batch = items[at : at + per]
-                ks = [k for k, _ in batch]
-                block = torch.stack([v for _, v in batch])
+                ks = [k for k, _ in items[at : at + per]]
+                block = torch.stack([v for _, v in items[at : at + per]])
                 mn, mx = torch.aminmax(block, dim=1)
-                blocks.append((ks, mn, mx, block.sum(dim=1),
-                               torch.linalg.vecdot(block, block) if squares is None else None))  # fmt: skip
-                writer.add_rows(block.view(torch.int32), ks)
+                stat[0].append(_to_device(ks, torch.int64, device))
+                stat[1].append(mn)
+                stat[2].append(mx)
+                stat[3].append(block.sum(dim=1))
+                if squares is None:
+                    stat[4].append(torch.linalg.vecdot(block, block))
+                blocks.append((ks, block))
+        counts = _count_rows(blocks, keys, n_groups)
+        writer = _KeyBuffer(keys, counts)
+        one: list[list[torch.Tensor]] = [[], [], [], []]  # min, max, sum, sum of squares (0-d) per large tensor
+        for k, v in large:  # in group order: slots of consecutive groups, added as one slice
+            mn, mx = torch.aminmax(v)
+            one[0].append(mn)
+            one[1].append(mx)
+            one[2].append(v.sum())
+            if squares is None:
+                one[3].append(torch.dot(v, v))
+            writer.add(v.view(torch.int32), k)
         writer.flush()
-
-        def column(j: int) -> torch.Tensor:  # one statistic of every tensor, large ones first
-            pieces = ([torch.stack(large[j])] if large[j] else []) + [b[j] for b in blocks]  # type: ignore[misc]
-            return torch.cat(pieces).to(f64)
-
-        idx = _to_device(large[0] + [k for b in blocks for k in b[0]], torch.int64, device)
-        mins.scatter_reduce_(0, idx, column(1), "amin", include_self=False)
-        maxs.scatter_reduce_(0, idx, column(2), "amax", include_self=False)
-        sums.index_add_(0, idx, column(3))
+        if large:
+            stat[0].append(_to_device([k for k, _ in large], torch.int64, device))
+            for j, column in enumerate(one, 1):
+                if column:
+                    stat[j].append(torch.stack(column))
+        idx = torch.cat(stat[0])
+        mins.scatter_reduce_(0, idx, torch.cat(stat[1]).to(f64), "amin", include_self=False)
+        maxs.scatter_reduce_(0, idx, torch.cat(stat[2]).to(f64), "amax", include_self=False)
+        sums.index_add_(0, idx, torch.cat(stat[3]).to(f64))
         if squares is None:
-            sq.index_add_(0, idx, column(4))
+            sq.index_add_(0, idx, torch.cat(stat[4]).to(f64))
     if squares is not None:
         sq = _to_device(list(squares), f64, device)
     num = _to_device(nums, f64, device)

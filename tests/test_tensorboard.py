@@ -427,12 +427,11 @@ def fast_bin_counts(counts: torch.Tensor) -> list[int]:
 
 def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatch):
     """Every bucket of every histogram equals a plain ``searchsorted`` of the values, through every path of the fast
-    one: a tensor split across key buffers, small tensors batched by size, several histograms per ``bincount``, the
-    buffer reused by a second call."""
+    one: a tensor split across key buffers, small tensors batched by size and every histogram's counted at once, one
+    histogram per large ``bincount``, the buffer reused by a second call."""
     monkeypatch.setattr(histograms, "_CHUNK", 1000)  # 3 tensors and more per buffer, and splits
     monkeypatch.setattr(histograms, "_SMALL", 64)
-    monkeypatch.setattr(histograms, "_SLOTS", 1)
-    monkeypatch.setattr(histograms, "_SMALL_SLOTS", 3)  # histograms 3 and 5 share a count
+    monkeypatch.setattr(histograms, "_SLOTS", 1)  # one histogram per count of large keys
     from lightning_gradguard.histograms import HistogramBuffers, histograms_counts
 
     torch.manual_seed(0)
@@ -466,6 +465,31 @@ def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatc
             else:
                 assert math.isnan(stats[k, 0])
                 assert math.isnan(stats[k, 1])
+
+
+def test_small_tensors_of_many_histograms_over_several_buffers_count_like_the_reference(monkeypatch):
+    """Small tensors (biases, norms) of every histogram are counted together, each key carrying its histogram's row:
+    when they fill the key buffer more than once, the counts of each buffer add up; half precision and a loss scale
+    divided out, interleaved with large tensors, each bucket equals the reference."""
+    monkeypatch.setattr(histograms, "_CHUNK", 100)
+    monkeypatch.setattr(histograms, "_SMALL", 40)
+    from lightning_gradguard.histograms import HistogramBuffers, histograms_counts
+
+    torch.manual_seed(0)
+    groups = [
+        [torch.randn(33) * 3, torch.randn(250).half()],  # one small, one large (split over three buffers)
+        [torch.randn(40).bfloat16(), torch.randn(7) * 1e-4],
+        [torch.tensor([0.0, -0.0, 2.0**-8, -(2.0**-8), 1.125, -1.125, 65504.0]).half()],  # edges, exact in fp16
+        [torch.randn(33)],
+        [torch.randn(40) * 1e3, torch.randn(120)],
+    ]
+    scale = 1024.0
+    stats, counts = histograms_counts(groups, scale, buffers=HistogramBuffers())
+    for k, group in enumerate(groups):
+        values = torch.cat([t.float().flatten() / scale for t in group])
+        assert fast_bin_counts(counts[k]) == reference_bin_counts(values)
+        assert stats[k, 2] == values.numel()
+        assert stats[k, :2].tolist() == [float(values.min()), float(values.max())]
 
 
 def test_accelerator_counting_without_sync_equals_bincount():
