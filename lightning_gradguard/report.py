@@ -125,6 +125,16 @@ class RunReport:
                 entry.last_step = max(entry.last_step, last)
         return new
 
+    def agree(self, findings: Sequence[Finding], own: Iterable[Finding] = ()) -> None:
+        """Record ``findings`` the ranks agreed on (under distributed training): the entries of this rank's ``own``
+        findings of the step take their agreed version (with the ranks that saw them), the others are added."""
+        keys = {f.key for f in own}
+        entries = {key: e for key, e in self._entries.items() if key in keys}
+        for f in findings:
+            if f.key in entries:
+                entries[f.key].finding = f
+        self.add([f for f in findings if f.key not in entries])
+
     def note(self, text: str) -> None:
         """Add a line the report shows below its table (things worth knowing that are not findings)."""
         if text not in self.notes:
