@@ -4,7 +4,7 @@ Paired rounds like ``run.py`` (each round runs every configuration once, in a sh
 ``TensorBoardLogger``. Per configuration: the median step, the median time inside GradGuard's hooks per step
 (wall / CPU of the training thread) and its share of the no-callback step of the same round, and where the
 dashboard's time goes on a logged step: bucketing the values (``histograms_counts``), building the histogram
-records (``_fetch_histograms``), the ``Summary`` and its hand-off to the event writer, the update ratio's
+records (``fetch_histograms``), the ``Summary`` and its hand-off to the event writer, the update ratio's
 copy-before and ratio-after; plus the CPU time per step of TensorBoard's event writer thread (beside the training
 thread). Prints only; writes nothing.
 
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run  # noqa: E402
 
-from lightning_gradguard import dashboard  # noqa: E402
+from lightning_gradguard import dashboard, ratios, tensorboard  # noqa: E402
 
 CONFIGS = {
     "no callback": None,
@@ -50,10 +50,10 @@ CONFIGS = {
 #: What is timed inside the dashboard: (owner, attribute, label).
 PARTS = [
     (dashboard, "histograms_counts", "bucketing"),
-    (dashboard, "_fetch_histograms", "records"),
-    (dashboard, "_summary", "summary"),
-    (dashboard.Dashboard, "_snapshot", "ratio: copy before"),
-    (dashboard.Dashboard, "_log_ratio", "ratio: after"),
+    (tensorboard, "fetch_histograms", "records"),
+    (tensorboard, "make_summary", "summary"),
+    (ratios.UpdateSnapshot, "take", "ratio: copy before"),
+    (ratios.UpdateSnapshot, "squares", "ratio: after"),
 ]
 SPENT: collections.Counter[str] = collections.Counter()
 

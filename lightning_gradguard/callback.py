@@ -14,10 +14,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from . import _compat
-from .core import GuardCore, amp_scale
+from .core import GuardCore
 from .dashboard import Dashboard
 from .distributed import RankSync
 from .findings import Finding
+from .measure import amp_scale
 from .options import DEFAULT_ACTIONS, DEFAULT_WINDOW, Action, Diagnose, GuardOptions, Norms, Sync
 from .policy import GradGuardWarning, Policy, function_site
 from .report import RunReport

@@ -24,21 +24,10 @@ from torch import nn
 
 from . import _compat
 from ._frames import user_stacklevel
-from .audit import (
-    GradStats,
-    LateRead,
-    StepFacts,
-    audit_layout,
-    classify,
-    explain_missing,
-    find_orphans,
-    loss_scale,
-    measure_grads,
-    start_late_read,
-    walk_graph,
-)
+from .audit import StepFacts, audit_layout, classify, explain_missing, find_orphans, walk_graph
 from .findings import Finding, GradGuardError, group_findings, module_view
 from .history import History
+from .measure import GradStats, LateRead, measure_grads, start_late_read
 from .params import ParamIndex, ParamList, alike_items, optimizer_layout, optimizer_params
 from .policy import GradGuardWarning, Policy
 from .report import RunReport
@@ -48,22 +37,7 @@ from .trace import EagerStance, LossFacts, Tracer
 if TYPE_CHECKING:
     from .distributed import RankSync
 
-__all__ = ["GuardCore", "amp_scale"]
-
-
-def amp_scale(scaler: Any, optimizer: torch.optim.Optimizer | None) -> tuple[Any, float | torch.Tensor]:
-    """``(the AMP grad scaler if it is enabled, else None; what the gradients' norms are to be divided by)``.
-
-    ``optimizer``'s gradients at its step are unscaled (``scaler.step`` ran ``unscale_``), unless it unscales
-    inside its own ``step()`` (fused optimizers): then the scale is the scaler's scale tensor
-    (:func:`~lightning_gradguard.audit.loss_scale`), read in the same transfer as the norms. ``optimizer=None``:
-    gradients that no ``scaler.step`` has unscaled.
-    """
-    if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
-        return None, 1.0
-    if optimizer is None or _compat.optimizer_unscales(optimizer):
-        return scaler, loss_scale(scaler)
-    return scaler, 1.0
+__all__ = ["GuardCore"]
 
 
 def _current_scale(scaler: Any, stats: GradStats, scale: float | torch.Tensor) -> float:
@@ -337,7 +311,7 @@ class GuardCore:
             scaler: the AMP grad scaler, if any: non-finite gradients are then an overflow that it skips, unless
                 the scale has fallen to 1 or below.
             scale: divide gradient norms by this (gradients that are still scaled); the scaler's scale tensor
-                (:func:`~lightning_gradguard.audit.loss_scale`) is read in the same transfer as the norms.
+                (:func:`~lightning_gradguard.measure.amp_scale`) is read in the same transfer as the norms.
             context: first line of the error message.
             late: read the norms at a later check (``sync="late"``, see :meth:`resolve_late`) instead of now, when
                 nothing asks for a look now: no parameter is in a run of all-zero gradients or waits for a trace, the

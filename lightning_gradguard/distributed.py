@@ -42,8 +42,9 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _compat
-from .audit import GradStats, StepFacts, explain_missing, measure_grads, reached_params
+from .audit import StepFacts, explain_missing, reached_params
 from .findings import Finding, GradGuardError, format_findings
+from .measure import GradStats, measure_grads
 from .shards import ShardWeights, is_dtensor, measure_shards
 
 if TYPE_CHECKING:
@@ -488,7 +489,7 @@ class RankSync:
 
     # ------------------------------------------------------------------ optimizer step
     def measure_grads(self, params: Sequence[torch.Tensor], scale: float = 1.0) -> GradStats:
-        """:func:`~lightning_gradguard.audit.measure_grads`, for gradients as the strategy left them.
+        """:func:`~lightning_gradguard.measure.measure_grads`, for gradients as the strategy left them.
 
         Under DDP the gradients are averaged, identical on every rank: measured locally, no collective. Under FSDP
         each rank holds shards: :func:`~lightning_gradguard.shards.measure_shards` (one collective).

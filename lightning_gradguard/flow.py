@@ -233,7 +233,7 @@ class FlowPicture:
         return x0, y0 + r * h, x1, y0 + (r + 1) * h
 
 
-def _colours(t: np.ndarray) -> np.ndarray:
+def _to_rgb(t: np.ndarray) -> np.ndarray:
     """The colour scale at ``t`` in [0, 1] (any shape; clipped, NaN as 0) as uint8 RGB."""
     t = np.clip(np.nan_to_num(t, nan=0.0), 0.0, 1.0)
     x = (_VIRIDIS_FROM + (1.0 - _VIRIDIS_FROM) * t) * (len(_VIRIDIS) - 1)
@@ -243,13 +243,13 @@ def _colours(t: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _font(size: int) -> Any:
+def _load_font(size: int) -> Any:
     from PIL import ImageFont
 
     return ImageFont.load_default(size=size)
 
 
-def _fit(label: str, font: Any, width: int) -> str:
+def _shorten(label: str, font: Any, width: int) -> str:
     """``label`` in at most ``width`` pixels of ``font``: else its last dotted parts after "…" (module names differ at
     the end), or its last characters."""
     if font.getlength(label) <= width:
@@ -266,33 +266,33 @@ def _fit(label: str, font: Any, width: int) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _label_strip(labels: tuple[str, ...], width: int, cell_h: int, size: int) -> np.ndarray:
+def _draw_labels(labels: tuple[str, ...], width: int, cell_h: int, size: int) -> np.ndarray:
     """The row labels, right-aligned, one per ``cell_h`` pixels (read-only: pasted into each picture)."""
     from PIL import Image, ImageDraw
 
-    font = _font(size)
+    font = _load_font(size)
     image = Image.new("RGB", (width, max(1, len(labels)) * cell_h), _BACKGROUND)
     draw = ImageDraw.Draw(image)
     for r, label in enumerate(labels):
-        draw.text((width - 6, r * cell_h + (cell_h - _GAP) // 2), _fit(label, font, width - 8), fill=_INK,
+        draw.text((width - 6, r * cell_h + (cell_h - _GAP) // 2), _shorten(label, font, width - 8), fill=_INK,
                   font=font, anchor="rm")  # fmt: skip
     strip = np.asarray(image).copy()
     strip.flags.writeable = False
     return strip
 
 
-def _fmt(v: float) -> str:
+def _format_power(v: float) -> str:
     """A power of ten as ``1e-6``, ``0.01``, ``1``, ``100``, ``1e3``."""
     e = round(np.log10(v))
     return f"{10.0**e:g}" if -2 <= e <= 2 else f"1e{e}"
 
 
-def _ticks(lo: float, hi: float, x0: int, width: int, font: Any) -> list[tuple[int, int, str]]:
+def _place_ticks(lo: float, hi: float, x0: int, width: int, font: Any) -> list[tuple[int, int, str]]:
     """The colour bar's ticks, one per power of ten from ``10**lo`` to ``10**hi``: ``(x, label's left, label)``, the
     label ``""`` on ticks left unlabelled so that the labels (every first, second, ... decade) do not touch."""
     decades = list(range(math.ceil(lo), math.floor(hi) + 1))
     xs = [x0 + round((e - lo) / (hi - lo) * (width - 1)) for e in decades]
-    labels = [_fmt(10.0**e) for e in decades]
+    labels = [_format_power(10.0**e) for e in decades]
     lefts = []
     for x, label in zip(xs, labels, strict=True):
         w = int(font.getlength(label))
@@ -321,18 +321,18 @@ def render_flow(histories: Mapping[str, FlowHistory], keys: Sequence[str] | None
     if keys is None:
         keys = list(dict.fromkeys(k for _, h in panels for k in h.keys))
     keys = list(keys)
-    title_font, small = _font(_TITLE_PX), _font(_SMALL_PX)
+    title_font, small = _load_font(_TITLE_PX), _load_font(_SMALL_PX)
     n_rows = max(1, len(keys))
     label_px = _LABEL_PX if n_rows <= 40 else _LABEL_MANY_PX
     cell_h = label_px + 6
-    label_font = _font(label_px)
+    label_font = _load_font(label_px)
     margin, title_h, axis_h, bar_h, tick_h, legend_h = 12, 34, 28, 14, 30, 30
     label_w = min(max([int(label_font.getlength(k)) for k in keys] + [40]) + 14, int(WIDTH * 0.4))
     x0 = margin + label_w
     plot_w = WIDTH - margin - x0
     legend = [("zero", _ZERO_RGB, None), ("no gradient", _NONE_RGB, None), ("NaN/Inf", _BAD_RGB, None),
-              ("below scale", tuple(_colours(np.zeros(1))[0]), _BELOW_MARK),
-              ("above scale", tuple(_colours(np.ones(1))[0]), _ABOVE_MARK)]  # fmt: skip
+              ("below scale", tuple(_to_rgb(np.zeros(1))[0]), _BELOW_MARK),
+              ("above scale", tuple(_to_rgb(np.ones(1))[0]), _ABOVE_MARK)]  # fmt: skip
     legend_rows, x = 1, x0
     for what, _, _ in legend:
         w = 26 + int(small.getlength(what))
@@ -357,7 +357,7 @@ def render_flow(histories: Mapping[str, FlowHistory], keys: Sequence[str] | None
         picture.scales[name] = (low, high)
         with np.errstate(divide="ignore", invalid="ignore"):
             t = (np.log10(values) - lo) / (hi - lo)
-        rgb = _colours(t)
+        rgb = _to_rgb(t)
         rgb[flags == 1] = _ZERO_RGB
         rgb[flags == 2] = _BAD_RGB
         rgb[flags == 3] = _NONE_RGB
@@ -374,7 +374,7 @@ def render_flow(histories: Mapping[str, FlowHistory], keys: Sequence[str] | None
         for r in np.flatnonzero(((flags == 3) | (flags == 4)).all(axis=1) & (flags == 3).any(axis=1)).tolist():
             text.append(((x0 + plot_w // 2, y0 + r * cell_h + (cell_h - _GAP) // 2), "no gradient", small, "mm"))
         picture.panels[name] = (x0, y0, x0 + plot_w, y0 + n_rows * cell_h)
-        strip = _label_strip(tuple(keys), label_w, cell_h, label_px)  # drawn once per set of rows
+        strip = _draw_labels(tuple(keys), label_w, cell_h, label_px)  # drawn once per set of rows
         canvas[y0 : y0 + strip.shape[0], margin : margin + label_w] = strip
         ya = y0 + n_rows * cell_h + 4
         text.append(((x0, ya), f"step {spans[0][0]}", small, "la"))
@@ -383,8 +383,8 @@ def render_flow(histories: Mapping[str, FlowHistory], keys: Sequence[str] | None
         if history.stride > 1:
             text.append(((x0 + plot_w // 2, ya), f"{history.stride} logged steps per column", small, "ma"))
         yb = ya + axis_h
-        canvas[yb : yb + bar_h, x0 : x0 + plot_w] = _colours(np.linspace(0.0, 1.0, plot_w))[None, :, :]
-        ticks = _ticks(lo, hi, x0, plot_w, small)
+        canvas[yb : yb + bar_h, x0 : x0 + plot_w] = _to_rgb(np.linspace(0.0, 1.0, plot_w))[None, :, :]
+        ticks = _place_ticks(lo, hi, x0, plot_w, small)
         for xt, _, _ in ticks:
             canvas[yb + bar_h : yb + bar_h + 4, max(x0, xt - 1) : xt + 1] = _INK
         text += [((left, yb + bar_h + 4), label, small, "la") for _, left, label in ticks if label]

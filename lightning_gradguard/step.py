@@ -13,8 +13,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.overrides import TorchFunctionMode
 
 from ._frames import user_stacklevel, warnings_at_user_begin, warnings_at_user_end
-from .core import GuardCore, amp_scale
+from .core import GuardCore
 from .findings import Finding
+from .measure import amp_scale
 from .options import DEFAULT_ACTIONS, check_globs
 from .policy import GradGuardWarning, Policy
 

@@ -978,15 +978,15 @@ def test_monitoring_config_warns_on_every_kind_and_logs_every_50_steps():
 
 class CountingGuard(GradGuard):
     """GradGuard, counting inside its optimizer-step hook the transfers to the host: the fused pass's (every one goes
-    through `audit.to_host`) and the dashboard's histogram fetches (`dashboard._fetch_histograms`). The guard's own
+    through `measure.to_host`) and the dashboard's histogram fetches (`tensorboard.fetch_histograms`). The guard's own
     ops run with `__torch_function__` handling off, so a counting mode would see none of them."""
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        import lightning_gradguard.audit as audit
-        import lightning_gradguard.dashboard as dashboard
+        import lightning_gradguard.measure as measure
+        import lightning_gradguard.tensorboard as tensorboard
 
         count = [0]
-        real_host, real_fetch = audit.to_host, dashboard._fetch_histograms
+        real_host, real_fetch = measure.to_host, tensorboard.fetch_histograms
 
         def to_host(t):
             count[0] += 1
@@ -996,11 +996,11 @@ class CountingGuard(GradGuard):
             count[0] += len({c.device for _, c in parts}) if parts else 0  # one transfer per device
             return real_fetch(parts)
 
-        audit.to_host, dashboard._fetch_histograms = to_host, fetch
+        measure.to_host, tensorboard.fetch_histograms = to_host, fetch
         try:
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
         finally:
-            audit.to_host, dashboard._fetch_histograms = real_host, real_fetch
+            measure.to_host, tensorboard.fetch_histograms = real_host, real_fetch
         self.reads = {**getattr(self, "reads", {}), trainer.global_step: count[0]}
 
 

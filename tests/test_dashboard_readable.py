@@ -18,7 +18,7 @@ from torch import nn
 
 from conftest import loader, make_trainer
 from lightning_gradguard import GradGuard
-from lightning_gradguard.dashboard import custom_scalars_layout, group_keys, own_keys
+from lightning_gradguard.tags import custom_scalars_layout, group_keys, own_keys
 
 
 class Logs(LightningModule):

@@ -19,7 +19,7 @@ from torch import nn
 from conftest import loader, make_trainer
 from lightning_gradguard import GradGuard
 from lightning_gradguard.dashboard import REPORT_FILE, Dashboard
-from lightning_gradguard.flow import FLOW_FILE, FLOW_TAG, SCALES, WIDTH, FlowHistory, _fit, _font, render_flow
+from lightning_gradguard.flow import FLOW_FILE, FLOW_TAG, SCALES, WIDTH, FlowHistory, _load_font, _shorten, render_flow
 
 
 class Planted(LightningModule):
@@ -301,8 +301,8 @@ def test_flow_long_row_labels_keep_their_end_and_leave_the_heatmap_most_of_the_w
     picture = render_flow({"grad_norm": history})
     x0, _, x1, _ = picture.panels["grad_norm"]
     assert x1 - x0 >= WIDTH // 2
-    font = _font(22)
-    short = _fit(name, font, 200)
+    font = _load_font(22)
+    short = _shorten(name, font, 200)
     assert short.startswith("…")
     assert name.endswith(short[1:])
     assert font.getlength(short) <= 200

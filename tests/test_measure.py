@@ -13,10 +13,10 @@ from lightning.pytorch.plugins import MixedPrecision
 from test_kinds import Net
 from torch import nn
 
-import lightning_gradguard.audit as audit
+import lightning_gradguard.measure as measure
 from conftest import loader, make_trainer
 from lightning_gradguard import GradGuard, GradGuardError, check_step
-from lightning_gradguard.audit import GradStats, loss_scale, measure_grads
+from lightning_gradguard.measure import GradStats, amp_scale, measure_grads
 from lightning_gradguard.params import ParamList
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,15 +44,15 @@ def reference(g: torch.Tensor) -> float:
 
 @pytest.fixture
 def transfers(monkeypatch):
-    """Count the host transfers of `measure_grads` (every read goes through `audit.to_host`)."""
+    """Count the host transfers of `measure_grads` (every read goes through `measure.to_host`)."""
     calls = []
-    real = audit.to_host
+    real = measure.to_host
 
     def counting(t):
         calls.append(t.numel())
         return real(t)
 
-    monkeypatch.setattr(audit, "to_host", counting)
+    monkeypatch.setattr(measure, "to_host", counting)
     return calls
 
 
@@ -77,8 +77,8 @@ def test_blas_dot_path_at_real_sizes_matches_vector_norm(shape, dtype):
     g = torch.randn(shape, dtype=dtype) * 3.0
     small = torch.randn(10, dtype=dtype)
     stats = measure_grads(with_grads(small, g))
-    if g.numel() >= audit._DOT_MIN:  # the path under test: measured alone, by a dot product
-        assert audit._make_plan([small, g]).single == [[1]]
+    if g.numel() >= measure._DOT_MIN:  # the path under test: measured alone, by a dot product
+        assert measure._make_plan([small, g]).single == [[1]]
     expected = float(torch.linalg.vector_norm(g.double()))
     torch_error = abs(float(torch.linalg.vector_norm(g)) - expected)  # torch's own, in the gradient's dtype
     assert abs(stats.norms[1] - expected) <= max(2 * torch_error, 1e-6 * expected)  # no less accurate than torch
@@ -93,6 +93,41 @@ def test_non_contiguous_large_gradient_is_measured():
     other = measure_grads([_param_with_grad(g)])
     assert other.norms[0] == pytest.approx(reference(g), rel=1e-6)
     assert stats.norms[0] == pytest.approx(reference(g), rel=1e-6)
+
+
+def test_l2_norms_of_every_kind_of_tensor_match_a_float64_reference():
+    """The one L2-norm helper (`measure.l2_norms`): every path (BLAS dot, fused per device and dtype, half precision
+    in float32, sparse values, complex moduli) against an independent float64 reference, in the input order."""
+    torch.manual_seed(3)
+    sparse = torch.sparse_coo_tensor([[1, 3, 1]], torch.tensor([2.0, -1.0, 0.5]), (6,), check_invariants=True)
+    tensors = [
+        torch.randn(300, 100),  # large contiguous float32: a dot product
+        torch.randn(8, 3),
+        torch.randn(256, 128).t(),  # large, not contiguous: the fused path
+        torch.randn(20000, dtype=torch.float64) * 1e3,
+        (torch.rand(40000) * 300 + 200).half(),  # squares overflow float16: summed in float32
+        torch.randn(7).bfloat16(),
+        sparse,
+        torch.randn(5, dtype=torch.cfloat),
+        torch.empty(0),
+        torch.tensor(-2.5),
+    ]
+    norms = measure.l2_norms(tensors)
+    assert [n.dim() for n in norms] == [0] * len(tensors)
+    expected = [reference(sparse.coalesce()) if t is sparse else reference(t) for t in tensors[:7]]
+    expected += [math.sqrt(float(tensors[7].abs().double().square().sum())), 0.0, 2.5]
+    assert [float(n) for n in norms] == pytest.approx(expected, rel=2e-6)
+    assert norms[4].dtype == norms[5].dtype == torch.float32  # half precision measured in float32
+    in_float64 = measure.l2_norms(tensors[:7], torch.float64)
+    assert {n.dtype for n in in_float64} == {torch.float64}
+    assert [float(n) for n in in_float64] == pytest.approx(expected[:7], rel=1e-12)
+    assert measure.l2_norms([]) == []
+
+
+def test_l2_norms_in_float64_keep_a_norm_that_float32_squares_overflow():
+    g = torch.full((4,), 2e19)  # its square, 4e38, is above float32's max
+    assert math.isinf(float(measure.l2_norms([g])[0]))  # as torch.linalg.vector_norm does
+    assert float(measure.l2_norms([g], torch.float64)[0]) == pytest.approx(4e19, rel=1e-7)
 
 
 def _param_with_grad(g: torch.Tensor) -> torch.Tensor:
@@ -165,7 +200,7 @@ def test_nonfinite_gradient_is_reported_whatever_the_first_read_returned(monkeyp
     # On a GPU, a read that raced the copy could see anything in the slot of a NaN gradient's norm. Whatever it
     # saw that makes it a candidate (zero or not finite), the element-wise confirmation must call it non-finite.
     grads = [torch.ones(4), torch.tensor([1.0, math.nan, 2.0]), torch.zeros(5), torch.full((4,), 2.0)]
-    real = audit.to_host
+    real = measure.to_host
     reads = []
 
     def racy(t):
@@ -175,7 +210,7 @@ def test_nonfinite_gradient_is_reported_whatever_the_first_read_returned(monkeyp
         reads.append(host)
         return host
 
-    monkeypatch.setattr(audit, "to_host", racy)
+    monkeypatch.setattr(measure, "to_host", racy)
     stats = measure_grads(with_grads(*grads))
     assert stats.nonfinite == [1]
     assert stats.zero == [2]
@@ -185,7 +220,7 @@ def test_nonfinite_gradient_is_reported_whatever_the_first_read_returned(monkeyp
 
 @pytest.mark.parametrize("first_read", [0.0, math.nan, math.inf])
 def test_healthy_gradient_read_as_a_candidate_is_remeasured(monkeypatch, first_read):
-    real = audit.to_host
+    real = measure.to_host
     reads = []
 
     def racy(t):
@@ -195,7 +230,7 @@ def test_healthy_gradient_read_as_a_candidate_is_remeasured(monkeypatch, first_r
         reads.append(host)
         return host
 
-    monkeypatch.setattr(audit, "to_host", racy)
+    monkeypatch.setattr(measure, "to_host", racy)
     stats = measure_grads(with_grads(torch.full((4,), 3.0), torch.ones(1)))
     assert stats.clean
     assert stats.norms[0] == pytest.approx(6.0)
@@ -309,21 +344,21 @@ def test_cached_plan_follows_a_gradient_turning_sparse(container):
 
 
 def test_plan_cache_is_bounded_and_holds_no_tensor():
-    for _ in range(audit._MAX_PLANS + 5):
+    for _ in range(measure._MAX_PLANS + 5):
         measure_grads(with_grads(torch.ones(3), torch.ones(3)))
-    assert len(audit._PLANS) <= audit._MAX_PLANS
-    for plan in audit._PLANS.values():
+    assert len(measure._PLANS) <= measure._MAX_PLANS
+    for plan in measure._PLANS.values():
         held = [v for v in vars(plan).values() if isinstance(v, torch.Tensor)]
         assert all(t.dtype == torch.int64 for t in held)  # only the segment lengths, never a parameter or gradient
 
 
 def test_param_list_keeps_its_plan_so_a_clean_step_makes_none(monkeypatch):
     made = []
-    real = audit._make_plan
-    monkeypatch.setattr(audit, "_make_plan", lambda *args: made.append(1) or real(*args))
+    real = measure._make_plan
+    monkeypatch.setattr(measure, "_make_plan", lambda *args: made.append(1) or real(*args))
     torch.manual_seed(4)
     params = ParamList(with_grads(*[torch.randn(8, 8) * (i + 1) for i in range(12)], torch.randn(3)))
-    before = dict(audit._PLANS)
+    before = dict(measure._PLANS)
     for _ in range(4):
         for p in params:  # a new backward: new gradient tensors, same layout
             p.grad = torch.randn_like(p) * p.grad.abs().max()
@@ -331,7 +366,7 @@ def test_param_list_keeps_its_plan_so_a_clean_step_makes_none(monkeypatch):
         assert stats.norms == pytest.approx([reference(p.grad) for p in params], rel=1e-6)
     assert len(made) == 1
     assert list(params.plans) == [()]  # keyed by the missing pattern alone
-    assert before == audit._PLANS  # the module-level cache (keyed by every tensor's id) is not used
+    assert before == measure._PLANS  # the module-level cache (keyed by every tensor's id) is not used
     params[3].grad = None
     assert measure_grads(params).missing == [3]
     assert len(made) == 2
@@ -342,8 +377,8 @@ def test_new_missing_patterns_are_planned_from_the_remembered_layout(monkeypatch
     """LayerDrop / MoE routing: a new set of missing gradients on most steps. The plan for each comes from what the
     list remembers of every gradient's group: only gradients never seen before are looked at."""
     learned = []
-    real = audit._Layout.learn
-    monkeypatch.setattr(audit._Layout, "learn", lambda self, i, g: learned.append(i) or real(self, i, g))
+    real = measure._Layout.learn
+    monkeypatch.setattr(measure._Layout, "learn", lambda self, i, g: learned.append(i) or real(self, i, g))
     torch.manual_seed(6)
     shapes = [(8, 8), (8,)] * 30 + [(3, 5), (), (40000,)]
     params = ParamList(nn.Parameter(torch.zeros(s)) for s in shapes)
@@ -386,13 +421,13 @@ def test_the_pass_does_not_go_through_a_pushed_torch_function_mode():
 
 
 def test_param_list_plans_are_bounded_and_hold_no_tensor():
-    params = ParamList(with_grads(*[torch.ones(3) for _ in range(audit._MAX_LIST_PLANS + 4)]))
+    params = ParamList(with_grads(*[torch.ones(3) for _ in range(measure._MAX_LIST_PLANS + 4)]))
     grads = [p.grad for p in params]
     for i in range(len(params)):  # a new pattern of missing gradients each time
         for j, p in enumerate(params):
             p.grad = None if j == i else grads[j]
         measure_grads(params)
-    assert len(params.plans) == audit._MAX_LIST_PLANS
+    assert len(params.plans) == measure._MAX_LIST_PLANS
     for plan in params.plans.values():
         held = [v for v in vars(plan).values() if isinstance(v, torch.Tensor)]
         assert all(t.dtype == torch.int64 for t in held)
@@ -406,10 +441,10 @@ def test_blocks_stay_under_the_grain_size_and_keep_the_parameter_order():
         grads.append(torch.randn(8, 8) * (1 + i % 97))
         if i % 90 == 0:
             grads.append(torch.randn(()) * (i + 1))
-    plan = audit._make_plan(grads)
+    plan = measure._make_plan(grads)
     assert len(plan.blocks) >= 3
     for _, rows, numel, _ in plan.blocks:
-        assert rows * numel < audit._GRAIN or rows == audit._STACK_MIN
+        assert rows * numel < measure._GRAIN or rows == measure._STACK_MIN
     assert sum(rows for _, rows, _, _ in plan.blocks) == len(grads)
     stats = measure_grads(with_grads(*grads))
     assert stats.norms == pytest.approx([reference(g) for g in grads], rel=1e-6)
@@ -429,14 +464,23 @@ def test_scale_tensor_is_read_in_the_same_transfer(transfers):
     assert (len(transfers), none.scale, none.total_norm) == (1, 8.0, 0.0)
 
 
-def test_loss_scale_is_the_scalers_tensor_without_a_read():
+def test_amp_scale_is_the_scalers_tensor_without_a_read():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    assert loss_scale(scaler) == 2.0**10  # no tensor before the first `scale()`: the initial value, no read
+    assert amp_scale(scaler, None) == (scaler, 2.0**10)  # no tensor before the first `scale()`: the initial value
     scaler.scale(torch.ones(()))
-    scale = loss_scale(scaler)
+    got, scale = amp_scale(scaler, None)
+    assert got is scaler
     assert isinstance(scale, torch.Tensor)
     assert scale is scaler._get_scale_async()
     assert float(scale) == 2.0**10
+    plain, fused = (
+        torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]),
+        torch.optim.Adam([torch.nn.Parameter(torch.ones(1))], fused=True),
+    )
+    assert amp_scale(scaler, plain) == (scaler, 1.0)  # `scaler.step` unscaled its gradients
+    assert amp_scale(scaler, fused)[1] is scale  # a fused optimizer unscales inside its own `step()`
+    assert amp_scale(torch.amp.GradScaler("cpu", enabled=False), fused) == (None, 1.0)
+    assert amp_scale(None, fused) == (None, 1.0)
 
 
 class _ScaleReads:

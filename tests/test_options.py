@@ -286,7 +286,7 @@ def test_empty_parameter_is_not_reported(tmp_path):
 
 
 def test_complex_gradient_value_histogram_keeps_the_imaginary_part():
-    from lightning_gradguard.dashboard import histogram_counts
+    from lightning_gradguard.histograms import histogram_counts
 
     g = torch.tensor([3 + 4j, 0 + 1j], dtype=torch.cfloat)
     stats, _ = histogram_counts([g])

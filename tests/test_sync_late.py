@@ -17,7 +17,7 @@ from lightning.pytorch import Callback, LightningModule
 from torch import nn
 
 from conftest import loader, make_trainer
-from lightning_gradguard import GradGuard, GradGuardError, audit
+from lightning_gradguard import GradGuard, GradGuardError, measure
 
 
 class Net(LightningModule):
@@ -143,8 +143,8 @@ def test_a_missing_gradient_is_judged_at_once_under_late(tmp_path):
 
 def test_late_reads_leave_training_unchanged_and_read_nothing_at_once_on_clean_steps(tmp_path, monkeypatch):
     reads = []
-    real = audit.to_host
-    monkeypatch.setattr(audit, "to_host", lambda t: reads.append(t.numel()) or real(t))
+    real = measure.to_host
+    monkeypatch.setattr(measure, "to_host", lambda t: reads.append(t.numel()) or real(t))
     params = {}
     for sync in (None, "step", "late"):
         torch.manual_seed(0)

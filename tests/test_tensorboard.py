@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import doctest
+import io
 import json
 import logging
 import math
 import re
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,10 +28,11 @@ from tensorboard.plugin_util import markdown_to_safe_html
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
-import lightning_gradguard.dashboard
+import lightning_gradguard.histograms as histograms
 from conftest import loader, make_trainer
 from lightning_gradguard import GradGuard, GradGuardError
-from lightning_gradguard.dashboard import REPORT_FILE, custom_scalars_layout, group_keys
+from lightning_gradguard.dashboard import REPORT_FILE
+from lightning_gradguard.tags import custom_scalars_layout, group_keys
 
 KINDS = ("stale", "detached", "unused", "nonfinite", "frozen", "orphan", "zero")
 
@@ -309,7 +312,7 @@ def reference_histogram(values: torch.Tensor, h: dict) -> None:
 
 
 def test_fused_value_histograms_match_a_reference_per_group():
-    from lightning_gradguard.dashboard import _fetch_histograms, histograms_counts
+    from lightning_gradguard.histograms import fetch_histograms, histograms_counts
 
     torch.manual_seed(0)
     a = [torch.randn(40, 8), torch.randn(8) * 1e-3]
@@ -320,8 +323,8 @@ def test_fused_value_histograms_match_a_reference_per_group():
     groups = [a, b, c, d, e]
     for scale in (1.0, 8.0):
         stats, counts = histograms_counts(groups, scale, finite=[True, True, False, True, True])
-        assert counts.shape == (5, lightning_gradguard.dashboard._NBINS)
-        protos = _fetch_histograms([(stats, counts)])
+        assert counts.shape == (5, histograms._NBINS)
+        protos = fetch_histograms([(stats, counts)])
         for group, h in zip(groups[:4], protos[:4], strict=True):
             assert h is not None
             dense = [t.to_dense() if t.is_sparse else t for t in group]
@@ -331,8 +334,55 @@ def test_fused_value_histograms_match_a_reference_per_group():
         assert protos[4] is None  # no values
 
 
+def test_histograms_of_a_check_step_written_with_a_plain_summary_writer(tmp_path):
+    """The bucketing works without Lightning: a `check_step` user's gradients, counted by `histograms_counts` and
+    brought to the host by `fetch_histograms`, go to `SummaryWriter.add_histogram_raw` as they are."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_gradguard import check_step
+    from lightning_gradguard.histograms import fetch_histograms, histograms_counts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    with check_step(model):
+        model(torch.randn(4, 8)).square().mean().backward()
+    grads = [[p.grad for p in model[0].parameters()], [p.grad for p in model[2].parameters()]]
+    protos = fetch_histograms([histograms_counts(grads)])
+    writer = SummaryWriter(str(tmp_path))
+    for tag, p in zip(["grads/0", "grads/2"], protos, strict=True):
+        writer.add_histogram_raw(tag, global_step=0, bucket_limits=p["bucket_limit"], bucket_counts=p["bucket"],
+                                 **{k: p[k] for k in ("min", "max", "num", "sum", "sum_squares")})  # fmt: skip
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
+    acc.Reload()
+    for tag, group in zip(["grads/0", "grads/2"], grads, strict=True):
+        (event,) = acc.Histograms(tag)
+        reference_histogram(torch.cat([g.flatten() for g in group]), {
+            "min": event.histogram_value.min, "max": event.histogram_value.max, "num": event.histogram_value.num,
+            "sum": event.histogram_value.sum, "sum_squares": event.histogram_value.sum_squares,
+            "bucket_limit": list(event.histogram_value.bucket_limit), "bucket": list(event.histogram_value.bucket),
+        })  # fmt: skip
+
+
+def test_measurement_bucketing_tags_ratios_and_writing_import_neither_lightning_nor_tensorboard():
+    code = (
+        "import sys\n"
+        "import lightning_gradguard.audit, lightning_gradguard.flow, lightning_gradguard.histograms\n"
+        "import lightning_gradguard.measure, lightning_gradguard.ratios, lightning_gradguard.tags\n"
+        "import lightning_gradguard.tensorboard\n"
+        "print(sorted(k for k in sys.modules if k.split('.')[0] in ('lightning', 'tensorboard')))\n"
+    )
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                         check=True)  # fmt: skip
+    assert out.stdout.strip() == "[]"
+
+
 def test_fused_value_histograms_use_the_given_sums_of_squares():
-    from lightning_gradguard.dashboard import histograms_counts
+    from lightning_gradguard.histograms import histograms_counts
 
     stats, _ = histograms_counts([[torch.ones(4)], [torch.ones(9)]], squares=[4.0, 123.0])
     assert stats[:, 4].tolist() == [4.0, 123.0]
@@ -340,7 +390,7 @@ def test_fused_value_histograms_use_the_given_sums_of_squares():
 
 
 def test_single_histogram_counts_agrees_with_the_fused_one():
-    from lightning_gradguard.dashboard import histogram_counts, histograms_counts
+    from lightning_gradguard.histograms import histogram_counts, histograms_counts
 
     tensors = [torch.randn(100), torch.randn(3, 3)]
     s1, c1 = histogram_counts(tensors)
@@ -354,7 +404,7 @@ def reference_bin_counts(values: torch.Tensor) -> list[int]:
     sorted right edges of all 8-per-octave buckets, so that bucket ``i`` holds the values in ``(edge[i-1], edge[i]]``
     (TensorBoard's reading); one count per bucket, in value order. The bucket whose right edge is -0.0 is counted
     with the next one (TensorBoard would count +0.0 in it too)."""
-    from lightning_gradguard.dashboard import _RIGHT_ORDERED
+    from lightning_gradguard.histograms import _RIGHT_ORDERED
 
     v = values.detach().double().flatten().numpy()
     v = v[np.isfinite(v)]
@@ -367,10 +417,10 @@ def reference_bin_counts(values: torch.Tensor) -> list[int]:
 
 def fast_bin_counts(counts: torch.Tensor) -> list[int]:
     """The counts of :func:`histograms_counts` (one per key) in the reference's value order, -0.0 with +0.0."""
-    from lightning_gradguard.dashboard import _HALF, _ORDER_NP
+    from lightning_gradguard.histograms import _ORDER_NP, _PER_SIGN
 
     row = counts.numpy().copy()
-    row[_HALF] += row[0]
+    row[_PER_SIGN] += row[0]
     row[0] = 0
     return row[_ORDER_NP].tolist()
 
@@ -379,11 +429,11 @@ def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatc
     """Every bucket of every histogram equals a plain ``searchsorted`` of the values, through every path of the fast
     one: a tensor split across key buffers, small tensors batched by size, several histograms per ``bincount``, the
     buffer reused by a second call."""
-    monkeypatch.setattr(lightning_gradguard.dashboard, "_CHUNK", 1000)  # 3 tensors and more per buffer, and splits
-    monkeypatch.setattr(lightning_gradguard.dashboard, "_SMALL", 64)
-    monkeypatch.setattr(lightning_gradguard.dashboard, "_SLOTS", 1)
-    monkeypatch.setattr(lightning_gradguard.dashboard, "_SMALL_SLOTS", 3)  # histograms 3 and 5 share a count
-    from lightning_gradguard.dashboard import HistogramBuffers, histograms_counts
+    monkeypatch.setattr(histograms, "_CHUNK", 1000)  # 3 tensors and more per buffer, and splits
+    monkeypatch.setattr(histograms, "_SMALL", 64)
+    monkeypatch.setattr(histograms, "_SLOTS", 1)
+    monkeypatch.setattr(histograms, "_SMALL_SLOTS", 3)  # histograms 3 and 5 share a count
+    from lightning_gradguard.histograms import HistogramBuffers, histograms_counts
 
     torch.manual_seed(0)
     edges = torch.tensor([0.0, -0.0, 1.0, -1.0, 1.125, -1.125, 2.0**-130, -(2.0**-130), 3e38, -3e38, 2.0**-149])
@@ -400,7 +450,7 @@ def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatc
     results = [histograms_counts(groups, finite=finite, buffers=buffers) for _ in range(2)]
     assert buffers.keys(torch.device("cpu"), 1).numel() == 1000  # one bounded buffer, reused
     for stats, counts in results:
-        assert counts.shape == (len(groups), lightning_gradguard.dashboard._NBINS)
+        assert counts.shape == (len(groups), histograms._NBINS)
         for k, group in enumerate(groups):
             values = torch.cat([t.float().flatten() for t in group]) if group else torch.empty(0)
             assert fast_bin_counts(counts[k]) == reference_bin_counts(values)
@@ -420,7 +470,7 @@ def test_fast_value_histograms_count_like_a_straightforward_reference(monkeypatc
 
 def test_accelerator_counting_without_sync_equals_bincount():
     """On an accelerator the keys are counted with ``index_add_`` (``bincount`` syncs there): same counts."""
-    from lightning_gradguard.dashboard import _add_counts
+    from lightning_gradguard.histograms import _add_counts
 
     keys = torch.randint(0, 3 * 4096, (5000,), dtype=torch.int32)
     assert torch.equal(_add_counts(keys, 4 * 4096), torch.bincount(keys, minlength=4 * 4096))
@@ -428,11 +478,11 @@ def test_accelerator_counting_without_sync_equals_bincount():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_value_histograms_on_cuda_sync_once_and_match_the_cpu():
-    from lightning_gradguard.dashboard import _fetch_histograms, histograms_counts
+    from lightning_gradguard.histograms import fetch_histograms, histograms_counts
 
     torch.manual_seed(0)
     groups = [[torch.randn(3000) * 1e-3, torch.randn(16)], [torch.randn(16) * 10], [torch.randn(300, 70)]]
-    cpu = _fetch_histograms([histograms_counts(groups)])
+    cpu = fetch_histograms([histograms_counts(groups)])
     cuda_groups = [[t.cuda() for t in g] for g in groups]
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
@@ -442,7 +492,7 @@ def test_value_histograms_on_cuda_sync_once_and_match_the_cpu():
             stats, counts = histograms_counts(cuda_groups, squares=[1.0, 2.0, 3.0])
         with warnings.catch_warnings(record=True) as fetching:
             warnings.simplefilter("always")
-            protos = _fetch_histograms([(stats, counts)])
+            protos = fetch_histograms([(stats, counts)])
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -460,7 +510,7 @@ def test_value_histograms_on_cuda_sync_once_and_match_the_cpu():
 def test_fast_value_histograms_of_a_model_match_torch_histc_per_tensor():
     """A transformer layer's gradients (12 tensors, default buffer sizes): per tensor and sign, the fast counts summed
     over each power of two's 8 buckets equal ``torch.histc`` of ``floor(log2|g|)``, one bin per power of two."""
-    from lightning_gradguard.dashboard import _HALF, histograms_counts
+    from lightning_gradguard.histograms import _PER_SIGN, histograms_counts
 
     torch.manual_seed(0)
     model = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
@@ -469,7 +519,7 @@ def test_fast_value_histograms_of_a_model_match_torch_histc_per_tensor():
     _, counts = histograms_counts([[g] for g in grads])
     for g, row in zip(grads, counts, strict=True):
         g = g.flatten()
-        for sign, part in ((1, row[_HALF:]), (-1, row[:_HALF])):
+        for sign, part in ((1, row[_PER_SIGN:]), (-1, row[:_PER_SIGN])):
             v = g[(g * sign > 0)].abs()
             octaves = part[8:2040].reshape(-1, 8).sum(1)  # exponents 1..254: the normal floats, by power of two
             lo, hi = -126, 128
@@ -481,33 +531,54 @@ def test_fast_value_histograms_of_a_model_match_torch_histc_per_tensor():
 # TensorBoard's record checksums in C
 
 
-def test_fast_crc32c_gives_tensorboards_pure_python_values():
+def test_c_checksums_give_tensorboards_pure_python_bytes():
+    """`checksum_in_c` swaps the `write` of one writer's record writer: the bytes equal TensorBoard's own (a record
+    writer reached through the attribute chain of a torch `SummaryWriter`; the real chain: the next test)."""
     pytest.importorskip("google_crc32c")
-    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as pw
+    from tensorboard.summary.writer.record_writer import RecordWriter
 
-    from lightning_gradguard.dashboard import use_fast_crc32c
+    from lightning_gradguard.tensorboard import checksum_in_c
 
-    assert use_fast_crc32c()
-    assert use_fast_crc32c()  # idempotent: still one wrapper around the pure-Python function
-    python = pw.crc32c.python
-    assert getattr(python, "python", None) is None
+    fast, python = RecordWriter(io.BytesIO()), RecordWriter(io.BytesIO())
+    chain = SimpleNamespace(file_writer=SimpleNamespace(event_writer=SimpleNamespace(_async_writer=SimpleNamespace(
+        _writer=fast))))  # fmt: skip
+    assert checksum_in_c(chain)
+    write = fast.write
+    assert checksum_in_c(chain)  # idempotent: the same function
+    assert fast.write is write
+    assert python.write.__func__ is RecordWriter.write  # only that record writer
     g = torch.Generator().manual_seed(0)
-    payloads = [b"", b"a", bytes(range(256)), bytearray(b"gradguard" * 1000)]
+    payloads = [b"", b"a", bytes(range(256)), bytes(bytearray(b"gradguard" * 1000))]
     payloads += [bytes(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).tolist()) for n in (7, 4096, 65537)]
     for data in payloads:
-        assert pw.crc32c(data) == python(data)
-        assert pw.masked_crc32c(data) == pw.u32(((python(data) >> 15) | pw.u32(python(data) << 17)) + 0xA282EAD8)
-    assert pw.crc32c([1, 2, 3]) == python([1, 2, 3])  # not bytes: TensorBoard's own function
+        fast.write(data)
+        python.write(data)
+    assert fast._writer.getvalue() == python._writer.getvalue()
+    assert not checksum_in_c(SimpleNamespace())  # not a torch SummaryWriter: left alone
 
 
-def test_event_files_written_with_the_fast_crc_read_back_with_tensorboards_pure_python_crc(tmp_path, monkeypatch):
+def test_event_files_checksummed_in_c_read_back_with_tensorboards_pure_python_crc(tmp_path):
+    """Only GradGuard's writer checksums in C: TensorBoard's module-level `crc32c` (every other writer and reader of
+    the process) is the pure-Python one after a run, and every record GradGuard's writer wrote reads back with it."""
     pytest.importorskip("google_crc32c")
     from tensorboard.compat.tensorflow_stub import pywrap_tensorflow as pw
+    from tensorboard.summary.writer import record_writer
+    from torch.utils.tensorboard import SummaryWriter
 
+    from lightning_gradguard.tensorboard import _record_writer
+
+    crc32c, masked = pw.crc32c, record_writer.masked_crc32c
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    own = _record_writer(logger.experiment)  # the record writer of the SummaryWriter GradGuard will write to
+    assert not hasattr(own.write, "checksum_in_c")
     guard = GradGuard(value_histograms=True, norms="param", log_every_n_steps=1)
-    trainer, rec = fit(tmp_path, guard, max_steps=3)
-    assert getattr(pw.crc32c, "python", None) is not None  # the dashboard switched the writer to the C CRC
-    monkeypatch.setattr(pw, "crc32c", pw.crc32c.python)  # read back checking every record with the pure-Python CRC
+    trainer, rec = fit(tmp_path, guard, max_steps=3, logger=logger)
+    assert pw.crc32c is crc32c
+    assert record_writer.masked_crc32c is masked is pw.masked_crc32c
+    assert own.write.checksum_in_c  # GradGuard's writer
+    other = SummaryWriter(str(tmp_path / "other"))
+    assert not hasattr(_record_writer(other).write, "checksum_in_c")  # another writer of the process: untouched
+    other.close()
     files = list(Path(trainer.logger.log_dir).glob("events.out.tfevents.*"))
     assert files
     records = 0
@@ -515,7 +586,7 @@ def test_event_files_written_with_the_fast_crc_read_back_with_tensorboards_pure_
         reader = pw.PyRecordReader_New(str(path))
         while True:
             try:
-                reader.GetNext()  # raises DataLossError on a checksum mismatch
+                reader.GetNext()  # raises DataLossError on a checksum mismatch (pure-Python CRC)
             except pw.errors.OutOfRangeError:
                 break
             records += 1
@@ -869,14 +940,16 @@ def test_group_keys_cap_merges_modules_into_parents_then_keeps_the_first():
     assert "the first 1 of 2" in how
 
 
-def test_dashboard_docstring_examples_run():
-    result = doctest.testmod(lightning_gradguard.dashboard, optionflags=doctest.NORMALIZE_WHITESPACE)
+def test_tag_docstring_examples_run():
+    import lightning_gradguard.tags
+
+    result = doctest.testmod(lightning_gradguard.tags, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted >= 3
     assert result.failed == 0
 
 
 def test_histogram_buckets_merge_to_at_most_max_buckets_and_keep_counts():
-    from lightning_gradguard.dashboard import histogram_counts, histogram_proto_args
+    from lightning_gradguard.histograms import histogram_counts, histogram_proto_args
 
     values = torch.cat([torch.randn(5000) * 1e-4, torch.randn(5000) * 10, torch.zeros(7), torch.tensor([-3e30])])
     stats, counts = histogram_counts([values])
