@@ -138,17 +138,7 @@ class GradGuard(Callback):
         )
         self._options = options
         self._policy = Policy(options.actions, options.ignore)
-        self._dashboard = Dashboard(
-            log_every_n_steps=options.log_every_n_steps,
-            norms=options.norms,
-            max_norm_tags=options.max_norm_tags,
-            histograms=options.histograms,
-            value_histograms=options.value_histograms,
-            update_ratio=options.update_ratio,
-            write_report=options.write_report,
-            report_path=options.report_path,  # type: ignore[arg-type]
-            flow_every=options.flow_every,
-        )
+        self._dashboard = Dashboard(options)
         self._core = GuardCore(self._policy, options.diagnose, options.idle_window)
         self._restored: dict[str, Any] | None = None
         self._restored_core: dict[str, Any] | None = None

@@ -25,7 +25,7 @@ from torch import nn
 from . import _compat
 from ._frames import user_stacklevel
 from .audit import StepFacts, audit_layout, classify, explain_missing, find_orphans, walk_graph
-from .findings import Finding, GradGuardError, group_findings, module_view
+from .findings import Finding, GradGuardError, group_findings
 from .history import History
 from .measure import GradStats, LateRead, measure_grads, start_late_read
 from .params import ParamIndex, ParamList, alike_items, optimizer_layout, optimizer_params
@@ -85,7 +85,7 @@ class GuardCore:
         self.history = History()
         self.report = RunReport()
         self.report.idle_provider = self.history.idle_shares
-        self.schedule = Schedule(self.history, diagnose, idle_window, can_trace=lambda: self.can_trace,
+        self.schedule = Schedule(self.history, diagnose, idle_window, can_trace=self.can_trace,
                                  note=self.report.note)  # fmt: skip
         self.index: ParamIndex | None = None
         self.tracer: Tracer | None = None
@@ -142,7 +142,6 @@ class GuardCore:
         """Optimizer steps judged so far."""
         return self.schedule.checks
 
-    @property
     def can_trace(self) -> bool:
         """The tracer can follow the model's parameters (not when FSDP swaps them, nor through torch.compile on
         torch < 2.6, which cannot run compiled code eagerly for a traced step)."""
@@ -156,7 +155,7 @@ class GuardCore:
     # ------------------------------------------------------------------ forward
     def begin_batch(self) -> None:
         """Start tracing if this step is to be diagnosed."""
-        if self.schedule.armed and self.tracer is not None and self.can_trace:
+        if self.schedule.armed and self.tracer is not None and self.can_trace():
             self.tracer.paused = False
             self.tracer.start()
 
@@ -249,7 +248,7 @@ class GuardCore:
             'not require grad and does not have a grad_fn".'
         )
         if facts is None:
-            if self.can_trace:
+            if self.can_trace():
                 how = "; a traced step names it: `GradGuard(diagnose='always')`, `check_step(..., trace=True)`."
             else:  # tracing would not help
                 how = (
@@ -431,15 +430,14 @@ class GuardCore:
 
     def _note_modules(self, new: list[Finding]) -> None:
         """Report notes for modules all of whose parameters a traced step explained alike (see
-        :func:`~lightning_gradguard.findings.module_view`)."""
+        :meth:`RunReport.note_modules`)."""
         index = self.index
         assert index is not None
         traced = {f.key for f in self.schedule.known.values()}
         explained = [f for f in new if f.key in traced]
         if explained:
             trainable = [name for name, p in zip(index.names, index.params, strict=True) if p.requires_grad]
-            for line in module_view(explained, trainable):
-                self.report.note(line)
+            self.report.note_modules(explained, trainable)
 
     # ------------------------------------------------------------------ sync="late"
     def resolve_late(self) -> None:

@@ -16,7 +16,6 @@ __all__ = [
     "GradGuardError",
     "format_findings",
     "group_findings",
-    "module_view",
 ]
 
 #: Every finding kind, in the order reports list them.
@@ -294,48 +293,6 @@ def format_findings(findings: Sequence[Finding], sizes: Mapping[str, int] | None
         lines.append(f"  - {first}")
         lines += [f"  {line}" for line in rest]
     return "\n".join(lines)
-
-
-def module_view(findings: Sequence[Finding], trainable: Iterable[str]) -> list[str]:
-    """One line per module all of whose trainable parameters are ``unused`` (or all ``detached``) alike, for the
-    run report's notes.
-
-    Args:
-        findings: findings explained by a traced step.
-        trainable: the names of the model's trainable parameters.
-
-    Example::
-
-        >>> fs = [Finding("unused", f"pooler.{w}", "... ran, but nothing it computed reached the loss", module="pooler")
-        ...       for w in ("weight", "bias")]
-        >>> module_view(fs, ["encoder.weight", "pooler.weight", "pooler.bias"])
-        ['module `pooler` ran, but its output never reached the loss']
-    """
-    by_module: dict[str, list[Finding]] = {}
-    for f in findings:
-        if f.kind in ("unused", "detached"):
-            by_module.setdefault(f.module, []).append(f)
-    if not by_module:
-        return []
-    own: dict[str, set[str]] = {}
-    for name in trainable:
-        module = name.rpartition(".")[0]
-        if module in by_module:
-            own.setdefault(module, set()).add(name)
-    lines = []
-    for module, group in by_module.items():
-        if {f.param for f in group} != own.get(module, set()) or len({f.kind for f in group}) != 1:
-            continue
-        label = f"module `{module}`" if module else "the root module"
-        f = group[0]
-        if f.kind == "detached":
-            lines.append(f"{label}: the loss depends on its output, but every gradient path to it is cut" +
-                         (f" at {f.where}" if f.where else ""))  # fmt: skip
-        elif "never took part" in f.message:
-            lines.append(f"{label} was never called")
-        else:
-            lines.append(f"{label} ran, but its output never reached the loss")
-    return lines
 
 
 class GradGuardError(RuntimeError):
