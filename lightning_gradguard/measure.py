@@ -112,14 +112,6 @@ def _scale_tensor(scaler: Any) -> Any:
     return get() if callable(get) else None
 
 
-def _torch_function_off() -> Any:
-    """``torch._C.DisableTorchFunction()``: a context in which ``__torch_function__`` handling is off (private to
-    torch), so that a function mode still on the stack (GradGuard's tracer, a FLOP counter of the user's) neither sees
-    nor pays for the measurement's own ops; tensor subclasses that work through ``__torch_dispatch__`` (``DTensor``)
-    are unaffected."""
-    return torch._C.DisableTorchFunction()
-
-
 def _foreach_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
     """``torch._foreach_norm(tensors, 2, dtype=dtype)`` (private to torch; ``clip_grad_norm_`` uses it): the L2 norm of
     each of ``tensors`` (strided, one device), computed in ``dtype`` if given, in one fused kernel per device and
@@ -224,7 +216,7 @@ def start_late_read(params: Sequence[torch.Tensor], step: int, scale: float = 1.
                 or torch.float64 in dtypes or any(d.is_complex for d in dtypes)):  # fmt: skip
             return None
     host = GradStats(list(params), [None] * len(params), missing, frozen=frozen, scale=scale, late=True)
-    with torch.no_grad(), _torch_function_off():
+    with torch.no_grad(), _compat.torch_function_disabled():
         return LateRead(host, present, step, tag)  # type: ignore[arg-type]
 
 
@@ -467,7 +459,7 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 
     a FLOP counter) neither sees nor pays for the guard's own ops (several microseconds per tensor otherwise);
     tensor subclasses that work through ``__torch_dispatch__`` (``DTensor``) are unaffected.
     """
-    with _torch_function_off():
+    with _compat.torch_function_disabled():
         return _measure(params, scale)
 
 
