@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
 import sysconfig
 import warnings
 from types import FrameType
 from typing import Any, TextIO
+
+from . import _compat
 
 __all__ = [
     "format_where",
@@ -102,7 +103,7 @@ def user_stacklevel(start: int = 2) -> int:
 
     ``start`` is the stacklevel of the caller of the function that calls this (2 = its caller).
     """
-    frame = sys._getframe(start)
+    frame = _compat.getframe(start)
     level = start
     while frame is not None and is_library_file(frame.f_code.co_filename):
         frame = frame.f_back
@@ -130,31 +131,14 @@ def _show_at_user(
 ) -> None:
     """``warnings.showwarning`` while a mode is on: a warning that names a mode's frame names the user's instead."""
     if filename in _MODE_FILES:
-        frame: FrameType | None = sys._getframe(1)
+        frame: FrameType | None = _compat.getframe(1)
         while frame is not None and is_library_file(frame.f_code.co_filename):
             frame = frame.f_back
         if frame is not None:
-            _mark_shown(frame, message, category, _MODE_FILES[filename], lineno)
+            _compat.mark_warning_shown(frame, message, category, _MODE_FILES[filename], lineno)
             filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None
-    show = _previous if _previous is not None else warnings._showwarning_orig  # type: ignore[attr-defined]
+    show = _previous if _previous is not None else _compat.default_showwarning()
     show(message, category, filename, lineno, file, line)
-
-
-def _mark_shown(frame: FrameType, message: Warning | str, category: type[Warning], module: str, lineno: int) -> None:
-    """Record the warning in the registry of the user's module as Python records a warning shown from there, so that
-    under the ``"default"`` action the same warning from the same line on a later step without the mode is not shown
-    a second time. Only when Python just recorded it at the mode's ``lineno`` (not under ``"always"``, which records
-    nothing), with the filter version it recorded there."""
-    mode_registry = getattr(sys.modules.get(module), "__warningregistry__", None) or {}
-    text = str(message) if isinstance(message, Warning) else message
-    version = mode_registry.get("version")
-    if version is None or not mode_registry.get((text, category, lineno)):
-        return
-    registry = frame.f_globals.setdefault("__warningregistry__", {})
-    if registry.get("version") != version:
-        registry.clear()
-        registry["version"] = version
-    registry[(text, category, frame.f_lineno)] = True
 
 
 def warnings_at_user_begin() -> None:

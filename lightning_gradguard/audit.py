@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import _compat
 from .findings import HINTS, Finding
 from .params import ParamIndex, module_of
 from .trace import CutSite, Tracer
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = [
     "StepFacts",
     "audit_layout",
-    "audit_optimizers",
     "classify",
     "explain_missing",
     "explain_zero",
@@ -37,7 +37,7 @@ __all__ = [
 
 #: Backward nodes of ``torch.utils.checkpoint(..., use_reentrant=True)``: the parameters inside get their
 #: ``AccumulateGrad`` nodes only during the backward recompute, so a walk from the loss cannot see them.
-_OPAQUE_NODES = frozenset({"CheckpointFunctionBackward"})
+_OPAQUE_NODES = _compat.REENTRANT_CHECKPOINT_NODES
 
 
 def walk_graph(grad_fns: Iterable[object]) -> tuple[set[int], bool]:
@@ -217,7 +217,7 @@ def classify(
     """Findings for one optimizer step.
 
     Args:
-        index: the model's parameters (those not in it are stale and judged by :func:`audit_optimizers`).
+        index: the model's parameters (those not in it are stale and judged by :func:`audit_layout`).
         stats: the fused pass over the stepping optimizer's parameters.
         facts: what is known about the step.
         step: the step number findings carry.
@@ -284,23 +284,6 @@ def classify(
     return findings, pending
 
 
-def audit_optimizers(
-    index: ParamIndex, optimizers: Sequence[torch.optim.Optimizer], step: int, *, orphans_need_grad: bool = True
-) -> list[Finding]:
-    """Optimizer ↔ model consistency: ``stale`` tensors in optimizers, ``orphan`` parameters in none.
-
-    Args:
-        index: the model's parameters.
-        optimizers: every optimizer of the run.
-        step: the step number findings carry.
-        orphans_need_grad: report a trainable parameter that no optimizer holds only when it has a gradient
-            (it takes part in the loss). Trainable copies that nothing trains by gradient, such as an EMA model,
-            then stay silent.
-    """
-    stale, outside = audit_layout(index, optimizers, step)
-    return stale + find_orphans(index, outside, step, need_grad=orphans_need_grad)
-
-
 def audit_layout(
     index: ParamIndex, optimizers: Sequence[torch.optim.Optimizer], step: int
 ) -> tuple[list[Finding], list[int]]:
@@ -334,19 +317,19 @@ def audit_layout(
     return findings, outside
 
 
-def find_orphans(index: ParamIndex, outside: Sequence[int], step: int, *, need_grad: bool = True) -> list[Finding]:
-    """``orphan`` findings for the trainable parameters among ``outside`` (bits of parameters no optimizer holds).
+def find_orphans(index: ParamIndex, outside: Sequence[int], step: int) -> list[Finding]:
+    """``orphan`` findings for the trainable parameters among ``outside`` (bits of parameters no optimizer holds)
+    that have a gradient (they take part in the loss; an EMA copy, which gets none, stays silent).
 
     Args:
         index: the model's parameters.
         outside: from :func:`audit_layout`.
         step: the step number findings carry.
-        need_grad: only those with a gradient (they take part in the loss); an EMA copy stays silent.
     """
     findings = []
     for bit in outside:
         p = index.params[bit]
-        if not p.requires_grad or (need_grad and p.grad is None):
+        if not p.requires_grad or p.grad is None:
             continue
         name = index.names[bit]
         message = f"`{name}` receives gradients, but no optimizer holds it: it is never updated."

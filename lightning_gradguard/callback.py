@@ -2,58 +2,56 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
-from typing import Any, Literal
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from .core import DIAGNOSE, GuardCore
+from . import _compat
+from .core import GuardCore
 from .dashboard import Dashboard
-from .distributed import RankSync, rank_zero_warnings
+from .distributed import RankSync
 from .findings import Finding
-from .history import DEFAULT_WINDOW
-from .measure import loss_scale
-from .policy import Policy, function_site
+from .measure import amp_scale
+from .options import DEFAULT_ACTIONS, DEFAULT_WINDOW, Action, Diagnose, GuardOptions, Norms, Sync
+from .policy import GradGuardWarning, Policy, function_site
 from .report import RunReport
 
-__all__ = ["GradGuard"]
+__all__ = ["GradGuard", "rank_zero_warnings"]
 
 log = logging.getLogger(__name__)
 
-Action = Literal["raise", "warn", "ignore"]
+
+def _read_only(name: str) -> property:
+    """The option ``name`` of :attr:`GradGuard.options` as an attribute that cannot be set."""
+
+    def get(self: GradGuard) -> Any:
+        value = getattr(self._options, name)
+        return list(value) if name == "ignore" else value
+
+    def refuse(self: GradGuard, value: Any) -> None:
+        raise AttributeError(
+            f"`GradGuard.{name}` is fixed when the guard is built: pass `GradGuard({name}={value!r})`, or use "
+            f"`guard.replace({name}={value!r})` for a new guard with it changed."
+        )
+
+    return property(get, refuse, doc=f"The ``{name}`` option (read-only).")
 
 
 class GradGuard(Callback):
     """Proves, on every optimizer step, that each parameter handed to the optimizer received a usable gradient.
 
-    Each parameter that did not is classified, explained (naming the line of your code that cut its gradient
-    path) and, per kind, raised as :class:`~lightning_gradguard.GradGuardError`, warned about once, or ignored:
-
-    ============  ========================================================================  =======
-    kind          meaning                                                                   default
-    ============  ========================================================================  =======
-    ``frozen``    in the optimizer, but ``requires_grad=False``                             warn
-    ``unused``    trainable and in the optimizer; the loss does not depend on it at all     raise
-    ``detached``  the loss depends on its value, but no gradient path reaches it            raise
-    ``orphan``    receives gradients, but no optimizer holds it                             warn
-    ``stale``     the optimizer holds a tensor that is not a parameter of the model        raise
-    ``nonfinite`` NaN/Inf gradient (not counting AMP overflow steps the scaler skips)       raise
-    ``zero``      gradient exactly zero everywhere                                         warn
-    ============  ========================================================================  =======
-
-    Idle is not dead: a missing or all-zero gradient becomes ``unused`` or ``zero`` only after ``idle_window``
-    checked steps in a row (routing, LayerDrop and stochastic depth skip parts on some steps by design); until then
-    the part is *idle*, and the run report shows each idle module's share of steps (``report.idle_shares()``).
-
-    Gradients are judged at ``on_before_optimizer_step``: accumulated over micro-batches, AMP-unscaled, before
-    clipping, for the parameters of the optimizer that steps (not on a skipped batch, for which ``training_step``
-    returned ``None``). The always-on check is one fused norm pass with one
-    host sync; the forward pass is traced (to tell *detached* from *unused* and find the line) only on the steps
-    that ``diagnose`` selects.
+    Each parameter that did not is classified (``frozen``, ``unused``, ``detached``, ``orphan``, ``stale``,
+    ``nonfinite``, ``zero``; the README's kinds table), explained (naming the line of your code that cut its gradient
+    path) and, per kind, raised as :class:`~lightning_gradguard.GradGuardError`, warned about once, or ignored.
+    Gradient dashboards go to the Trainer's loggers (the README lists every tag), and the run report is printed and
+    written as JSON at the end of ``fit``. The options are fixed when the guard is built (:meth:`replace`).
 
     Args:
         on_frozen: action for a parameter in the optimizer with ``requires_grad=False``.
@@ -61,95 +59,30 @@ class GradGuard(Callback):
         on_detached: action for a parameter the loss depends on through a cut gradient path.
         on_orphan: action for a trainable parameter that receives gradients but no optimizer holds.
         on_stale: action for an optimizer tensor that is not a parameter of the model.
-        on_nonfinite: action for a NaN/Inf gradient.
+        on_nonfinite: action for a NaN/Inf gradient (not counting AMP overflow steps the grad scaler skips).
         on_zero: action for a gradient that is exactly zero everywhere.
-        ignore: fnmatch globs on parameter names (as ``named_parameters()`` gives them) never to report,
-            e.g. ``["pooler.*", "*.bias"]``, or one glob as a string (``"pooler.*"``).
-        diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
-            the next step after a new problem shows up on an untraced step), ``"always"`` (every step; slower),
-            ``"never"`` (no tracing: unused and detached are not told apart). A traced step runs code compiled by
-            ``torch.compile`` eagerly (torch >= 2.6), so that its cuts are named too; the other steps run it compiled.
-        log_every_n_steps: log the dashboards in every n-th batch that steps an optimizer, at the same steps as
-            Lightning's own ``self.log`` (steps n-1, 2n-1, ...: ``(step + 1) % n == 0``); ``None``: the Trainer's
+        ignore: fnmatch globs on parameter names never to report, e.g. ``["pooler.*", "*.bias"]``, or one glob.
+        diagnose: which steps to trace, to tell *detached* from *unused* and name the line: ``"first"``,
+            ``"on_finding"`` (the first, and the step after a new problem shows up untraced), ``"always"``, ``"never"``.
+        log_every_n_steps: log the dashboards in every n-th batch that steps an optimizer; ``None``: the Trainer's
             ``log_every_n_steps``; ``0``: never (the checks and the run report stay).
-        norms: which gradient norms to log besides the total: ``"param"`` (one per parameter tensor), ``"module"``
-            (one per module, over its own parameters) or ``"total"`` (the total only).
-        max_norm_tags: at most this many norm tags per optimizer; beyond, modules are merged into their parents
-            until they fit (a model with thousands of tensors gets one tag per block).
-        histograms: log the distribution of the per-parameter gradient norms (TensorBoard; cheap).
-        value_histograms: log a histogram of the gradient values per tag of ``norms`` (TensorBoard; costs a pass
-            over every gradient on logged steps).
-        update_ratio: log ``||w_after - w_before|| / ||w_before||`` of each logged step per tag of ``norms`` (copies
-            the updated parameters on logged steps, until the end of the batch).
+        norms: gradient norms to log besides the total: ``"param"`` (per tensor), ``"module"`` or ``"total"`` (none).
+        max_norm_tags: at most this many norm tags per optimizer; beyond, modules are merged into their parents.
+        histograms: log the distribution of the per-parameter gradient norms (TensorBoard).
+        value_histograms: log a histogram of the gradient values per tag of ``norms`` (a pass over every gradient).
+        update_ratio: log ``||w_after - w_before|| / ||w_before||`` per tag of ``norms`` on logged steps.
         write_report: write the run report as JSON at the end of ``fit`` and when it fails.
         report_path: where to write it; ``None``: ``gradguard_report.json`` in the first logger's ``log_dir``, else
             in the Trainer's ``default_root_dir``.
-        idle_window: idle is not dead: a parameter without a usable gradient (``None`` or all zero) on fewer than
-            this many checked steps in a row is *idle* on those steps (MoE routing, LayerDrop, stochastic depth),
-            shown in the report's idle shares, not a finding; a run of this many steps (counting from the start of
-            training) makes it ``unused`` or ``zero``. A parameter that gets no usable gradient on any step of a
-            shorter run is reported at the end of ``fit``. Reported at once whatever the window: ``detached`` (a
-            traced step shows the cut), an all-zero gradient caused by a traced zero-derivative op, and a part that
-            never had a gradient whose output a traced step shows logged or ``.item()``-ed, not in the loss. With the
-            default 16, a LayerDrop-0.1 layer raises a false alarm with a chance of about 1e-10 in a million steps.
-            ``1``: judge every step on its own.
-        flow_every: draw the gradient-flow picture (TensorBoard's Images tab) on the first logged step and every
-            this many logged steps after it, and at the end of ``fit`` (then also as ``gradguard_flow.png`` beside
-            the JSON report); ``0``: never.
-        sync: when the check reads the gradients' norms. ``"step"``: at once, one device→host sync per optimizer
-            step, so that ``raise`` stops a NaN before the optimizer applies it. ``"late"`` (for accelerators,
-            where that sync stalls the queue of kernels): the norms are copied to pinned host memory without
-            waiting and judged at the next optimizer step (or at the end of the epoch or of ``fit``); a NaN is then
-            raised one step late, with ``Finding.step`` the step that produced it, after its update was applied.
-            Missing gradients and ``requires_grad=False`` are seen on the host and judged at once. Read at once all
-            the same: steps that log dashboards or are traced, while a trace is pending or a run of all-zero
-            gradients lasts (one read late is confirmed on the next step, with its graph), and with a grad scaler
-            or several ranks (which synchronise anyway).
-
-    Dashboards, written on rank zero only at ``on_before_optimizer_step`` (accumulated, AMP-unscaled, before
-    clipping) at Lightning's own logging step (the number of earlier batches that stepped an optimizer: with one
-    optimizer, ``trainer.global_step``). Scalars go to every logger (``log_metrics``); histograms, text, images and
-    a custom-scalars layout (one ``GradGuard`` section in TensorBoard's Custom Scalars tab) to TensorBoard loggers:
-
-    ======================================  =========  =============================================================
-    key                                     type       value
-    ======================================  =========  =============================================================
-    ``gradguard/total_norm``                scalar     L2 norm of all gradients of the stepping optimizer
-    ``gradguard/grad_norm/<name>``          scalar     L2 norm per parameter or module (``norms``)
-    ``gradguard/total_update_ratio``        scalar     ``||w_after - w_before|| / ||w_before||`` (``update_ratio``)
-    ``gradguard/update_ratio/<name>``       scalar     the same per parameter or module (``update_ratio``)
-    ``gradguard/no_grad/<name>``            scalar     share of the parameters (elements) of ``<name>`` without a
-                                                       gradient, from the first logged step it lacks one (modules
-                                                       with ``norms="total"``; ``ignore`` matches left out)
-    ``gradguard/findings/<kind>``           scalar     distinct findings of a kind so far, only for kinds seen (a
-                                                       chart per kind, added to the layout with its first finding)
-    ``gradguard/epoch/total_norm_max``      scalar     max of the total norm over the epoch, synced across ranks
-    ``gradguard/epoch/total_norm_mean``     scalar     mean of the total norm over the epoch, synced across ranks
-    ``gradguard/grad_norms``                histogram  the per-parameter gradient norms (``histograms``)
-    ``gradguard/grad_values/<name>``        histogram  gradient values per parameter or module (``value_histograms``)
-    ``gradguard/report``                    text       the run report as a markdown list, when it changes and at the
-                                                       end (TensorBoard stores it as ``gradguard/report/text_summary``)
-    ``gradguard/gradient_flow``             image      per module (rows, model order) the gradient norm across logged
-                                                       steps (columns), on a fixed log colour scale; a second panel
-                                                       of update ratios with ``update_ratio`` (``flow_every``)
-    ======================================  =========  =============================================================
-
-    ``<name>`` is a module (``norms="module"``), a parameter (``"param"``), or a parent module when the tags are
-    merged to fit ``max_norm_tags``. A module that has parameters of its own *and* children with parameters gets
-    ``<module>.(own)`` for its own ones (``self_attn.(own)``: ``in_proj_weight``, ``in_proj_bias``; beside
-    ``self_attn.out_proj``), so that no tag is both a module and a part of its parent's tag.
-
-    With several optimizers, ``total_norm``, ``total_update_ratio``, ``grad_norms`` and the epoch keys end in
-    ``_opt<k>`` (``k``: the optimizer's index in ``trainer.optimizers``). The epoch statistics cover the steps
-    whose total norm is finite (the scaler's skipped overflow steps are not).
-
-    One GradGuard per Trainer: of several (a YAML's and ``--trainer.callbacks+=GradGuard``), the first whose options
-    are not all the defaults, else the first, runs; at ``setup`` it takes the first one's place in
-    ``trainer.callbacks``, the others leave the list, and a warning says so. Two with the same options are refused
-    by Lightning itself ("more than one stateful callback"): their ``state_key`` is the same.
+        idle_window: a parameter without a usable gradient on fewer than this many checked steps in a row is idle
+            (routing, LayerDrop), not a finding; ``1`` judges every step on its own.
+        flow_every: draw the gradient-flow picture on the first logged step and every this many logged steps after
+            it, and at the end of ``fit``; ``0``: never.
+        sync: ``"step"``: read the gradients' norms at once (one host sync per step); ``"late"``: read them at the
+            next step without waiting for the device (a NaN is then raised one step late).
 
     Raises:
-        ValueError: an option has a value it does not take.
+        ValueError: an option has a value it does not take (the message quotes the option and the value).
 
     Example::
 
@@ -160,17 +93,17 @@ class GradGuard(Callback):
 
     def __init__(
         self,
-        on_frozen: Action = "warn",
-        on_unused: Action = "raise",
-        on_detached: Action = "raise",
-        on_orphan: Action = "warn",
-        on_stale: Action = "raise",
-        on_nonfinite: Action = "raise",
-        on_zero: Action = "warn",
+        on_frozen: Action = DEFAULT_ACTIONS["frozen"],
+        on_unused: Action = DEFAULT_ACTIONS["unused"],
+        on_detached: Action = DEFAULT_ACTIONS["detached"],
+        on_orphan: Action = DEFAULT_ACTIONS["orphan"],
+        on_stale: Action = DEFAULT_ACTIONS["stale"],
+        on_nonfinite: Action = DEFAULT_ACTIONS["nonfinite"],
+        on_zero: Action = DEFAULT_ACTIONS["zero"],
         ignore: str | list[str] | None = None,
-        diagnose: Literal["first", "on_finding", "always", "never"] = "on_finding",
+        diagnose: Diagnose = "on_finding",
         log_every_n_steps: int | None = None,
-        norms: Literal["param", "module", "total"] = "module",
+        norms: Norms = "module",
         max_norm_tags: int = 100,
         histograms: bool = True,
         value_histograms: bool = False,
@@ -179,27 +112,18 @@ class GradGuard(Callback):
         report_path: str | None = None,
         idle_window: int = DEFAULT_WINDOW,
         flow_every: int = 10,
-        sync: Literal["step", "late"] = "step",
+        sync: Sync = "step",
     ) -> None:
-        actions = {
-            "frozen": on_frozen,
-            "unused": on_unused,
-            "detached": on_detached,
-            "orphan": on_orphan,
-            "stale": on_stale,
-            "nonfinite": on_nonfinite,
-            "zero": on_zero,
-        }
-        self._policy = Policy(actions, ignore, owner="GradGuard")  # checks each action, and the globs
-        if diagnose not in DIAGNOSE:
-            raise ValueError(
-                f"`GradGuard(diagnose={diagnose!r})` must be one of 'first', 'on_finding', 'always', 'never'."
-            )
-        if sync not in ("step", "late"):
-            raise ValueError(f"`GradGuard(sync={sync!r})` must be one of 'step', 'late'.")
-        if isinstance(idle_window, bool) or not isinstance(idle_window, int) or idle_window < 1:
-            raise ValueError(f"`GradGuard(idle_window={idle_window!r})` must be an integer >= 1 (checked steps).")
-        self._dashboard = Dashboard(
+        options = GuardOptions(
+            on_frozen=on_frozen,
+            on_unused=on_unused,
+            on_detached=on_detached,
+            on_orphan=on_orphan,
+            on_stale=on_stale,
+            on_nonfinite=on_nonfinite,
+            on_zero=on_zero,
+            ignore=ignore,  # type: ignore[arg-type]  # checked and made a tuple
+            diagnose=diagnose,
             log_every_n_steps=log_every_n_steps,
             norms=norms,
             max_norm_tags=max_norm_tags,
@@ -208,40 +132,57 @@ class GradGuard(Callback):
             update_ratio=update_ratio,
             write_report=write_report,
             report_path=report_path,
+            idle_window=idle_window,
             flow_every=flow_every,
+            sync=sync,
         )
-        self.on_frozen = on_frozen
-        self.on_unused = on_unused
-        self.on_detached = on_detached
-        self.on_orphan = on_orphan
-        self.on_stale = on_stale
-        self.on_nonfinite = on_nonfinite
-        self.on_zero = on_zero
-        self.ignore = list(self._policy.ignore)
-        self.diagnose = diagnose
-        self.log_every_n_steps = log_every_n_steps
-        self.norms = norms
-        self.max_norm_tags = max_norm_tags
-        self.histograms = histograms
-        self.value_histograms = value_histograms
-        self.update_ratio = update_ratio
-        self.write_report = write_report
-        self.report_path = report_path
-        self.idle_window = idle_window
-        self.flow_every = flow_every
-        self.sync = sync
-        self._core = GuardCore(self._policy, diagnose, idle_window)
+        self._options = options
+        self._policy = Policy(options.actions, options.ignore)
+        self._dashboard = Dashboard(options)
+        self._core = GuardCore(self._policy, options.diagnose, options.idle_window)
         self._restored: dict[str, Any] | None = None
-        self._restored_history: dict[str, Any] | None = None
-        self._restored_pending: list[list[Any]] = []
+        self._restored_core: dict[str, Any] | None = None
         self._reported = False
 
-    def __repr__(self) -> str:
-        return f"GradGuard({', '.join(f'{k}={v!r}' for k, v in self._options().items())})"
+    on_frozen = _read_only("on_frozen")
+    on_unused = _read_only("on_unused")
+    on_detached = _read_only("on_detached")
+    on_orphan = _read_only("on_orphan")
+    on_stale = _read_only("on_stale")
+    on_nonfinite = _read_only("on_nonfinite")
+    on_zero = _read_only("on_zero")
+    ignore = _read_only("ignore")
+    diagnose = _read_only("diagnose")
+    log_every_n_steps = _read_only("log_every_n_steps")
+    norms = _read_only("norms")
+    max_norm_tags = _read_only("max_norm_tags")
+    histograms = _read_only("histograms")
+    value_histograms = _read_only("value_histograms")
+    update_ratio = _read_only("update_ratio")
+    write_report = _read_only("write_report")
+    report_path = _read_only("report_path")
+    idle_window = _read_only("idle_window")
+    flow_every = _read_only("flow_every")
+    sync = _read_only("sync")
 
-    def _options(self) -> dict[str, Any]:
-        """Every option by name, as the constructor stored it (``ignore`` as a list)."""
-        return {k: getattr(self, k) for k in inspect.signature(GradGuard.__init__).parameters if k != "self"}
+    @property
+    def options(self) -> GuardOptions:
+        """Every option, as checked when the guard was built."""
+        return self._options
+
+    def replace(self, **changes: Any) -> GradGuard:
+        """A new guard of this class with the same options but ``changes`` (checked as in the constructor); it holds
+        nothing of this one's run. A subclass whose constructor takes other arguments overrides it.
+
+        Example::
+
+            >>> GradGuard(on_zero="ignore").replace(diagnose="always")
+            GradGuard(on_frozen='warn', on_unused='raise', ..., on_zero='ignore', ignore=[], diagnose='always', ...)
+        """
+        return type(self)(**{**self._options.as_kwargs(), **changes})
+
+    def __repr__(self) -> str:
+        return f"GradGuard({', '.join(f'{k}={v!r}' for k, v in self._options.as_kwargs().items())})"
 
     @property
     def findings(self) -> list[Finding]:
@@ -256,9 +197,9 @@ class GradGuard(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            actions=tuple(self._policy.actions.items()), ignore=tuple(self.ignore), diagnose=self.diagnose
-        )
+        # As Lightning's `Callback._generate_state_key` formats it (saved checkpoints are keyed by this text).
+        key = {"actions": tuple(self._policy.actions.items()), "ignore": tuple(self.ignore), "diagnose": self.diagnose}
+        return f"{type(self).__qualname__}{key!r}"
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -273,15 +214,12 @@ class GradGuard(Callback):
                 return
         self._core = GuardCore(self._policy, self.diagnose, self.idle_window)
         self._reported = False
-        if self._restored is not None:
+        if self._restored is not None:  # a checkpoint loaded before `setup`
             self._core.report.load_dict(self._restored)
             self._restored = None
-        if self._restored_history is not None:
-            self._core.history.load_state_dict(self._restored_history)
-            self._restored_history = None
-        if self._restored_pending:
-            self._core.load_pending_state(self._restored_pending)
-            self._restored_pending = []
+        if self._restored_core is not None:
+            self._core.load_state_dict(self._restored_core)
+            self._restored_core = None
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -318,12 +256,7 @@ class GradGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and not scaler.is_enabled():
-            scaler = None
-        scale: float | torch.Tensor = 1.0
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scale = loss_scale(scaler)  # fused optimizers unscale inside `step()`; read with the norms, no own sync
+        scaler, scale = amp_scale(getattr(trainer.precision_plugin, "scaler", None), optimizer)
         params = self._core.params_of(optimizer)
         logged = self._dashboard.should_log(trainer)
         late = self.sync == "late" and not logged
@@ -338,7 +271,7 @@ class GradGuard(Callback):
             self._dashboard.mark_stepped()
         elif self._core.index is not None:
             idle = (self._core.report.idle_shares() or None) if logged else None
-            with torch._C.DisableTorchFunction():  # no function mode still on the stack sees the dashboard's ops
+            with _compat.torch_function_disabled():  # no function mode still on the stack sees the dashboard's ops
                 self._dashboard.log_step(
                     trainer, optimizer, stats, self._core.index, self._core.report, stats.scale, idle=idle
                 )
@@ -403,8 +336,7 @@ class GradGuard(Callback):
         return {
             "report": self._core.report.to_dict(),
             "warned": sorted(list(k) for k in self._policy.warned),
-            "history": self._core.history.state_dict(),
-            "pending": self._core.pending_state(),
+            **self._core.state_dict(),
         }
 
     @override
@@ -414,11 +346,8 @@ class GradGuard(Callback):
             self._core.report.load_dict(self._restored)
         for kind, param in state_dict.get("warned", []):
             self._policy.warned.add((kind, param))
-        self._restored_history = state_dict.get("history")
-        if self._restored_history is not None:
-            self._core.history.load_state_dict(self._restored_history)
-        self._restored_pending = state_dict.get("pending", [])
-        self._core.load_pending_state(self._restored_pending)
+        self._restored_core = state_dict
+        self._core.load_state_dict(state_dict)
 
 
 def _keep_one(trainer: Trainer, guards: list[GradGuard]) -> GradGuard:
@@ -430,26 +359,39 @@ def _keep_one(trainer: Trainer, guards: list[GradGuard]) -> GradGuard:
     place in the list and the others leave it, so their state is neither saved nor restored. The list is edited in
     place while Lightning's ``setup`` loop runs over it (at the first guard): only items after the first guard move.
     """
-    defaults = GradGuard()._options()
-    kept = next((g for g in guards if g._options() != defaults), guards[0])
+    kept = next((g for g in guards if g.options.changed()), guards[0])
     first, left_out = trainer.callbacks.index(guards[0]), {id(g) for g in guards}
     trainer.callbacks[:] = [
         kept if i == first else cb for i, cb in enumerate(trainer.callbacks) if i == first or id(cb) not in left_out
     ]
 
     def own(guard: GradGuard) -> str:
-        return f"GradGuard({', '.join(f'{k}={v!r}' for k, v in guard._options().items() if v != defaults[k])})"
+        return f"GradGuard({', '.join(f'{k}={v!r}' for k, v in guard.options.changed().items())})"
 
-    options, dropped = kept._options(), []
+    options, dropped = kept.options.as_kwargs(), []
     for guard in guards:
         if guard is not kept:
-            diff = [f"{k} ({v!r} vs {options[k]!r})" for k, v in guard._options().items() if v != options[k]]
+            diff = [f"{k} ({v!r} vs {options[k]!r})" for k, v in guard.options.as_kwargs().items() if v != options[k]]
             dropped.append(f"{own(guard)}, which differs in {', '.join(diff)}")  # Lightning refuses identical ones
     rank_zero_warn(
         f"This Trainer has {len(guards)} GradGuard callbacks: only {own(kept)} runs "
-        f"({'the first with options of its own' if kept._options() != defaults else 'the first'}), so that each step "
+        f"({'the first with options of its own' if kept.options.changed() else 'the first'}), so that each step "
         f"is checked once, with one report and one JSON. Left out: {'; '.join(dropped)}. Configure GradGuard once: "
         "drop the extra `--trainer.callbacks+=GradGuard`, the YAML's entry under `trainer.callbacks`, or the second "
         "GradGuard in `Trainer(callbacks=...)`."
     )
     return kept
+
+
+@contextmanager
+def rank_zero_warnings(rank: int) -> Iterator[None]:
+    """Silence :class:`~lightning_gradguard.GradGuardWarning` inside the block on every rank but zero.
+
+    Findings are the same on every rank; one copy of each warning is enough.
+    """
+    if rank == 0:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradGuardWarning)
+        yield

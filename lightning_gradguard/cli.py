@@ -271,10 +271,10 @@ def check_trainer(trainer: Any, run_fit: Callable[[], None], steps: int, report_
         trainer.callbacks.append(guards[0])
     elif len(guards) > 1:  # before their options change here, as `GradGuard.setup` would
         guards = [_keep_one(trainer, guards)]
-    for guard in guards:
-        guard.diagnose = "always"  # every step of the check is traced (the core is rebuilt at `setup`)
-        if report_path:
-            guard.report_path = guard._dashboard.report_path = report_path
+    changes = {"diagnose": "always", **({"report_path": report_path} if report_path else {})}  # every step traced
+    for i, guard in enumerate(guards):
+        guards[i] = guard.replace(**changes)
+        trainer.callbacks[trainer.callbacks.index(guard)] = guards[i]
     print(f"gradguard check: {steps} optimizer step(s) of {title}, every step traced", flush=True)
     failed: GradGuardError | None = None
     try:
@@ -287,7 +287,7 @@ def check_trainer(trainer: Any, run_fit: Callable[[], None], steps: int, report_
         return FOUND
     steps_run = trainer.global_step
     model = trainer.lightning_module
-    dead = [f for guard in guards for f in guard._core.unrouted(model) if guard._policy.actions[f.kind] == "raise"]
+    dead = [f for guard in guards for f in guard._core.unrouted(model) if guard.options.actions[f.kind] == "raise"]
     if dead:
         modules = ", ".join(f"`{m}`" if m else "the root module" for m in dict.fromkeys(f.module for f in dead))
         print(

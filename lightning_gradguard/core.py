@@ -1,13 +1,14 @@
-"""The guard's step logic, shared by the Lightning callback and ``check_step``.
+"""The guard's step logic, shared by the Lightning callback and ``check_step``: one optimizer step, top to bottom.
 
-:class:`GuardCore` owns one straight data path per optimizer step::
+:meth:`GuardCore.check` reads as the step's data path::
 
-    tracer (forward facts) ─┐
-    losses (graph walk) ────┼─> auditor (findings) ─> policy (keep / raise / warn once) ─> report
-    gradients (fused pass) ─┘
+    measure (fused pass) -> facts (graph walk, tracer) -> classify (auditor) -> schedule (idle window, traces)
+        -> policy (keep / raise / warn once) -> report
 
 Adapters call :meth:`GuardCore.begin_batch` / :meth:`GuardCore.end_batch` around forward passes,
-:meth:`GuardCore.record_loss` before each backward and :meth:`GuardCore.check` before each optimizer step.
+:meth:`GuardCore.record_loss` before each backward and :meth:`GuardCore.check` before each optimizer step. What the
+guard remembers across steps is in :class:`~lightning_gradguard.history.History`; when a missing gradient becomes a
+finding, and which steps are traced, in :class:`~lightning_gradguard.schedule.Schedule`.
 """
 
 from __future__ import annotations
@@ -16,67 +17,27 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from . import _compat
 from ._frames import user_stacklevel
-from .audit import StepFacts, audit_layout, classify, explain_missing, explain_zero, find_orphans, walk_graph
-from .findings import HINTS, Finding, GradGuardError, group_findings
-from .history import MAX_TRACED_STEPS, History
+from .audit import StepFacts, audit_layout, classify, explain_missing, find_orphans, walk_graph
+from .findings import Finding, GradGuardError, group_findings
+from .history import History
 from .measure import GradStats, LateRead, measure_grads, start_late_read
-from .params import ParamIndex, ParamList, alike_items, module_of, optimizer_layout, optimizer_params
+from .params import ParamIndex, ParamList, alike_items, optimizer_layout, optimizer_params
 from .policy import GradGuardWarning, Policy
 from .report import RunReport
+from .schedule import RUN_KINDS, Schedule
 from .trace import EagerStance, LossFacts, Tracer
 
 if TYPE_CHECKING:
     from .distributed import RankSync
 
-__all__ = ["DIAGNOSE", "Diagnose", "GuardCore", "is_compiled"]
-
-Diagnose = Literal["first", "on_finding", "always", "never"]
-DIAGNOSE: tuple[str, ...] = ("first", "on_finding", "always", "never")
-
-
-def is_compiled(model: nn.Module) -> bool:
-    """Whether ``model`` or one of its submodules is wrapped by ``torch.compile``."""
-    if getattr(model, "_compiler_ctx", None):  # Lightning's `trainer.fit(torch.compile(model))`
-        return True
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # pragma: no cover - torch without dynamo
-        return False
-    return isinstance(model, OptimizedModule) or any(isinstance(m, OptimizedModule) for m in model.modules())
-
-
-def module_view(index: ParamIndex, findings: Sequence[Finding]) -> list[str]:
-    """One line per module all of whose trainable parameters are unused (or detached) alike.
-
-    Example: ``"module `pooler` ran, but its output never reached the loss"``.
-    """
-    by_module: dict[str, list[Finding]] = {}
-    for f in findings:
-        if f.kind in ("unused", "detached"):
-            by_module.setdefault(f.module, []).append(f)
-    lines = []
-    for module, group in by_module.items():
-        trainable = [
-            n for n, p in zip(index.names, index.params, strict=True) if module_of(n) == module and p.requires_grad
-        ]
-        if {f.param for f in group} != set(trainable) or len({f.kind for f in group}) != 1:
-            continue
-        label = f"module `{module}`" if module else "the root module"
-        f = group[0]
-        if f.kind == "detached":
-            lines.append(f"{label}: the loss depends on its output, but every gradient path to it is cut" +
-                         (f" at {f.where}" if f.where else ""))  # fmt: skip
-        elif "never took part" in f.message:
-            lines.append(f"{label} was never called")
-        else:
-            lines.append(f"{label} ran, but its output never reached the loss")
-    return lines
+__all__ = ["GuardCore"]
 
 
 def _current_scale(scaler: Any, stats: GradStats, scale: float | torch.Tensor) -> float:
@@ -108,43 +69,28 @@ class _Loss:
         self.released = True
 
 
-#: Kinds a traced step can say more about (the cut line, the zero-derivative op); a new finding of another kind on an
-#: untraced step does not make the next step traced under ``diagnose="on_finding"``.
-_TRACE_EXPLAINS = frozenset({"unused", "detached", "zero"})
-
-#: Kinds of finding about a run of checked steps without a usable gradient (see :class:`History`): the run report
-#: counts every step of the run.
-_RUN_KINDS = frozenset({"unused", "detached", "zero"})
-
-
 class GuardCore:
     """Per-run state of a guard: the parameter index, the tracer, the losses of the current step, the report.
 
     Args:
         policy: what to do with findings.
-        diagnose: which steps to trace: ``"first"`` (the first optimizer step), ``"on_finding"`` (the first, and
-            the step after a parameter never explained before newly lacks a usable gradient on an untraced step;
-            at most :data:`~lightning_gradguard.history.MAX_TRACED_STEPS` steps in a run), ``"always"``,
-            ``"never"``.
+        diagnose: which steps to trace (see :class:`~lightning_gradguard.schedule.Schedule`).
         idle_window: a parameter without a usable gradient on fewer than this many checked steps in a row is idle
-            (counted in :meth:`History.idle_shares`), not a finding; ``1`` judges each step at once. A ``detached``
-            parameter (a traced step shows the cut), an all-zero gradient caused by a traced zero-derivative op and
-            an ``unused`` one whose output a traced step shows taken out of the graph (see :meth:`_dropped`) are
-            reported at once whatever the window.
+            (counted in :meth:`History.idle_shares`), not a finding; ``1`` judges each step at once.
     """
 
     def __init__(self, policy: Policy, diagnose: str = "on_finding", idle_window: int = 1) -> None:
         self.policy = policy
         self.diagnose = diagnose
-        self.history = History(idle_window)
+        self.history = History()
         self.report = RunReport()
         self.report.idle_provider = self.history.idle_shares
+        self.schedule = Schedule(self.history, diagnose, idle_window, can_trace=self.can_trace,
+                                 note=self.report.note)  # fmt: skip
         self.index: ParamIndex | None = None
         self.tracer: Tracer | None = None
         #: The model runs code compiled by ``torch.compile`` that the tracer cannot follow (torch < 2.6 only).
         self.compiled = False
-        self.checks = 0
-        self._armed = diagnose != "never"
         self._losses: list[_Loss] = []
         # An optimizer judged the losses: they stay for the other optimizers stepping on the same backward, and are
         # dropped at the next backward or at the end of the batch.
@@ -152,9 +98,6 @@ class GuardCore:
         #: Set by :meth:`finish`: parameters without a usable gradient on every checked step of a run shorter than
         #: the idle window (warned about, never raised).
         self.short: list[Finding] = []
-        self._pending: dict[int, tuple[int, str]] = {}
-        self._restored_pending: dict[str, tuple[int, str]] = {}  # from a checkpoint, until `bind` knows the bits
-        self._probing: set[str] = set()  # newly idle parameters the next traced step is to look at
         self._consistency_key: tuple[Any, ...] | None = None
         self._stale: list[Finding] = []  # stale tensors of the current optimizer layout
         self._outside: list[int] = []  # bits of the parameters no optimizer of the current layout holds
@@ -170,7 +113,9 @@ class GuardCore:
     def bind(self, model: nn.Module, *, on_backward: Any = None) -> None:
         """Index ``model``'s parameters (again, if they changed) and make a tracer for them."""
         # A traced step runs compiled code eagerly (see `EagerStance`); torch < 2.6 cannot, and then steps aside.
-        self.compiled = not EagerStance.supported and is_compiled(model)
+        self.compiled = not EagerStance.supported and _compat.is_compiled(model)
+        if not Tracer.supported and self.diagnose != "never":
+            _compat.say_missing("torch.overrides._push_mode")
         index = ParamIndex.of(model)
         if self.index is not None and self.index.params == index.params:
             return
@@ -180,24 +125,7 @@ class GuardCore:
         self.tracer = Tracer(index, on_backward=on_backward)
         self._consistency_key = None
         self.report.set_model(index.names, [p.numel() for p in index.params], self.policy)  # to group findings
-        if self._restored_pending:  # candidates saved in a checkpoint, by name: the next step is traced for them
-            for name, (first, reason) in self._restored_pending.items():
-                bit = index.bit_of.get(name)
-                if bit is not None:
-                    self._pending.setdefault(bit, (first, reason))
-            self._restored_pending = {}
-            if self._pending and self.diagnose in ("on_finding", "always"):
-                self._armed = True
-
-    def pending_state(self) -> list[list[Any]]:
-        """The candidates waiting for a traced step, as plain values ``[name, first step, reason]`` (checkpoints)."""
-        if self.index is None:
-            return [[name, first, reason] for name, (first, reason) in self._restored_pending.items()]
-        return [[self.index.names[bit], first, reason] for bit, (first, reason) in self._pending.items()]
-
-    def load_pending_state(self, rows: list[list[Any]]) -> None:
-        """Restore :meth:`pending_state`; the candidates are matched by name when the model is bound."""
-        self._restored_pending = {str(name): (int(first), str(reason)) for name, first, reason in rows}
+        self.schedule.bind(index.names)
 
     def params_of(self, optimizer: torch.optim.Optimizer) -> ParamList:
         """``optimizer``'s parameters in order, recomputed only when its param groups change (the same immutable
@@ -210,15 +138,14 @@ class GuardCore:
         return hit[1]
 
     @property
-    def has_losses(self) -> bool:
-        """A backward happened since the last check."""
-        return bool(self._losses)
+    def checks(self) -> int:
+        """Optimizer steps judged so far."""
+        return self.schedule.checks
 
-    @property
     def can_trace(self) -> bool:
         """The tracer can follow the model's parameters (not when FSDP swaps them, nor through torch.compile on
         torch < 2.6, which cannot run compiled code eagerly for a traced step)."""
-        return not self.compiled and (self.dist is None or self.dist.traceable)
+        return Tracer.supported and not self.compiled and (self.dist is None or self.dist.traceable)
 
     @property
     def tracing(self) -> bool:
@@ -228,14 +155,19 @@ class GuardCore:
     # ------------------------------------------------------------------ forward
     def begin_batch(self) -> None:
         """Start tracing if this step is to be diagnosed."""
-        if self._armed and self.tracer is not None and self.can_trace:
+        if self.schedule.armed and self.tracer is not None and self.can_trace():
             self.tracer.paused = False
             self.tracer.start()
 
     def pause(self) -> None:
-        """Stop recording until the next :meth:`begin_batch` (the rest of the batch is backward and step)."""
+        """Stop recording until :meth:`resume` or the next :meth:`begin_batch` (backward and the optimizer step)."""
         if self.tracer is not None:
             self.tracer.paused = True
+
+    def resume(self) -> None:
+        """Record again after :meth:`pause` (more forward passes follow in the same step)."""
+        if self.tracer is not None:
+            self.tracer.paused = False
 
     def end_batch(self, *, forget: bool = True) -> None:
         """Stop tracing; forget the losses an optimizer judged, and the trace once no loss of a pending step (under
@@ -277,33 +209,46 @@ class GuardCore:
         Raises:
             GradGuardError: the loss has no autograd graph, so ``backward()`` is about to fail with torch's
                 "element 0 of tensors does not require grad": the error names the parameters whose gradient
-                path was cut, and where.
+                path was cut, and where. Under distributed training, every rank raises at once when some rank's
+                loss has no graph, or (DDP with ``find_unused_parameters=False``) some rank's loss does not reach
+                a parameter DDP synchronises.
         """
         if self._checked:  # a new backward after an optimizer step (a GAN's second loss): a new group of losses
             self._drop_losses()
         facts = self.tracer.facts(loss) if self.tracing and self.tracer is not None else None
         self._losses.append(_Loss(loss.grad_fn, facts, weakref.ref(loss)))
-        error = self._detached_loss_error(facts, step) if loss.grad_fn is None and not loss.requires_grad else None
+        why = self._loss_step_facts(facts)
+        error = self._detached_loss_error(facts, why, step) if loss.grad_fn is None and not loss.requires_grad else None
         if self.dist is not None:  # before any rank enters backward: decide with the others, raise together
-            self.dist.before_backward(self, loss, facts, step, error)
+            assert self.index is not None, "GuardCore.bind() first"
+            agreed = self.dist.before_backward(self.index, loss, facts, step, error, why, self.policy.sizes)
+            for note in agreed.notes:
+                self.report.note(note)
+            if agreed.error is not None:
+                self.report.agree(agreed.error.findings, own=error.findings if error is not None else ())
+                raise agreed.error
         if error is not None:
             raise error
 
-    def _detached_loss_error(self, facts: LossFacts | None, step: int) -> GradGuardError:
+    def _loss_step_facts(self, facts: LossFacts | None) -> StepFacts:
+        """What explains a missing gradient of this loss's parameters: the trace, or that there is none."""
+        if facts is None or self.tracer is None:
+            return StepFacts(compiled=self.compiled)
+        return StepFacts(dep=facts.dep, cuts=facts.cuts, seen=self.tracer.seen, tracer=self.tracer)
+
+    def _detached_loss_error(self, facts: LossFacts | None, why: StepFacts, step: int) -> GradGuardError:
         index = self.index
         findings: list[Finding] = []
         if facts is not None and index is not None:
-            sf = StepFacts(dep=facts.dep, cuts=facts.cuts, seen=self.tracer.seen if self.tracer else 0,
-                           tracer=self.tracer)  # fmt: skip
             for bit in index.bits(facts.dep):
                 if index.params[bit].requires_grad:
-                    findings.append(explain_missing(index.names[bit], bit, sf, step))
+                    findings.append(explain_missing(index.names[bit], bit, why, step))
         head = (
             'The loss does not require grad, so `backward()` would fail with "element 0 of tensors does '
             'not require grad and does not have a grad_fn".'
         )
         if facts is None:
-            if self.can_trace:
+            if self.can_trace():
                 how = "; a traced step names it: `GradGuard(diagnose='always')`, `check_step(..., trace=True)`."
             else:  # tracing would not help
                 how = (
@@ -365,7 +310,7 @@ class GuardCore:
             scaler: the AMP grad scaler, if any: non-finite gradients are then an overflow that it skips, unless
                 the scale has fallen to 1 or below.
             scale: divide gradient norms by this (gradients that are still scaled); the scaler's scale tensor
-                (:func:`~lightning_gradguard.audit.loss_scale`) is read in the same transfer as the norms.
+                (:func:`~lightning_gradguard.measure.amp_scale`) is read in the same transfer as the norms.
             context: first line of the error message.
             late: read the norms at a later check (``sync="late"``, see :meth:`resolve_late`) instead of now, when
                 nothing asks for a look now: no parameter is in a run of all-zero gradients or waits for a trace, the
@@ -386,64 +331,113 @@ class GuardCore:
         assert index is not None, "GuardCore.bind() first"
         if self._late:
             self.resolve_late()
-        if isinstance(scale, torch.Tensor) and self.dist is not None and self.dist.sharded is not None:
-            scale = float(scale)  # the sharded pass divides by a number (it runs a collective anyway)
-        history = self.history
+        schedule, history = self.schedule, self.history
         fed = bool(self._losses)  # a backward fed this step (or an earlier optimizer's check of the same backward)
         traced_step = fed and all(loss.facts is not None for loss in self._losses)
+        # measure: one fused pass (or a late read, started now)
         read = None
         if (late and fed and scaler is None and not isinstance(scale, torch.Tensor) and self.dist is None
-                and not (self._pending or history.zero_run or traced_step)):  # fmt: skip
+                and not (schedule.pending or history.zero_run or traced_step)):  # fmt: skip
             read = start_late_read(params, step, float(scale), tag)
-        if read is not None:
-            self._late.append(read)
-            stats = read.host  # missing and frozen, judged now; the values later
-        else:
-            stats = measure_grads(params, scale) if self.dist is None else self.dist.measure_grads(params, scale)
-        if not isinstance(scale, torch.Tensor):
-            stats.scale = float(scale)
+        stats = self._measure(params, scale, read)
         if not fed and params and len(stats.missing) + len(stats.zero) == len(params):
             stats.skipped = True  # nothing was computed for this step: nothing to judge (and nothing to trace)
             return stats
-        self.checks += 1
+        schedule.count_check(traced_step and not self._checked)  # several optimizers on one backward: one trace
         judged = history.count_check(params, self._names_among, step)
-        findings: list[Finding] = []
-        if traced_step and not self._checked:  # several optimizers stepping on one backward: one traced step
-            history.traced_steps += 1
-        if optimizers:
-            findings += self._consistency(optimizers, step)
+        findings = self._consistency(optimizers, step) if optimizers else []
         lacking: set[str] = set()
-        if not stats.clean or self._pending:
+        if not stats.clean or schedule.pending:
+            # facts: what the losses' graphs reach, and what the tracer saw
             facts = self.step_facts(need_received=bool(stats.zero))
             if self.dist is not None:
                 facts = self.dist.merge_facts(facts)
+            # classify, then the idle window and the traced steps
             overflow_ok = bool(stats.nonfinite) and scaler is not None and _current_scale(scaler, stats, scale) > 1.0
-            defer = self.diagnose in ("on_finding", "always") and self.can_trace
             sharded = self.dist is not None and bool(self.dist.sharded)
-            found, pending = classify(
-                index, stats, facts, step, overflow_ok=overflow_ok, defer=defer, skip_empty=not sharded
-            )
-            found, due = self._window(found, pending, facts, step, lacking)
-            findings += self._settle_pending(found, due, facts, step, judged)
-        if traced_step and self._probing:
-            history.looked |= self._probing
-            self._probing.clear()
+            found, candidates = classify(index, stats, facts, step, overflow_ok=overflow_ok, defer=schedule.defers,
+                                         skip_empty=not sharded)  # fmt: skip
+            findings += schedule.judge(index, found, candidates, facts, step, judged, lacking)
         if read is not None:  # a gradient is there, but whether it is usable is known when the read comes in
             lacking |= self._present(history.open_runs())
         runs = self._runs_of(findings)
         history.settle(judged, lacking, step)
-        self._checked = bool(self._losses)
-        for loss in self._losses:  # (freeing a deep graph here would cost ~1 µs per node inside the hook)
-            loss.release()
+        self._release_losses()
         if self.dist is not None:
             findings = self.dist.combine(findings, step)
+        # policy and report
         kept = self.policy.keep(findings)
         new = self.report.add(kept, step, runs)
         if new:
             self._note_modules(new)
-        self._arm_after_check(new, traced_step, step)
+        schedule.arm(new, traced_step)
         self.policy.enforce(kept, step, context)
         return stats
+
+    def _measure(self, params: Sequence[torch.Tensor], scale: float | torch.Tensor, read: LateRead | None) -> GradStats:
+        """The gradients' stats: from the fused pass (over the shards of every rank under FSDP), or, for a late
+        read, what the host knows now (missing and frozen; the values come later)."""
+        if read is not None:
+            self._late.append(read)
+            stats = read.host
+        elif self.dist is None:
+            stats = measure_grads(params, scale)
+        else:
+            if isinstance(scale, torch.Tensor) and self.dist.sharded is not None:
+                scale = float(scale)  # the sharded pass divides by a number (it runs a collective anyway)
+            stats = self.dist.measure_grads(params, scale)
+        if not isinstance(scale, torch.Tensor):
+            stats.scale = float(scale)
+        return stats
+
+    def _release_losses(self) -> None:
+        """The losses were judged: hold their graphs no longer (they stay for other optimizers on the same
+        backward, and a later optimizer's check walks them through weak references)."""
+        self._checked = bool(self._losses)
+        for loss in self._losses:  # (freeing a deep graph here would cost ~1 µs per node inside the hook)
+            loss.release()
+
+    def _names_among(self, params: Sequence[torch.Tensor]) -> list[str]:
+        index = self.index
+        assert index is not None
+        return [index.names[index.index[id(p)]] for p in params if id(p) in index.index]
+
+    def _consistency(self, optimizers: Sequence[torch.optim.Optimizer], step: int) -> list[Finding]:
+        """``stale`` and ``orphan`` findings of this step: the layout is audited when it changes; on every step only
+        the parameters outside every optimizer are looked at."""
+        index = self.index
+        assert index is not None
+        key = tuple(optimizer_layout(opt) for opt in optimizers)
+        if key != self._consistency_key:
+            self._consistency_key = key
+            self._stale, self._outside = audit_layout(index, optimizers, step)
+        out = [replace(f, step=step) for f in self._stale] if self._stale else []
+        if self._outside:
+            out += find_orphans(index, self._outside, step)
+        return out
+
+    def _runs_of(self, findings: list[Finding]) -> dict[tuple[str, str], tuple[int, int]]:
+        """For each finding about a parameter in a run of steps without a usable gradient (``unused``, ``detached``,
+        ``zero``): the run's steps the report has not counted yet, and its last step (see
+        :meth:`History.count_run`), for :meth:`RunReport.add`. Call it while the runs of this step are open."""
+        runs = {}
+        for f in findings:
+            if f.kind in RUN_KINDS:
+                run = self.history.count_run(f.param)
+                if run is not None:
+                    runs[f.key] = run
+        return runs
+
+    def _note_modules(self, new: list[Finding]) -> None:
+        """Report notes for modules all of whose parameters a traced step explained alike (see
+        :meth:`RunReport.note_modules`)."""
+        index = self.index
+        assert index is not None
+        traced = {f.key for f in self.schedule.known.values()}
+        explained = [f for f in new if f.key in traced]
+        if explained:
+            trainable = [name for name, p in zip(index.names, index.params, strict=True) if p.requires_grad]
+            self.report.note_modules(explained, trainable)
 
     # ------------------------------------------------------------------ sync="late"
     def resolve_late(self) -> None:
@@ -501,7 +495,7 @@ class GuardCore:
         for i in stats.zero:
             bit = index.index.get(id(stats.params[i]))
             if bit is not None and i not in frozen:
-                self.history.lack(index.names[bit], step, "zero")
+                self.history.record_unusable(index.names[bit], step, "zero")
         names = self.history.open_runs()
         if not names:
             return
@@ -525,236 +519,14 @@ class GuardCore:
         self._late.clear()
         self.resolved.clear()
 
-    def _runs_of(self, findings: list[Finding]) -> dict[tuple[str, str], tuple[int, int]]:
-        """For each finding about a parameter in a run of steps without a usable gradient (``unused``, ``detached``,
-        ``zero``): the run's steps the report has not counted yet, and its last step (see
-        :meth:`History.count_run`), for :meth:`RunReport.add`. Call it while the runs of this step are open."""
-        runs = {}
-        for f in findings:
-            if f.kind in _RUN_KINDS:
-                run = self.history.count_run(f.param)
-                if run is not None:
-                    runs[f.key] = run
-        return runs
-
-    def _note_modules(self, new: list[Finding]) -> None:
-        """Report notes for modules all of whose parameters a traced step explained alike (see :func:`module_view`)."""
-        assert self.index is not None
-        traced = {f.key for f in self.history.known.values()}
-        for line in module_view(self.index, [f for f in new if f.key in traced]):
-            self.report.note(line)
-
-    def _names_among(self, params: Sequence[torch.Tensor]) -> list[str]:
-        index = self.index
-        assert index is not None
-        return [index.names[index.index[id(p)]] for p in params if id(p) in index.index]
-
-    def _consistency(self, optimizers: Sequence[torch.optim.Optimizer], step: int) -> list[Finding]:
-        """``stale`` and ``orphan`` findings of this step: the layout is audited when it changes; on every step only
-        the parameters outside every optimizer are looked at."""
-        index = self.index
-        assert index is not None
-        key = tuple(optimizer_layout(opt) for opt in optimizers)
-        if key != self._consistency_key:
-            self._consistency_key = key
-            self._stale, self._outside = audit_layout(index, optimizers, step)
-        out = [replace(f, step=step) for f in self._stale] if self._stale else []
-        if self._outside:
-            out += find_orphans(index, self._outside, step)
-        return out
-
-    def _window(
-        self,
-        found: list[Finding],
-        pending: list[tuple[int, str]],
-        facts: StepFacts,
-        step: int,
-        lacking: set[str],
-    ) -> tuple[list[Finding], list[tuple[int, str, int]]]:
-        """Apply the idle window to the parameters lacking a usable gradient on this step.
-
-        Each such parameter extends its run in :attr:`history` (its name goes into ``lacking``). It stays idle
-        (no finding) while the run is shorter than the window, unless a traced step shows a cause that is not
-        control flow: a ``detached`` parameter, a zero-derivative op behind an all-zero gradient, or an ``unused``
-        one that never had a usable gradient and whose value the step took out of the graph instead of into the
-        loss (logged, `.item()`-ed: :meth:`~lightning_gradguard.trace.Tracer.dropped_at`).
-
-        Returns:
-            ``(findings, due)``: ``due`` holds ``(bit, reason, first step of the run)`` of untraced candidates
-            whose run reached the window.
-        """
-        index = self.index
-        assert index is not None
-        history = self.history
-        window = history.window
-        out: list[Finding] = []
-        for f in found:
-            if f.kind not in _RUN_KINDS:
-                out.append(f)
-                continue
-            first, run = history.lack(f.param, step, "zero" if f.kind == "zero" else "missing")
-            first = first if window > 1 else step
-            lacking.add(f.param)
-            if facts.traced:
-                history.known[f.param] = f
-                history.looked.add(f.param)
-            if f.kind == "detached" or (f.kind == "zero" and f.where is not None) or self._dropped(f, facts):
-                out.append(replace(f, step=first))  # not control flow: at once, for the whole run so far
-            elif run >= window:
-                out.append(self._dead(f, first, run))
-        due: list[tuple[int, str, int]] = []
-        for bit, reason in pending:
-            name = index.names[bit]
-            first, run = history.lack(name, step, reason)
-            first = first if window > 1 else step
-            lacking.add(name)
-            known = history.known.get(name)
-            if history.reported(name) and known is not None and (known.kind == "zero") == (reason == "zero"):
-                out.append(replace(known, step=first))  # the run is a finding already: it holds on this step too
-            elif run >= window:
-                due.append((bit, reason, first))
-            elif reason == "missing" and name not in history.looked:
-                self._probing.add(name)  # a cut that starts now is `detached` at once: let the next trace look
-        return out, due
-
-    def _dropped(self, f: Finding, facts: StepFacts) -> bool:
-        """``f`` is ``unused``, its parameter never had a usable gradient, and this traced step shows its value put
-        to a use other than the loss (``.detach()``-ed to be logged, ``.item()``-ed): its output does not reach the
-        loss by design of the code, not because routing or LayerDrop skipped it on this step."""
-        if f.kind != "unused" or facts.tracer is None or not facts.traced or not self.history.always_lacked(f.param):
-            return False
-        bit = self.index.bit_of.get(f.param) if self.index is not None else None
-        return bit is not None and bool(facts.tracer.dropped_at(bit))
-
-    def _dead(self, f: Finding, first: int, run: int) -> Finding:
-        """``f`` as the finding of a run of ``run`` steps without a usable gradient, dated to its ``first`` step."""
-        if self.history.window <= 1:
-            return replace(f, step=first)
-        return replace(f, step=first, message=(
-            f"{f.message} It got no usable gradient on {run} checked steps in a row, from step {first} "
-            f"(idle_window={self.history.window})."
-        ))  # fmt: skip
-
-    def _settle_pending(
-        self, found: list[Finding], due: list[tuple[int, str, int]], facts: StepFacts, step: int, judged: set[str]
-    ) -> list[Finding]:
-        """Keep untraced candidates for the next (traced) step; explain earlier ones now that it came.
-
-        Only the candidates among ``judged`` (the stepping optimizer's parameters) are settled: another optimizer's
-        wait for its own check of the traced step (its parameters' gradients say nothing in this one's ``found``).
-        """
-        index = self.index
-        assert index is not None
-        out = list(found)
-        if facts.traced and self._pending:
-            explained = {f.param for f in found}
-            for bit, (first, reason) in list(self._pending.items()):
-                name = index.names[bit]
-                if name not in judged:
-                    continue
-                del self._pending[bit]
-                self.history.looked.add(name)
-                if name in explained:  # the traced step shows the same problem: date it back to its first step
-                    out = [replace(f, step=first) if f.param == name else f for f in out]
-                elif reason == "zero":
-                    out.append(replace(explain_zero(name, bit, StepFacts(), first), message=(
-                        f"`{name}` received an all-zero gradient {self._since(first, step)}, but not at the next "
-                        "(traced) step."
-                    )))  # fmt: skip
-                else:
-                    then = f"on step {first} only" if self.history.window <= 1 else "on those steps only"
-                    out.append(replace(explain_missing(name, bit, facts, first), where=None, message=(
-                        f"`{name}` received no gradient {self._since(first, step)}, but did at the next (traced) "
-                        f"step: something {then} left it out (a data-dependent branch that skipped it, or a cut taken "
-                        "on that step only); set diagnose='always' to name the line."
-                    ), kind="unused", hint=HINTS["unused"]))  # fmt: skip
-        for bit, reason, first in due:
-            name = index.names[bit]
-            known = self.history.known.get(name)
-            if known is not None and (known.kind == "zero") == (reason == "zero"):
-                out.append(self._dead(known, first, self.history.run_length(name)))  # explained before: no trace
-            elif self._may_trace(name, known is not None):
-                self._pending.setdefault(bit, (first, reason))
-            else:  # explained before, or no trace left: say what the gradients show
-                untraced = StepFacts(compiled=self.compiled)
-                f = (
-                    explain_missing(name, bit, untraced, step)
-                    if reason == "missing"
-                    else explain_zero(name, bit, untraced, step)
-                )
-                out.append(self._dead(f, first, self.history.run_length(name)))
-        return out
-
-    def _since(self, first: int, step: int) -> str:
-        if self.history.window <= 1:
-            return f"at step {first}"
-        return f"on every checked step from {first} to {step - 1} ({self.history.window} in a row)"
-
-    def _may_trace(self, name: str, other_reason: bool = False) -> bool:
-        """A trace may still explain ``name``: tracing is possible, and no traced step looked at it (or only at a
-        gradient lacking for the other reason, ``other_reason``: all zero instead of none, or the reverse)."""
-        if self.diagnose not in ("on_finding", "always") or not self.can_trace:
-            return False
-        if name in self.history.looked and not other_reason:
-            return False
-        if self.diagnose == "always":
-            return True
-        if self.history.traced_steps < MAX_TRACED_STEPS:
-            return True
-        self._note_budget()
-        return False
-
-    def _note_budget(self) -> None:
-        history = self.history
-        if history.budget_spent is None:
-            history.budget_spent = self.checks
-            self.report.note(
-                f"GradGuard traced {history.traced_steps} steps, its budget under diagnose='on_finding' "
-                f"({MAX_TRACED_STEPS}); later findings are explained from gradients alone (set diagnose='always' "
-                "to trace every step)."
-            )
-
-    def _arm_after_check(self, new: list[Finding], traced_step: bool, step: int) -> None:
-        if self.diagnose == "always":
-            self._armed = True
-        elif self.diagnose == "never" or self.diagnose == "first":
-            self._armed = False
-        else:  # on_finding: trace the next step when something new turned up that a trace can explain
-            explainable = any(f.kind in _TRACE_EXPLAINS for f in new)  # not orphan, stale, frozen, nonfinite
-            want = bool(self._pending) or bool(self._probing) or (explainable and not traced_step)
-            self._armed = want and self.history.traced_steps < MAX_TRACED_STEPS
-            if want and not self._armed:
-                self._probing.clear()
-                self._note_budget()
-
+    # ------------------------------------------------------------------ end of the run
     def finish(self, step: int) -> None:
         """End of the run: report candidates still waiting for a traced step as they are, and parameters that got
-        no usable gradient on any checked step of a run shorter than the idle window."""
+        no usable gradient on any checked step of a run shorter than the idle window (warned about, never raised)."""
         index = self.index
         if index is None:
             return
-        facts = StepFacts(compiled=self.compiled)
-        explain = {"missing": explain_missing, "zero": explain_zero}
-        findings = []
-        for bit, (first, reason) in self._pending.items():
-            f = explain[reason](index.names[bit], bit, facts, first)
-            known = self.history.known.get(f.param, f)
-            findings.append(self._dead(known, first, self.history.run_length(f.param)))
-        self._pending.clear()
-        short = []  # never usable in a run shorter than the window: warned about, never raised
-        window = self.history.window
-        for name, first, run, reason in self.history.never_usable():
-            bit = index.bit_of.get(name)
-            if bit is None or run >= window:
-                continue  # reported when the run reached the window
-            known = self.history.known.get(name)
-            if known is None or (known.kind == "zero") != (reason == "zero"):
-                known = explain[reason](name, bit, facts, first)
-            short.append(replace(known, step=first, message=(
-                f"{known.message} It got no usable gradient on any of the {run} checked steps of the run, fewer "
-                f"than idle_window={window}: too few to tell a dead part from one idle by design (routing, "
-                "LayerDrop), so this is a warning."
-            )))  # fmt: skip
+        findings, short = self.schedule.finish(index, StepFacts(compiled=self.compiled))
         runs = self._runs_of(findings + short)
         kept = self.policy.keep(findings)
         kept_short = self.policy.keep(short)
@@ -774,7 +546,7 @@ class GuardCore:
         if not self.short:
             return []
         history = self.history
-        never = {name for name, *_ in history.never_usable()}
+        never = {name for name, _ in history.never_usable()}
         usable = [name for name in history.checked() if name not in never]
         alike = alike_items(model)
 
@@ -799,3 +571,22 @@ class GuardCore:
     @property
     def findings(self) -> list[Finding]:
         return self.report.findings
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values: ``{"history": ..., "pending": [[name, first step, reason], ...]}`` (the layout of earlier
+        versions' checkpoints: the schedule's counters sit in ``history``)."""
+        schedule = self.schedule.state_dict()
+        pending = schedule.pop("pending")
+        return {"history": {**self.history.state_dict(), **schedule}, "pending": pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (older checkpoints may lack either key)."""
+        history = state.get("history")
+        if history is not None:
+            self.history.load_state_dict(history)
+            self.schedule.load_state_dict({**history, "pending": state.get("pending", [])})
+        else:
+            self.schedule.load_state_dict({"pending": state.get("pending", [])})
+        if self.index is not None:
+            self.schedule.bind(self.index.names)

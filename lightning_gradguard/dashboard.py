@@ -26,6 +26,7 @@ floats) for the epoch statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -40,16 +41,17 @@ from lightning.pytorch.utilities import rank_zero_info
 from .flow import FLOW_FILE, FLOW_TAG, FlowHistory, FlowPicture, render_flow, write_png
 from .histograms import HistogramBuffers, histogram_counts, histograms_counts
 from .measure import GradStats
+from .options import GuardOptions
 from .params import ParamIndex, optimizer_layout
 from .ratios import UpdateSnapshot, update_ratio
 from .report import RunReport
 from .tags import TAG, TEXT_TAG, chart_of, custom_scalars_layout, group_keys
 from .tensorboard import LogTarget, find_targets, write_image, write_layout, write_step, write_text
 
-__all__ = ["NORMS", "REPORT_FILE", "Dashboard"]
+__all__ = ["FLOW_COLUMNS", "REPORT_FILE", "Dashboard"]
 
-#: The choices of ``norms``.
-NORMS: tuple[str, ...] = ("param", "module", "total")
+#: At most this many logged steps (columns) in the gradient-flow picture; older ones are merged.
+FLOW_COLUMNS = 200
 #: The name of the JSON run report.
 REPORT_FILE = "gradguard_report.json"
 
@@ -58,56 +60,29 @@ class Dashboard:
     """Writes GradGuard's gradient dashboards and run report to a Trainer's loggers (see ``GradGuard``'s docstring
     for the options and the list of tags).
 
+    Args:
+        options: the guard's options (the dashboards read theirs: ``log_every_n_steps``, ``norms``,
+            ``max_norm_tags``, ``histograms``, ``value_histograms``, ``update_ratio``, ``write_report``,
+            ``report_path``, ``flow_every``); ``changes``: options changed from those, checked as ``GradGuard`` checks
+            them.
+
     Raises:
-        ValueError: an option has a value it does not take (the message quotes ``owner(option=value)``).
+        ValueError: an option has a value it does not take (the message quotes ``GradGuard(option=value)``).
     """
 
-    def __init__(
-        self,
-        *,
-        log_every_n_steps: int | None = None,
-        norms: str = "module",
-        max_norm_tags: int = 100,
-        histograms: bool = True,
-        value_histograms: bool = False,
-        update_ratio: bool = False,
-        write_report: bool = True,
-        report_path: str | None = None,
-        flow_every: int = 10,
-        flow_columns: int = 200,
-        owner: str = "GradGuard",
-    ) -> None:
-        if log_every_n_steps is not None and (
-            isinstance(log_every_n_steps, bool) or not isinstance(log_every_n_steps, int) or log_every_n_steps < 0
-        ):
-            raise ValueError(
-                f"`{owner}(log_every_n_steps={log_every_n_steps!r})` must be None (the Trainer's) or an int >= 0 "
-                "(0: no dashboards)."
-            )
-        if norms not in NORMS:
-            raise ValueError(f"`{owner}(norms={norms!r})` must be one of 'param', 'module', 'total'.")
-        if isinstance(max_norm_tags, bool) or not isinstance(max_norm_tags, int) or max_norm_tags < 1:
-            raise ValueError(f"`{owner}(max_norm_tags={max_norm_tags!r})` must be an int >= 1.")
-        for name, value in (("histograms", histograms), ("value_histograms", value_histograms),
-                            ("update_ratio", update_ratio), ("write_report", write_report)):  # fmt: skip
-            if not isinstance(value, bool):
-                raise ValueError(f"`{owner}({name}={value!r})` must be True or False.")
-        if report_path is not None and not isinstance(report_path, (str, os.PathLike)):
-            raise ValueError(f"`{owner}(report_path={report_path!r})` must be a path or None.")
-        if isinstance(flow_every, bool) or not isinstance(flow_every, int) or flow_every < 0:
-            raise ValueError(f"`{owner}(flow_every={flow_every!r})` must be an int >= 0 (0: no gradient-flow picture).")
-        if isinstance(flow_columns, bool) or not isinstance(flow_columns, int) or flow_columns < 2:
-            raise ValueError(f"`{owner}(flow_columns={flow_columns!r})` must be an int >= 2.")
-        self.log_every_n_steps = log_every_n_steps
-        self.norms = norms
-        self.max_norm_tags = max_norm_tags
-        self.histograms = histograms
-        self.value_histograms = value_histograms
-        self.update_ratio = update_ratio
-        self.write_report = write_report
-        self.report_path = report_path
-        self.flow_every = flow_every
-        self.flow_columns = flow_columns
+    def __init__(self, options: GuardOptions | None = None, **changes: Any) -> None:
+        options = dataclasses.replace(options or GuardOptions(), **changes)
+        self.options = options
+        self.log_every_n_steps = options.log_every_n_steps
+        self.norms = options.norms
+        self.max_norm_tags = options.max_norm_tags
+        self.histograms = options.histograms
+        self.value_histograms = options.value_histograms
+        self.update_ratio = options.update_ratio
+        self.write_report = options.write_report
+        self.report_path = options.report_path
+        self.flow_every = options.flow_every
+        self.flow_columns = FLOW_COLUMNS
         self._reset()
 
     def _reset(self) -> None:

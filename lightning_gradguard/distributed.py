@@ -21,21 +21,19 @@ on its own leaves the others waiting in their next collective. So every decision
   - "my loss has no graph" (``backward()`` is about to fail), "my step was traced", "a loss of my step was NaN/Inf".
 
   Every rank then takes the same decision from the same numbers. When that decision is to raise, one more
-  collective (``all_gather_object`` of each rank's own explanations) makes the error text identical on every rank,
-  and then all of them raise :class:`~lightning_gradguard.GradGuardError`: nobody is left waiting.
+  collective (``all_gather_object`` of each rank's own explanations) makes the error text identical on every rank;
+  the :class:`Agreement` it returns holds that error, and every rank's core raises it: nobody is left waiting.
 * :meth:`RankSync.merge_facts` and :meth:`RankSync.combine` (from ``GuardCore.check`` at the optimizer step) use the
   agreed facts, so that gradients that DDP has already averaged (identical on every rank) are classified identically
   on every rank, and a NaN/Inf gradient names the ranks whose loss was not finite.
 
-This module uses ``torch.distributed`` only; the Lightning callback passes in the wrapped model and its device.
+Gradients held in shards (FSDP) are measured by :mod:`~lightning_gradguard.shards`. This module uses
+``torch.distributed`` only; the Lightning callback passes in the wrapped model and its device.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -43,24 +41,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import _compat
 from .audit import StepFacts, explain_missing, reached_params
 from .findings import Finding, GradGuardError, format_findings
 from .measure import GradStats, measure_grads
-from .policy import GradGuardWarning
+from .shards import ShardWeights, is_dtensor, measure_shards
 
 if TYPE_CHECKING:
-    from .core import GuardCore
+    from .params import ParamIndex
     from .trace import LossFacts
 
-__all__ = [
-    "BITS",
-    "RankSync",
-    "decode_ranks",
-    "encode_ranks",
-    "format_ranks",
-    "rank_zero_warnings",
-    "stats_from_shards",
-]
+__all__ = ["BITS", "Agreement", "RankSync", "decode_ranks", "encode_ranks", "format_ranks"]
 
 #: Rank bits per int64 word of the flags tensor (the sign bit stays clear).
 BITS = 63
@@ -110,62 +101,17 @@ _FSDP_ZERO = (
 )
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch < 2.4
-        from torch.distributed._tensor import DTensor
-    return isinstance(t, DTensor)
+@dataclass
+class Agreement:
+    """What the ranks agreed at a backward (:meth:`RankSync.before_backward`), for the core to apply.
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of ``t`` (a ``DTensor``'s local tensor; other tensors as they are)."""
-    to_local = getattr(t, "to_local", None)
-    return to_local() if to_local is not None else t
-
-
-def stats_from_shards(params: Sequence[torch.Tensor], rows: Sequence[Sequence[float]], scale: float = 1.0) -> GradStats:
-    """:class:`~lightning_gradguard.audit.GradStats` from per-parameter sums over the ranks of ``[squared norm (each
-    element counted once), ranks with a gradient, ranks with a NaN/Inf gradient]``.
-
-    Example::
-
-        >>> w = torch.nn.Parameter(torch.zeros(2))
-        >>> b = torch.nn.Parameter(torch.zeros(1))
-        >>> stats = stats_from_shards([w, b], [[9.0 + 16.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
-        >>> stats.norms, stats.missing
-        ([5.0, None], [1])
+    Attributes:
+        notes: lines for the run report (parameters some ranks skipped, with ``find_unused_parameters=True``).
+        error: the error every rank raises now (the same text on every rank), or ``None``.
     """
-    norms: list[float | None] = []
-    stats = GradStats(list(params), norms)
-    for i, (p, (sumsq, with_grad, bad)) in enumerate(zip(params, rows, strict=True)):
-        if not p.requires_grad:
-            stats.frozen.append(i)
-        if with_grad == 0:
-            norms.append(None)
-            stats.missing.append(i)
-            continue
-        norm = math.sqrt(sumsq) if math.isfinite(sumsq) else sumsq
-        norms.append(norm / scale)
-        if bad > 0:
-            stats.nonfinite.append(i)
-        elif norm == 0.0:
-            stats.zero.append(i)
-    return stats
 
-
-@contextmanager
-def rank_zero_warnings(rank: int) -> Iterator[None]:
-    """Silence :class:`~lightning_gradguard.GradGuardWarning` inside the block on every rank but zero.
-
-    Findings are the same on every rank; one copy of each warning is enough.
-    """
-    if rank == 0:
-        yield
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GradGuardWarning)
-        yield
+    notes: list[str] = field(default_factory=list)
+    error: GradGuardError | None = None
 
 
 @dataclass
@@ -236,7 +182,7 @@ class RankSync:
         self.sharded = sharded
         self.replicas = replicas
         self.collectives = 0
-        self._weights: dict[int, float] = {}
+        self._weights = ShardWeights(world_size, replicas)
         self._state = _StepState()
         self._agreed: _Agreed | None = None
         self._noted: set[str] = set()
@@ -254,13 +200,12 @@ class RankSync:
 
         if not isinstance(model, DistributedDataParallel):
             return cls._of_sharded(model, device)
-        group = model.process_group
+        group, ignored, find_unused, static_graph = _compat.ddp_facts(model)
         world_size = dist.get_world_size(group)
         if world_size < 2:
             return None
-        ignored = set(getattr(model, "parameters_to_ignore", ()))
         expected = frozenset(id(p) for n, p in model.module.named_parameters() if p.requires_grad and n not in ignored)
-        strict = not model.find_unused_parameters and not getattr(model, "static_graph", False)
+        strict = not find_unused and not static_graph
         return cls(
             group=group,
             rank=dist.get_rank(group),
@@ -276,15 +221,13 @@ class RankSync:
         world_size = dist.get_world_size()
         if world_size < 2:
             return None
-        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+        from torch.distributed.fsdp import FullyShardedDataParallel
 
         roots = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
         if roots:
-            root = roots[0]
-            shard_size = 1 if root.sharding_strategy == ShardingStrategy.NO_SHARD else root.world_size
             return cls(group=None, rank=dist.get_rank(), world_size=world_size, device=torch.device(device),
-                       sharded="fsdp", replicas=world_size / shard_size)  # fmt: skip
-        if any(_is_dtensor(p) for p in model.parameters()):
+                       sharded="fsdp", replicas=_compat.fsdp_replicas(roots[0], world_size))  # fmt: skip
+        if any(is_dtensor(p) for p in model.parameters()):
             return cls(group=None, rank=dist.get_rank(), world_size=world_size, device=torch.device(device),
                        sharded="dtensor")  # fmt: skip
         return None
@@ -307,28 +250,36 @@ class RankSync:
         DDP decides it in the forward pass: it prepares its reducer only when ``require_backward_grad_sync`` was set
         then, and records that in ``require_forward_param_sync``.
         """
-        if self.ddp is None:
-            return False
-        return bool(getattr(self.ddp, "require_forward_param_sync", self.ddp.require_backward_grad_sync))
+        return self.ddp is not None and _compat.ddp_syncs_backward(self.ddp)
 
     def before_backward(
-        self, core: GuardCore, loss: torch.Tensor, facts: LossFacts | None, step: int, error: GradGuardError | None
-    ) -> None:
-        """Note ``loss``'s facts; on a synchronising backward, agree them with every rank and raise together.
+        self,
+        index: ParamIndex,
+        loss: torch.Tensor,
+        facts: LossFacts | None,
+        step: int,
+        error: GradGuardError | None,
+        why: StepFacts,
+        sizes: Mapping[str, int] | None = None,
+    ) -> Agreement:
+        """Note ``loss``'s facts; on a synchronising backward, agree them with every rank.
 
         Args:
-            core: the guard (its parameter index, tracer, report).
+            index: the model's parameters.
             loss: the loss about to go through ``backward()``.
             facts: the tracer's facts about ``loss`` on a traced step, else ``None``.
             step: the optimizer step.
             error: the error this rank is about to raise because ``loss`` has no graph, or ``None``.
+            why: what explains a parameter this rank's loss does not reach (the trace, or that there is none).
+            sizes: the model's checked tensors, to group findings in the error text.
 
-        Raises:
-            GradGuardError: on every rank at once, when some rank's loss has no graph, or (with
-                ``find_unused_parameters=False``) some rank's loss does not reach a parameter DDP synchronises.
+        Returns:
+            What the ranks agreed: report notes, and the error that every rank raises now (when some rank's loss has
+            no graph, or, with ``find_unused_parameters=False``, some rank's loss does not reach a parameter DDP
+            synchronises), the same on every rank.
         """
         if self.sharded:
-            return  # FSDP has no reducer that waits for every parameter: the optimizer-step check is collective
+            return Agreement()  # FSDP has no reducer that waits for every parameter: the optimizer-step check agrees
         state = self._state
         bad = ~torch.isfinite(loss.detach()).all()
         state.loss_bad = bad if state.loss_bad is None else state.loss_bad | bad
@@ -340,9 +291,7 @@ class RankSync:
         else:
             state.reached |= reached_params([loss.grad_fn])
         if not self.syncs_backward():
-            return  # a no_sync micro-batch: DDP waits for nobody, and neither do we
-        index = core.index
-        assert index is not None, "GuardCore.bind() first"
+            return Agreement()  # a no_sync micro-batch: DDP waits for nobody, and neither do we
         params = index.params
         n = len(params)
         if error is not None:  # a loss without a graph reaches nothing: the error explains it, not a flag per parameter
@@ -366,7 +315,8 @@ class RankSync:
         traced_everywhere = len(agreed.get(base + 1, ())) == self.world_size
         loss_bad = agreed.get(base + 2, ())
         if error_ranks or (self.strict and unreached):
-            self._raise_together(core, step, unreached if self.strict else {}, error_ranks, error, facts)
+            skipped = unreached if self.strict else {}
+            return Agreement(error=self._agree_error(index, step, skipped, error_ranks, error, why, sizes))
         received = merged_dep = None
         if not self.strict:
             everywhere = self.world_size
@@ -377,8 +327,7 @@ class RankSync:
                     if n <= row < 2 * n:
                         merged_dep |= 1 << (row - n)
         self._agreed = _Agreed(unreached, received, merged_dep, loss_bad)
-        if not self.strict:
-            self._note_partial(core, unreached, step)
+        return Agreement(notes=[] if self.strict else self._partial_notes(index, unreached, step))
 
     def forget_step(self) -> None:
         """Forget this rank's facts about the losses of a step that reached no optimizer (its gradients were
@@ -392,44 +341,41 @@ class RankSync:
         self.collectives += 1
         return decode_ranks(encoded)
 
-    def _note_partial(self, core: GuardCore, unreached: dict[int, tuple[int, ...]], step: int) -> None:
-        """With ``find_unused_parameters=True``, a parameter some ranks skip is legitimate (routing): a report note."""
-        index = core.index
-        assert index is not None
+    def _partial_notes(self, index: ParamIndex, unreached: dict[int, tuple[int, ...]], step: int) -> list[str]:
+        """With ``find_unused_parameters=True``, a parameter some ranks skip is legitimate (routing): a report note,
+        once per parameter."""
         by_ranks: dict[tuple[int, ...], list[str]] = {}
         for bit, ranks in sorted(unreached.items()):
             name = index.names[bit]
             if len(ranks) < self.world_size and name not in self._noted:
                 self._noted.add(name)
                 by_ranks.setdefault(ranks, []).append(f"`{name}`")
-        for ranks, names in by_ranks.items():
-            core.report.note(
+        return [
+            (
                 f"{', '.join(names)} got no gradient from the loss on {format_ranks(ranks)} of {self.world_size} at "
                 f"step {step} (the other ranks used {'it' if len(names) == 1 else 'them'}). DDP "
                 "(find_unused_parameters=True) averaged in zeros for those ranks: fine for data-dependent routing, "
                 "a bug if every rank should use them."
             )
+            for ranks, names in by_ranks.items()
+        ]
 
-    def _raise_together(
+    def _agree_error(
         self,
-        core: GuardCore,
+        index: ParamIndex,
         step: int,
         unreached: dict[int, tuple[int, ...]],
         error_ranks: tuple[int, ...],
         error: GradGuardError | None,
-        facts: LossFacts | None,
-    ) -> None:
-        """Every rank gets here from the same agreed numbers: swap explanations, then all raise the same error."""
-        index = core.index
-        assert index is not None
+        why: StepFacts,
+        sizes: Mapping[str, int] | None,
+    ) -> GradGuardError:
+        """Every rank gets here from the same agreed numbers: swap explanations, and make the error every rank raises
+        (the same text on every rank)."""
         mine: dict[int, dict[str, Any]] = {}
-        if unreached:
-            sf = StepFacts(compiled=core.compiled)
-            if facts is not None and core.tracer is not None:
-                sf = StepFacts(dep=facts.dep, cuts=facts.cuts, seen=core.tracer.seen, tracer=core.tracer)
-            for bit, ranks in unreached.items():
-                if self.rank in ranks:
-                    mine[bit] = explain_missing(index.names[bit], bit, sf, step).to_dict()
+        for bit, ranks in unreached.items():
+            if self.rank in ranks:
+                mine[bit] = explain_missing(index.names[bit], bit, why, step).to_dict()
         earlier = reached_params(self._state.fns[:-1]) if len(self._state.fns) > 1 else set()
         payload = {
             "findings": mine,
@@ -441,19 +387,11 @@ class RankSync:
         dist.all_gather_object(gathered, payload, group=self.group)
         self.collectives += 1
         findings = self._merge_unreached(unreached, gathered, step)
-        text = self._error_text(findings, unreached, error_ranks, gathered, step, core.policy.sizes)
+        text = self._error_text(findings, unreached, error_ranks, gathered, step, sizes)
         if error_ranks:
             findings += self._merge_error_findings(error_ranks, gathered)
         self._state = _StepState()
-        # this rank's own loss error is in its report already (without ranks): make it the agreed version
-        own = {f.key for f in error.findings} if error is not None else set()
-        entries = {e.finding.key: e for e in core.report.entries if e.finding.key in own}
-        agreed = {f.key: f for f in findings}
-        for key, entry in entries.items():
-            if key in agreed:
-                entry.finding = agreed[key]
-        core.report.add([f for f in findings if f.key not in entries])
-        raise GradGuardError(text, findings)
+        return GradGuardError(text, findings)
 
     def _error_text(
         self,
@@ -551,68 +489,19 @@ class RankSync:
 
     # ------------------------------------------------------------------ optimizer step
     def measure_grads(self, params: Sequence[torch.Tensor], scale: float = 1.0) -> GradStats:
-        """:func:`~lightning_gradguard.audit.measure_grads`, for gradients as the strategy left them.
+        """:func:`~lightning_gradguard.measure.measure_grads`, for gradients as the strategy left them.
 
         Under DDP the gradients are averaged, identical on every rank: measured locally, no collective. Under FSDP
-        each rank holds shards: this rank's shards are measured in one fused pass (in float64, so that a norm is
-        not finite exactly when an element is not), then one ``all_reduce`` sums, per parameter, the squared norms
-        (each shard counted once), the ranks holding a gradient, and the ranks with a NaN/Inf: global norms, and
-        "no gradient" only where no rank has one.
+        each rank holds shards: :func:`~lightning_gradguard.shards.measure_shards` (one collective).
         """
         if self.sharded is None:
             return measure_grads(params, scale)
         # `DTensor.to_local()` is an autograd function: ~10 µs per tensor with grad mode on (it is, in Lightning's
         # optimizer closure), ~0.1 µs without
-        with torch.no_grad(), torch._C.DisableTorchFunction():
-            return self._measure_shards(params, scale)
-
-    def _measure_shards(self, params: Sequence[torch.Tensor], scale: float) -> GradStats:
-        n = len(params)
-        has_grad = [0.0] * n
-        weight = [0.0] * n
-        groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
-        for i, p in enumerate(params):
-            g = p.grad
-            if g is None:
-                continue
-            local = _local(g)
-            if local.numel() == 0:
-                continue  # FSDP1: this rank holds no shard of it
-            has_grad[i] = 1.0
-            weight[i] = self._weight(p)
-            idx, grads = groups.setdefault((local.device, local.dtype), ([], []))
-            idx.append(i)
-            grads.append(local)
-        norms = torch.zeros(n, dtype=torch.float64, device=self.device)
-        for idx, grads in groups.values():
-            if grads[0].is_sparse:
-                reduced = [g.coalesce().values().norm(dtype=torch.float64) for g in grads]
-            else:
-                reduced = list(torch._foreach_norm(grads, 2, dtype=torch.float64))
-            norms[torch.tensor(idx, device=self.device)] = torch.stack(reduced).to(self.device)
-        rows = torch.stack([
-            norms.square() * torch.tensor(weight, dtype=torch.float64, device=self.device),
-            torch.tensor(has_grad, dtype=torch.float64, device=self.device),
-            (~torch.isfinite(norms)).to(torch.float64),
-        ], dim=1)  # fmt: skip
-        dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=self.group)
+        with torch.no_grad(), _compat.torch_function_disabled():
+            stats = measure_shards(params, scale, self._weights, self.device, self.group)
         self.collectives += 1
-        return stats_from_shards(params, rows.cpu().tolist(), scale)
-
-    def _weight(self, p: torch.Tensor) -> float:
-        """1 / the number of ranks that hold each element of ``p``'s local shard (so that a sum counts it once)."""
-        w = self._weights.get(id(p))
-        if w is None:
-            if _is_dtensor(p):
-                mesh = p.device_mesh  # type: ignore[attr-defined]
-                copies = self.world_size / mesh.size()  # the same DTensor lives on other meshes too
-                for dim, placement in enumerate(p.placements):  # type: ignore[attr-defined]
-                    if placement.is_replicate():
-                        copies *= mesh.size(dim)
-            else:
-                copies = self.replicas
-            w = self._weights[id(p)] = 1.0 / copies
-        return w
+        return stats
 
     def merge_facts(self, facts: StepFacts) -> StepFacts:
         """``facts`` of this rank's step with what the ranks agreed: which parameters some rank's loss reaches, and

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
 from torch import nn
 
+from . import _compat
 from .step import check_step
 
 __all__ = ["check_fabric_step", "unwrap_model", "unwrap_optimizer"]
@@ -98,16 +98,20 @@ def check_fabric_step(
 
 def unwrap_model(model: Any) -> Any:
     """The user's module inside Fabric's wrapper (also a ``torch.compile``-d one); anything else unchanged."""
-    inner = getattr(model, "_orig_mod", None)  # `torch.compile(fabric_module)`
-    if isinstance(inner, _FabricModule):
+    wrappers = _compat.fabric_wrappers()
+    if wrappers is None:
+        return model
+    inner = _compat.compiled_inner(model)  # `torch.compile(fabric_module)`
+    if isinstance(inner, wrappers[0]):
         model = inner
-    if isinstance(model, _FabricModule):
+    if isinstance(model, wrappers[0]):
         return model.module
     return model
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The user's optimizer inside Fabric's wrapper; anything else unchanged."""
-    if isinstance(optimizer, _FabricOptimizer):
+    wrappers = _compat.fabric_wrappers()
+    if wrappers is not None and isinstance(optimizer, wrappers[1]):
         return optimizer.optimizer
     return optimizer

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-__all__ = ["KINDS", "Finding", "FindingGroup", "GradGuardError", "Kind", "format_findings", "group_findings"]
-
-Kind = Literal["frozen", "unused", "detached", "orphan", "stale", "nonfinite", "zero"]
+__all__ = [
+    "HINTS",
+    "KINDS",
+    "Finding",
+    "FindingGroup",
+    "GradGuardError",
+    "format_findings",
+    "group_findings",
+]
 
 #: Every finding kind, in the order reports list them.
 KINDS: tuple[str, ...] = ("stale", "detached", "unused", "nonfinite", "frozen", "orphan", "zero")

@@ -1,79 +1,72 @@
-"""What the guard remembers across optimizer steps: idle runs, idle shares, what a traced step explained.
+"""What the guard remembers about each parameter across optimizer steps: its checked steps, idle steps and open run.
 
 Plain data keyed by parameter name, so that :meth:`History.state_dict` survives a resume (and a model rebuilt with
 the same names). Work per step is proportional to the parameters lacking a usable gradient, never to all of them.
-
-**Idle is not dead.** A trainable parameter with no usable gradient on a step (``grad is None`` or all zero) is
-*idle* on that step while its current run of such steps is shorter than ``window`` checked steps (counting from the
-start of training); once the run reaches ``window`` it is a finding (``unused``, ``zero``). Routing that sends no
-token to an expert, LayerDrop and stochastic depth make parts idle on some steps and train fine; a part that gets
-nothing on ``window`` checked steps in a row, from the first step on, is dead. A run of fit shorter than the window
-reports, at its end, the parameters that got no usable gradient on any of its steps. Not control flow, so reported
-at once whatever the window: ``detached`` (a traced step shows the loss depends on the parameter through a cut),
-an all-zero gradient that a traced step blames on a zero-derivative op, and a part that never had a usable gradient
-whose output a traced step shows logged or ``.item()``-ed instead of used in the loss. Under DDP with
-``find_unused_parameters=False`` a skipped parameter is named at once by ``distributed.py`` (DDP itself would fail
-on the next step).
-
-With the default ``window = 16``, a LayerDrop-0.1 layer (dropped on each step independently with probability 0.1)
-has a run of 16 drops starting at a given step with probability ``0.9 * 0.1**16 = 9e-17``; over a million steps
-the chance of a false alarm is about ``1e6 * 9e-17 = 9e-11`` per layer (2e-9 for a 24-layer wav2vec2). A part
-dropped with probability ``p`` has about ``1e6 * (1 - p) * p**16`` false alarms in a million steps: 3e-3 for
-``p = 0.3``, 8 for ``p = 0.5`` (raise ``idle_window`` for such models: 40 brings ``p = 0.5`` to 5e-7).
-
-A persistently idle part (a dead expert after a routing collapse) gets no warning of its own: idle on 95 % of
-steps, a run of 16 (``0.95**16 = 0.44`` at each start) comes within a few dozen steps and makes it a finding; below
-that, its share in :meth:`History.idle_shares` (the run report, and TensorBoard) shows it.
+What a run of steps without a usable gradient becomes (idle, a finding now, or a candidate for a traced step) is
+decided by :class:`~lightning_gradguard.schedule.Schedule`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
-from .findings import Finding
 from .params import module_of
 
-__all__ = ["DEFAULT_WINDOW", "MAX_TRACED_STEPS", "History"]
+__all__ = ["History", "Run"]
 
-#: Default length (checked steps) of a run without a usable gradient that makes an idle parameter a finding.
-DEFAULT_WINDOW = 16
 
-#: Under ``diagnose="on_finding"`` a run traces at most this many optimizer steps (the first included).
-MAX_TRACED_STEPS = 8
+@dataclass(slots=True)
+class Run:
+    """A parameter's current run of checked steps without a usable gradient.
+
+    Attributes:
+        first: the run's first step.
+        length: its checked steps (a step checked twice counts once).
+        reason: why the gradient was not usable on its last step: ``"missing"`` (``None``) or ``"zero"``.
+        last: its last step.
+        counted: how many of its steps the run report counted (0: the run is not a finding yet).
+    """
+
+    first: int
+    length: int = 0
+    reason: str = "missing"
+    last: int | None = None
+    counted: int = 0
+
+
+@dataclass(slots=True)
+class _Group:
+    """A parameter list the guard checks (an optimizer's): its names, and how many distinct steps checked it."""
+
+    names: list[str]
+    members: set[str]
+    checks: int = 0
+    last: int | None = None
+
+
+class _Counts(NamedTuple):
+    """A parameter's counts from before a resume."""
+
+    checked: int
+    idle: int
 
 
 class History:
-    """Per-parameter memory of one run.
+    """Per-parameter memory of one run: checked steps, steps without a usable gradient, and the open runs of them."""
 
-    Args:
-        window: a parameter lacking a usable gradient on fewer than this many checked steps in a row is idle, not
-            a finding; ``1`` judges every step at once (``check_step``).
-
-    Attributes:
-        traced_steps: optimizer steps whose forward pass was traced.
-        budget_spent: the check (counting checked optimizer steps from 1) at which ``MAX_TRACED_STEPS`` first
-            stopped a trace that was wanted, or ``None``.
-    """
-
-    def __init__(self, window: int = 1) -> None:
-        self.window = window
-        self.traced_steps = 0
-        self.budget_spent: int | None = None
-        self._groups: dict[tuple[int, int, int], list[Any]] = {}  # key -> [names, name set, checks, last step]
-        self._base: dict[str, list[int]] = {}  # restored name -> [checked, idle]
+    def __init__(self) -> None:
+        self._groups: dict[tuple[int, int, int], _Group] = {}
+        self._base: dict[str, _Counts] = {}  # restored from a checkpoint
         self._idle: dict[str, int] = {}  # name -> checked steps without a usable gradient
-        # name -> [first step of the current run, its length, last reason, its last step, how many of its steps the
-        # run report counted (0: the run is not a finding, yet)]
-        self._gaps: dict[str, list[Any]] = {}
-        self.looked: set[str] = set()  # a traced step looked at it while (or just after) it lacked a gradient
-        #: What a traced step found for a parameter lacking a usable gradient (reused instead of tracing again).
-        self.known: dict[str, Finding] = {}
+        self._runs: dict[str, Run] = {}
 
     # ------------------------------------------------------------------ per step
-    def count_check(self, params: Sequence[torch.Tensor], names_of: Any, step: int) -> set[str]:
+    def count_check(self, params: Sequence[torch.Tensor], names_of: Callable[[Sequence[torch.Tensor]], Any],
+                    step: int) -> set[str]:  # fmt: skip
         """Count checked step ``step`` of ``params`` (once, however often it is checked: LBFGS evaluates its closure
         several times per step); return their names (cached per parameter list).
 
@@ -84,24 +77,24 @@ class History:
         group = self._groups.get(key)
         if group is None:
             names = list(names_of(params))
-            group = self._groups[key] = [names, set(names), 0, None]
-        if group[3] != step:
-            group[2] += 1
-            group[3] = step
-        return group[1]
+            group = self._groups[key] = _Group(names, set(names))
+        if group.last != step:
+            group.checks += 1
+            group.last = step
+        return group.members
 
-    def lack(self, name: str, step: int, reason: str = "missing") -> tuple[int, int]:
-        """``name`` has no usable gradient on checked step ``step`` (``reason``: ``"missing"`` or ``"zero"``):
-        ``(first step of the run, run length)``. A step counts once, however often it is checked."""
-        gap = self._gaps.get(name)
-        if gap is None:
-            gap = self._gaps[name] = [step, 0, reason, None, 0]
-        gap[2] = reason
-        if gap[3] != step:
+    def record_unusable(self, name: str, step: int, reason: str = "missing") -> Run:
+        """``name`` has no usable gradient on checked step ``step`` (``reason``: ``"missing"`` or ``"zero"``): its
+        run, extended by the step (a step counts once, however often it is checked)."""
+        run = self._runs.get(name)
+        if run is None:
+            run = self._runs[name] = Run(step)
+        run.reason = reason
+        if run.last != step:
             self._idle[name] = self._idle.get(name, 0) + 1
-            gap[1] += 1
-            gap[3] = step
-        return gap[0], gap[1]
+            run.length += 1
+            run.last = step
+        return run
 
     def count_run(self, name: str) -> tuple[int, int] | None:
         """``(steps of name's current run not counted before, the run's last step)``, and the whole run counted from
@@ -110,72 +103,63 @@ class History:
         A finding about a run of steps without a usable gradient held on each of them: the run report counts the
         run's steps when the run first becomes a finding, and each further step as it comes.
         """
-        gap = self._gaps.get(name)
-        if gap is None:
+        run = self._runs.get(name)
+        if run is None:
             return None
-        new = gap[1] - gap[4]
-        gap[4] = gap[1]
-        return new, gap[3]
+        new = run.length - run.counted
+        run.counted = run.length
+        return new, run.last  # type: ignore[return-value]
 
     def reported(self, name: str) -> bool:
         """``name``'s current run is a finding already (the run report counted its steps)."""
-        gap = self._gaps.get(name)
-        return gap is not None and gap[4] > 0
+        run = self._runs.get(name)
+        return run is not None and run.counted > 0
 
     def run_length(self, name: str) -> int:
         """Checked steps in a row on which ``name`` lacked a usable gradient, up to its last check (0: none)."""
-        gap = self._gaps.get(name)
-        return gap[1] if gap else 0
+        run = self._runs.get(name)
+        return run.length if run else 0
 
     def always_lacked(self, name: str) -> bool:
         """``name`` lacked a usable gradient on every one of its checked steps (those before a resume included)."""
-        gap = self._gaps.get(name)
-        if gap is None:
+        run = self._runs.get(name)
+        if run is None:
             return False
-        checked = self._base.get(name, [0, 0])[0] + sum(count for _, names, count, _ in self._groups.values()
-                                                        if name in names)  # fmt: skip
-        return gap[1] >= checked
+        base = self._base.get(name)
+        checked = (base.checked if base else 0) + sum(g.checks for g in self._groups.values() if name in g.members)
+        return run.length >= checked
 
-    def never_usable(self) -> list[tuple[str, int, int, str]]:
-        """``(name, first step, run length, last reason)`` of the parameters that had no usable gradient on any of
-        their checked steps."""
-        if not self._gaps:
+    def never_usable(self) -> list[tuple[str, Run]]:
+        """``(name, run)`` of the parameters that had no usable gradient on any of their checked steps."""
+        if not self._runs:
             return []
         checked = self.checked()
-        return [(n, g[0], g[1], g[2]) for n, g in self._gaps.items() if g[1] >= checked.get(n, 0)]
+        return [(n, run) for n, run in self._runs.items() if run.length >= checked.get(n, 0)]
 
     def settle(self, judged: set[str], lacking: set[str], step: int) -> None:
         """End the runs of parameters judged on ``step`` that have a usable gradient again (not of those that lacked
         one on an earlier check of the same step: a step lacks a gradient if any of its checks does)."""
-        if not self._gaps:
+        if not self._runs:
             return
-        for name in [n for n, g in self._gaps.items() if n in judged and n not in lacking and g[3] != step]:
-            del self._gaps[name]
+        for name in [n for n, run in self._runs.items() if n in judged and n not in lacking and run.last != step]:
+            del self._runs[name]
 
     def open_runs(self) -> list[str]:
         """The parameters whose run without a usable gradient is open (few: those lacking one lately)."""
-        return list(self._gaps)
+        return list(self._runs)
 
     @property
     def zero_run(self) -> bool:
         """Some parameter's gradient was all zero on its last checked step (a run of them is open)."""
-        return any(gap[2] == "zero" for gap in self._gaps.values())
-
-    def in_run(self, name: str) -> bool:
-        """``name`` lacked a usable gradient on its last checked step."""
-        return name in self._gaps
-
-    @property
-    def has_runs(self) -> bool:
-        return bool(self._gaps)
+        return any(run.reason == "zero" for run in self._runs.values())
 
     # ------------------------------------------------------------------ reading
     def checked(self) -> dict[str, int]:
         """Checked steps per parameter name (those before a resume included)."""
-        out = {name: v[0] for name, v in self._base.items()}
-        for names, _, count, _ in self._groups.values():
-            for name in names:
-                out[name] = out.get(name, 0) + count
+        out = {name: counts.checked for name, counts in self._base.items()}
+        for group in self._groups.values():
+            for name in group.names:
+                out[name] = out.get(name, 0) + group.checks
         return out
 
     def idle_shares(self, exclude: Collection[str] = ()) -> dict[str, float]:
@@ -191,7 +175,7 @@ class History:
         checked = self.checked()
         if exclude:
             checked = {name: n for name, n in checked.items() if name not in exclude}
-        idle = {name: v[1] for name, v in self._base.items()}
+        idle = {name: counts.idle for name, counts in self._base.items()}
         for name, n in self._idle.items():
             idle[name] = idle.get(name, 0) + n
         if not any(idle.values()):
@@ -219,41 +203,26 @@ class History:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Plain values: per parameter ``[checked, idle, run start, run length, last reason, run's last step, run
-        steps counted as a finding]``, and the tracing counters."""
-        checked = self.checked()
-        params: dict[str, list[int]] = {}
-        for name, n in checked.items():
-            base_idle = self._base.get(name, [0, 0])[1]
-            gap = self._gaps.get(name, [0, 0, "missing", None, 0])
-            params[name] = [n, base_idle + self._idle.get(name, 0), *gap]
-        return {
-            "window": self.window,
-            "params": params,
-            "traced_steps": self.traced_steps,
-            "budget_spent": self.budget_spent,
-            "looked": sorted(self.looked),
-            "known": [f.to_dict() for f in self.known.values()],
-        }
+        steps counted as a finding]`` (``params``)."""
+        params: dict[str, list[Any]] = {}
+        for name, n in self.checked().items():
+            base = self._base.get(name)
+            run = self._runs.get(name, Run(0))
+            idle = (base.idle if base else 0) + self._idle.get(name, 0)
+            params[name] = [n, idle, run.first, run.length, run.reason, run.last, run.counted]
+        return {"params": params}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (missing keys take their defaults; the window stays this run's option)."""
+        """Restore :meth:`state_dict` (missing keys take their defaults)."""
         self._groups.clear()
         self._idle.clear()
-        self._gaps.clear()
+        self._runs.clear()
         self._base = {}
         for name, row in dict(state.get("params", {})).items():
-            checked, idle, first, run = [*row, 0, 0, 0, 0][:4]
-            self._base[name] = [int(checked), int(idle)]
-            if int(run) > 0:  # older checkpoints lack the last three: the run's last step is then its first + length
+            checked, idle, first, length = [*row, 0, 0, 0, 0][:4]
+            self._base[name] = _Counts(int(checked), int(idle))
+            if int(length) > 0:  # older checkpoints lack the last three: the run's last step is then its first + length
                 reason = str(row[4]) if len(row) > 4 else "missing"
-                last = int(row[5]) if len(row) > 5 and row[5] is not None else int(first) + int(run) - 1
+                last = int(row[5]) if len(row) > 5 and row[5] is not None else int(first) + int(length) - 1
                 counted = int(row[6]) if len(row) > 6 else 0
-                self._gaps[name] = [int(first), int(run), reason, last, counted]
-        self.traced_steps = int(state.get("traced_steps", 0))
-        spent = state.get("budget_spent")
-        self.budget_spent = None if spent is None else int(spent)
-        self.looked = set(state.get("looked", []))
-        self.known = {}
-        for row in state.get("known", []):
-            f = Finding.from_dict(row)
-            self.known[f.param] = f
+                self._runs[name] = Run(int(first), int(length), reason, last, counted)

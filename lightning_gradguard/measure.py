@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import _compat
+
 __all__ = [
     "GradStats",
     "LateRead",
+    "amp_scale",
     "l2_norms",
-    "loss_scale",
     "measure_grads",
     "start_late_read",
     "to_host",
@@ -84,17 +86,22 @@ def to_host(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
-def loss_scale(scaler: Any) -> float | torch.Tensor:
-    """A grad scaler's current loss scale without a device sync: its scale tensor, for :func:`measure_grads` to read
-    in the same transfer as the norms, or a float when it has none yet (before its first ``scale()``) or is not a
-    :class:`torch.amp.GradScaler`.
+def amp_scale(scaler: Any, optimizer: torch.optim.Optimizer | None) -> tuple[Any, float | torch.Tensor]:
+    """``(the AMP grad scaler if it is enabled, else None; what the gradients' norms are to be divided by)``: the one
+    way both adapters read the loss scale of a step.
 
-    ``scaler.get_scale()`` would copy the scale to the host on its own (a second sync per step on CUDA).
+    ``optimizer``'s gradients at its step are unscaled (``scaler.step`` ran ``unscale_``), unless it unscales inside
+    its own ``step()`` (fused optimizers): then the scale is the scaler's scale tensor, for :func:`measure_grads` to
+    read in the same transfer as the norms (``scaler.get_scale()`` would copy it to the host on its own: a second sync
+    per step on CUDA), or a float before the scaler's first ``scale()``. ``optimizer=None``: gradients that no
+    ``scaler.step`` has unscaled.
     """
+    if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
+        return None, 1.0
+    if optimizer is not None and not _compat.optimizer_unscales(optimizer):
+        return scaler, 1.0
     scale = _scale_tensor(scaler)
-    if isinstance(scale, torch.Tensor):
-        return scale
-    return float(scaler.get_scale())
+    return scaler, scale if isinstance(scale, torch.Tensor) else float(scaler.get_scale())
 
 
 def _scale_tensor(scaler: Any) -> Any:
@@ -103,14 +110,6 @@ def _scale_tensor(scaler: Any) -> Any:
     kind of scaler."""
     get = getattr(scaler, "_get_scale_async", None)
     return get() if callable(get) else None
-
-
-def _torch_function_off() -> Any:
-    """``torch._C.DisableTorchFunction()``: a context in which ``__torch_function__`` handling is off (private to
-    torch), so that a function mode still on the stack (GradGuard's tracer, a FLOP counter of the user's) neither sees
-    nor pays for the measurement's own ops; tensor subclasses that work through ``__torch_dispatch__`` (``DTensor``)
-    are unaffected."""
-    return torch._C.DisableTorchFunction()
 
 
 def _foreach_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
@@ -218,7 +217,7 @@ def start_late_read(params: Sequence[torch.Tensor], step: int, scale: float = 1.
                 or torch.float64 in dtypes or any(d.is_complex for d in dtypes)):  # fmt: skip
             return None
     host = GradStats(list(params), [None] * len(params), missing, frozen=frozen, scale=scale, late=True)
-    with torch.no_grad(), _torch_function_off():
+    with torch.no_grad(), _compat.torch_function_disabled():
         return LateRead(host, present, step, tag)  # type: ignore[arg-type]
 
 
@@ -477,7 +476,7 @@ def measure_grads(params: Sequence[torch.Tensor], scale: float | torch.Tensor = 
     a FLOP counter) neither sees nor pays for the guard's own ops (several microseconds per tensor otherwise);
     tensor subclasses that work through ``__torch_dispatch__`` (``DTensor``) are unaffected.
     """
-    with _torch_function_off():
+    with _compat.torch_function_disabled():
         return _measure(params, scale)
 
 

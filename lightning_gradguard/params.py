@@ -46,7 +46,7 @@ class ParamList(tuple):  # noqa: SLOT001 - a tuple subclass keeps an instance di
     """An optimizer's parameters in order, each once: immutable, so that what is computed once about the list stays
     valid as long as the list does.
 
-    :func:`~lightning_gradguard.audit.measure_grads` keeps its measurement plans in :attr:`plans` (per pattern of
+    :func:`~lightning_gradguard.measure.measure_grads` keeps its measurement plans in :attr:`plans` (per pattern of
     missing gradients), so that a clean step looks nothing up per tensor, and in :attr:`layout` what each gradient
     looked like (so that a new pattern is planned without looking at every tensor again). The guard makes one per
     optimizer layout (:meth:`~lightning_gradguard.core.GuardCore.params_of`).

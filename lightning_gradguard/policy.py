@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import logging
 import os
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
 
 from ._frames import is_library_file, user_stacklevel
-from .findings import KINDS, Finding, GradGuardError, group_findings
+from .findings import Finding, GradGuardError, group_findings
+from .options import DEFAULT_ACTIONS
 
-__all__ = ["ACTIONS", "DEFAULT_ACTIONS", "Action", "GradGuardWarning", "Policy", "function_site"]
-
-log = logging.getLogger(__name__)
-
-Action = Literal["raise", "warn", "ignore"]
-ACTIONS: tuple[str, ...] = ("raise", "warn", "ignore")
+__all__ = ["CONFIG_KINDS", "GradGuardWarning", "Policy", "function_site"]
 
 #: Kinds that come from how the optimizer was built: their warnings point at the line that built it, when known.
 CONFIG_KINDS = frozenset({"frozen", "orphan", "stale"})
-
-#: The action for each kind when the user does not say.
-DEFAULT_ACTIONS: dict[str, str] = {
-    "frozen": "warn",
-    "unused": "raise",
-    "detached": "raise",
-    "orphan": "warn",
-    "stale": "raise",
-    "nonfinite": "raise",
-    "zero": "warn",
-}
 
 
 class GradGuardWarning(UserWarning):
@@ -44,27 +27,15 @@ class Policy:
     """Maps each finding to an action, drops ignored parameters, warns once and raises.
 
     Args:
-        actions: ``{kind: action}`` for the seven kinds; missing kinds take :data:`DEFAULT_ACTIONS`.
-        ignore: fnmatch globs on parameter names; matching parameters are never reported.
-        owner: the name used in error messages about bad options (``"GradGuard"`` or ``"check_step"``).
-
-    Raises:
-        ValueError: an action is not one of ``"raise"``, ``"warn"``, ``"ignore"``, or ``ignore`` is not a
-            list of strings.
+        actions: ``{kind: action}``; missing kinds take :data:`~lightning_gradguard.options.DEFAULT_ACTIONS`. The
+            callers checked them (:class:`~lightning_gradguard.options.GuardOptions`).
+        ignore: fnmatch globs on parameter names (checked: :func:`~lightning_gradguard.options.check_globs`);
+            matching parameters are never reported.
     """
 
-    def __init__(
-        self, actions: Mapping[str, str] | None = None, ignore: Sequence[str] | None = None, owner: str = "GradGuard"
-    ) -> None:
-        merged = dict(DEFAULT_ACTIONS)
-        for kind, action in (actions or {}).items():
-            if kind not in KINDS:
-                raise ValueError(f"`{owner}` has no finding kind {kind!r}; the kinds are {', '.join(KINDS)}.")
-            if action not in ACTIONS:
-                raise ValueError(f"`{owner}(on_{kind}={action!r})` must be one of 'raise', 'warn', 'ignore'.")
-            merged[kind] = action
-        self.actions: dict[str, str] = merged
-        self.ignore: list[str] = validate_globs(ignore, owner)
+    def __init__(self, actions: Mapping[str, str] | None = None, ignore: Sequence[str] = ()) -> None:
+        self.actions: dict[str, str] = {**DEFAULT_ACTIONS, **(actions or {})}
+        self.ignore: list[str] = list(ignore)
         self._warned: set[tuple[str, str]] = set()
         self._ignored_names: dict[str, bool] = {}
         #: Every checked tensor of the model, ``name -> numel``, for grouping findings by module (see
@@ -145,20 +116,3 @@ def function_site(fn: object) -> tuple[str, int] | None:
 
 
 _OPTIMIZER_RE = re.compile(r"\boptim\.|\b(Adam\w*|SGD|RMSprop|Adagrad|Adadelta|Adafactor|Lion|LBFGS|\w*Optimizer)\s*\(")
-
-
-def validate_globs(ignore: object, owner: str) -> list[str]:
-    """``ignore`` (one glob string, or several) as a list of strings, or a ``ValueError`` naming the option and the
-    bad value."""
-    if ignore is None:
-        return []
-    if isinstance(ignore, str):
-        ignore = [ignore]  # one glob
-    try:
-        patterns = list(ignore)  # type: ignore[call-overload]
-    except TypeError:
-        raise ValueError(f"`{owner}(ignore={ignore!r})` must be a list of glob strings.") from None
-    for p in patterns:
-        if not isinstance(p, str) or not p:
-            raise ValueError(f"`{owner}(ignore=...)` must hold non-empty glob strings, got {p!r} in {ignore!r}.")
-    return patterns

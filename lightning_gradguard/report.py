@@ -14,7 +14,7 @@ from .findings import KINDS, Finding, FindingGroup, group_findings
 if TYPE_CHECKING:
     from .policy import Policy
 
-__all__ = ["Entry", "RunReport"]
+__all__ = ["Entry", "RunReport", "module_view"]
 
 #: Kinds of finding whose parameter gets no usable gradient: the idle section leaves such parameters out.
 _DEAD_KINDS = frozenset({"frozen", "unused", "detached", "zero"})
@@ -125,10 +125,26 @@ class RunReport:
                 entry.last_step = max(entry.last_step, last)
         return new
 
+    def agree(self, findings: Sequence[Finding], own: Iterable[Finding] = ()) -> None:
+        """Record ``findings`` the ranks agreed on (under distributed training): the entries of this rank's ``own``
+        findings of the step take their agreed version (with the ranks that saw them), the others are added."""
+        keys = {f.key for f in own}
+        entries = {key: e for key, e in self._entries.items() if key in keys}
+        for f in findings:
+            if f.key in entries:
+                entries[f.key].finding = f
+        self.add([f for f in findings if f.key not in entries])
+
     def note(self, text: str) -> None:
         """Add a line the report shows below its table (things worth knowing that are not findings)."""
         if text not in self.notes:
             self.notes.append(text)
+
+    def note_modules(self, findings: Sequence[Finding], trainable: Iterable[str]) -> None:
+        """A note for each module all of whose trainable parameters ``findings`` (explained by a traced step) show
+        ``unused`` (or all ``detached``) alike (see :func:`module_view`)."""
+        for line in module_view(findings, trainable):
+            self.note(line)
 
     def __len__(self) -> int:
         """The number of distinct findings."""
@@ -324,3 +340,45 @@ def _idle_rows(shares: dict[str, float], name: str) -> list[str]:
 def _md_text(text: str) -> str:
     """``text`` on one markdown line (no line breaks; pipes escaped, so that no line reads as a table row)."""
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+def module_view(findings: Sequence[Finding], trainable: Iterable[str]) -> list[str]:
+    """One line per module all of whose trainable parameters are ``unused`` (or all ``detached``) alike, for the
+    run report's notes.
+
+    Args:
+        findings: findings explained by a traced step.
+        trainable: the names of the model's trainable parameters.
+
+    Example::
+
+        >>> fs = [Finding("unused", f"pooler.{w}", "... ran, but nothing it computed reached the loss", module="pooler")
+        ...       for w in ("weight", "bias")]
+        >>> module_view(fs, ["encoder.weight", "pooler.weight", "pooler.bias"])
+        ['module `pooler` ran, but its output never reached the loss']
+    """
+    by_module: dict[str, list[Finding]] = {}
+    for f in findings:
+        if f.kind in ("unused", "detached"):
+            by_module.setdefault(f.module, []).append(f)
+    if not by_module:
+        return []
+    own: dict[str, set[str]] = {}
+    for name in trainable:
+        module = name.rpartition(".")[0]
+        if module in by_module:
+            own.setdefault(module, set()).add(name)
+    lines = []
+    for module, group in by_module.items():
+        if {f.param for f in group} != own.get(module, set()) or len({f.kind for f in group}) != 1:
+            continue
+        label = f"module `{module}`" if module else "the root module"
+        f = group[0]
+        if f.kind == "detached":
+            lines.append(f"{label}: the loss depends on its output, but every gradient path to it is cut" +
+                         (f" at {f.where}" if f.where else ""))  # fmt: skip
+        elif "never took part" in f.message:
+            lines.append(f"{label} was never called")
+        else:
+            lines.append(f"{label} ran, but its output never reached the loss")
+    return lines

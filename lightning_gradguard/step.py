@@ -15,8 +15,9 @@ from torch.overrides import TorchFunctionMode
 from ._frames import user_stacklevel, warnings_at_user_begin, warnings_at_user_end
 from .core import GuardCore
 from .findings import Finding
-from .measure import loss_scale
-from .policy import DEFAULT_ACTIONS, GradGuardWarning, Policy
+from .measure import amp_scale
+from .options import DEFAULT_ACTIONS, check_globs
+from .policy import GradGuardWarning, Policy
 
 __all__ = ["check_step"]
 
@@ -99,6 +100,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         if scaler is not None and not (callable(getattr(scaler, "step", None)) and hasattr(scaler, "get_scale")):
             raise TypeError(f"`check_step(scaler={scaler!r})` must be a `torch.amp.GradScaler` or None.")
         actions = DEFAULT_ACTIONS if strict else dict.fromkeys(DEFAULT_ACTIONS, "warn")
+        policy = Policy(actions, check_globs("check_step", ignore))
         self.model = model
         self.optimizer = optimizer
         self.optimizers: list[torch.optim.Optimizer] = _as_optimizers(optimizer)
@@ -106,7 +108,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         self.strict = strict
         self.step = step
         self.trace = trace
-        self._core = GuardCore(Policy(actions, ignore, owner="check_step"), "always" if trace else "never")
+        self._core = GuardCore(policy, "always" if trace else "never")
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._post: torch.utils.hooks.RemovableHandle | None = None
         self._spy: _BackwardSpy | None = None
@@ -198,11 +200,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         self._judge(optimizer)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        self._resume()
-
-    def _resume(self) -> None:
-        if self._core.tracer is not None:
-            self._core.tracer.paused = False  # more forward passes may follow in the same block
+        self._core.resume()  # more forward passes may follow in the same block
 
     def _wrap_scaler(self) -> None:
         scaler = self.scaler
@@ -227,10 +225,8 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         if target is None:  # an optimizer the user did not ask about: only seen, for the orphan check
             return
         self._judged.add(id(target))
-        scaler = self._enabled_scaler()
-        scale: float | torch.Tensor = 1.0
-        if scaler is not None and not skipped and getattr(optimizer, "_step_supports_amp_scaling", False):
-            scale = loss_scale(scaler)  # fused optimizers unscale inside `step()`; read with the norms, no own sync
+        # (a skipped step's gradients were unscaled: only a fused optimizer unscales in `step()`, which then runs)
+        scaler, scale = amp_scale(self.scaler, optimizer)
         core = self._core
         core.pause()
         try:
@@ -239,7 +235,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
             self._measured = self._measured or not stats.skipped
         finally:
             if skipped:  # no `optimizer.step()` ran, so no post-step hook will resume the tracer
-                self._resume()
+                core.resume()
 
     def _judge_unstepped(self) -> None:
         """At the block's end, after a backward: judge the given optimizers that did not step."""
@@ -250,8 +246,7 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
             todo = [] if self._seen else [None]  # None: the model's trainable parameters
         if not todo:
             return
-        scaler = self._enabled_scaler()
-        scale = loss_scale(scaler) if scaler is not None else 1.0  # `scaler.step` has not unscaled them
+        scaler, scale = amp_scale(self.scaler, None)  # `scaler.step` has not unscaled them
         context = (
             f"Parameters got no usable gradient at step {self.step}, judged when the `check_step` block ended "
             "because no optimizer.step() ran inside it"
@@ -266,12 +261,6 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
         if not self.optimizers:
             return optimizer
         return next((o for o in self.optimizers if _same(optimizer, o)), None)
-
-    def _enabled_scaler(self) -> Any:
-        scaler = self.scaler
-        if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):
-            return None
-        return scaler
 
     def _warn_no_backward(self) -> None:
         if self._measured:

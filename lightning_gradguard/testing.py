@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .findings import KINDS, Finding, GradGuardError
+from .options import check_globs, check_int
 from .policy import GradGuardWarning
 from .step import check_step
 
@@ -104,8 +105,7 @@ def assert_gradients_flow(
     __tracebackhide__ = True  # pytest shows the caller's line and the message, not this function's source
     if not isinstance(model, nn.Module):
         raise TypeError(f"`assert_gradients_flow(model={model!r})` must be a `torch.nn.Module`.")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`assert_gradients_flow(steps={steps!r})` must be a positive integer.")
+    check_int("assert_gradients_flow", "steps", steps, 1)
     bad = [k for k in allow if k not in KINDS]
     if isinstance(allow, str) or bad:
         raise ValueError(
@@ -113,7 +113,7 @@ def assert_gradients_flow(
         )
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"`assert_gradients_flow(optimizer={optimizer!r})` must be a `torch.optim.Optimizer` or None.")
-    check_step(model, optimizer, ignore=ignore)  # validates `ignore`
+    ignore = list(check_globs("assert_gradients_flow", ignore))
     manual = getattr(model, "automatic_optimization", True) is False
     if manual and not _is_loss_fn(batch_or_loss_fn):
         if optimizer is not None:

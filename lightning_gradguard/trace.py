@@ -76,13 +76,14 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import _compat
 from ._frames import format_where, frame_where, is_library_file, warnings_at_user_begin, warnings_at_user_end
 from .params import ParamIndex
 
 __all__ = ["CutSite", "EagerStance", "LossFacts", "Tracer", "format_where", "is_library_file"]
 
 _TENSOR = torch.Tensor
-_DATA_DESCRIPTOR = torch._C.TensorBase.__dict__.get("data", None)
+_DATA_DESCRIPTOR = _compat.TENSOR_DATA
 _ESCAPES = frozenset({"item", "tolist", "__float__", "__int__", "__index__", "__complex__", "numpy", "__array__"})
 _ESCAPE_SPELLING = {"numpy": ".numpy()", "__array__": "np.asarray(tensor)", "item": ".item()", "tolist": ".tolist()",
                     "__float__": "float(tensor)", "__int__": "int(tensor)", "__index__": "int(tensor)",
@@ -122,21 +123,15 @@ _SHAPE = 5  # see `_SHAPE_ONLY`
 #: so that functions made on the fly (rare) cannot grow it without bound.
 _KINDS: dict[Any, int] = {}
 _MAX_KINDS = 8192
-_current_mode = torch.overrides._get_current_function_mode
-_push_mode = torch.overrides._push_mode
-_pop_mode = torch.overrides._pop_mode
+_MODE_STACK = _compat.function_mode_stack()
+_current_mode, _push_mode, _pop_mode = _MODE_STACK or (None, None, None)
+_getframe = _compat.getframe
 
 #: Frames between a torch call in the user's code and ``__torch_function__``: this file, torch's dispatch
 #: (``handle_torch_function``, the ``Tensor`` operator wrappers) and the public functional API (``F.layer_norm``).
-_DISPATCH_FILES = (
-    os.path.join("lightning_gradguard", "trace.py"),
-    os.path.join("torch", "overrides.py"),
-    os.path.join("torch", "_tensor.py"),
-    os.path.join("torch", "nn", "functional.py"),
-    os.path.join("torch", "functional.py"),
-)
+_DISPATCH_FILES = (os.path.join("lightning_gradguard", "trace.py"), *_compat.DISPATCH_FILES)
 #: Frames of this file run a reentrant checkpoint's forward under no_grad.
-_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+_CHECKPOINT_FILE = _compat.CHECKPOINT_FILE
 
 #: ``.tolist()`` results are followed element by element up to this many items (a traced step stays cheap).
 _MAX_ESCAPED_ITEMS = 4096
@@ -146,13 +141,13 @@ _DROPS = frozenset({"detach", "data", "no_grad", "inference_mode", "escape", "no
 
 #: The code of ``torch.autograd.Function.apply`` (a classmethod every custom Function inherits): its frame on the
 #: stack means a Function's ``forward`` runs (see ``Tracer._function``); ``None`` if torch changes that.
-_APPLY_CODE = getattr(getattr(getattr(torch.autograd.Function, "apply", None), "__func__", None), "__code__", None)
+_APPLY_CODE = _compat.FUNCTION_APPLY_CODE
 
 
 def _kind_of(func: Any) -> int:
     """The kind of ``func`` for :meth:`Tracer.__torch_function__` (remembered in ``_KINDS``)."""
     name = getattr(func, "__name__", "")
-    if name == "_set_grad_enabled":
+    if name == _compat.GRAD_MODE_FUNCTION:
         kind = _GRAD_MODE
     elif name == "backward":
         kind = _BACKWARD
@@ -361,7 +356,7 @@ class EagerStance:
         self._prior: Any = None  # torch's `set_stance` object, which restores the stance from before on `__exit__`
 
     def enter(self) -> None:
-        if self._prior is None and self.supported and "torch._dynamo" in sys.modules:
+        if self._prior is None and self.supported and _compat.DYNAMO_MODULE in sys.modules:
             self._prior = torch.compiler.set_stance("force_eager")
 
     def leave(self) -> None:
@@ -385,8 +380,16 @@ class Tracer(TorchFunctionMode):
     tracer sees its ops as in an uncompiled model.
     """
 
+    #: torch lets the tracer stay on its function-mode stack across hooks (see :func:`_compat.function_mode_stack`);
+    #: without, no step is traced.
+    supported: bool = _MODE_STACK is not None
+
     def __init__(self, index: ParamIndex, on_backward: Callable[[torch.Tensor], None] | None = None) -> None:
         super().__init__()
+        if _DATA_DESCRIPTOR is None:
+            _compat.say_missing("torch._C.TensorBase.__dict__['data']")
+        if _APPLY_CODE is None:
+            _compat.say_missing("torch.autograd.Function.apply")
         self.index = index
         self.on_backward = on_backward
         self._paused = False
@@ -458,7 +461,7 @@ class Tracer(TorchFunctionMode):
 
     def start(self) -> Tracer:
         """Push the mode (it stays active until :meth:`stop`; while :attr:`paused`, it is off torch's mode stack)."""
-        if not self.active:
+        if not self.active and self.supported:
             self.active = True
             warnings_at_user_begin()  # torch's warnings from the ops it forwards name the user's line, not this file
             if not self._paused:
@@ -582,7 +585,7 @@ class Tracer(TorchFunctionMode):
             if site.kind in ("detach", "data") and site.mask & dep:
                 where = site.where
         if where is None:
-            where, _ = self._locate(sys._getframe(4), "copy")
+            where, _ = self._locate(_getframe(4), "copy")
         key = ("copy", "Parameter", where)
         idx = self._site_keys.get(key)
         if idx is None:
@@ -664,7 +667,7 @@ class Tracer(TorchFunctionMode):
             return False  # 0.0, 1.0, inf: say nothing about where a value came from
         if len(repr(v)) <= _CONSTANT_REPR and not self._short_escape:
             return False
-        frame = sys._getframe(1)
+        frame = _getframe(1)
         while frame is not None and frame.f_code.co_filename.endswith(_DISPATCH_FILES):
             frame = frame.f_back  # this module, torch's dispatch, and the public functional API the call went in by
         if frame is None:
@@ -816,7 +819,7 @@ class Tracer(TorchFunctionMode):
         else:
             out = func(*args)
         if first_use:
-            self._note_use(args, kwargs, out, sys._getframe(1))
+            self._note_use(args, kwargs, out, _getframe(1))
         if not (dep or cuts):
             return out
         if not kind:
@@ -832,7 +835,7 @@ class Tracer(TorchFunctionMode):
                         return out
             name = getattr(func, "__name__", "")
             if isinstance(out, _TENSOR):
-                self._record_outputs(out, dep, grad, cuts, (func, name), sys._getframe(1))
+                self._record_outputs(out, dep, grad, cuts, (func, name), _getframe(1))
                 return out
         if name in _ESCAPES:
             self.seen |= dep
@@ -840,13 +843,13 @@ class Tracer(TorchFunctionMode):
             return out
         if name == "__setitem__" and args and isinstance(args[0], _TENSOR):
             self.seen |= dep  # `t[idx] = value` writes `value` into `t`: `t` now carries both
-            self._record_outputs(args[0], dep, grad, cuts, (func, name), sys._getframe(1))
+            self._record_outputs(args[0], dep, grad, cuts, (func, name), _getframe(1))
             return out
         if not isinstance(out, (_TENSOR, list, tuple)):
             return out  # metadata (`is_floating_point()`, ...) carries no value
         self.seen |= dep
 
-        frame = sys._getframe(1)
+        frame = _getframe(1)
         if name in _ZERO_DERIVATIVE and grad and (_grad_enabled() or self._function(frame) is None):
             cuts |= self._site("zero_derivative", name, grad, frame)
         elif name == "requires_grad_" and not grad and (args[1:2] or [(kwargs or {}).get("requires_grad", True)])[0]:
@@ -874,7 +877,7 @@ class Tracer(TorchFunctionMode):
             cuts |= c
         if dep or cuts:
             self.seen |= dep
-            self._record_outputs(out, dep, 0, cuts, None, sys._getframe(1))
+            self._record_outputs(out, dep, 0, cuts, None, _getframe(1))
         return out
 
     def _record_outputs(self, out, dep, grad, cuts, op, frame, depth=0) -> None:
@@ -930,9 +933,7 @@ class Tracer(TorchFunctionMode):
 
     def _function_site(self, apply: FrameType) -> int:
         """The site of the Function whose ``apply`` runs in frame ``apply``; adds what reaches each of its inputs."""
-        local = apply.f_locals
-        cls = local.get("cls")
-        args = local.get("args", ())
+        cls, args = _compat.apply_arguments(apply)
         name = getattr(cls, "__name__", "Function")
         where, _ = self._locate(apply.f_back, "function")
         key = ("function", name, where)
@@ -998,7 +999,7 @@ class Tracer(TorchFunctionMode):
         name = type(node).__name__
         for idx in range(len(self.sites) - 1, -1, -1):
             site = self.sites[idx]
-            if site.kind == "function" and name == f"{site.op}Backward":
+            if site.kind == "function" and name == _compat.function_node_name(site.op):
                 return idx
         return None
 
@@ -1039,7 +1040,7 @@ class Tracer(TorchFunctionMode):
         ckpt = self._ckpt
         if ckpt is not None and ckpt[0] == id(f) and ckpt[1] is f.f_code:
             return ckpt
-        inputs = [a for a in f.f_locals.get("args", ()) if isinstance(a, _TENSOR)]
+        inputs = [a for a in _compat.checkpoint_arguments(f) if isinstance(a, _TENSOR)]
         through = any(a.requires_grad for a in inputs)
         bit = 0
         if not through:
@@ -1091,7 +1092,7 @@ class Tracer(TorchFunctionMode):
 
     def _escape(self, name: str, out: object, dep: int, grad: int, cuts: int) -> None:
         self._escaping = True
-        frame = sys._getframe(2)
+        frame = _getframe(2)
         if grad and (_grad_enabled() or self._function(frame) is None):  # (a custom Function's backward decides)
             cuts |= self._site("escape", name, grad, frame)
         elif cuts:  # `.detach().numpy()` on one line is one escape, not a `.detach()` to remove
@@ -1146,7 +1147,7 @@ class Tracer(TorchFunctionMode):
         self._ckpt = None  # a checkpoint's forward leaves its `no_grad` here: look again at the next one
         enabled = bool(args[0]) if args else bool(kwargs.get("mode", True))
         if not enabled and torch.is_grad_enabled():
-            frame = sys._getframe(1)
+            frame = _getframe(1)
             while frame is not None and is_library_file(frame.f_code.co_filename):
                 frame = frame.f_back
             if frame is None:

@@ -192,7 +192,7 @@ def test_untraced_steps_run_the_compiled_code_without_recompiling(tmp_path, comp
     # Step 0 is traced (run eagerly: nothing compiled yet); step 1 compiles the one graph; no step recompiles, not
     # even the one after the traced step 6 (sub).
     assert frames.frames == [0] + [1] * 9
-    assert guard._core.history.traced_steps == (1 if compile == "whole" else 2)
+    assert guard._core.schedule.traced_steps == (1 if compile == "whole" else 2)
     assert guard.findings == []  # `aux` idle on one step is not a finding
 
 

@@ -30,18 +30,11 @@ from lightning.pytorch import LightningModule
 from conftest import loader, make_trainer, where
 from lightning_gradguard import Finding, GradGuard
 from lightning_gradguard.audit import StepFacts
-from lightning_gradguard.distributed import (
-    BITS,
-    RankSync,
-    _Agreed,
-    decode_ranks,
-    encode_ranks,
-    format_ranks,
-    rank_zero_warnings,
-    stats_from_shards,
-)
+from lightning_gradguard.callback import rank_zero_warnings
+from lightning_gradguard.distributed import BITS, RankSync, _Agreed, decode_ranks, encode_ranks, format_ranks
 from lightning_gradguard.params import clean_name
 from lightning_gradguard.policy import GradGuardWarning
+from lightning_gradguard.shards import stats_from_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "ddp_scripts"

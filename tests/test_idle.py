@@ -15,7 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from conftest import loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
-from lightning_gradguard.history import DEFAULT_WINDOW, MAX_TRACED_STEPS, History
+from lightning_gradguard.history import History
+from lightning_gradguard.options import DEFAULT_WINDOW
+from lightning_gradguard.schedule import MAX_TRACED_STEPS
 
 
 def kinds(findings) -> set[tuple[str, str]]:
@@ -74,7 +76,7 @@ def test_layerdrop_trains_200_steps_with_the_defaults(tmp_path):
     assert shares["layers.2"] == pytest.approx(expected)
     assert guard.report.to_dict()["idle"] == shares
     assert "layers.2:" in guard.report.table()
-    assert guard._core.history.traced_steps <= MAX_TRACED_STEPS
+    assert guard._core.schedule.traced_steps <= MAX_TRACED_STEPS
 
 
 def test_layerdrop_model_still_raises_a_never_called_head_within_the_window(tmp_path):
@@ -326,7 +328,7 @@ def test_checkpoint_without_history_still_loads():
 
 
 def test_idle_shares_pool_a_module_and_merge_identical_children():
-    h = History(4)
+    h = History()
     x, y = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
     z = torch.nn.Parameter(torch.zeros(1))
     names = {id(x): "a.q.weight", id(y): "a.k.weight", id(z): "b.weight"}
@@ -335,7 +337,7 @@ def test_idle_shares_pool_a_module_and_merge_identical_children():
         h.count_check(params, lambda ps: [names[id(p)] for p in ps], step)
         lacking = {"a.q.weight", "a.k.weight"} if step % 2 else set()
         for name in lacking:
-            h.lack(name, step)
+            h.record_unusable(name, step)
         h.settle({"a.q.weight", "a.k.weight", "b.weight"}, lacking, step)
     assert h.idle_shares() == {"a": 0.5}
     assert h.run_length("a.q.weight") == 1
@@ -474,18 +476,18 @@ def traced_steps(tmp_path, model, guard, steps=12) -> GradGuard:
 def test_changing_zero_gradients_trace_no_more_steps_than_a_clean_model(tmp_path):
     clean = traced_steps(tmp_path, Stack(vanishing=False), GradGuard())
     vanishing = traced_steps(tmp_path, Stack(), GradGuard())
-    assert clean._core.history.traced_steps == 1
-    assert vanishing._core.history.traced_steps == 1
+    assert clean._core.schedule.traced_steps == 1
+    assert vanishing._core.schedule.traced_steps == 1
     assert vanishing.findings == []
 
 
 def test_tracing_has_a_budget_and_the_report_says_when_it_stopped(tmp_path):
     guard = traced_steps(tmp_path, Stack(), GradGuard(idle_window=1, on_zero="warn"), steps=20)
-    assert guard._core.history.traced_steps == MAX_TRACED_STEPS
+    assert guard._core.schedule.traced_steps == MAX_TRACED_STEPS
     assert any("budget" in n for n in guard.report.notes)
     assert {f.kind for f in guard.findings} == {"zero"}
     always = traced_steps(tmp_path, Stack(depth=20), GradGuard(idle_window=1, diagnose="always"), steps=12)
-    assert always._core.history.traced_steps == 12  # no budget when every step is asked for
+    assert always._core.schedule.traced_steps == 12  # no budget when every step is asked for
 
 
 # ---------------------------------------------------------------- orphans on untraced steps
@@ -593,7 +595,7 @@ def test_an_idle_layer_is_probed_by_one_trace_not_on_every_drop(tmp_path):
     guard = quiet(tmp_path, LayerDrop(), GradGuard(), max_steps=60)
     assert guard.findings == []
     # the first step, and at most one probe per layer once it is first dropped on an untraced step
-    assert guard._core.history.traced_steps <= 1 + 4
+    assert guard._core.schedule.traced_steps <= 1 + 4
     assert not any("budget" in n for n in guard.report.notes)
 
 
@@ -669,7 +671,7 @@ def test_once_the_tracing_budget_is_spent_a_new_finding_is_reported_at_its_step(
     trainer = make_trainer(tmp_path, [guard], max_steps=40)
     with pytest.raises(GradGuardError, match="extra.weight") as err:
         trainer.fit(StackWithLateUnused(), loader(n=64, batch_size=4))
-    assert guard._core.history.traced_steps == MAX_TRACED_STEPS
+    assert guard._core.schedule.traced_steps == MAX_TRACED_STEPS
     assert any("budget" in n for n in guard.report.notes)  # spent before step 25
     assert trainer.global_step == 25  # at once, not held for a trace that the budget no longer allows
     assert {(f.kind, f.step) for f in err.value.findings} == {("unused", 25)}
@@ -696,7 +698,7 @@ def test_a_finding_of_the_traced_first_step_does_not_cost_another_trace(tmp_path
     with pytest.warns(GradGuardWarning, match="body.bias"):
         guard = fit(tmp_path, FrozenBias(), GradGuard(), max_steps=6)
     assert kinds(guard.findings) == {("frozen", "body.bias")}
-    assert guard._core.history.traced_steps == 1
+    assert guard._core.schedule.traced_steps == 1
 
 
 @pytest.mark.parametrize("window", [2, 3])
@@ -776,8 +778,8 @@ def test_a_finding_no_trace_can_explain_does_not_cost_a_trace(tmp_path):
     correct: a cut that starts on an untraced step gets the next step traced, which names it."""
     nan = traced_steps(tmp_path / "nan", LateNan(nan_from=3), GradGuard(on_nonfinite="warn"), steps=6)
     assert {f.kind for f in nan.findings} == {"nonfinite"}
-    assert nan._core.history.traced_steps == 1
+    assert nan._core.schedule.traced_steps == 1
     cut = traced_steps(tmp_path / "cut", LateNan(cut_from=3), GradGuard(on_detached="warn", idle_window=1), steps=6)
     assert {f.kind for f in cut.findings} == {"detached"}
-    assert cut._core.history.traced_steps == 2
+    assert cut._core.schedule.traced_steps == 2
     assert all(f.where is not None for f in cut.findings)

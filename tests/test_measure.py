@@ -16,7 +16,7 @@ from torch import nn
 import lightning_gradguard.measure as measure
 from conftest import loader, make_trainer
 from lightning_gradguard import GradGuard, GradGuardError, check_step
-from lightning_gradguard.measure import GradStats, loss_scale, measure_grads
+from lightning_gradguard.measure import GradStats, amp_scale, measure_grads
 from lightning_gradguard.params import ParamList
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -475,14 +475,23 @@ def test_scale_tensor_is_read_in_the_same_transfer(transfers):
     assert (len(transfers), none.scale, none.total_norm) == (1, 8.0, 0.0)
 
 
-def test_loss_scale_is_the_scalers_tensor_without_a_read():
+def test_amp_scale_is_the_scalers_tensor_without_a_read():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    assert loss_scale(scaler) == 2.0**10  # no tensor before the first `scale()`: the initial value, no read
+    assert amp_scale(scaler, None) == (scaler, 2.0**10)  # no tensor before the first `scale()`: the initial value
     scaler.scale(torch.ones(()))
-    scale = loss_scale(scaler)
+    got, scale = amp_scale(scaler, None)
+    assert got is scaler
     assert isinstance(scale, torch.Tensor)
     assert scale is scaler._get_scale_async()
     assert float(scale) == 2.0**10
+    plain, fused = (
+        torch.optim.SGD([torch.nn.Parameter(torch.ones(1))]),
+        torch.optim.Adam([torch.nn.Parameter(torch.ones(1))], fused=True),
+    )
+    assert amp_scale(scaler, plain) == (scaler, 1.0)  # `scaler.step` unscaled its gradients
+    assert amp_scale(scaler, fused)[1] is scale  # a fused optimizer unscales inside its own `step()`
+    assert amp_scale(torch.amp.GradScaler("cpu", enabled=False), fused) == (None, 1.0)
+    assert amp_scale(None, fused) == (None, 1.0)
 
 
 class _ScaleReads:

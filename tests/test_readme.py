@@ -60,3 +60,13 @@ def test_pyproject_lower_bounds_are_the_compat_pins():
             f"{req}: constraints-min.txt pins {lowest.get(name)}"
         )
         assert req.specifier.contains(tested[name]), f"{req}: constraints.txt pins {tested[name]}"
+
+
+def test_readme_package_layout_lists_every_module():
+    """The "Package layout" list of "How it works" names every module of the package, and only modules that exist."""
+    text = Path(ROOT, "README.md").read_text(encoding="utf-8")
+    start = text.index("**Package layout**")
+    block = text[start : text.index("\n\n", text.index("\n- ", start))]
+    listed = set(re.findall(r"`(\w+)\.py`", block))
+    package = {p.stem for p in Path(ROOT, "lightning_gradguard").glob("*.py")} - {"__init__"}
+    assert listed == package, (sorted(package - listed), sorted(listed - package))

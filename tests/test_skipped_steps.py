@@ -24,7 +24,7 @@ from torch import nn
 
 from conftest import loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
-from lightning_gradguard.history import DEFAULT_WINDOW
+from lightning_gradguard.options import DEFAULT_WINDOW
 
 
 def kinds(findings) -> set[tuple[str, str]]:
@@ -116,7 +116,7 @@ def test_a_skipped_first_batch_leaves_the_first_judged_step_traced(tmp_path, dia
     assert kinds(err.value.findings) == {("detached", "aux.weight"), ("detached", "aux.bias")}
     assert {f.where for f in err.value.findings} == {where("CUT: aux")}
     assert {f.step for f in err.value.findings} == {1}
-    assert guard._core.history.traced_steps == 1  # the skipped batch did not use the trace budget
+    assert guard._core.schedule.traced_steps == 1  # the skipped batch did not use the trace budget
 
 
 # ------------------------------------------------------------------------------------------------- manual optimization
@@ -207,7 +207,7 @@ def test_lbfgs_evaluations_of_one_step_count_as_one_checked_step(tmp_path):
 def test_lbfgs_on_a_healthy_model_is_silent(tmp_path):
     guard = fit(tmp_path, WithLBFGS(lambda i: False), GradGuard(idle_window=1, diagnose="always"), max_steps=4)
     assert guard.findings == []
-    assert guard._core.history.traced_steps == 4  # one per optimizer step: the first evaluation of each
+    assert guard._core.schedule.traced_steps == 4  # one per optimizer step: the first evaluation of each
 
 
 # ---------------------------------------------------------------------------------------------------- closure, no step

@@ -13,6 +13,7 @@ Run it from the repository root (not collected by pytest: the file is not named 
 
     OMP_NUM_THREADS=1 .venv/bin/python tests/mutation/run.py             # every mutation not marked equivalent
     .venv/bin/python tests/mutation/run.py --list                       # the table of sites, no test run
+    .venv/bin/python tests/mutation/run.py --check                      # every anchor still applies, no test run
     .venv/bin/python tests/mutation/run.py --only C09,C10 --timeout 120  # some of them
     .venv/bin/python tests/mutation/run.py --file policy.py --all        # one file, equivalent ones included
     .venv/bin/python tests/mutation/run.py --baseline                    # every subset must pass unmutated
@@ -130,52 +131,55 @@ MUTATIONS: list[Mutation] = [
     M("A20", "measure.py", "    if len(missing) == n:", "==", "!="),
     M("A21", "measure.py", "    if scale != 1.0:", "!=", "=="),
     M("A22", "audit.py", "if complete and type(fn).__name__ in _OPAQUE_NODES:", " in _OPAQUE", " not in _OPAQUE"),
-    M("A23", "audit.py", "if not p.requires_grad or (need_grad and p.grad is None):", "p.grad is None",
+    M("A23", "audit.py", "if not p.requires_grad or p.grad is None:", "p.grad is None",
       "p.grad is not None"),
-    M("A24", "audit.py", "if not p.requires_grad or (need_grad and p.grad is None):", "if not p.requires_grad or",
+    M("A24", "audit.py", "if not p.requires_grad or p.grad is None:", "if not p.requires_grad or",
       "if not p.requires_grad and"),
     M("A25", "audit.py", "                if id(t) in index.index:", " in index", " not in index"),
     M("A26", "audit.py", "if len(flat) == len(index.params) and index.params[pos].shape", "==", "!="),
     # -------------------------------------------------------------------------------------------- core.py
-    M("C01", "core.py", "if not stats.clean or self._pending:", " or ", " and "),
+    M("C01", "core.py", "if not stats.clean or schedule.pending:", " or ", " and "),
     M("C02", "core.py", "_current_scale(scaler, stats, scale) > 1.0", "> 1.0", ">= 1.0"),
-    M("C03", "core.py", 'defer = self.diagnose in ("on_finding", "always") and self.can_trace', " and ", " or ",
+    M("C03", "schedule.py", 'return self.diagnose in ("on_finding", "always") and self._can_trace()', " and ", " or ",
       equivalent="a candidate deferred where no trace can come goes pending -> due -> _settle_pending, where "
       "_may_trace is False, and is explained with the same untraced facts and _dead as classify would; the _probing "
       "it may add is read only under on_finding with tracing possible (only the order of err.findings changes)"),
-    M("C04", "core.py", "if traced_step and not self._checked:", "and not self", "and self"),
-    M("C05", "core.py", "history.looked |= self._probing", "history.looked |= self._probing", None),
+    M("C04", "core.py", "schedule.count_check(traced_step and not self._checked)", "and not self", "and self"),
+    M("C05", "schedule.py", "self.looked |= self._probing", "self.looked |= self._probing", None),
     M("C06", "core.py", "self._checked = bool(self._losses)", "= bool(", "= not bool("),
-    M("C07", "core.py", "findings += self._consistency(optimizers, step)", "findings +=", None),
-    M("C08", "core.py", 'if f.kind == "detached" or (f.kind == "zero" and f.where is not None) or self._dropped',
+    M("C07", "core.py", "findings = self._consistency(optimizers, step) if optimizers else []", "if optimizers",
+      "if not optimizers"),
+    M("C08", "schedule.py", 'if f.kind == "detached" or (f.kind == "zero" and f.where is not None) or self._dropped',
       "is not None", "is None"),
-    M("C09", "core.py", "            elif run >= window:", ">=", ">", nth=0),
-    M("C10", "core.py", "            elif run >= window:", ">=", ">", nth=1),
-    M("C11", "core.py", "first = first if window > 1 else step", "window > 1", "window >= 1", nth=0),
-    M("C12", "core.py", 'elif reason == "missing" and name not in history.looked:', "not in", "in"),
-    M("C13", "core.py", "history.known[f.param] = f", "history.known", None),
-    M("C14", "core.py", "if facts.traced and self._pending:", " and ", " or "),
-    M("C15", "core.py", "if name in explained:", " in ", " not in "),
-    M("C16", "core.py", '            elif reason == "zero":', "==", "!="),
-    M("C17", "core.py", 'if known is not None and (known.kind == "zero") == (reason == "zero"):', ') == (', ') != ('),
-    M("C18", "core.py", "elif self._may_trace(name, known is not None):", "is not None", "is None"),
-    M("C19", "core.py", "if name in self.history.looked and not other_reason:", "and not other", "and other"),
-    M("C20", "core.py", "        if self.history.traced_steps < MAX_TRACED_STEPS:", "<", "<="),
-    M("C21", "core.py", "(explainable and not traced_step)", "and not traced_step", "and traced_step"),
-    M("C22", "core.py", "self._armed = want and self.history.traced_steps < MAX_TRACED_STEPS", "<", "<="),
-    M("C23", "core.py", "if bit is None or run >= window:", ">=", ">"),
-    M("C24", "core.py", 'if known is None or (known.kind == "zero") != (reason == "zero"):', ") != (", ") == ("),
+    M("C09", "schedule.py", "            elif run.length >= window:", ">=", ">", nth=0),
+    M("C10", "schedule.py", "            elif run.length >= window:", ">=", ">", nth=1),
+    M("C11", "schedule.py", "first = run.first if window > 1 else step", "window > 1", "window >= 1", nth=0),
+    M("C12", "schedule.py", 'elif reason == "missing" and name not in self.looked:', "not in", "in"),
+    M("C13", "schedule.py", "self.known[f.param] = f", "self.known", None, nth=0),
+    M("C14", "schedule.py", "if facts.traced and self.pending:", " and ", " or "),
+    M("C15", "schedule.py", "if name in explained:", " in ", " not in "),
+    M("C16", "schedule.py", '            elif reason == "zero":', "==", "!="),
+    M("C17", "schedule.py", 'if known is not None and (known.kind == "zero") == (reason == "zero"):', ') == (',
+      ') != ('),
+    M("C18", "schedule.py", "elif self._may_trace(name, known is not None):", "is not None", "is None"),
+    M("C19", "schedule.py", "if name in self.looked and not other_reason:", "and not other", "and other"),
+    M("C20", "schedule.py", "        if self.traced_steps < MAX_TRACED_STEPS:", "<", "<="),
+    M("C21", "schedule.py", "(explainable and not traced_step)", "and not traced_step", "and traced_step"),
+    M("C22", "schedule.py", "self.armed = want and self.traced_steps < MAX_TRACED_STEPS", "<", "<="),
+    M("C23", "schedule.py", "if bit is None or run.length >= window:", ">=", ">"),
+    M("C24", "schedule.py", 'if known is None or (known.kind == "zero") != (run.reason == "zero"):', ") != (",
+      ") == ("),
     M("C25", "core.py", "if not kept and not kept_short:", " and ", " or "),
     M("C26", "core.py", "self._warn(kept_short)", "self._warn", None),
-    M("C27", "core.py", "            if f.kind in _RUN_KINDS:", " in _RUN", " not in _RUN"),
+    M("C27", "core.py", "            if f.kind in RUN_KINDS:", " in RUN", " not in RUN"),
     M("C28", "core.py", "if loss.grad_fn is None and not loss.requires_grad else None", " and not", " or not"),
     M("C29", "core.py", "if key != self._consistency_key:", "!=", "=="),
-    M("C30", "core.py", "if {f.param for f in group} != set(trainable)", "!= set", "== set"),
+    M("C30", "report.py", "if {f.param for f in group} != own.get(module, set())", "!= own", "== own"),
     M("C31", "core.py", "if index.params[bit].requires_grad:", "if index", "if not index"),
-    M("C32", "core.py", 'then = f"on step {first} only" if self.history.window <= 1', "<= 1", "< 1"),
+    M("C32", "schedule.py", 'then = f"on step {first} only" if self.window <= 1', "<= 1", "< 1"),
     M("C33", "core.py", "if forget and self._checked:", " and ", " or "),
     M("C34", "core.py", "complete = complete and all(known for _, known in graphs)", "complete =", None),
-    M("C35", "core.py", "                if name not in judged:", "if name not in judged", "if False"),
+    M("C35", "schedule.py", "                if name not in judged:", "if name not in judged", "if False"),
     M("C36", "core.py", "if not fed and params and len(stats.missing)", "if not fed", "if fed"),
     # ------------------------------------------------------------------------------------------ policy.py
     M("P01", "policy.py", 'return [f for f in findings if self.actions[f.kind] != "ignore" and not', " and not",
@@ -185,32 +189,30 @@ MUTATIONS: list[Mutation] = [
     M("P04", "policy.py", "self._warned.update(f.key for f in group.findings)", "self._warned", None),
     M("P05", "policy.py", "if group.kind in CONFIG_KINDS and self.optimizer_site is not None:", " in CONFIG",
       " not in CONFIG"),
-    M("P06", "policy.py", "if not isinstance(p, str) or not p:", " or not p", ""),
-    M("P07", "policy.py", "if action not in ACTIONS:", "not in", "in"),
+    M("P06", "options.py", "if not isinstance(p, str) or not p:", " or not p", ""),
+    M("P07", "options.py", "if not isinstance(value, str) or value not in choices:", "value not in", "value in"),
     M("P08", "policy.py", "hit = any(fnmatch.fnmatchcase(name, pattern)", "any(", "all("),
     # ----------------------------------------------------------------------------------------- history.py
     M("H01", "history.py", "self._idle[name] = self._idle.get(name, 0) + 1", "+ 1", "+ 2"),
-    M("H02", "history.py", "if g[1] >= checked.get(n, 0)]", ">=", ">"),
-    M("H03", "history.py", "n in judged and n not in lacking and g[3] != step]", " and ", " or "),
+    M("H02", "history.py", "if run.length >= checked.get(n, 0)]", ">=", ">"),
+    M("H03", "history.py", "n in judged and n not in lacking and run.last != step]", " and ", " or "),
     M("H04", "history.py", "if below.get(prefix) == {(i, n)}:", "==", "!="),
-    M("H05", "history.py", "if int(run) > 0:", "> 0", ">= 0"),
-    M("H06", "history.py", "        group[2] += 1", "+= 1", "+= 2"),
-    M("H07", "history.py", "params[name] = [n, base_idle + self._idle.get(name, 0)", "base_idle +", "base_idle -"),
+    M("H05", "history.py", "if int(length) > 0:", "> 0", ">= 0"),
+    M("H06", "history.py", "            group.checks += 1", "+= 1", "+= 2"),
+    M("H07", "history.py", "idle = (base.idle if base else 0) + self._idle.get(name, 0)", "0) + self", "0) - self"),
     M("H08", "history.py", "checked = {name: n for name, n in checked.items() if name not in exclude}", "not in",
       "in"),
-    M("H09", "history.py", "        if gap[3] != step:", "gap[3] != step", "True"),
+    M("H09", "history.py", "        if run.last != step:", "run.last != step", "True"),
     # -------------------------------------------------------------------------------------------- step.py
     M("S01", "step.py", "        if target is None:", "is None", "is not None"),
-    M("S02", "step.py", 'if scaler is not None and not skipped and getattr(optimizer, "_step_supports_amp',
-      " and not skipped", "",
-      equivalent="GradScaler.step calls a fused optimizer's (_step_supports_amp_scaling) step() even on inf and lets "
-      "it skip inside, so the pre-step hook judges it: `skipped` is never true for such an optimizer"),
+    M("S02", "measure.py", "if optimizer is not None and not _compat.optimizer_unscales(optimizer):",
+      "not _compat", "_compat", killer="test_measure::test_amp_scale_is_the_scalers_tensor_without_a_read"),
     M("S03", "step.py", "todo = [opt for opt in self.optimizers if id(opt) not in self._judged]", "not in", "in"),
     M("S04", "step.py", "todo = [] if self._seen else [None]", "if self._seen", "if not self._seen"),
     M("S05", "step.py", "            if self._backwards:", "if self", "if not self"),
     M("S06", "step.py", "            if known:  # orphans and stale", "if known", "if not known"),
     M("S07", "step.py", "if self._step_calls == before:", "==", "!="),
-    M("S08", "step.py", 'if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):',
+    M("S08", "measure.py", 'if scaler is None or (hasattr(scaler, "is_enabled") and not scaler.is_enabled()):',
       "and not scaler", "and scaler"),
     M("S09", "step.py", "return a is b or a.param_groups is b.param_groups", " or ", " and "),
     M("S10", "step.py", "            self._seen.append(optimizer)", "self._seen", None),
@@ -236,13 +238,13 @@ MUTATIONS: list[Mutation] = [
       "of if of != len(merged) else 0", "0", tests=FINDINGS,
       killer="test_messages::test_group_findings_by_largest_module"),
     # ------------------------------------------------------------------------- core.py, sync="late"
-    M("L01", "core.py", "and not (self._pending or history.zero_run or traced_step)",
+    M("L01", "core.py", "and not (schedule.pending or history.zero_run or traced_step)",
       " or history.zero_run", "", tests=LATE, killer="test_sync_late::test_an_all_zero_gradient_is_raised_..."),
     M("L02", "core.py", "lacking |= self._present(history.open_runs())",
       "lacking |= self._present(history.open_runs())", None, tests=LATE,
       killer="test_sync_late::test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync"),
-    M("L03", "core.py", '                self.history.lack(index.names[bit], step, "zero")',
-      'self.history.lack(index.names[bit], step, "zero")', None, tests=LATE,
+    M("L03", "core.py", '                self.history.record_unusable(index.names[bit], step, "zero")',
+      'self.history.record_unusable(index.names[bit], step, "zero")', None, tests=LATE,
       killer="test_sync_late::test_late_runs_like_step_runs[zero every other step]"),
     M("L04", "core.py", "            if i is not None and i not in zero and i not in missing:", " and i not in zero",
       "", tests=LATE, killer="test_sync_late::test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync"),
@@ -251,9 +253,9 @@ MUTATIONS: list[Mutation] = [
     M("L07", "measure.py", "stats.nonfinite = order[~finite].tolist()", "order[~finite]", "order[finite]", tests=LATE,
       killer="test_sync_late::test_a_nan_is_raised_one_step_late_naming_the_step_that_made_it"),
     # -------------------------------------------------------------------------------------- distributed.py
-    M("D01", "distributed.py", "        if with_grad == 0:", "==", "!=", tests=DIST),
-    M("D02", "distributed.py", "        if bad > 0:", "> 0", ">= 0", tests=DIST),
-    M("D03", "distributed.py", "        elif norm == 0.0:", "==", "!=", tests=DIST),
+    M("D01", "shards.py", "        if with_grad == 0:", "==", "!=", tests=DIST),
+    M("D02", "shards.py", "        if bad > 0:", "> 0", ">= 0", tests=DIST),
+    M("D03", "shards.py", "        elif norm == 0.0:", "==", "!=", tests=DIST),
     M("D04", "distributed.py", "out[:, rank // BITS] = flags.to(torch.int64) << (rank % BITS)", "(rank % BITS)",
       "(rank % BITS + 1)", tests=DIST),
     M("D05", "distributed.py", "if len(bad) == self.world_size:", "==", "!=", tests=DIST),
@@ -350,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--file", help="only mutations of this library file (e.g. core.py)")
     ap.add_argument("--all", action="store_true", help="also run the mutations marked equivalent")
     ap.add_argument("--list", action="store_true", help="print the mutations, run nothing")
+    ap.add_argument("--check", action="store_true", help="check that every mutation still applies, run nothing")
     ap.add_argument("--baseline", action="store_true", help="run each distinct test subset unmutated")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per pytest run (default 120)")
     args = ap.parse_args(argv)
@@ -362,6 +365,18 @@ def main(argv: list[str] | None = None) -> int:
         chosen = [m for m in chosen if m.file == args.file]
     if not args.all and not args.only:
         chosen = [m for m in chosen if not m.equivalent]
+
+    if args.check:
+        bad = 0
+        for m in MUTATIONS if not (args.only or args.file) else chosen:
+            path = ROOT / PACKAGE / m.file
+            try:
+                compile(mutate_text(path.read_text(encoding="utf-8"), m), str(path), "exec")
+            except (ValueError, SyntaxError) as e:
+                bad += 1
+                print(f"{m.id}  INVALID   {e}")
+        print(f"{len(MUTATIONS) if not (args.only or args.file) else len(chosen)} mutations, {bad} invalid")
+        return int(bad > 0)
 
     if args.list:
         for m in chosen:

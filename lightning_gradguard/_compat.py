@@ -1,0 +1,542 @@
+"""Every private name of torch, Lightning and the standard library that the package touches, in one place.
+
+Each one is an entry of :data:`PRIVATES`: the feature it serves, what happens without it, and a check of its shape
+on the installed versions, which ``tests/test_compat.py`` runs for every entry (naming it when it changed). The rest
+of the package reaches these names only through the functions and constants below. A private that is missing does
+not break ``import lightning_gradguard``: its feature steps aside and :func:`say_missing` says so once (a log
+warning naming the private and the feature).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "DISPATCH_FILES",
+    "DYNAMO_MODULE",
+    "FUNCTION_APPLY_CODE",
+    "GRAD_MODE_FUNCTION",
+    "PRIVATES",
+    "REENTRANT_CHECKPOINT_NODES",
+    "TENSOR_DATA",
+    "Private",
+    "apply_arguments",
+    "checkpoint_arguments",
+    "compiled_inner",
+    "ddp_facts",
+    "ddp_syncs_backward",
+    "default_showwarning",
+    "fabric_wrappers",
+    "fsdp_replicas",
+    "function_mode_stack",
+    "function_node_name",
+    "getframe",
+    "is_compiled",
+    "mark_warning_shown",
+    "optimizer_unscales",
+    "say_missing",
+    "torch_function_disabled",
+]
+
+log = logging.getLogger("lightning_gradguard")
+
+
+@dataclass(frozen=True)
+class Private:
+    """A private name the package relies on.
+
+    Attributes:
+        name: the name as the package uses it (``"torch.overrides._push_mode"``).
+        feature: what the package uses it for.
+        without: what happens when it is missing or changed.
+        check: ``None`` when the name is there with the shape the package expects, else what is wrong.
+    """
+
+    name: str
+    feature: str
+    without: str
+    check: Callable[[], str | None]
+
+
+#: Every private name the package touches, by name.
+PRIVATES: dict[str, Private] = {}
+_said: set[str] = set()
+
+
+def _private(name: str, feature: str, without: str) -> Callable[[Callable[[], str | None]], Callable[[], str | None]]:
+    """Register the decorated function as the check of private ``name``."""
+
+    def register(check: Callable[[], str | None]) -> Callable[[], str | None]:
+        PRIVATES[name] = Private(name, feature, without, check)
+        return check
+
+    return register
+
+
+def say_missing(name: str) -> None:
+    """Log once per process that private ``name`` is missing or changed, and which feature steps aside."""
+    if name in _said:
+        return
+    _said.add(name)
+    entry = PRIVATES[name]
+    log.warning(
+        "GradGuard: `%s` is not what GradGuard expects in this version of its library (used for %s), so %s.",
+        name,
+        entry.feature,
+        entry.without,
+    )
+
+
+def _resolve(path: str) -> Any:
+    """The object at the dotted ``path`` (a module, then attributes), or ``None``."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr, None)
+            if obj is None:
+                return None
+        return obj
+    return None
+
+
+def _lacks(obj: Any, *attrs: str) -> str | None:
+    missing = [a for a in attrs if not hasattr(obj, a)]
+    return f"{obj!r} has no {', '.join(missing)}" if missing else None
+
+
+def _source_lacks(obj: Any, *names: str) -> str | None:
+    """Which of ``names`` the source of ``obj`` no longer mentions (``None``: all of them)."""
+    try:
+        source = inspect.getsource(obj)
+    except (OSError, TypeError):
+        return f"the source of {obj!r} is not available"
+    missing = [n for n in names if n not in source]
+    return f"{getattr(obj, '__qualname__', obj.__name__)} no longer mentions {', '.join(missing)}" if missing else None
+
+
+# ---------------------------------------------------------------------------------------------- the tracer (torch)
+_MODE_STACK = "torch.overrides._push_mode"
+_MODE_NAMES = ("_get_current_function_mode", "_push_mode", "_pop_mode")
+
+
+def function_mode_stack() -> tuple[Callable[[], Any], Callable[[Any], None], Callable[[], Any]] | None:
+    """``(current mode, push, pop)`` of torch's function-mode stack, or ``None``: the tracer stays on the stack
+    between Lightning's hooks (``with mode:`` would not), pushing and popping itself when paused."""
+    found = [getattr(torch.overrides, n, None) for n in _MODE_NAMES]
+    return tuple(found) if all(callable(f) for f in found) else None  # type: ignore[return-value]
+
+
+@_private(_MODE_STACK, "tracing steps (`diagnose`, `check_step(trace=True)`): pushing the tracer on torch's "
+          "function-mode stack, as `torch.overrides._push_mode`, `_pop_mode`, `_get_current_function_mode`",
+          "no step is traced: findings come from gradients alone (unused and detached are not told apart, and no "
+          "line is named)")  # fmt: skip
+def _check_mode_stack() -> str | None:
+    stack = function_mode_stack()
+    if stack is None:
+        return f"torch.overrides lacks one of {', '.join(_MODE_NAMES)}"
+    current, push, pop = stack
+    mode = torch.overrides.TorchFunctionMode()
+    push(mode)
+    try:
+        if current() is not mode:
+            return "`_get_current_function_mode()` is not the mode `_push_mode` pushed"
+    finally:
+        pop()
+    return None
+
+
+_TENSOR_DATA = "torch._C.TensorBase.__dict__['data']"
+#: The descriptor of ``Tensor.data``: a function mode sees a ``.data`` read as its ``__get__`` (``None`` if missing).
+TENSOR_DATA: Any = getattr(torch._C, "TensorBase", object).__dict__.get("data")
+
+
+@_private(_TENSOR_DATA, "naming a `.data` read as the cut of a `detached` parameter",
+          "a value read through `.data` is not followed: its parameter may be reported `unused` instead of `detached`, "
+          "without the line")  # fmt: skip
+def _check_tensor_data() -> str | None:
+    if TENSOR_DATA is None:
+        return "`torch._C.TensorBase` has no `data` descriptor"
+    seen: list[Any] = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        _ = torch.zeros(1).data
+    if not any(getattr(f, "__self__", None) is TENSOR_DATA for f in seen):
+        return "a function mode no longer sees `.data` as that descriptor's `__get__`"
+    return None
+
+
+GRAD_MODE_FUNCTION = "_set_grad_enabled"
+
+
+@_private("torch._C._set_grad_enabled", "naming a `no_grad` region as the cut (a function mode sees `no_grad` "
+          "switch grad mode through `torch._C._set_grad_enabled`)",
+          "a value computed under `no_grad` is not followed as a cut, so the `with torch.no_grad():` line is not "
+          "named")  # fmt: skip
+def _check_grad_mode_function() -> str | None:
+    names: list[str] = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            names.append(getattr(func, "__name__", ""))
+            return func(*args, **(kwargs or {}))
+
+    with Spy(), torch.no_grad():
+        pass
+    return None if GRAD_MODE_FUNCTION in names else f"`no_grad` shows a function mode {names}, not {GRAD_MODE_FUNCTION}"
+
+
+_APPLY = "torch.autograd.Function.apply"
+#: The code of ``torch.autograd.Function.apply``: its frame on the stack means a custom Function's ``forward`` runs.
+FUNCTION_APPLY_CODE: Any = getattr(getattr(getattr(torch.autograd.Function, "apply", None), "__func__", None),
+                                   "__code__", None)  # fmt: skip
+
+
+def apply_arguments(frame: FrameType) -> tuple[Any, tuple[Any, ...]]:
+    """``(the Function class, its positional arguments)`` of a ``Function.apply`` frame (its locals)."""
+    local = frame.f_locals
+    return local.get("cls"), tuple(local.get("args", ()))
+
+
+@_private(_APPLY, "custom autograd Functions: its frame (`cls`, `*args`) says a Function's `forward` runs, whose ops "
+          "cut nothing", "an op inside a custom Function's `forward` may be taken for a cut")  # fmt: skip
+def _check_apply() -> str | None:
+    if FUNCTION_APPLY_CODE is None:
+        return "`Function.apply` is not a classmethod with Python code"
+    params = list(inspect.signature(torch.autograd.Function.apply.__func__).parameters.values())  # type: ignore[attr-defined]
+    if (
+        not params
+        or params[0].name != "cls"
+        or not any(p.kind is p.VAR_POSITIONAL and p.name == "args" for p in params)
+    ):
+        return f"`Function.apply` takes {[p.name for p in params]}, not `(cls, *args, ...)`"
+    return None
+
+
+def function_node_name(function_name: str) -> str:
+    """The class name autograd gives the backward node of custom Function ``function_name``."""
+    return f"{function_name}Backward"
+
+
+@_private("<Function>Backward", "custom autograd Functions: telling a Function's backward node by its class name",
+          "a parameter cut inside a custom Function is not blamed on that Function")  # fmt: skip
+def _check_function_node_name() -> str | None:
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            return 2 * g
+
+    node = Twice.apply(torch.ones(1, requires_grad=True)).grad_fn
+    name = type(node).__name__
+    return None if name == function_node_name("Twice") else f"the node is a {name}, not {function_node_name('Twice')}"
+
+
+#: ``torch.utils.checkpoint``'s file, whose frames run a reentrant checkpoint.
+CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+#: Backward nodes of a reentrant checkpoint: the parameters inside are linked to the graph only during backward.
+REENTRANT_CHECKPOINT_NODES = frozenset({"CheckpointFunctionBackward"})
+
+
+def checkpoint_arguments(frame: FrameType) -> tuple[Any, ...]:
+    """The checkpointed function's arguments, from a reentrant checkpoint's ``CheckpointFunction.forward`` frame."""
+    return tuple(frame.f_locals.get("args", ()))
+
+
+@_private("torch.utils.checkpoint.CheckpointFunction", "reentrant activation checkpoints: the frame of its "
+          "`forward(ctx, run_function, preserve_rng_state, *args)` in `torch/utils/checkpoint.py`, and its backward "
+          "node `CheckpointFunctionBackward`",
+          "a reentrant checkpoint is not recognised: parameters inside it may be reported as cut")  # fmt: skip
+def _check_checkpoint() -> str | None:
+    import torch.utils.checkpoint as ckpt
+
+    fn = getattr(ckpt, "CheckpointFunction", None)
+    if fn is None:
+        return "torch.utils.checkpoint has no CheckpointFunction"
+    if not ckpt.__file__.endswith(CHECKPOINT_FILE):
+        return f"torch.utils.checkpoint is {ckpt.__file__}, not *{CHECKPOINT_FILE}"
+    params = inspect.signature(fn.forward).parameters.values()
+    if not any(p.kind is p.VAR_POSITIONAL and p.name == "args" for p in params):
+        return "CheckpointFunction.forward has no `*args`"
+    x = torch.ones(1, requires_grad=True)
+    node = ckpt.checkpoint(torch.sin, x, use_reentrant=True).grad_fn
+    if type(node).__name__ not in REENTRANT_CHECKPOINT_NODES:
+        return f"a reentrant checkpoint's node is a {type(node).__name__}"
+    return None
+
+
+@_private("AccumulateGrad.variable", "the graph walk from the loss to the parameters it reaches (the leaf of each "
+          "`AccumulateGrad` node)",
+          "the graph walk finds no parameter: every missing gradient looks left over")  # fmt: skip
+def _check_accumulate_grad() -> str | None:
+    p = torch.nn.Parameter(torch.ones(1))
+    node = p.sum().grad_fn.next_functions[0][0]  # type: ignore[union-attr]
+    return None if getattr(node, "variable", None) is p else f"{type(node).__name__} has no `variable`"
+
+
+#: Frames between a torch call in the user's code and a function mode's ``__torch_function__``: torch's dispatch
+#: (``handle_torch_function``, the ``Tensor`` operator wrappers) and the public functional API (``F.layer_norm``).
+DISPATCH_FILES = (
+    os.path.join("torch", "overrides.py"),
+    os.path.join("torch", "_tensor.py"),
+    os.path.join("torch", "nn", "functional.py"),
+    os.path.join("torch", "functional.py"),
+)
+
+
+@_private("torch/_tensor.py", "telling a float typed in the user's code from one computed from an escaped value "
+          "(the frames of torch's dispatch, `torch/overrides.py` and `torch/_tensor.py`, are skipped)",
+          "a computed float re-entering torch may be taken for a constant")  # fmt: skip
+def _check_dispatch_files() -> str | None:
+    root = os.path.dirname(os.path.dirname(torch.__file__))
+    missing = [f for f in DISPATCH_FILES if not os.path.exists(os.path.join(root, f))]
+    return f"torch has no {', '.join(missing)}" if missing else None
+
+
+#: The module whose presence says ``torch.compile`` may have compiled something (loading it costs a second).
+DYNAMO_MODULE = "torch._dynamo"
+
+
+@_private(DYNAMO_MODULE, "running compiled code eagerly on traced steps only once `torch.compile` was used "
+          "(`torch.compiler.set_stance`)", "compiled code is not run eagerly on traced steps: cuts inside it are "
+          "not named")  # fmt: skip
+def _check_dynamo() -> str | None:
+    return None if _resolve(f"{DYNAMO_MODULE}.eval_frame.OptimizedModule") is not None else "no OptimizedModule"
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether ``model`` or one of its submodules is wrapped by ``torch.compile`` (also through Lightning's
+    ``trainer.fit(torch.compile(model))``, which keeps the compile arguments in ``_compiler_ctx``)."""
+    if getattr(model, "_compiler_ctx", None):
+        return True
+    if DYNAMO_MODULE not in sys.modules:
+        return False
+    optimized = _resolve(f"{DYNAMO_MODULE}.eval_frame.OptimizedModule")
+    if optimized is None:
+        say_missing(DYNAMO_MODULE)
+        return False
+    return any(isinstance(m, optimized) for m in model.modules())
+
+
+@_private("LightningModule._compiler_ctx", "telling that `trainer.fit(torch.compile(model))` compiled the model, on "
+          "torch < 2.6 (which cannot run compiled code eagerly for a trace)",
+          "such a model is traced as if uncompiled (torch < 2.6 only)")  # fmt: skip
+def _check_compiler_ctx() -> str | None:
+    from lightning.pytorch import LightningModule
+
+    return None if "_compiler_ctx" in vars(LightningModule()) else "LightningModule() has no `_compiler_ctx`"
+
+
+def torch_function_disabled() -> contextlib.AbstractContextManager[Any]:
+    """A block in which no torch function mode sees the ops (the dashboards' and sharded measurement's work, while
+    the tracer may still be on the stack); without ``torch._C.DisableTorchFunction``, a plain block."""
+    disable = getattr(torch._C, "DisableTorchFunction", None)
+    if disable is None:
+        say_missing("torch._C.DisableTorchFunction")
+        return contextlib.nullcontext()
+    return disable()
+
+
+@_private("torch._C.DisableTorchFunction", "keeping GradGuard's own tensor work (dashboards, sharded measurement) "
+          "out of any torch function mode", "a function mode still on the stack sees GradGuard's own ops")  # fmt: skip
+def _check_disable_torch_function() -> str | None:
+    seen: list[Any] = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Spy(), torch._C.DisableTorchFunction():
+        torch.zeros(1).add(1)
+    return "a function mode still sees the ops inside it" if seen else None
+
+
+# ------------------------------------------------------------------------------------------------ AMP (torch)
+_UNSCALES = "_step_supports_amp_scaling"
+
+
+def optimizer_unscales(optimizer: Any) -> bool:
+    """Whether ``optimizer`` unscales AMP gradients inside its own ``step()`` (fused optimizers): then ``GradScaler``
+    skips ``unscale_``, and the gradients are still scaled when the guard reads them."""
+    if _UNSCALES not in torch.amp.GradScaler.step.__code__.co_consts:
+        say_missing(f"optimizer.{_UNSCALES}")
+        return False
+    return bool(getattr(optimizer, _UNSCALES, False))
+
+
+@_private(f"optimizer.{_UNSCALES}", "reading the AMP loss scale of fused optimizers (which unscale inside `step()`)",
+          "the gradient norms of fused optimizers under AMP are logged still scaled")  # fmt: skip
+def _check_unscales() -> str | None:
+    if _UNSCALES not in torch.amp.GradScaler.step.__code__.co_consts:
+        return f"GradScaler.step no longer reads `{_UNSCALES}`"
+    fused = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], fused=True)
+    return None if getattr(fused, _UNSCALES, None) is True else f"Adam(fused=True) has no `{_UNSCALES}` = True"
+
+
+# -------------------------------------------------------------------------------------- distributed (torch)
+def ddp_facts(ddp: Any) -> tuple[Any, frozenset[str], bool, bool]:
+    """``(process group, names of the parameters it ignores, find_unused_parameters, static_graph)`` of a
+    ``DistributedDataParallel`` wrapper. Without ``find_unused_parameters``, DDP is taken to tolerate unused
+    parameters (GradGuard then never raises for a rank that skipped one)."""
+    group = getattr(ddp, "process_group", None)
+    find_unused = getattr(ddp, "find_unused_parameters", None)
+    if group is None or find_unused is None:
+        say_missing("DistributedDataParallel internals")
+    ignored = frozenset(getattr(ddp, "parameters_to_ignore", ()))
+    return group, ignored, True if find_unused is None else bool(find_unused), bool(getattr(ddp, "static_graph", False))
+
+
+def ddp_syncs_backward(ddp: Any) -> bool:
+    """Whether DDP prepared its reducer in the forward pass, so that the coming ``backward()`` synchronises
+    gradients (``require_forward_param_sync``; else ``require_backward_grad_sync``, which ``no_sync`` sets)."""
+    return bool(getattr(ddp, "require_forward_param_sync", getattr(ddp, "require_backward_grad_sync", False)))
+
+
+_DDP_NAMES = ("process_group", "parameters_to_ignore", "find_unused_parameters", "static_graph",
+              "require_forward_param_sync", "require_backward_grad_sync")  # fmt: skip
+
+
+@_private("DistributedDataParallel internals", "agreeing findings across DDP ranks: `DistributedDataParallel`'s "
+          f"{', '.join(f'`{n}`' for n in _DDP_NAMES)}", "GradGuard treats the wrapper as tolerating unused parameters "
+          "(no agreed raise before a rank hangs)")  # fmt: skip
+def _check_ddp() -> str | None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return _source_lacks(DistributedDataParallel, *(f"self.{n}" for n in _DDP_NAMES))
+
+
+def fsdp_replicas(root: Any, world_size: int) -> float:
+    """How many ranks hold each shard of an FSDP1 root (``world_size`` over its sharding group's size)."""
+    strategy, size = getattr(root, "sharding_strategy", None), getattr(root, "world_size", None)
+    if strategy is None or size is None:
+        say_missing("FullyShardedDataParallel internals")
+        return 1.0
+    from torch.distributed.fsdp import ShardingStrategy
+
+    return world_size / (1 if strategy == ShardingStrategy.NO_SHARD else size)
+
+
+@_private("FullyShardedDataParallel internals", "summing shard norms under FSDP1 `HYBRID_SHARD` "
+          "(`FullyShardedDataParallel.sharding_strategy`, `.world_size`)",
+          "each shard is counted once per rank: norms under HYBRID_SHARD are too large")  # fmt: skip
+def _check_fsdp() -> str | None:
+    import torch.distributed.fsdp._init_utils as init  # where FSDP sets the two on the module it wraps
+
+    return _source_lacks(init, "state.sharding_strategy =", "state.world_size =")
+
+
+# --------------------------------------------------------------------------------------------- Lightning Fabric
+def fabric_wrappers() -> tuple[type, type] | None:
+    """Fabric's wrapper classes ``(_FabricModule, _FabricOptimizer)``, or ``None``."""
+    module, optimizer = (
+        _resolve("lightning.fabric.wrappers._FabricModule"),
+        _resolve("lightning.fabric.wrappers._FabricOptimizer"),
+    )
+    if module is None or optimizer is None:
+        say_missing("lightning.fabric.wrappers")
+        return None
+    return module, optimizer
+
+
+def compiled_inner(model: Any) -> Any:
+    """The module inside a ``torch.compile`` wrapper (its ``_orig_mod``), or ``None``."""
+    return getattr(model, "_orig_mod", None)
+
+
+@_private("lightning.fabric.wrappers", "unwrapping Fabric's `_FabricModule` (`.module`, and `_orig_mod` of a "
+          "compiled one) and `_FabricOptimizer` (`.optimizer`) in `check_fabric_step`",
+          "the wrappers are checked as they are: parameter names carry `_forward_module.`")  # fmt: skip
+def _check_fabric() -> str | None:
+    wrappers = fabric_wrappers()
+    if wrappers is None:
+        return "lightning.fabric.wrappers has no _FabricModule or _FabricOptimizer"
+    module, optimizer = wrappers
+    return (
+        _lacks(module, "module")
+        or _lacks(optimizer, "optimizer")
+        or _source_lacks(_resolve("torch._dynamo.eval_frame.OptimizedModule"), "_orig_mod")
+    )
+
+
+# --------------------------------------------------------------------------------------------- Python itself
+def _walk_frames(depth: int = 0) -> FrameType:
+    frame = inspect.currentframe()
+    for _ in range(depth + 1):
+        frame = frame.f_back  # type: ignore[union-attr]
+    return frame  # type: ignore[return-value]
+
+
+#: ``sys._getframe``: the caller's frame without building a traceback (CPython); else walked from ``inspect``'s.
+getframe: Callable[[int], FrameType] = getattr(sys, "_getframe", None) or _walk_frames
+
+
+@_private("sys._getframe", "naming the user's line of a cut or a warning", "frames are found through `inspect`, "
+          "much slower")  # fmt: skip
+def _check_getframe() -> str | None:
+    return None if getattr(sys, "_getframe", None) is not None else "sys has no _getframe"
+
+
+_ORIGINAL_SHOWWARNING = warnings.showwarning
+
+
+def default_showwarning() -> Callable[..., None]:
+    """``warnings``' own ``showwarning`` (what prints a warning when nobody replaced it)."""
+    return getattr(warnings, "_showwarning_orig", None) or _ORIGINAL_SHOWWARNING
+
+
+def mark_warning_shown(frame: FrameType, message: Warning | str, category: type[Warning], module: str,
+                       lineno: int) -> None:  # fmt: skip
+    """Record a warning shown at ``frame``'s line in the registry of ``frame``'s module, as Python records one raised
+    there, so that under the ``"default"`` action the same warning from the same line is not shown twice. Only when
+    Python just recorded it in the registry of ``module`` at ``lineno`` (not under ``"always"``, which records
+    nothing), with the filters' version it recorded there."""
+    mode_registry = getattr(sys.modules.get(module), "__warningregistry__", None) or {}
+    text = str(message) if isinstance(message, Warning) else message
+    version = mode_registry.get("version")
+    if version is None or not mode_registry.get((text, category, lineno)):
+        return
+    registry = frame.f_globals.setdefault("__warningregistry__", {})
+    if registry.get("version") != version:
+        registry.clear()
+        registry["version"] = version
+    registry[(text, category, frame.f_lineno)] = True
+
+
+@_private("warnings._showwarning_orig", "showing a torch warning raised under GradGuard's tracer at the user's line, "
+          "once (`warnings`' `__warningregistry__`: its `version` and `(text, category, lineno)` keys)",
+          "a warning shown at the user's line under the tracer may show again on an untraced step")  # fmt: skip
+def _check_warnings() -> str | None:
+    if getattr(warnings, "_showwarning_orig", None) is None:
+        return "warnings has no _showwarning_orig"
+    registry: dict[Any, Any] = {}
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("default")
+        warnings.warn_explicit("probe", UserWarning, "probe.py", 7, registry=registry)
+    if "version" not in registry or not registry.get(("probe", UserWarning, 7)):
+        return f"a warning's registry is {registry!r}, not `version` and `(text, category, lineno)` keys"
+    return None
