@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -143,6 +143,12 @@ class GradGuard(Callback):
         self._restored: dict[str, Any] | None = None
         self._restored_core: dict[str, Any] | None = None
         self._reported = False
+        # Lightning reads `state_key` around every hook it calls (its profiler's action names): made once, since the
+        # options it is made of are read-only.
+        key = {"actions": tuple(self._policy.actions.items()), "ignore": tuple(self.ignore), "diagnose": self.diagnose}
+        self._state_key = f"{type(self).__qualname__}{key!r}"
+        self._scaler: Any = None  # the precision plugin's grad scaler, read at `on_train_start`
+        self._rank = 0
 
     on_frozen = _read_only("on_frozen")
     on_unused = _read_only("on_unused")
@@ -198,8 +204,7 @@ class GradGuard(Callback):
     @override
     def state_key(self) -> str:
         # As Lightning's `Callback._generate_state_key` formats it (saved checkpoints are keyed by this text).
-        key = {"actions": tuple(self._policy.actions.items()), "ignore": tuple(self.ignore), "diagnose": self.diagnose}
-        return f"{type(self).__qualname__}{key!r}"
+        return self._state_key
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -224,6 +229,8 @@ class GradGuard(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._core.bind(pl_module)
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None)  # one plugin for the whole fit
+        self._rank = trainer.global_rank
         # Warnings about frozen/orphan/stale parameters point at the user's `configure_optimizers`, not at `fit`.
         self._policy.optimizer_site = function_site(type(pl_module).configure_optimizers)
         self._core.dist = RankSync.of(trainer.strategy.model, trainer.strategy.root_device)  # None: one process
@@ -256,13 +263,13 @@ class GradGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        scaler, scale = amp_scale(getattr(trainer.precision_plugin, "scaler", None), optimizer)
+        scaler, scale = amp_scale(self._scaler, optimizer)
         params = self._core.params_of(optimizer)
         logged = self._dashboard.should_log(trainer)
         late = self.sync == "late" and not logged
         tag = self._dashboard.slot_of(trainer, optimizer) if late else None  # where its total norm is filed later
         try:
-            with rank_zero_warnings(trainer.global_rank):
+            with rank_zero_warnings(self._rank):
                 stats = self._core.check(params, trainer.global_step, optimizers=trainer.optimizers, scaler=scaler,
                                          scale=scale, late=late, tag=tag)  # fmt: skip
         finally:
@@ -383,15 +390,20 @@ def _keep_one(trainer: Trainer, guards: list[GradGuard]) -> GradGuard:
     return kept
 
 
-@contextmanager
-def rank_zero_warnings(rank: int) -> Iterator[None]:
+def rank_zero_warnings(rank: int) -> AbstractContextManager[None]:
     """Silence :class:`~lightning_gradguard.GradGuardWarning` inside the block on every rank but zero.
 
-    Findings are the same on every rank; one copy of each warning is enough.
+    Findings are the same on every rank; one copy of each warning is enough. On rank zero (every step of a
+    single-process run) a context manager that does nothing, made once.
     """
-    if rank == 0:
-        yield
-        return
+    return _NOTHING if rank == 0 else _silenced()
+
+
+_NOTHING = nullcontext()
+
+
+@contextmanager
+def _silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", GradGuardWarning)
         yield
