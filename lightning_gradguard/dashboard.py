@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from ._compat import batches_that_stepped
 from .flow import FLOW_FILE, FLOW_TAG, FlowHistory, FlowPicture, render_flow, write_png
 from .histograms import HistogramBuffers, histogram_counts, histograms_counts
 from .measure import GradStats
@@ -140,10 +141,10 @@ class Dashboard:
 
     def step_of(self, trainer: Trainer) -> int:
         """The step Lightning logs the current batch's metrics at: the number of earlier batches in which an
-        optimizer stepped (:func:`_batches_that_stepped`; with one optimizer, the ``global_step`` before the step).
+        optimizer stepped (:func:`batches_that_stepped`; with one optimizer, the ``global_step`` before the step).
         GradGuard logs at the same steps as ``self.log`` and ``LearningRateMonitor``: those of the batches where
         ``(step + 1) % log_every_n_steps == 0``."""
-        n = _batches_that_stepped(trainer)
+        n = batches_that_stepped(trainer)
         if n is not None:
             return n
         if self._stepping_batches is None:  # no fit loop (a stand-in Trainer): count stepping batches ourselves
@@ -592,12 +593,3 @@ def _log_dir(trainer: Trainer) -> str:
             if d:
                 return os.fspath(d)
     return os.fspath(trainer.default_root_dir)
-
-
-def _batches_that_stepped(trainer: Trainer) -> int | None:
-    """The number of batches so far in which an optimizer stepped, the step Lightning logs ``self.log`` values at:
-    ``trainer.fit_loop.epoch_loop._batches_that_stepped`` (private to Lightning); ``None`` without a fit loop (a
-    stand-in Trainer)."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    n = getattr(loop, "_batches_that_stepped", None)
-    return n if isinstance(n, int) else None
