@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -30,24 +30,33 @@ __all__ = [
     "FUNCTION_APPLY_CODE",
     "GRAD_MODE_FUNCTION",
     "PRIVATES",
+    "Private",
     "REENTRANT_CHECKPOINT_NODES",
     "TENSOR_DATA",
-    "Private",
     "apply_arguments",
+    "batches_that_stepped",
     "checkpoint_arguments",
     "compiled_inner",
     "ddp_facts",
     "ddp_syncs_backward",
     "default_showwarning",
+    "event_file_writer",
     "fabric_wrappers",
+    "flatten_dense",
+    "foreach_norm",
     "fsdp_replicas",
     "function_mode_stack",
     "function_node_name",
     "getframe",
     "is_compiled",
     "mark_warning_shown",
+    "metric_prefix",
     "optimizer_unscales",
+    "record_file",
+    "record_writer",
     "say_missing",
+    "scale_tensor",
+    "subtract_all",
     "torch_function_disabled",
 ]
 
@@ -540,3 +549,143 @@ def _check_warnings() -> str | None:
     if "version" not in registry or not registry.get(("probe", UserWarning, 7)):
         return f"a warning's registry is {registry!r}, not `version` and `(text, category, lineno)` keys"
     return None
+
+
+# ------------------------------------------------------------------------------------------------ measurement (torch)
+def scale_tensor(scaler: Any) -> Any:
+    """``scaler._get_scale_async()``: a :class:`torch.amp.GradScaler`'s scale tensor, read without a sync (what
+    torch's fused optimizers read it with), ``None`` before its first ``scale()`` or for another kind of scaler (the
+    caller then reads ``get_scale()``, one sync more on CUDA)."""
+    get = getattr(scaler, "_get_scale_async", None)
+    return get() if callable(get) else None
+
+
+@_private("GradScaler._get_scale_async", "reading the AMP loss scale in the same transfer as the norms",
+          "the scale is read with `get_scale()`: one more sync per step under fp16 AMP on CUDA")  # fmt: skip
+def _check_scale_async() -> str | None:
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(torch.ones(1))
+    got = scale_tensor(scaler)
+    return None if isinstance(got, torch.Tensor) and float(got) == 8.0 else f"it gave {got!r}, not the scale tensor"
+
+
+def foreach_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
+    """``torch._foreach_norm(tensors, 2, dtype=dtype)`` (``clip_grad_norm_`` uses it): the L2 norm of each of
+    ``tensors`` (strided, one device), computed in ``dtype`` if given, in one fused kernel per device and dtype off
+    the CPU; on the CPU a loop of ``torch.linalg.vector_norm``, with the same values."""
+    return torch._foreach_norm(tensors, 2, dtype=dtype)  # type: ignore[arg-type]
+
+
+@_private("torch._foreach_norm", "every gradient norm off the CPU (one fused kernel per device and dtype)",
+          "no gradient can be measured: the guard cannot run")  # fmt: skip
+def _check_foreach_norm() -> str | None:
+    norms = foreach_norm([torch.tensor([3.0, 4.0]), torch.ones(4, dtype=torch.bfloat16)], torch.float64)
+    return None if [float(n) for n in norms] == [5.0, 2.0] else f"it gave {norms!r} for norms 5 and 2"
+
+
+def flatten_dense(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch._C._nn.flatten_dense_tensors(tensors)`` (DDP's bucketing uses it): the values of dense ``tensors`` of
+    one device and dtype as one 1-D tensor, in one allocation and one copy (``torch.cat`` of their ``reshape(-1)``
+    would make a view per tensor first)."""
+    return torch._C._nn.flatten_dense_tensors(tensors)
+
+
+@_private("torch._C._nn.flatten_dense_tensors", "measuring the small CPU gradients together, through one copy",
+          "no small CPU gradient can be measured: the guard cannot run")  # fmt: skip
+def _check_flatten() -> str | None:
+    flat = flatten_dense([torch.ones(2, 2), torch.zeros(3)])
+    return None if flat.tolist() == [1.0] * 4 + [0.0] * 3 else f"it gave {flat.tolist()}"
+
+
+def subtract_all(before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
+    """``before[i] -= after[i]`` for every ``i``, in place, in one fused op per device and dtype
+    (``torch._foreach_sub_``; the optimizers' ``foreach`` implementations use it)."""
+    torch._foreach_sub_(before, after)
+
+
+@_private("torch._foreach_sub_", "the update-to-weight ratios (`update_ratio=True`)",
+          "`update_ratio=True` cannot run")  # fmt: skip
+def _check_foreach_sub() -> str | None:
+    a = [torch.ones(2)]
+    subtract_all(a, [torch.ones(2) * 3])
+    return None if a[0].tolist() == [-2.0, -2.0] else f"it left {a[0].tolist()}"
+
+
+# ----------------------------------------------------------------------------------------------- Lightning, TensorBoard
+def batches_that_stepped(trainer: Any) -> int | None:
+    """The number of batches so far in which an optimizer stepped, the step Lightning logs ``self.log`` values at:
+    ``trainer.fit_loop.epoch_loop._batches_that_stepped``; ``None`` without a fit loop (a stand-in Trainer)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    n = getattr(loop, "_batches_that_stepped", None)
+    return n if isinstance(n, int) else None
+
+
+@_private("fit_loop.epoch_loop._batches_that_stepped", "putting the dashboards at the step of the user's `self.log`",
+          "the dashboards use the global step (the same with one optimizer)")  # fmt: skip
+def _check_batches_that_stepped() -> str | None:
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    return None if batches_that_stepped(trainer) == 0 else "a new Trainer's fit loop has no `_batches_that_stepped`"
+
+
+def event_file_writer(writer: Any) -> Any:
+    """A torch ``SummaryWriter``'s ``FileWriter`` (``writer.file_writer``, not documented), whose ``add_summary``
+    takes a whole ``Summary``; ``None`` once the writer is closed."""
+    return getattr(writer, "file_writer", None)
+
+
+def record_writer(writer: Any) -> Any:
+    """The ``RecordWriter`` that frames and checksums the records of a torch ``SummaryWriter``'s event file, or
+    ``None``: ``writer.file_writer.event_writer._async_writer._writer`` (TensorBoard's ``EventFileWriter`` and
+    ``_AsyncWriter`` keep it private; the writer thread calls its ``write``)."""
+    event_writer = getattr(event_file_writer(writer), "event_writer", None)
+    return getattr(getattr(event_writer, "_async_writer", None), "_writer", None)
+
+
+def record_file(writer: Any) -> Any:
+    """The file a TensorBoard ``RecordWriter`` writes to (``writer._writer``), or ``None`` when ``writer`` is not
+    one."""
+    try:
+        from tensorboard.summary.writer.record_writer import RecordWriter
+    except ImportError:  # pragma: no cover - tensorboard not installed
+        return None
+    return writer._writer if isinstance(writer, RecordWriter) else None
+
+
+@_private("SummaryWriter.file_writer.event_writer._async_writer._writer._writer",
+          "one `Summary` per step for all of GradGuard's values, and the C CRC32C scoped to GradGuard's own writer",
+          "each value is its own event, checksummed by TensorBoard's pure-Python CRC")  # fmt: skip
+def _check_record_writer() -> str | None:
+    import tempfile
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as d:
+        writer = SummaryWriter(d)
+        try:
+            if not callable(getattr(event_file_writer(writer), "add_summary", None)):
+                return "SummaryWriter.file_writer has no add_summary"
+            rw = record_writer(writer)
+            if rw is None or not callable(getattr(rw, "write", None)):
+                return "no RecordWriter with a `write` behind the SummaryWriter"
+            return None if record_file(rw) is not None else "the RecordWriter keeps no `_writer` file"
+        finally:
+            writer.close()
+
+
+def metric_prefix(logger: Any) -> str:
+    """The prefix Lightning's ``TensorBoardLogger`` puts before the keys of ``log_metrics`` (``<prefix>-``): its
+    ``prefix`` argument, kept as ``logger._prefix``; ``""`` for other loggers."""
+    return getattr(logger, "_prefix", "") or ""
+
+
+@_private("TensorBoardLogger._prefix", "GradGuard's tags under a `TensorBoardLogger(prefix=...)`",
+          "GradGuard's tags leave out the logger's prefix")  # fmt: skip
+def _check_prefix() -> str | None:
+    import tempfile
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    with tempfile.TemporaryDirectory() as d:
+        return None if metric_prefix(TensorBoardLogger(d, prefix="p")) == "p" else "TensorBoardLogger has no `_prefix`"

@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from ._compat import batches_that_stepped
 from .flow import FLOW_FILE, FLOW_TAG, FlowHistory, FlowPicture, render_flow, write_png
 from .histograms import HistogramBuffers, histogram_counts, histograms_counts
 from .measure import GradStats
@@ -73,15 +74,6 @@ class Dashboard:
     def __init__(self, options: GuardOptions | None = None, **changes: Any) -> None:
         options = dataclasses.replace(options or GuardOptions(), **changes)
         self.options = options
-        self.log_every_n_steps = options.log_every_n_steps
-        self.norms = options.norms
-        self.max_norm_tags = options.max_norm_tags
-        self.histograms = options.histograms
-        self.value_histograms = options.value_histograms
-        self.update_ratio = options.update_ratio
-        self.write_report = options.write_report
-        self.report_path = options.report_path
-        self.flow_every = options.flow_every
         self.flow_columns = FLOW_COLUMNS
         self._reset()
 
@@ -127,7 +119,7 @@ class Dashboard:
 
     def log_interval(self, trainer: Trainer) -> int:
         """Log every this many optimizer steps (0: never)."""
-        return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        return trainer.log_every_n_steps if self.options.log_every_n_steps is None else self.options.log_every_n_steps
 
     def should_log(self, trainer: Trainer) -> bool:
         """Whether the optimizer step about to happen is logged: every step of every n-th batch that steps an
@@ -140,10 +132,10 @@ class Dashboard:
 
     def step_of(self, trainer: Trainer) -> int:
         """The step Lightning logs the current batch's metrics at: the number of earlier batches in which an
-        optimizer stepped (:func:`_batches_that_stepped`; with one optimizer, the ``global_step`` before the step).
+        optimizer stepped (:func:`batches_that_stepped`; with one optimizer, the ``global_step`` before the step).
         GradGuard logs at the same steps as ``self.log`` and ``LearningRateMonitor``: those of the batches where
         ``(step + 1) % log_every_n_steps == 0``."""
-        n = _batches_that_stepped(trainer)
+        n = batches_that_stepped(trainer)
         if n is not None:
             return n
         if self._stepping_batches is None:  # no fit loop (a stand-in Trainer): count stepping batches ourselves
@@ -197,7 +189,7 @@ class Dashboard:
         counts = {kind: n for kind, n in report.counts().items() if n}  # only kinds seen: no flat-zero lines
         norms = stats.norms
         metrics: dict[str, float] = {f"{TAG}/total_norm{view.suffix}": total}
-        if self.norms != "total":
+        if self.options.norms != "total":
             for key, idx in view.groups:
                 value = _group_norm(norms, idx)
                 if value is not None:
@@ -210,21 +202,21 @@ class Dashboard:
             self._write_layout(trainer, index, layout)
         for kind, n in counts.items():
             metrics[f"{TAG}/findings/{kind}"] = float(n)
-        if self.flow_every:
+        if self.options.flow_every:
             self._record_flow("grad_norm", step, {key: _group_norm(norms, idx) for key, idx in view.flow})
         if idle:
             for module, share in idle.items():
                 metrics[f"{TAG}/idle/{module or 'root'}"] = float(share)
         hists: list[tuple[list[str], torch.Tensor, torch.Tensor]] = []
-        if self.histograms:
+        if self.options.histograms:
             finite = [n for n in norms if n is not None and math.isfinite(n)]
             if finite:
                 s, c = histogram_counts([torch.tensor(finite, dtype=torch.float32)], finite=False)
                 hists.append(([f"{TAG}/grad_norms{view.suffix}"], s[None], c[None]))
-        if self.value_histograms:
+        if self.options.value_histograms:
             hists += self._value_histograms(view, stats, scale)
         self._write_step(metrics, hists, step)
-        if self.update_ratio:
+        if self.options.update_ratio:
             self._snapshot(k, step, stats, view)
 
     def _view_of(self, trainer: Trainer, optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor],
@@ -237,25 +229,26 @@ class Dashboard:
             optimizers = list(trainer.optimizers)
             k = next((i for i, o in enumerate(optimizers) if o is optimizer), len(self._views))
             suffix = f"_opt{k}" if len(optimizers) > 1 else ""
-            keys, how = group_keys([index.name_of(p) for p in params], self.norms, self.max_norm_tags)
+            keys, how = group_keys([index.name_of(p) for p in params], self.options.norms, self.options.max_norm_tags)
             groups = _indices_by_key(keys)
-            if self.norms == "module":
+            if self.options.norms == "module":
                 flow = groups
             else:
-                flow = _indices_by_key(group_keys([index.name_of(p) for p in params], "module", self.max_norm_tags)[0])
+                names = [index.name_of(p) for p in params]
+                flow = _indices_by_key(group_keys(names, "module", self.options.max_norm_tags)[0])
             for key, idx in flow:  # rows of the picture in model order
                 first = min((index.index.get(id(params[i]), len(index)) for i in idx), default=len(index))
                 self._flow_rank[key] = min(first, self._flow_rank.get(key, first))
             skip = set(ignored)
             unchecked = [index.name_of(p) in skip for p in params] if skip else None
-            parts = _Parts.of(flow if self.norms == "total" else groups, params, unchecked)
+            parts = _Parts.of(flow if self.options.norms == "total" else groups, params, unchecked)
             if view is not None:  # its param groups changed: what its keys went through so far carries over
                 parts.inherit(view.parts)
             view = _View(layout, suffix, groups, how, flow, parts)
             self._views[id(optimizer)] = view
             if "depth" in how or "first" in how:
                 self._inform_once(f"GradGuard: {len(params)} parameter tensors are more than max_norm_tags="
-                          f"{self.max_norm_tags}: their norms are logged {how}.")  # fmt: skip
+                          f"{self.options.max_norm_tags}: their norms are logged {how}.")  # fmt: skip
         return view
 
     def _no_grad_shares(self, parts: _Parts, missing: Sequence[int]) -> dict[str, float]:
@@ -281,7 +274,7 @@ class Dashboard:
             self._dead = dead
             charts: dict[str, list[str]] = {}
             for view in self._views.values():
-                for key, _ in view.groups if self.norms != "total" else ():
+                for key, _ in view.groups if self.options.norms != "total" else ():
                     charts.setdefault(chart_of(key), []).append(key)
             self._dead_charts = tuple(c for c, keys in charts.items() if all(k in dead for k in keys))
         return {parts.keys[j]: float(share[j]) for j in tracked}
@@ -309,7 +302,7 @@ class Dashboard:
         return out
 
     def _value_groups(self, view: _View, stats: GradStats) -> list[tuple[str, list[int]]]:
-        if self.norms != "total":
+        if self.options.norms != "total":
             return view.groups
         return [(f"all{view.suffix}", list(range(len(stats.params))))]
 
@@ -351,12 +344,12 @@ class Dashboard:
         total = update_ratio(weights, updates, snap.idx)
         if total is not None:
             metrics[f"{TAG}/total_update_ratio{view.suffix}"] = total
-        if self.norms != "total":
+        if self.options.norms != "total":
             for key, idx in view.groups:
                 ratio = update_ratio(weights, updates, idx)
                 if ratio is not None:
                     metrics[f"{TAG}/update_ratio/{key}"] = ratio
-        if self.flow_every:
+        if self.options.flow_every:
             self._record_flow(
                 "update_ratio", snap.step, {key: update_ratio(weights, updates, idx) for key, idx in view.flow}
             )
@@ -373,7 +366,7 @@ class Dashboard:
         if panel == "grad_norm" and step != self._flow_last:
             self._flow_last = step
             self._flow_logged += 1
-            if (self._flow_logged - 1) % self.flow_every == 0:
+            if (self._flow_logged - 1) % self.options.flow_every == 0:
                 self._flow_due = step
 
     def flow_picture(self) -> FlowPicture | None:
@@ -447,20 +440,20 @@ class Dashboard:
             return None
         self._finished = True
         path = (
-            os.fspath(self.report_path)
-            if self.report_path is not None
+            os.fspath(self.options.report_path)
+            if self.options.report_path is not None
             else os.path.join(_log_dir(trainer), REPORT_FILE)
         )
         last = self._flow_last
         picture = None
-        if self._targets and self.flow_every and last >= 0:
+        if self._targets and self.options.flow_every and last >= 0:
             picture = self._write_flow(last) if self._flow_drawn != last else self.flow_picture()
-        if picture is not None and self.write_report:
+        if picture is not None and self.options.write_report:
             self.flow_path = write_png(picture, os.path.join(os.path.dirname(path), FLOW_FILE))
             report.note(f"gradient-flow picture (gradient norm per module across logged steps): {self.flow_path}")
         if self._targets:
             self._write_text(report, self.step_of(trainer))
-        if not self.write_report:
+        if not self.options.write_report:
             return None
         return report.write_json(path)
 
@@ -492,11 +485,12 @@ class Dashboard:
         keys: list[str] = []
         for opt in trainer.optimizers:
             params = [p for g in opt.param_groups for p in g["params"]]
-            keys += [k for k in group_keys([index.name_of(p) for p in params], self.norms, self.max_norm_tags)[0]
-                     if k is not None]  # fmt: skip
+            names = [index.name_of(p) for p in params]
+            keys += [k for k in group_keys(names, self.options.norms, self.options.max_norm_tags)[0] if k is not None]
         charts = list(dict.fromkeys(chart_of(k) for k in keys))
         extra = (layout.idle, layout.findings, layout.no_grad, layout.dead)
-        write_layout(self._targets, lambda prefix: custom_scalars_layout(charts, prefix, self.update_ratio, *extra))
+        ratio = self.options.update_ratio
+        write_layout(self._targets, lambda prefix: custom_scalars_layout(charts, prefix, ratio, *extra))
 
 
 @dataclass
@@ -592,12 +586,3 @@ def _log_dir(trainer: Trainer) -> str:
             if d:
                 return os.fspath(d)
     return os.fspath(trainer.default_root_dir)
-
-
-def _batches_that_stepped(trainer: Trainer) -> int | None:
-    """The number of batches so far in which an optimizer stepped, the step Lightning logs ``self.log`` values at:
-    ``trainer.fit_loop.epoch_loop._batches_that_stepped`` (private to Lightning); ``None`` without a fit loop (a
-    stand-in Trainer)."""
-    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    n = getattr(loop, "_batches_that_stepped", None)
-    return n if isinstance(n, int) else None

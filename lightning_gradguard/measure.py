@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import _compat
+from ._compat import flatten_dense, foreach_norm, scale_tensor
 
 __all__ = [
     "GradStats",
@@ -100,30 +101,8 @@ def amp_scale(scaler: Any, optimizer: torch.optim.Optimizer | None) -> tuple[Any
         return None, 1.0
     if optimizer is not None and not _compat.optimizer_unscales(optimizer):
         return scaler, 1.0
-    scale = _scale_tensor(scaler)
+    scale = scale_tensor(scaler)
     return scaler, scale if isinstance(scale, torch.Tensor) else float(scaler.get_scale())
-
-
-def _scale_tensor(scaler: Any) -> Any:
-    """``scaler._get_scale_async()``: a :class:`torch.amp.GradScaler`'s scale tensor, read without a sync (what
-    torch's fused optimizers read it with; private to torch), ``None`` before its first ``scale()`` or for another
-    kind of scaler."""
-    get = getattr(scaler, "_get_scale_async", None)
-    return get() if callable(get) else None
-
-
-def _foreach_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ...]:
-    """``torch._foreach_norm(tensors, 2, dtype=dtype)`` (private to torch; ``clip_grad_norm_`` uses it): the L2 norm of
-    each of ``tensors`` (strided, one device), computed in ``dtype`` if given, in one fused kernel per device and
-    dtype off the CPU; on the CPU a loop of ``torch.linalg.vector_norm``, with the same values."""
-    return torch._foreach_norm(tensors, 2, dtype=dtype)  # type: ignore[arg-type]
-
-
-def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``torch._C._nn.flatten_dense_tensors(tensors)`` (private to torch; DDP's bucketing uses it): the values of
-    dense ``tensors`` of one device and dtype as one 1-D tensor, in one allocation and one copy (``torch.cat`` of
-    their ``reshape(-1)`` would make a view per tensor first)."""
-    return torch._C._nn.flatten_dense_tensors(tensors)
 
 
 _GRAD = operator.attrgetter("grad")
@@ -171,7 +150,7 @@ class LateRead:
         self.values: torch.Tensor | None = None
         if not present:
             return
-        norms = torch.stack(_foreach_norm(present, torch.float64))
+        norms = torch.stack(foreach_norm(present, torch.float64))
         if norms.device.type == "cpu":
             self.values = norms
         else:
@@ -384,14 +363,14 @@ def _run_plan(plan: _Plan, grads: Sequence[torch.Tensor | None]) -> list[torch.T
         x = x.view(rows, numel)
         parts.append(torch.linalg.vector_norm(x, dim=1, dtype=torch.float32 if x.dtype in _HALF else None))
     if plan.lengths is not None:
-        flat = _flatten(plan.flat(grads))
+        flat = flatten_dense(plan.flat(grads))
         if flat.device != plan.device or not flat.dtype.is_floating_point:
             return None
         if flat.dtype in _HALF:
             flat = flat.float()
         parts.append(torch.segment_reduce(flat * flat, "sum", lengths=plan.lengths).sqrt_())
     for take, dtype in plan.foreach:
-        parts.append(torch.stack(_foreach_norm(take(grads), dtype)))  # type: ignore[arg-type]
+        parts.append(torch.stack(foreach_norm(take(grads), dtype)))  # type: ignore[arg-type]
     for take in plan.dots:  # `view(-1)` raises on a gradient that is no longer flat in memory: a new plan then
         flat = list(map(_FLAT_VIEW, take(grads)))
         squares = torch.stack(list(map(torch.dot, flat, flat)))
@@ -605,7 +584,7 @@ def l2_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) 
             idx.append(i)
             group.append(v)
     for (_, kind), (idx, group) in groups.items():
-        norms = _foreach_norm(group, dtype if dtype is not None else torch.float32 if kind in _HALF else None)
+        norms = foreach_norm(group, dtype if dtype is not None else torch.float32 if kind in _HALF else None)
         for i, n in zip(idx, norms, strict=True):
             out[i] = n
     return out  # type: ignore[return-value]

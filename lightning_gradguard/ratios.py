@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ._compat import subtract_all
 from .measure import l2_norms
 
 __all__ = ["UpdateSnapshot", "update_ratio"]
@@ -67,7 +68,7 @@ class UpdateSnapshot:
         """After the step: per parameter index, the squared norm of its weights before the step and of its update
         (one host transfer); releases the copies."""
         with torch.no_grad():
-            _subtract(self.before, self.params)  # before := -(update)
+            subtract_all(self.before, self.params)  # before := -(update)
             norms = [*self.norms, *l2_norms(self.before)]
             if len({x.dtype for x in norms}) > 1:
                 norms = [x.to(torch.float64) for x in norms]
@@ -105,9 +106,3 @@ def _copy_flat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         for i, v in zip(idx, flat.split([tensors[i].numel() for i in idx]), strict=True):
             out[i] = v
     return out  # type: ignore[return-value]
-
-
-def _subtract(before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
-    """``before[i] -= after[i]`` for every ``i``, in place, in one fused op per device and dtype
-    (``torch._foreach_sub_``, private to torch; the optimizers' ``foreach`` implementations use it)."""
-    torch._foreach_sub_(before, after)

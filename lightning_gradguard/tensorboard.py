@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ._compat import event_file_writer, metric_prefix, record_file, record_writer
 from .histograms import fetch_histograms
 
 __all__ = [
@@ -52,7 +53,7 @@ def find_targets(loggers: Sequence[Any]) -> tuple[list[LogTarget], list[str]]:
         if not all(hasattr(writer, a) for a in ("add_histogram_raw", "add_text", "add_custom_scalars")):
             writer = None
             scalars_only.append(type(logger).__name__)
-        prefix = _metric_prefix(logger)
+        prefix = metric_prefix(logger)
         fast = writer is not None and _is_torch_writer(writer) and not prefix
         targets.append(LogTarget(logger, writer, fast, f"{prefix}-" if prefix else ""))
         if fast:
@@ -81,7 +82,7 @@ def write_step(
     named = [(tag, p) for tag, p in zip(tags, protos, strict=True) if p is not None]
     summary = None
     for t in targets:
-        file_writer = _event_file_writer(t.writer) if t.fast else None
+        file_writer = event_file_writer(t.writer) if t.fast else None
         if file_writer is not None:
             if summary is None:
                 summary = make_summary(metrics, named)
@@ -131,7 +132,7 @@ def checksum_in_c(writer: Any) -> bool:
 
     Without TensorFlow, TensorBoard's record writer computes the masked CRC32C of every record in pure Python (about
     12 MB/s, in the writer thread, holding the GIL the training loop needs). This replaces the ``write`` of this
-    writer's record writer only (:func:`_record_writer`); TensorBoard's module-level ``crc32c``, which every other
+    writer's record writer only (:func:`record_writer`); TensorBoard's module-level ``crc32c``, which every other
     writer and every reader of the process use, stays as it is. Idempotent; returns whether the C implementation is in
     use (``False`` without ``google-crc32c``, or where the writer's internals are not the ones known).
     """
@@ -141,11 +142,11 @@ def checksum_in_c(writer: Any) -> bool:
         return False
     if getattr(google_crc32c, "implementation", "c") != "c":  # pragma: no cover - its pure-Python fallback
         return False
-    record_writer = _record_writer(writer)
-    file = _record_file(record_writer)
+    records = record_writer(writer)
+    file = record_file(records)
     if file is None:
         return False
-    if getattr(record_writer.write, "checksum_in_c", False):
+    if getattr(records.write, "checksum_in_c", False):
         return True
     value = google_crc32c.value
 
@@ -159,38 +160,8 @@ def checksum_in_c(writer: Any) -> bool:
         file.write(header + masked(header) + data + masked(data))
 
     write.checksum_in_c = True  # type: ignore[attr-defined]
-    record_writer.write = write
+    records.write = write
     return True
-
-
-def _record_writer(writer: Any) -> Any:
-    """The ``RecordWriter`` that frames and checksums the records of a torch ``SummaryWriter``'s event file, or
-    ``None``: ``writer.file_writer.event_writer._async_writer._writer`` (TensorBoard's ``EventFileWriter`` and
-    ``_AsyncWriter`` keep it private; the writer thread calls its ``write``)."""
-    event_writer = getattr(_event_file_writer(writer), "event_writer", None)
-    return getattr(getattr(event_writer, "_async_writer", None), "_writer", None)
-
-
-def _record_file(record_writer: Any) -> Any:
-    """The file a TensorBoard ``RecordWriter`` writes to (``record_writer._writer``, private), or ``None`` when
-    ``record_writer`` is not one."""
-    try:
-        from tensorboard.summary.writer.record_writer import RecordWriter
-    except ImportError:  # pragma: no cover - tensorboard not installed
-        return None
-    return record_writer._writer if isinstance(record_writer, RecordWriter) else None
-
-
-def _event_file_writer(writer: Any) -> Any:
-    """A torch ``SummaryWriter``'s ``FileWriter`` (``writer.file_writer``, not documented), whose ``add_summary``
-    takes a whole ``Summary``; ``None`` once the writer is closed."""
-    return getattr(writer, "file_writer", None)
-
-
-def _metric_prefix(logger: Any) -> str:
-    """The prefix Lightning's ``TensorBoardLogger`` puts before the keys of ``log_metrics`` (``<prefix>-``): its
-    ``prefix`` argument, kept private (``logger._prefix``); ``""`` for other loggers."""
-    return getattr(logger, "_prefix", "") or ""
 
 
 def _is_torch_writer(writer: Any) -> bool:

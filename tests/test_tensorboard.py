@@ -590,11 +590,11 @@ def test_event_files_checksummed_in_c_read_back_with_tensorboards_pure_python_cr
     from tensorboard.summary.writer import record_writer
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_gradguard.tensorboard import _record_writer
+    from lightning_gradguard import _compat
 
     crc32c, masked = pw.crc32c, record_writer.masked_crc32c
     logger = TensorBoardLogger(tmp_path, name="tb")
-    own = _record_writer(logger.experiment)  # the record writer of the SummaryWriter GradGuard will write to
+    own = _compat.record_writer(logger.experiment)  # the record writer of the SummaryWriter GradGuard will write to
     assert not hasattr(own.write, "checksum_in_c")
     guard = GradGuard(value_histograms=True, norms="param", log_every_n_steps=1)
     trainer, rec = fit(tmp_path, guard, max_steps=3, logger=logger)
@@ -602,7 +602,7 @@ def test_event_files_checksummed_in_c_read_back_with_tensorboards_pure_python_cr
     assert record_writer.masked_crc32c is masked is pw.masked_crc32c
     assert own.write.checksum_in_c  # GradGuard's writer
     other = SummaryWriter(str(tmp_path / "other"))
-    assert not hasattr(_record_writer(other).write, "checksum_in_c")  # another writer of the process: untouched
+    assert not hasattr(_compat.record_writer(other).write, "checksum_in_c")  # another writer of the process: untouched
     other.close()
     files = list(Path(trainer.logger.log_dir).glob("events.out.tfevents.*"))
     assert files
