@@ -166,7 +166,9 @@ MUTATIONS: list[Mutation] = [
     M("C20", "schedule.py", "        if self.traced_steps < MAX_TRACED_STEPS:", "<", "<="),
     M("C21", "schedule.py", "(explainable and not traced_step)", "and not traced_step", "and traced_step"),
     M("C22", "schedule.py", "self.armed = want and self.traced_steps < MAX_TRACED_STEPS", "<", "<="),
-    M("C23", "schedule.py", "if bit is None or run.length >= window:", ">=", ">"),
+    M("C23", "schedule.py", "if bit is None or run.length >= window:", ">=", ">",
+      equivalent="a run exactly as long as the window gets an end-of-run copy too, but the report keeps one entry per "
+      "(kind, parameter) and the policy warns once per kind and group: nothing a user sees changes"),
     M("C24", "schedule.py", 'if known is None or (known.kind == "zero") != (run.reason == "zero"):', ") != (",
       ") == ("),
     M("C25", "core.py", "if not kept and not kept_short:", " and ", " or "),
@@ -247,7 +249,8 @@ MUTATIONS: list[Mutation] = [
       'self.history.record_unusable(index.names[bit], step, "zero")', None, tests=LATE,
       killer="test_sync_late::test_late_runs_like_step_runs[zero every other step]"),
     M("L04", "core.py", "            if i is not None and i not in zero and i not in missing:", " and i not in zero",
-      "", tests=LATE, killer="test_sync_late::test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync"),
+      "", tests=LATE, equivalent="History.settle no longer ends a run extended on the same step (`run.last == step`), "
+      "which every all-zero gradient of this step just was: `i not in zero` is a redundant second guard"),
     M("L06", "measure.py", "stats.zero = [i for i in order[values == 0.0].tolist()", "values == 0.0", "values < 0.0",
       tests=LATE, killer="test_sync_late::test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync"),
     M("L07", "measure.py", "stats.nonfinite = order[~finite].tolist()", "order[~finite]", "order[finite]", tests=LATE,
