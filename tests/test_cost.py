@@ -17,18 +17,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule
 from torch import nn
 
-from conftest import loader, make_trainer
+from conftest import ROOT, loader, make_trainer
 from lightning_gradguard import GradGuard
 
-#: The per-batch hooks (Lightning's order); only those GradGuard overrides are counted.
-HOOKS = (
-    "on_train_batch_start",
-    "on_before_zero_grad",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_train_batch_end",
-)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from run import STEP_HOOKS  # noqa: E402  (benchmarks/run.py: the per-batch hooks, in Lightning's order)
 
 #: The counts of a clean step at the time of writing, whatever the model: to be lowered, never raised.
 FIXED_CALLS = 113  # Python function calls
@@ -86,7 +79,7 @@ def _counted(name: str):
     return hook
 
 
-for _name in HOOKS:
+for _name in STEP_HOOKS:
     if getattr(GradGuard, _name) is not getattr(Callback, _name):
         setattr(Counted, _name, _counted(_name))
 
