@@ -145,8 +145,9 @@ class GradGuard(Callback):
         self._reported = False
         # Lightning reads `state_key` around every hook it calls (its profiler's action names): made once, since the
         # options it is made of are read-only.
-        key = {"actions": tuple(self._policy.actions.items()), "ignore": tuple(self.ignore), "diagnose": self.diagnose}
-        self._state_key = f"{type(self).__qualname__}{key!r}"
+        self._state_key = self._generate_state_key(
+            actions=tuple(self._policy.actions.items()), ignore=tuple(self.ignore), diagnose=self.diagnose
+        )
         self._scaler: Any = None  # the precision plugin's grad scaler, read at `on_train_start`
         self._rank = 0
 
@@ -203,8 +204,7 @@ class GradGuard(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # As Lightning's `Callback._generate_state_key` formats it (saved checkpoints are keyed by this text).
-        return self._state_key
+        return self._state_key  # saved checkpoints are keyed by this text
 
     # ------------------------------------------------------------------ hooks
     @override
