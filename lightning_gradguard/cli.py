@@ -14,10 +14,11 @@ no ``--cli``: ``LightningCLI`` with the YAML's ``class_path``s, or with ``--mode
 check's Trainer settings, instead of ``sys.argv``, and its Trainer's ``fit`` runs ``N`` optimizer steps with every
 step traced instead of training (no validation, no checkpoints, no progress bar, Lightning's ``DummyLogger`` for the
 loggers, no resume), prints the run report and exits 1 when a finding's action is ``"raise"`` (0 otherwise, 2 for bad
-usage). A part that got no usable gradient on any of the ``N`` steps, fewer than the idle window, counts as such a
-finding unless it looks routed (see :meth:`~lightning_gradguard.core.GuardCore.unrouted`): a preflight cannot wait for
-the window. The config's own ``GradGuard`` is used, or a default one is added. Like ``callback.py``, this is an adapter:
-it only drives a Trainer with the callback.
+usage, 3 when the user's code raised: no verdict). A part that got no usable gradient on any of the ``N`` steps, fewer
+than the idle window, counts as such a finding unless it looks routed (see
+:meth:`~lightning_gradguard.core.GuardCore.unrouted`): a preflight cannot wait for the window. The config's own
+``GradGuard`` is used, or a default one is added. Like ``callback.py``, this is an adapter: it only drives a Trainer
+with the callback.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import importlib.util
 import inspect
 import os
 import sys
+import traceback
 import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -39,7 +41,7 @@ from typing import Any
 __all__ = ["main"]
 
 #: Exit codes.
-OK, FOUND, USAGE = 0, 1, 2
+OK, FOUND, USAGE, CRASHED = 0, 1, 2, 3
 
 #: What the check gives the LightningCLI after the user's configs and overrides (the last value of a key wins), besides
 #: ``--trainer.max_steps``. Loggers, checkpoints and progress bars are dealt with on the Trainer (``check_trainer``): as
@@ -281,6 +283,10 @@ def check_trainer(trainer: Any, run_fit: Callable[[], None], steps: int, report_
         run_fit()  # GradGuard prints its report at the end
     except GradGuardError as err:
         failed = err
+    except Exception as err:  # the user's code (or Lightning) raised: no verdict, whatever the report says so far
+        traceback.print_exc()
+        print(_crashed(err, f"on optimizer step {trainer.global_step}"), file=sys.stderr)
+        return CRASHED
     if failed is not None:
         print(f"\nGradGuardError: {failed}")
         print("gradguard check: FAILED (a finding whose action is 'raise')")
@@ -408,8 +414,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Build model, data and Trainer as your LightningCLI script does, from a YAML, run --steps "
         "optimizer steps with every step traced, print GradGuard's report. Exit status: 1 when a finding's action is "
         "'raise' (a part that got no gradient on any step is one, unless it looks routed: one of several alike items "
-        "of a ModuleList), 2 for bad usage, else 0. Arguments it does not know (e.g. --model.lr=0.1) go to "
-        "LightningCLI.",
+        "of a ModuleList), 2 for bad usage, 3 when your code raised (no verdict), else 0. Arguments it does not know "
+        "(e.g. --model.lr=0.1) go to LightningCLI.",
     )
     check.add_argument("--config", "-c", action="append", required=True, help="LightningCLI YAML (repeatable)")
     check.add_argument("--steps", type=int, default=3, help="optimizer steps to run (default: 3)")
@@ -430,7 +436,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``gradguard`` console script. Returns the exit status: 0 clean, 1 a finding to raise, 2 bad usage."""
+    """The ``gradguard`` console script. Returns the exit status: 0 clean, 1 a finding to raise, 2 bad usage, 3 the
+    user's code raised (no verdict)."""
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     try:
@@ -445,6 +452,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"gradguard: error: {err}", file=sys.stderr)
         return USAGE
+    except Exception as err:  # raised while the script built its CLI, model or data: before any step
+        traceback.print_exc()
+        print(_crashed(err, "while building the model, data and Trainer"), file=sys.stderr)
+        return CRASHED
+
+
+def _crashed(err: Exception, when: str) -> str:
+    """The last line of a check that the user's code stopped (exit status 3)."""
+    return (
+        f"gradguard check: ERROR: your code raised {type(err).__name__} {when} (traceback above): no verdict; fix "
+        "it and run the check again."
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -327,7 +327,7 @@ class Schedule:
             short.append(replace(known, step=run.first, message=(
                 f"{known.message} It got no usable gradient on any of the {run.length} checked steps of the run, "
                 f"fewer than idle_window={window}: too few to tell a dead part from one idle by design (routing, "
-                "LayerDrop), so this is a warning."
+                "LayerDrop)."
             )))  # fmt: skip
         return findings, short
 

@@ -122,6 +122,8 @@ from torch.utils.data import DataLoader, TensorDataset
 class Net(LightningModule):
     def __init__(self, bug: str = "none", hidden: int = 8, num_classes: int = 2) -> None:
         super().__init__()
+        if bug == "crash_init":
+            raise ValueError("planted crash in __init__")
         self.bug = bug
         self.body = nn.Linear(4, hidden)
         self.head = nn.Linear(hidden, num_classes)
@@ -131,6 +133,8 @@ class Net(LightningModule):
         h = self.body(x)
         if self.bug == "detach":
             h = h.detach()  # BUG: preflight detach
+        if self.bug == "crash" and batch_idx == 1:
+            raise ValueError("planted crash on the second batch")
         loss = nn.functional.cross_entropy(self.head(h), y)
         self.log("loss", loss)
         return loss
@@ -278,6 +282,40 @@ def test_check_of_a_clean_script_exits_0_and_drops_ckpt_path(tmp_path: Path) -> 
     assert proc.returncode == 0, out
     assert "gradguard check: ckpt_path='missing.ckpt' is not restored: the check runs the model as built" in out
     assert "gradguard check: passed (2 optimizer step(s))" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("bug", "script", "when"),
+    [
+        ("crash", HEAD + 'if __name__ == "__main__":\n    LightningCLI(Net, Data)\n', "on optimizer step 1"),
+        # the script's own `except Exception` neither hides the crash nor turns it into a usage error
+        (
+            "crash",
+            HEAD + "try:\n    LightningCLI(Net, Data)\nexcept Exception:\n    print('CAUGHT')\n",
+            "on optimizer step 1",
+        ),
+        (
+            "crash_init",
+            HEAD + 'if __name__ == "__main__":\n    LightningCLI(Net, Data)\n',
+            "while building the model, data and Trainer",
+        ),
+    ],
+    ids=["in_training_step", "script_catches_exceptions", "in_model_init"],
+)
+def test_a_crash_of_the_users_code_exits_3_with_its_traceback(tmp_path: Path, bug: str, script: str, when: str):
+    """Exit 1 means "a finding": a script that raises must not look like one (nor like a pass, nor bad usage)."""
+    write_project(tmp_path, {"train.py": script}, "model:\n  bug: {bug}\n", bug=bug)
+    proc = check_in(tmp_path, "--cli", "train.py", "--steps", "3")
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "ValueError: planted crash" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"gradguard check: ERROR: your code raised ValueError {when} (traceback above): no verdict; fix "
+                    "it and run the check again."), proc.stderr  # fmt: skip
+    assert "CAUGHT" not in proc.stdout
+    assert "gradguard check: passed" not in proc.stdout
+    assert "FAILED" not in proc.stdout
 
 
 def usage_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
