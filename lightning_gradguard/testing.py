@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _compat
 from .findings import KINDS, Finding, GradGuardError
 from .options import check_globs, check_int
 from .policy import GradGuardWarning
@@ -118,7 +119,7 @@ def assert_gradients_flow(
     if manual and not _is_loss_fn(batch_or_loss_fn):
         if optimizer is not None:
             raise ValueError(
-                f"{type(model).__name__} uses manual optimization: with a batch its `training_step` steps the "
+                f"{_name(model)} uses manual optimization: with a batch its `training_step` steps the "
                 "optimizers of its `configure_optimizers()` in a Trainer; leave `optimizer=None`, or pass a function "
                 "`loss_fn(model) -> loss` to step `optimizer` after."
             )
@@ -131,7 +132,7 @@ def assert_gradients_flow(
     if failed:
         n = len({f.param for f in failed})
         head = (
-            f"Gradients do not flow to {n} parameter tensor{'s' if n != 1 else ''} of {type(model).__name__} "
+            f"Gradients do not flow to {n} parameter tensor{'s' if n != 1 else ''} of {_name(model)} "
             f"({steps} step{'s' if steps != 1 else ''} checked)"
         )
         raise GradientFlowError(str(GradGuardError.from_findings(failed, None, head, sizes)), failed)
@@ -164,7 +165,7 @@ def _step_findings(
                         opt.step()
             except GradGuardError as err:  # the loss has no graph at all: nothing more to run
                 if not err.findings:
-                    raise GradientFlowError(f"Gradients cannot flow through {type(model).__name__}: {err}") from None
+                    raise GradientFlowError(f"Gradients cannot flow through {_name(model)}: {err}") from None
                 for f in err.findings:
                     found.setdefault(f.key, f)
                 break
@@ -217,12 +218,17 @@ def _trainer_findings(
             trainer.fit(model, train_dataloaders=batches)
         except GradGuardError as err:  # the loss has no graph at all
             if not err.findings:
-                raise GradientFlowError(f"Gradients cannot flow through {type(model).__name__}: {err}") from None
+                raise GradientFlowError(f"Gradients cannot flow through {_name(model)}: {err}") from None
             return list(err.findings), guard.report.sizes
         finally:
             lightning_log.setLevel(level)
             model.trainer = attached  # type: ignore[union-attr]
     return guard.findings, guard.report.sizes
+
+
+def _name(model: nn.Module) -> str:
+    """The class name the user gave ``model``: that of the module inside a ``torch.compile`` wrapper."""
+    return type(_compat.compiled_inner(model) or model).__name__
 
 
 def _same(batch: Any) -> Any:
@@ -237,14 +243,15 @@ def _own_optimizers(model: nn.Module, manual: bool) -> list[torch.optim.Optimize
     """A LightningModule's optimizers from its ``configure_optimizers()`` (each form Lightning accepts); else SGD over
     the trainable parameters."""
     __tracebackhide__ = True
-    name = type(model).__name__
-    configure = getattr(type(model), "configure_optimizers", None)
+    name = _name(model)
+    owner = _compat.compiled_inner(model) or model  # a compiled module's `configure_optimizers` is its original's
+    configure = getattr(type(owner), "configure_optimizers", None)
     conf = None
     if callable(configure) and not getattr(configure, "__module__", "").startswith(
         ("lightning.", "pytorch_lightning.")
     ):
         try:
-            conf = model.configure_optimizers()  # type: ignore[operator]
+            conf = owner.configure_optimizers()  # type: ignore[operator]
         except Exception as err:
             raise ValueError(
                 f"`{name}.configure_optimizers()` failed ({type(err).__name__}: {err}); pass the optimizer to check "
@@ -304,7 +311,7 @@ def _loss_of(model: nn.Module, batch_or_loss_fn: Any) -> Callable[[int], torch.T
     training_step = getattr(model, "training_step", None)
     if not callable(training_step):
         raise TypeError(
-            f"`assert_gradients_flow` got a batch for {type(model).__name__}, which has no `training_step`: pass a "
+            f"`assert_gradients_flow` got a batch for {_name(model)}, which has no `training_step`: pass a "
             "function `loss_fn(model) -> loss` instead, e.g. `lambda m: loss(m(x), y)`."
         )
 

@@ -368,6 +368,38 @@ def test_assert_gradients_flow_names_the_line_inside_a_compiled_model():
     assert runs_compiled()
 
 
+class HeadLeftOut(LightningModule):
+    """``configure_optimizers`` leaves ``head`` out unless ``everything``."""
+
+    def __init__(self, everything: bool) -> None:
+        super().__init__()
+        self.everything = everything
+        self.enc = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.enc(x)))
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x).squeeze(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters() if self.everything else self.enc.parameters(), lr=0.1)
+
+
+def test_assert_gradients_flow_on_a_compiled_lightning_module_uses_its_configure_optimizers():
+    """``torch.compile(module)`` wraps it in an ``OptimizedModule``, whose class has no ``configure_optimizers``: the
+    check must still step the user's optimizer (a head it leaves out is an orphan) and name the user's class."""
+    batch = (torch.randn(4, 8), torch.randn(4))
+    with pytest.raises(AssertionError) as err:
+        assert_gradients_flow(torch.compile(HeadLeftOut(everything=False), backend=BACKEND), batch)
+    assert {(f.kind, f.param) for f in err.value.findings} == {("orphan", "head.weight"), ("orphan", "head.bias")}
+    assert str(err.value).startswith("Gradients do not flow to 2 parameter tensors of HeadLeftOut (1 step checked)")
+    assert_gradients_flow(torch.compile(HeadLeftOut(everything=True), backend=BACKEND), batch)  # nearest correct
+    assert runs_compiled()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 MODEL_PY = """
 import torch
