@@ -149,7 +149,7 @@ class GradGuard(Callback):
             actions=tuple(self._policy.actions.items()), ignore=tuple(self.ignore), diagnose=self.diagnose
         )
         self._scaler: Any = None  # the precision plugin's grad scaler, read at `on_train_start`
-        self._rank = 0
+        self._rank = 0  # the process's rank, read at `setup`
 
     on_frozen = _read_only("on_frozen")
     on_unused = _read_only("on_unused")
@@ -219,6 +219,7 @@ class GradGuard(Callback):
                 return
         self._core = GuardCore(self._policy, self.diagnose, self.idle_window)
         self._reported = False
+        self._rank = trainer.global_rank  # warnings are shown on rank 0 only, from here to the end of `fit`
         if self._restored is not None:  # a checkpoint loaded before `setup`
             self._core.report.load_dict(self._restored)
             self._restored = None
@@ -230,7 +231,6 @@ class GradGuard(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._core.bind(pl_module)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)  # one plugin for the whole fit
-        self._rank = trainer.global_rank
         # Warnings about frozen/orphan/stale parameters point at the user's `configure_optimizers`, not at `fit`.
         self._policy.optimizer_site = function_site(type(pl_module).configure_optimizers)
         self._core.dist = RankSync.of(trainer.strategy.model, trainer.strategy.root_device)  # None: one process
@@ -290,10 +290,10 @@ class GradGuard(Callback):
         self._core.end_batch()
         self._dashboard.end_batch()
 
-    def _resolve_late(self, trainer: Trainer) -> None:
+    def _resolve_late(self) -> None:
         """Judge the late reads (``sync="late"``) still waiting, and record their totals."""
         try:
-            with rank_zero_warnings(trainer.global_rank):
+            with rank_zero_warnings(self._rank):
                 self._core.resolve_late()
         finally:
             self._record_late()
@@ -304,15 +304,15 @@ class GradGuard(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._resolve_late(trainer)
+        self._resolve_late()
         self._dashboard.end_epoch(trainer, pl_module.device)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._core.abort()
         try:
-            self._resolve_late(trainer)
-            with rank_zero_warnings(trainer.global_rank):
+            self._resolve_late()
+            with rank_zero_warnings(self._rank):
                 self._core.finish(trainer.global_step)
         finally:
             self._publish_report(trainer)
