@@ -372,11 +372,10 @@ def _run_plan(plan: _Plan, grads: Sequence[torch.Tensor | None]) -> list[torch.T
     for take, dtype in plan.foreach:
         parts.append(torch.stack(foreach_norm(take(grads), dtype)))  # type: ignore[arg-type]
     for take in plan.dots:  # `view(-1)` raises on a gradient that is no longer flat in memory: a new plan then
-        flat = list(map(_FLAT_VIEW, take(grads)))
-        squares = torch.stack(list(map(torch.dot, flat, flat)))
-        if squares.device.type != "cpu":
+        norms = _dot_norms(list(map(_FLAT_VIEW, take(grads))))
+        if norms.device.type != "cpu":
             return None
-        parts.append(squares.sqrt_())
+        parts.append(norms)
     for idx in plan.single:
         parts.append(torch.stack([n.double() for n in l2_norms([grads[i] for i in idx])]))  # type: ignore[misc]
     return parts
@@ -505,7 +504,7 @@ def _fetch(parts: list[torch.Tensor], stats: GradStats) -> np.ndarray:
     """``torch.cat(parts)`` on the host, in float64: one :func:`to_host` per device (``torch.cat`` promotes float32
     parts to float64 when one is, exactly)."""
     device = parts[0].device
-    if all(p.device == device for p in parts):
+    if all(map(operator.eq, map(_DEVICE, parts), repeat(device))):  # at C level: no Python per part
         stats.syncs += 1
         return to_host(torch.cat(parts) if len(parts) > 1 else parts[0]).astype(np.float64, copy=False)
     stats.syncs += len({p.device for p in parts})
@@ -547,6 +546,12 @@ def _confirm(stats: GradStats, grads: Sequence[torch.Tensor | None], candidates:
 _DOT_MIN = 16384
 
 
+def _dot_norms(flat: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norms of 1-D tensors of one dtype (float32/float64, on the CPU) as one 1-D tensor: a BLAS dot product
+    each (through ``map``: no Python per tensor), one stack, one square root."""
+    return torch.stack(list(map(torch.dot, flat, flat))).sqrt_()
+
+
 def l2_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     """The L2 norm of each of ``tensors``, as 0-dim tensors on their devices, without a sync.
 
@@ -570,19 +575,24 @@ def l2_norms(tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) 
     """
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[int], list[torch.Tensor]]] = {}
+    dots: dict[torch.dtype, tuple[list[int], list[torch.Tensor]]] = {}
     for i, t in enumerate(tensors):
         v = t.detach()
         if v.layout != torch.strided:
             v = v.coalesce().values()
         if v.is_complex() or not v.dtype.is_floating_point:
             out[i] = torch.linalg.vector_norm(v)
-        elif dtype is None and v.dtype in _BLAS and v.numel() >= _DOT_MIN and v.is_contiguous() and v.is_cpu:
-            flat = v.view(-1)
-            out[i] = torch.dot(flat, flat).sqrt_()
+            continue
+        if dtype is None and v.dtype in _BLAS and v.numel() >= _DOT_MIN and v.is_contiguous() and v.is_cpu:
+            idx, group = dots.setdefault(v.dtype, ([], []))
+            v = v.view(-1)
         else:
             idx, group = groups.setdefault((v.device, v.dtype), ([], []))
-            idx.append(i)
-            group.append(v)
+        idx.append(i)
+        group.append(v)
+    for idx, group in dots.values():
+        for i, n in zip(idx, _dot_norms(group).unbind(), strict=True):
+            out[i] = n
     for (_, kind), (idx, group) in groups.items():
         norms = foreach_norm(group, dtype if dtype is not None else torch.float32 if kind in _HALF else None)
         for i, n in zip(idx, norms, strict=True):
