@@ -10,7 +10,8 @@ Two parts, both on the CPU:
    median *of the same round*; the table shows the median of those ratios over rounds. Also measured directly:
    the time inside GradGuard's hooks (wall and CPU time of the training thread), the tracer's own time inside the
    forward pass (its ``__torch_function__`` minus the ops it forwards), and each configuration's peak RSS
-   (``VmHWM``, reset before each run).
+   (``VmHWM``, reset before each run). A reference row without GradGuard (:class:`ReadFloor`) times the least any
+   check of every gradient on every step costs: one read of each gradient and one host copy.
 2. **Scaling table.** Time inside GradGuard's hooks with the defaults (no logger: no dashboard) on residual stacks of
    small ``Linear`` layers (100 / 1000 / 4000 parameter tensors) and on MLPs of 1 M / 10 M / 100 M parameters.
 
@@ -176,6 +177,30 @@ for _name in TimedGradGuard.overridden:
     setattr(TimedGradGuard, _name, _timed_hook(_name))
 
 
+class ReadFloor(pl.Callback):
+    """Not GradGuard: the least a per-parameter gradient check costs at ``on_before_optimizer_step``, timed like
+    GradGuard's hooks: read every gradient once (a dot product each) and bring the values to the host in one
+    transfer, nothing else. What GradGuard's hooks take above it is its own work; the read itself is memory traffic
+    that no check of every gradient on every step avoids."""
+
+    def __init__(self) -> None:
+        self.per_batch: list[tuple[float, float]] = []
+        self.per_hook: dict[str, list[float]] = {h: [] for h in TimedGradGuard.overridden}
+        self._spent = (0.0, 0.0)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        w, c = time.perf_counter(), time.thread_time()
+        flat = [p.grad.reshape(-1) for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        torch.stack(list(map(torch.dot, flat, flat))).tolist()
+        self._spent = (time.perf_counter() - w, time.thread_time() - c)
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.per_batch.append(self._spent)
+        for hook, calls in self.per_hook.items():
+            calls.append(self._spent[0] if hook == "on_before_optimizer_step" else 0.0)
+        self._spent = (0.0, 0.0)
+
+
 class TracerClock:
     """The tracer's own time: its ``__torch_function__``, minus the torch functions it forwards to."""
 
@@ -244,6 +269,7 @@ CONFIGS: dict[str, tuple[type[TinyLM], dict[str, Any] | None, str | None]] = {
         None,
     ),
     "GradGuard diagnose='never', no dashboard": (TinyLM, {"diagnose": "never", "log_every_n_steps": 0}, None),
+    "reference, not GradGuard: one read of every gradient (a dot each) and one host copy": (TinyLM, None, "floor"),
     "GradGuard diagnose='always' (every step traced), no dashboard": (
         TinyLM,
         {"diagnose": "always", "log_every_n_steps": 0},
@@ -278,12 +304,15 @@ def run_once(name: str, steps: int, warmup: int, root: str) -> dict[str, Any]:
     data = torch.utils.data.TensorDataset(torch.randint(0, VOCAB, (n, CONTEXT + 1)))
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
-    guard = None
+    guard: TimedGradGuard | ReadFloor | None = None
     if guard_kwargs is not None:
         guard = TimedGradGuard(**guard_kwargs)
         callbacks.insert(0, guard)
     if extra == "wandb":
         callbacks.insert(0, WandbWatch(root))
+    if extra == "floor":
+        guard = ReadFloor()  # timed as GradGuard's hooks are
+        callbacks.insert(0, guard)
     trainer = quiet_trainer(
         max_steps=steps + warmup + 1,
         logger=TensorBoardLogger(root, name="bench"),
@@ -535,7 +564,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         "time between consecutive `on_train_batch_end` calls. Ratio: a run's median step over the no-callback run's "
         "median step of the same round; the table gives the median of those ratios. Hooks: median per step of the "
         "time inside GradGuard's hooks, wall clock and CPU time of the training thread (CPU time leaves out the time "
-        "the thread waited for a core; TensorBoard's writer thread is not in it). Tracer: its own time per step "
+        "the thread waited for a core; TensorBoard's writer thread is not in it); in the *reference* row, the time of "
+        "its one hook, which reads every gradient once (a dot product each) and copies the values to the host: the "
+        "floor of any check of every gradient on every step. Tracer: its own time per step "
         "inside the forward pass (`Tracer.__torch_function__` minus the ops it forwards). Peak RSS: the process's "
         "`VmHWM`, reset before each run, the largest over rounds.\n\n"
         f"{paired}\n\n"
