@@ -23,11 +23,10 @@ from lightning.fabric import Fabric
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from conftest import ROOT, loader, make_trainer, run_python, where
+from conftest import ROOT, events, fit, loader, make_trainer, run_python, scalars, where
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
 from lightning_gradguard.cli import main as cli_main
 from lightning_gradguard.testing import GradientFlowError
@@ -75,18 +74,6 @@ class Aux(nn.Module):
         self.enc = nn.Linear(8, 8)
         self.head = nn.Linear(8, 1)
         self.aux = nn.Linear(8, 1)
-
-
-def fit(tmp_path: Path, model: LightningModule, guard: GradGuard, *callbacks: Callback, n: int = 32, **trainer_kwargs):
-    trainer = make_trainer(tmp_path, [guard, *callbacks], **trainer_kwargs)
-    trainer.fit(model, loader(n=n))
-    return trainer
-
-
-def scalars(trainer, tag: str) -> dict[int, float]:
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def plain_step(model: nn.Module, forward, **check_kwargs) -> check_step:
@@ -154,7 +141,7 @@ def test_logged_norms_are_taken_before_clipping(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb")
     clip = 1e-3
     trainer = fit(tmp_path, Net(), GradGuard(log_every_n_steps=1), rec, logger=logger, gradient_clip_val=clip)
-    logged = scalars(trainer, "gradguard/total_norm")
+    logged = scalars(events(trainer), "gradguard/total_norm")
     assert sorted(logged) == [0, 1, 2]
     for step, value in logged.items():
         assert value > 10 * clip  # GradGuard logged the unclipped norm ...
@@ -189,10 +176,9 @@ def test_epoch_statistics_leave_out_the_overflow_steps_a_grad_scaler_skips(tmp_p
     finite = [v for _, v in sorted(rec.before.items()) if math.isfinite(v)]
     assert 2 <= len(finite) < len(rec.before)  # some steps overflowed, some did not
     last = max(rec.before)
-    assert scalars(trainer, "gradguard/epoch/total_norm_max") == pytest.approx({last: max(finite)}, rel=1e-6)
-    assert scalars(trainer, "gradguard/epoch/total_norm_mean") == pytest.approx(
-        {last: sum(finite) / len(finite)}, rel=1e-6
-    )
+    acc = events(trainer)
+    assert scalars(acc, "gradguard/epoch/total_norm_max") == pytest.approx({last: max(finite)}, rel=1e-6)
+    assert scalars(acc, "gradguard/epoch/total_norm_mean") == pytest.approx({last: sum(finite) / len(finite)}, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -876,9 +862,8 @@ def test_python_m_is_the_command_and_a_config_without_class_paths_needs_model_an
 
 def test_value_histogram_with_norms_total_is_one_histogram_of_every_gradient_value(tmp_path):
     guard = GradGuard(norms="total", value_histograms=True, log_every_n_steps=1)
-    trainer = fit(tmp_path, Net(), guard, logger=TensorBoardLogger(tmp_path, name="tb"), max_steps=2)
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"histograms": 0})
-    acc.Reload()
+    trainer = fit(tmp_path, Net(), guard, tensorboard=True, max_steps=2)
+    acc = events(trainer)
     assert set(acc.Tags()["histograms"]) == {"gradguard/grad_norms", "gradguard/grad_values/all"}
     n_values = sum(p.numel() for p in Net().parameters())
     assert [(e.step, e.histogram_value.num) for e in acc.Histograms("gradguard/grad_values/all")] == [
@@ -1007,8 +992,8 @@ class CountingGuard(GradGuard):
 @pytest.mark.parametrize(("histograms", "extra"), [(False, 0), (True, 1)])
 def test_a_logged_step_reads_the_norms_no_extra_time(tmp_path, histograms, extra):
     guard = CountingGuard(log_every_n_steps=2, norms="param", diagnose="never", histograms=histograms)
-    trainer = fit(tmp_path, Net(), guard, logger=TensorBoardLogger(tmp_path, name="tb"), max_steps=4)
-    assert sorted(scalars(trainer, "gradguard/total_norm")) == [1, 3]  # steps 1 and 3 are logged
+    trainer = fit(tmp_path, Net(), guard, tensorboard=True, max_steps=4)
+    assert sorted(scalars(events(trainer), "gradguard/total_norm")) == [1, 3]  # steps 1 and 3 are logged
     unlogged, logged = guard.reads[0], guard.reads[1]
     assert unlogged == 1  # the one transfer of the fused pass
     assert guard.reads == {0: unlogged, 1: logged, 2: unlogged, 3: logged}

@@ -19,10 +19,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from conftest import loader, make_trainer, where
+from conftest import events, fit, loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -67,30 +66,31 @@ class ReferenceNorms(Callback):
         }
 
 
-def fit(tmp_path, model: Net, guard: GradGuard, precision: str = "32-true", steps: int = 6, scale: float = 2.0**10,
-        **kwargs):  # fmt: skip
+def fit_on_cuda(tmp_path, model: Net, guard: GradGuard, precision: str = "32-true", steps: int = 6,
+                scale: float = 2.0**10, **kwargs):  # fmt: skip
     """Train ``model`` on the GPU (``16-mixed``: a real CUDA ``GradScaler`` starting at ``scale``): ``(trainer,
     reference norms, scaler or None)``."""
     scaler = torch.amp.GradScaler("cuda", init_scale=scale) if precision == "16-mixed" else None
     plugins = [MixedPrecision("16-mixed", "cuda", scaler=scaler)] if scaler is not None else []
     reference = ReferenceNorms(scaler)
-    trainer = make_trainer(
+    trainer = fit(
         tmp_path,
-        [guard, reference],
+        model,
+        guard,
+        reference,
+        n=8 * steps,
         accelerator="cuda",
         max_steps=steps,
         plugins=plugins,
         **({} if plugins else {"precision": precision}),
         **kwargs,
     )
-    trainer.fit(model, loader(n=8 * steps))
     return trainer, reference, scaler
 
 
 def logged(trainer) -> dict[str, dict[int, float]]:
     """Every ``gradguard/grad_norm/<name>`` scalar GradGuard wrote: name -> step -> value."""
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0})
-    acc.Reload()
+    acc = events(trainer)
     tags = [t for t in acc.Tags()["scalars"] if t.startswith("gradguard/grad_norm/")]
     return {t.removeprefix("gradguard/grad_norm/"): {e.step: e.value for e in acc.Scalars(t)} for t in tags}
 
@@ -101,7 +101,7 @@ def logged(trainer) -> dict[str, dict[int, float]]:
 def test_healthy_model_is_silent_and_the_dashboard_shows_the_true_unscaled_norms(tmp_path, precision, fused):
     guard = GradGuard(log_every_n_steps=1, norms="param")
     logger = TensorBoardLogger(tmp_path, name="tb")
-    trainer, reference, _ = fit(tmp_path, Net(fused=fused), guard, precision, logger=logger)
+    trainer, reference, _ = fit_on_cuda(tmp_path, Net(fused=fused), guard, precision, logger=logger)
     assert guard.findings == []
     shown = logged(trainer)
     assert set(shown) == {"body.weight", "body.bias", "head.weight", "head.bias"}
@@ -114,7 +114,7 @@ def test_healthy_model_is_silent_and_the_dashboard_shows_the_true_unscaled_norms
 @pytest.mark.parametrize("fused", [False, True])
 def test_fp16_overflow_steps_the_scaler_skips_are_not_findings(tmp_path, fused):
     guard = GradGuard(log_every_n_steps=0)
-    _, _, scaler = fit(tmp_path, Net(blow_up=1e6, fused=fused), guard, "16-mixed", steps=8, scale=2.0**16)
+    _, _, scaler = fit_on_cuda(tmp_path, Net(blow_up=1e6, fused=fused), guard, "16-mixed", steps=8, scale=2.0**16)
     assert scaler is not None
     assert scaler.get_scale() < 2.0**16  # the scaler did skip overflowing steps
     assert guard.findings == []
@@ -123,7 +123,7 @@ def test_fp16_overflow_steps_the_scaler_skips_are_not_findings(tmp_path, fused):
 def test_a_detach_under_fp16_on_cuda_is_raised_with_its_line(tmp_path):
     guard = GradGuard()
     with pytest.raises(GradGuardError):
-        fit(tmp_path, Net(cut="detach"), guard, "16-mixed")
+        fit_on_cuda(tmp_path, Net(cut="detach"), guard, "16-mixed")
     found = {(f.kind, f.param, f.where, f.step) for f in guard.findings}
     assert found == {("detached", p, where("CUT: detach"), 0) for p in ("body.weight", "body.bias")}
 
@@ -135,7 +135,7 @@ def test_a_nan_gradient_on_cuda_is_nonfinite(tmp_path):
 
     guard = GradGuard()
     with pytest.raises(GradGuardError):
-        fit(tmp_path, NaNHead(), guard)
+        fit_on_cuda(tmp_path, NaNHead(), guard)
     assert {(f.kind, f.step) for f in guard.findings if f.param == "head.bias"} == {("nonfinite", 0)}
 
 
@@ -148,7 +148,7 @@ def test_inductor_compiled_model_on_cuda_gets_the_eager_verdict(tmp_path, cut):
     model = Net(cut=cut)
     with contextlib.suppress(GradGuardError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit(tmp_path, torch.compile(model), guard, steps=4)
+        fit_on_cuda(tmp_path, torch.compile(model), guard, steps=4)
     found = {(f.kind, f.param, f.where, f.step) for f in guard.findings}
     cuts = {("detached", p, where("CUT: detach"), 0) for p in ("body.weight", "body.bias")}
     assert found == (cuts if cut == "detach" else set())

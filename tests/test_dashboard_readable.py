@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from test_tensorboard import TwoOptimizers
 from torch import nn
 
-from conftest import loader, make_trainer
+from conftest import events, fit, loader, make_trainer
 from lightning_gradguard import GradGuard
 from lightning_gradguard.tags import custom_scalars_layout, group_keys, own_keys
 
@@ -48,17 +47,8 @@ class TwoOptimizersLogs(TwoOptimizers):
         self.log("d_loss", super().training_step(batch, batch_idx))
 
 
-def fit(tmp_path: Path, guard: GradGuard, model: LightningModule, n: int = 96, **kwargs):
-    kwargs.setdefault("logger", TensorBoardLogger(tmp_path, name="tb"))
-    trainer = make_trainer(tmp_path, [guard], **kwargs)
-    trainer.fit(model, loader(n=n))
-    return trainer
-
-
-def events(trainer) -> EventAccumulator:
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
+#: The runs here (``fit(..., **LOGGED)``): 12 batches of 8 an epoch, logged to TensorBoard.
+LOGGED = {"n": 96, "tensorboard": True}
 
 
 def steps(acc: EventAccumulator, tag: str) -> list[int]:
@@ -79,7 +69,7 @@ def charts_of(event) -> dict[str, list[str]]:
     [(3, {"max_steps": 10}), (4, {"max_steps": 6, "accumulate_grad_batches": 2}), (50, {"max_steps": 120, "n": 960})],
 )
 def test_dashboard_logs_at_the_steps_lightning_logs_self_log(tmp_path, every, kwargs):
-    trainer = fit(tmp_path, GradGuard(), Logs(), log_every_n_steps=every, **kwargs)
+    trainer = fit(tmp_path, Logs(), GradGuard(), log_every_n_steps=every, **{**LOGGED, **kwargs})
     acc = events(trainer)
     lightning = steps(acc, "train_loss")
     assert lightning  # Lightning logged something: the comparison below means something
@@ -89,7 +79,8 @@ def test_dashboard_logs_at_the_steps_lightning_logs_self_log(tmp_path, every, kw
 
 
 def test_dashboard_logs_at_lightnings_steps_with_two_optimizers(tmp_path):
-    trainer = fit(tmp_path, GradGuard(on_orphan="ignore"), TwoOptimizersLogs(), max_steps=12, log_every_n_steps=2)
+    guard = GradGuard(on_orphan="ignore")
+    trainer = fit(tmp_path, TwoOptimizersLogs(), guard, max_steps=12, log_every_n_steps=2, **LOGGED)
     acc = events(trainer)
     lightning = steps(acc, "d_loss")
     assert lightning == [1, 3, 5]  # the batch index, though global_step advances twice per batch
@@ -98,7 +89,7 @@ def test_dashboard_logs_at_lightnings_steps_with_two_optimizers(tmp_path):
 
 
 def test_dashboard_explicit_log_every_n_steps_uses_the_same_rule(tmp_path):
-    trainer = fit(tmp_path, GradGuard(log_every_n_steps=4), Logs(), max_steps=9, log_every_n_steps=2)
+    trainer = fit(tmp_path, Logs(), GradGuard(log_every_n_steps=4), max_steps=9, log_every_n_steps=2, **LOGGED)
     acc = events(trainer)
     assert steps(acc, "train_loss") == [1, 3, 5, 7]
     assert steps(acc, "gradguard/total_norm") == [3, 7]  # a subset of Lightning's points
@@ -109,7 +100,7 @@ def test_dashboard_explicit_log_every_n_steps_uses_the_same_rule(tmp_path):
 
 
 def test_dashboard_clean_run_has_no_findings_scalars_and_no_findings_chart(tmp_path):
-    trainer = fit(tmp_path, GradGuard(), Logs(), max_steps=4, log_every_n_steps=1)
+    trainer = fit(tmp_path, Logs(), GradGuard(), max_steps=4, log_every_n_steps=1, **LOGGED)
     acc = events(trainer)
     assert not [t for t in acc.Tags()["scalars"] if "/findings/" in t]
     layouts = acc.Tensors("custom_scalars__config__")
@@ -120,7 +111,7 @@ def test_dashboard_clean_run_has_no_findings_scalars_and_no_findings_chart(tmp_p
 def test_dashboard_findings_chart_appears_with_the_first_finding_and_holds_only_seen_kinds(tmp_path):
     guard = GradGuard(on_nonfinite="warn", log_every_n_steps=1)
     with pytest.warns(UserWarning, match="nonfinite|NaN"):
-        trainer = fit(tmp_path, guard, Logs(nan_at=2), max_steps=4, log_every_n_steps=1)
+        trainer = fit(tmp_path, Logs(nan_at=2), guard, max_steps=4, log_every_n_steps=1, **LOGGED)
     acc = events(trainer)
     findings = [t for t in acc.Tags()["scalars"] if "/findings/" in t]
     assert findings == ["gradguard/findings/nonfinite"]
@@ -179,7 +170,7 @@ def matches(acc: EventAccumulator, regexes: list[str]) -> set[str]:
 def test_dashboard_a_module_without_a_gradient_has_a_no_gradient_chart_not_an_empty_one(tmp_path):
     guard = GradGuard(on_detached="warn", log_every_n_steps=2, update_ratio=True)
     with pytest.warns(UserWarning, match="detached"):
-        trainer = fit(tmp_path, guard, Cut(), max_steps=6, log_every_n_steps=2)
+        trainer = fit(tmp_path, Cut(), guard, max_steps=6, log_every_n_steps=2, **LOGGED)
     acc = events(trainer)
     assert {e.step: e.value for e in acc.Scalars("gradguard/no_grad/side")} == {1: 1.0, 3: 1.0, 5: 1.0}
     assert "gradguard/grad_norm/side" not in acc.Tags()["scalars"]
@@ -197,7 +188,7 @@ def test_dashboard_a_module_without_a_gradient_has_a_no_gradient_chart_not_an_em
 def test_dashboard_no_gradient_share_counts_the_elements_of_a_partly_dead_module(tmp_path):
     guard = GradGuard(on_detached="warn", on_unused="warn", log_every_n_steps=1, idle_window=1)
     with pytest.warns(UserWarning, match="unused"):
-        trainer = fit(tmp_path, guard, Cut(extra=True), max_steps=2, log_every_n_steps=1)
+        trainer = fit(tmp_path, Cut(extra=True), guard, max_steps=2, log_every_n_steps=1, **LOGGED)
     acc = events(trainer)
     shares = {e.step: e.value for e in acc.Scalars("gradguard/no_grad/net.2")}
     assert shares == {0: pytest.approx(3 / 20), 1: pytest.approx(3 / 20)}  # extra: 3 of weight 16 + bias 1 + 3
@@ -209,7 +200,7 @@ def test_dashboard_no_gradient_share_counts_the_elements_of_a_partly_dead_module
 def test_dashboard_a_module_that_gets_a_gradient_later_gets_its_norm_chart_back(tmp_path):
     guard = GradGuard(on_detached="warn", log_every_n_steps=1)  # late: idle for 2 steps, not a finding
     with pytest.warns(UserWarning, match="detached"):
-        trainer = fit(tmp_path, guard, Cut(late_from=2), max_steps=4, log_every_n_steps=1)
+        trainer = fit(tmp_path, Cut(late_from=2), guard, max_steps=4, log_every_n_steps=1, **LOGGED)
     acc = events(trainer)
     assert {e.step: e.value for e in acc.Scalars("gradguard/no_grad/late")} == {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.0}
     assert steps(acc, "gradguard/grad_norm/late") == [2, 3]
@@ -222,14 +213,14 @@ def test_dashboard_a_module_that_gets_a_gradient_later_gets_its_norm_chart_back(
 
 def test_dashboard_no_gradient_leaves_out_ignored_parameters_and_clean_runs(tmp_path):
     guard = GradGuard(log_every_n_steps=1, ignore=["side.*"])
-    trainer = fit(tmp_path / "ignored", guard, Cut(), max_steps=2, log_every_n_steps=1)
+    trainer = fit(tmp_path / "ignored", Cut(), guard, max_steps=2, log_every_n_steps=1, **LOGGED)
     acc = events(trainer)
     assert not [t for t in acc.Tags()["scalars"] if "/no_grad/" in t]
     (layout,) = acc.Tensors("custom_scalars__config__")
     assert "share of parameters without a gradient" not in charts_of(layout)
     assert not [title for title in charts_of(layout) if title.startswith("NO GRADIENT")]
     assert "gradient norm: side" in charts_of(layout)  # an ignored part keeps its (empty) chart, as before
-    trainer = fit(tmp_path / "clean", GradGuard(), Logs(), max_steps=4, log_every_n_steps=1)
+    trainer = fit(tmp_path / "clean", Logs(), GradGuard(), max_steps=4, log_every_n_steps=1, **LOGGED)
     assert not [t for t in events(trainer).Tags()["scalars"] if "/no_grad/" in t]
 
 

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from conftest import loader, make_trainer
+from conftest import events, fit
 from lightning_gradguard import GradGuard
 from lightning_gradguard.dashboard import REPORT_FILE, Dashboard
 from lightning_gradguard.flow import FLOW_FILE, FLOW_TAG, SCALES, WIDTH, FlowHistory, _load_font, _shorten, render_flow
@@ -43,16 +42,13 @@ class Planted(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def fit(tmp_path: Path, guard: GradGuard, max_steps: int = 6, **kwargs):
-    kwargs.setdefault("logger", TensorBoardLogger(tmp_path, name="tb"))
-    trainer = make_trainer(tmp_path, [guard], max_steps=max_steps, **kwargs)
-    trainer.fit(Planted(), loader(n=64))
-    return trainer
+def fit_planted(tmp_path: Path, guard: GradGuard, max_steps: int = 6, **kwargs):
+    """``max_steps`` steps of :class:`Planted` under ``guard``, logged to TensorBoard unless ``logger`` is given."""
+    return fit(tmp_path, Planted(), guard, n=64, tensorboard=True, max_steps=max_steps, **kwargs)
 
 
 def images(trainer) -> dict[int, np.ndarray]:
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
+    acc = events(trainer)
     if FLOW_TAG not in acc.Tags()["images"]:
         return {}
     return {e.step: np.asarray(Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB"))
@@ -78,7 +74,7 @@ def band(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 
 def test_flow_picture_in_tensorboard_shows_a_vanishing_layer_darkest_and_an_exploding_one_brightest(tmp_path):
     guard = GradGuard(log_every_n_steps=1, flow_every=2)
-    trainer = fit(tmp_path, guard, max_steps=6)
+    trainer = fit_planted(tmp_path, guard, max_steps=6)
     pictures = images(trainer)
     assert sorted(pictures) == [0, 2, 4, 5]  # the first logged step, every 2nd after it, and the end
     final = guard._dashboard.flow_picture()
@@ -100,9 +96,8 @@ def test_flow_picture_in_tensorboard_shows_a_vanishing_layer_darkest_and_an_expl
 
 def test_flow_picture_values_are_the_logged_module_norms(tmp_path):
     guard = GradGuard(log_every_n_steps=1)
-    trainer = fit(tmp_path, guard, max_steps=3)
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0})
-    acc.Reload()
+    trainer = fit_planted(tmp_path, guard, max_steps=3)
+    acc = events(trainer)
     history = guard._dashboard._flow["grad_norm"]
     values, flags = history.matrix(["enc", "head", "side", "boom"])
     assert (flags == 0).all()
@@ -114,7 +109,7 @@ def test_flow_picture_values_are_the_logged_module_norms(tmp_path):
 
 def test_flow_png_beside_the_report_decodes_and_the_report_names_it(tmp_path):
     guard = GradGuard(log_every_n_steps=1, update_ratio=True)
-    trainer = fit(tmp_path, guard, max_steps=4)
+    trainer = fit_planted(tmp_path, guard, max_steps=4)
     png = Path(trainer.logger.log_dir) / FLOW_FILE
     assert png.is_file()
     pixels = np.asarray(Image.open(png).convert("RGB"))
@@ -130,10 +125,12 @@ def test_flow_png_beside_the_report_decodes_and_the_report_names_it(tmp_path):
     assert ((ratios > 0) & (ratios < 1)).all()
 
 
-def test_flow_picture_of_a_long_run_keeps_at_most_flow_columns(tmp_path):
+def test_flow_picture_of_a_long_run_keeps_at_most_flow_columns(tmp_path, monkeypatch):
+    # Not an option: GradGuard's Dashboard takes the module's FLOW_COLUMNS (200, filled only after 200 logged steps)
+    # when it is built.
+    monkeypatch.setattr("lightning_gradguard.dashboard.FLOW_COLUMNS", 4)
     guard = GradGuard(log_every_n_steps=1)
-    guard._dashboard.flow_columns = 4  # not an option: FLOW_COLUMNS (200) otherwise
-    fit(tmp_path, guard, max_steps=10)
+    fit_planted(tmp_path, guard, max_steps=10)
     history = guard._dashboard._flow["grad_norm"]
     assert history.steps() == [(0, 3), (4, 7), (8, 9)]
 
@@ -141,13 +138,13 @@ def test_flow_picture_of_a_long_run_keeps_at_most_flow_columns(tmp_path):
 @pytest.mark.parametrize("norms", ["param", "total"])
 def test_flow_rows_are_modules_whatever_norms_logs(tmp_path, norms):
     guard = GradGuard(log_every_n_steps=1, norms=norms)
-    fit(tmp_path, guard, max_steps=2)
+    fit_planted(tmp_path, guard, max_steps=2)
     assert guard._dashboard.flow_picture().keys == ["enc", "head", "side", "boom"]
 
 
 def test_flow_every_zero_draws_nothing(tmp_path):
     guard = GradGuard(log_every_n_steps=1, flow_every=0)
-    trainer = fit(tmp_path, guard, max_steps=2)
+    trainer = fit_planted(tmp_path, guard, max_steps=2)
     assert images(trainer) == {}
     assert not (Path(trainer.logger.log_dir) / FLOW_FILE).exists()
     assert guard._dashboard._flow == {}
@@ -155,13 +152,13 @@ def test_flow_every_zero_draws_nothing(tmp_path):
 
 def test_flow_no_picture_without_a_logger(tmp_path):
     guard = GradGuard(log_every_n_steps=1)
-    fit(tmp_path, guard, max_steps=2, logger=False)
+    fit_planted(tmp_path, guard, max_steps=2, logger=False)
     assert not list(tmp_path.rglob(FLOW_FILE))
 
 
 def test_flow_png_with_a_csv_logger_only(tmp_path):
     guard = GradGuard(log_every_n_steps=1)
-    trainer = fit(tmp_path, guard, max_steps=2, logger=CSVLogger(tmp_path, name="csv"))
+    trainer = fit_planted(tmp_path, guard, max_steps=2, logger=CSVLogger(tmp_path, name="csv"))
     png = Path(trainer.logger.log_dir) / FLOW_FILE
     assert (np.asarray(Image.open(png).convert("RGB")) == guard._dashboard.flow_picture().image).all()
 

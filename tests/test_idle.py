@@ -13,27 +13,14 @@ from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from conftest import loader, make_trainer, where
+from conftest import fit, kinds, loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
 from lightning_gradguard.history import History
 from lightning_gradguard.options import DEFAULT_WINDOW
 from lightning_gradguard.schedule import MAX_TRACED_STEPS
 
-
-def kinds(findings) -> set[tuple[str, str]]:
-    return {(f.kind, f.param) for f in findings}
-
-
-def fit(tmp_path, model: LightningModule, guard: GradGuard, **kwargs) -> GradGuard:
-    make_trainer(tmp_path, [guard], **kwargs).fit(model, loader(n=64, batch_size=4))
-    return guard
-
-
-def quiet(tmp_path, model: LightningModule, guard: GradGuard, **kwargs) -> GradGuard:
-    """Fit with GradGuard warnings as errors; return the guard."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", GradGuardWarning)
-        return fit(tmp_path, model, guard, **kwargs)
+#: The data of most runs here (``loader(**DATA)``, ``fit(..., **DATA)``): 16 batches of 4 an epoch.
+DATA = {"n": 64, "batch_size": 4}
 
 
 def drops(step: int, layer: int, p: float) -> bool:
@@ -67,7 +54,8 @@ class LayerDrop(LightningModule):
 
 
 def test_layerdrop_trains_200_steps_with_the_defaults(tmp_path):
-    guard = quiet(tmp_path, LayerDrop(), GradGuard(), max_steps=200)
+    guard = GradGuard()
+    fit(tmp_path, LayerDrop(), guard, max_steps=200, error=GradGuardWarning, **DATA)
     assert guard.findings == []
     shares = guard.report.idle_shares()
     assert set(shares) == {f"layers.{k}" for k in range(4)}  # each layer once, not each of its Linear layers
@@ -82,7 +70,7 @@ def test_layerdrop_trains_200_steps_with_the_defaults(tmp_path):
 def test_layerdrop_model_still_raises_a_never_called_head_within_the_window(tmp_path):
     trainer = make_trainer(tmp_path, [GradGuard()], max_steps=200)
     with pytest.raises(GradGuardError) as err:
-        trainer.fit(LayerDrop(with_dead_head=True), loader(n=64, batch_size=4))
+        trainer.fit(LayerDrop(with_dead_head=True), loader(**DATA))
     assert kinds(err.value.findings) == {("unused", "dead.weight"), ("unused", "dead.bias")}
     assert trainer.global_step == DEFAULT_WINDOW - 1  # raised at the 16th check, before its optimizer step
     f = err.value.findings[0]
@@ -94,17 +82,18 @@ def test_layerdrop_model_still_raises_a_never_called_head_within_the_window(tmp_
 def test_window_option_sets_when_a_dead_part_becomes_a_finding(tmp_path):
     trainer = make_trainer(tmp_path, [GradGuard(idle_window=3)], max_steps=50)
     with pytest.raises(GradGuardError, match="dead.weight"):
-        trainer.fit(LayerDrop(p=0.0, with_dead_head=True), loader(n=64, batch_size=4))
+        trainer.fit(LayerDrop(p=0.0, with_dead_head=True), loader(**DATA))
     assert trainer.global_step == 2
     trainer = make_trainer(tmp_path, [GradGuard(idle_window=1)], max_steps=50)
     with pytest.raises(GradGuardError, match="layers.0.0.weight"):  # window 1: LayerDrop's step-0 skip raises
-        trainer.fit(LayerDrop(), loader(n=64, batch_size=4))
+        trainer.fit(LayerDrop(), loader(**DATA))
     assert trainer.global_step == 0
 
 
 def test_a_run_shorter_than_the_window_warns_about_never_used_parts_at_the_end(tmp_path):
+    guard = GradGuard()
     with pytest.warns(GradGuardWarning, match="too few to tell a dead part") as rec:
-        guard = fit(tmp_path, LayerDrop(p=0.0, with_dead_head=True), GradGuard(), max_steps=4)
+        fit(tmp_path, LayerDrop(p=0.0, with_dead_head=True), guard, max_steps=4, **DATA)
     assert kinds(guard.findings) == {("unused", "dead.weight"), ("unused", "dead.bias")}
     assert "any of the 4 checked steps of the run" in guard.findings[0].message
     assert "never took part in the forward pass" in guard.findings[0].message
@@ -113,8 +102,9 @@ def test_a_run_shorter_than_the_window_warns_about_never_used_parts_at_the_end(t
 
 
 def test_a_one_step_run_of_a_layerdrop_model_does_not_raise(tmp_path):
+    guard = GradGuard()
     with pytest.warns(GradGuardWarning, match="layers.0.0.weight"):  # dropped on step 0: can't tell, so a warning
-        guard = fit(tmp_path, LayerDrop(p=0.0), GradGuard(), fast_dev_run=True)
+        fit(tmp_path, LayerDrop(p=0.0), guard, fast_dev_run=True, **DATA)
     assert {f.module for f in guard.findings} == {"layers.0.0"}
 
 
@@ -154,7 +144,8 @@ class Experts(LightningModule):
 
 
 def test_experts_without_tokens_on_some_steps_are_idle_not_unused(tmp_path):
-    guard = quiet(tmp_path, Experts(), GradGuard(on_zero="raise"), max_steps=100)
+    guard = GradGuard(on_zero="raise")
+    fit(tmp_path, Experts(), guard, max_steps=100, error=GradGuardWarning, **DATA)
     assert guard.findings == []
     shares = guard.report.idle_shares()
     assert shares
@@ -193,7 +184,8 @@ class DenseExperts(LightningModule):
 def test_experts_computed_then_selected_are_idle_not_unused(tmp_path, python_choice):
     """Selected by index, the unchosen experts' outputs still reach the loss: all-zero gradients, idle. Selected in
     Python, they are computed and dropped, nothing else: idle too, every step traced."""
-    guard = quiet(tmp_path, DenseExperts(python_choice), GradGuard(on_zero="raise", diagnose="always"), max_steps=40)
+    guard = GradGuard(on_zero="raise", diagnose="always")
+    fit(tmp_path, DenseExperts(python_choice), guard, max_steps=40, error=GradGuardWarning, **DATA)
     assert guard.findings == []
     assert set(guard.report.idle_shares()) <= {"experts", *(f"experts.{e}" for e in range(4))}
 
@@ -221,7 +213,8 @@ class AuxEveryThirdStep(LightningModule):
 
 def test_an_output_logged_on_every_step_and_in_the_loss_on_some_is_idle(tmp_path):
     """Logged and left out of the loss on a traced step, but it had a gradient before: idle, not dead."""
-    guard = quiet(tmp_path, AuxEveryThirdStep(), GradGuard(diagnose="always"), max_steps=40)
+    guard = GradGuard(diagnose="always")
+    fit(tmp_path, AuxEveryThirdStep(), guard, max_steps=40, error=GradGuardWarning, **DATA)
     assert guard.findings == []
     assert guard.report.idle_shares() == {"aux": pytest.approx(26 / 40)}
 
@@ -229,7 +222,7 @@ def test_an_output_logged_on_every_step_and_in_the_loss_on_some_is_idle(tmp_path
 def test_a_dead_expert_is_unused_within_the_window(tmp_path):
     trainer = make_trainer(tmp_path, [GradGuard()], max_steps=100)
     with pytest.raises(GradGuardError) as err:
-        trainer.fit(Experts(dead=(3,)), loader(n=64, batch_size=4))
+        trainer.fit(Experts(dead=(3,)), loader(**DATA))
     assert kinds(err.value.findings) == {("unused", "experts.3.weight"), ("unused", "experts.3.bias")}
     assert trainer.global_step == DEFAULT_WINDOW - 1
 
@@ -265,7 +258,7 @@ def test_drop_path_of_a_whole_batch_is_idle_not_zero(tmp_path):
 
 def test_drop_path_that_always_drops_is_zero(tmp_path):
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, DropPath(p=0.9999999), GradGuard(on_zero="raise"), max_steps=30)
+        fit(tmp_path, DropPath(p=0.9999999), GradGuard(on_zero="raise"), max_steps=30, **DATA)
     assert kinds(err.value.findings) == {("zero", "block.weight"), ("zero", "block.bias")}
 
 
@@ -285,7 +278,7 @@ class DetachFrom(LayerDrop):
 def test_a_cut_that_starts_on_an_untraced_step_is_detached_at_the_next_step(tmp_path):
     trainer = make_trainer(tmp_path, [GradGuard()], max_steps=30)
     with pytest.raises(GradGuardError) as err:
-        trainer.fit(DetachFrom(), loader(n=64, batch_size=4))
+        trainer.fit(DetachFrom(), loader(**DATA))
     assert trainer.global_step == 4  # step 3 idle; step 4 traced, which shows the cut
     assert kinds(err.value.findings) == {("detached", "inp.weight"), ("detached", "inp.bias")}
     assert {f.where for f in err.value.findings} == {where("CUT: from step 3")}
@@ -429,7 +422,8 @@ class CheckpointedModule(LightningModule):
 @pytest.mark.parametrize("diagnose", ["on_finding", "always", "never"])
 def test_checkpointed_lightning_model_is_silent_under_every_policy(tmp_path, reentrant, set_to_none, diagnose):
     guard = GradGuard(on_frozen="raise", on_orphan="raise", on_zero="raise", idle_window=1, diagnose=diagnose)
-    quiet(tmp_path, CheckpointedModule("healthy", reentrant, set_to_none), guard, max_steps=3)
+    model = CheckpointedModule("healthy", reentrant, set_to_none)
+    fit(tmp_path, model, guard, max_steps=3, error=GradGuardWarning, **DATA)
     assert guard.findings == []
 
 
@@ -438,7 +432,7 @@ def test_checkpointed_lightning_model_is_silent_under_every_policy(tmp_path, ree
 def test_zero_inside_a_reentrant_checkpoint_is_zero_under_lightning(tmp_path, reentrant, set_to_none):
     guard = GradGuard(on_zero="raise", idle_window=1)
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, CheckpointedModule("zero", reentrant, set_to_none), guard, max_steps=3)
+        fit(tmp_path, CheckpointedModule("zero", reentrant, set_to_none), guard, max_steps=3, **DATA)
     assert kinds(err.value.findings) == {("zero", "net.gate.weight"), ("zero", "net.gate.bias")}
 
 
@@ -466,27 +460,24 @@ class Stack(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=1e-4)
 
 
-def traced_steps(tmp_path, model, guard, steps=12) -> GradGuard:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", GradGuardWarning)
-        fit(tmp_path, model, guard, max_steps=steps)
-    return guard
-
-
 def test_changing_zero_gradients_trace_no_more_steps_than_a_clean_model(tmp_path):
-    clean = traced_steps(tmp_path, Stack(vanishing=False), GradGuard())
-    vanishing = traced_steps(tmp_path, Stack(), GradGuard())
+    clean = GradGuard()
+    fit(tmp_path, Stack(vanishing=False), clean, max_steps=12, ignore=GradGuardWarning, **DATA)
+    vanishing = GradGuard()
+    fit(tmp_path, Stack(), vanishing, max_steps=12, ignore=GradGuardWarning, **DATA)
     assert clean._core.schedule.traced_steps == 1
     assert vanishing._core.schedule.traced_steps == 1
     assert vanishing.findings == []
 
 
 def test_tracing_has_a_budget_and_the_report_says_when_it_stopped(tmp_path):
-    guard = traced_steps(tmp_path, Stack(), GradGuard(idle_window=1, on_zero="warn"), steps=20)
+    guard = GradGuard(idle_window=1, on_zero="warn")
+    fit(tmp_path, Stack(), guard, max_steps=20, ignore=GradGuardWarning, **DATA)
     assert guard._core.schedule.traced_steps == MAX_TRACED_STEPS
     assert any("budget" in n for n in guard.report.notes)
     assert {f.kind for f in guard.findings} == {"zero"}
-    always = traced_steps(tmp_path, Stack(depth=20), GradGuard(idle_window=1, diagnose="always"), steps=12)
+    always = GradGuard(idle_window=1, diagnose="always")
+    fit(tmp_path, Stack(depth=20), always, max_steps=12, ignore=GradGuardWarning, **DATA)
     assert always._core.schedule.traced_steps == 12  # no budget when every step is asked for
 
 
@@ -511,8 +502,9 @@ class LateOrphan(LightningModule):
 
 
 def test_orphan_first_seen_on_an_untraced_step_is_reported_and_counted_per_step(tmp_path):
+    guard = GradGuard()
     with pytest.warns(GradGuardWarning, match="no optimizer holds it"):
-        guard = fit(tmp_path, LateOrphan(), GradGuard(), max_steps=6)
+        fit(tmp_path, LateOrphan(), guard, max_steps=6, **DATA)
     assert kinds(guard.findings) == {("orphan", "extra.weight"), ("orphan", "extra.bias")}
     entry = next(e for e in guard.report.entries if e.finding.param == "extra.weight")
     assert (entry.finding.step, entry.count, entry.last_step) == (3, 3, 5)
@@ -530,7 +522,8 @@ def test_empty_parameter_is_silent(tmp_path, used):
             loss = super().training_step(batch, batch_idx)
             return loss + self.empty.sum() if used else loss
 
-    guard = quiet(tmp_path, WithEmpty(), GradGuard(on_zero="raise"), max_steps=3)
+    guard = GradGuard(on_zero="raise")
+    fit(tmp_path, WithEmpty(), guard, max_steps=3, error=GradGuardWarning, **DATA)
     assert guard.findings == []
 
 
@@ -546,7 +539,7 @@ def test_a_zero_run_that_ends_at_the_traced_step_is_reported_with_its_steps(tmp_
 
     trainer = make_trainer(tmp_path, [GradGuard(on_zero="raise")], max_steps=40)
     with pytest.raises(GradGuardError) as err:
-        trainer.fit(ZeroedFor16(), loader(n=64, batch_size=4))
+        trainer.fit(ZeroedFor16(), loader(**DATA))
     assert trainer.global_step == DEFAULT_WINDOW + 1  # the window ran out on step 16; step 17 was traced to explain
     assert kinds(err.value.findings) == {("zero", "dead.weight"), ("zero", "dead.bias")}
     assert f"on every checked step from 1 to {DEFAULT_WINDOW}" in err.value.findings[0].message
@@ -564,7 +557,7 @@ def test_zero_gradient_from_a_zero_derivative_op_is_reported_at_once(tmp_path):
 
     trainer = make_trainer(tmp_path, [GradGuard(on_zero="raise")], max_steps=40)
     with pytest.raises(GradGuardError) as err:
-        trainer.fit(Rounded(), loader(n=64, batch_size=4))
+        trainer.fit(Rounded(), loader(**DATA))
     assert trainer.global_step == 0  # not control flow: no window
     assert kinds(err.value.findings) == {("zero", "dead.weight"), ("zero", "dead.bias")}
     assert {f.where for f in err.value.findings} == {where("CUT: round")}
@@ -592,7 +585,8 @@ def test_modules_idle_on_the_same_share_of_steps_are_one_row_of_the_report():
 
 # ---------------------------------------------------------------- mutation campaign (tests/mutation/run.py)
 def test_an_idle_layer_is_probed_by_one_trace_not_on_every_drop(tmp_path):
-    guard = quiet(tmp_path, LayerDrop(), GradGuard(), max_steps=60)
+    guard = GradGuard()
+    fit(tmp_path, LayerDrop(), guard, max_steps=60, error=GradGuardWarning, **DATA)
     assert guard.findings == []
     # the first step, and at most one probe per layer once it is first dropped on an untraced step
     assert guard._core.schedule.traced_steps <= 1 + 4
@@ -623,7 +617,7 @@ class ZeroThenUnused(LightningModule):
 def test_with_window_1_each_finding_is_dated_to_its_own_step_within_one_run(tmp_path):
     guard = GradGuard(idle_window=1, on_zero="warn", on_unused="warn", diagnose="always")
     with pytest.warns(GradGuardWarning):
-        fit(tmp_path, ZeroThenUnused(), guard, max_steps=4)
+        fit(tmp_path, ZeroThenUnused(), guard, max_steps=4, **DATA)
     # one run without a usable gradient (steps 0-1), but the `unused` finding is seen first on step 1, not 0
     assert {(f.kind, f.param, f.step) for f in guard.findings} == {
         ("zero", "extra.weight", 0),
@@ -647,7 +641,7 @@ class ZeroThenGone(ZeroThenUnused):
 def test_a_parameter_a_trace_explained_as_zero_is_traced_again_when_its_gradient_goes_missing(tmp_path):
     guard = GradGuard(idle_window=1, on_zero="warn", on_unused="warn")
     with pytest.warns(GradGuardWarning):
-        fit(tmp_path, ZeroThenGone(), guard, max_steps=4)
+        fit(tmp_path, ZeroThenGone(), guard, max_steps=4, **DATA)
     unused = [f for f in guard.findings if f.kind == "unused"]
     assert {(f.param, f.step) for f in unused} == {("extra.weight", 1), ("extra.bias", 1)}
     # the explanation of a trace (step 2), not "the step was not traced": the earlier trace looked at a zero gradient
@@ -670,7 +664,7 @@ def test_once_the_tracing_budget_is_spent_a_new_finding_is_reported_at_its_step(
     guard = GradGuard(idle_window=1, on_zero="ignore")
     trainer = make_trainer(tmp_path, [guard], max_steps=40)
     with pytest.raises(GradGuardError, match="extra.weight") as err:
-        trainer.fit(StackWithLateUnused(), loader(n=64, batch_size=4))
+        trainer.fit(StackWithLateUnused(), loader(**DATA))
     assert guard._core.schedule.traced_steps == MAX_TRACED_STEPS
     assert any("budget" in n for n in guard.report.notes)  # spent before step 25
     assert trainer.global_step == 25  # at once, not held for a trace that the budget no longer allows
@@ -695,8 +689,9 @@ class FrozenBias(LightningModule):
 
 
 def test_a_finding_of_the_traced_first_step_does_not_cost_another_trace(tmp_path):
+    guard = GradGuard()
     with pytest.warns(GradGuardWarning, match="body.bias"):
-        guard = fit(tmp_path, FrozenBias(), GradGuard(), max_steps=6)
+        fit(tmp_path, FrozenBias(), guard, max_steps=6, **DATA)
     assert kinds(guard.findings) == {("frozen", "body.bias")}
     assert guard._core.schedule.traced_steps == 1
 
@@ -705,7 +700,7 @@ def test_a_finding_of_the_traced_first_step_does_not_cost_another_trace(tmp_path
 def test_a_run_exactly_as_long_as_the_window_reports_its_dead_part_once(tmp_path, window):
     guard = GradGuard(idle_window=window, on_unused="warn")
     with pytest.warns(GradGuardWarning) as rec:
-        fit(tmp_path, LayerDrop(p=0.0, with_dead_head=True), guard, max_steps=window)
+        fit(tmp_path, LayerDrop(p=0.0, with_dead_head=True), guard, max_steps=window, **DATA)
     assert kinds(guard.findings) == {("unused", "dead.weight"), ("unused", "dead.bias")}
     entry = next(e for e in guard.report.entries if e.finding.param == "dead.weight")
     assert entry.count == window  # every checked step, not one more for a "shorter than the window" copy at the end
@@ -743,7 +738,7 @@ def test_a_part_that_dies_right_after_a_resume_is_dated_to_that_step(tmp_path):
 def test_idle_shares_leave_out_the_parts_reported_dead(tmp_path):
     guard = GradGuard(on_unused="warn")
     with pytest.warns(GradGuardWarning, match="dead"):
-        fit(tmp_path, LayerDrop(with_dead_head=True), guard, max_steps=40)
+        fit(tmp_path, LayerDrop(with_dead_head=True), guard, max_steps=40, **DATA)
     assert kinds(guard.findings) == {("unused", "dead.weight"), ("unused", "dead.bias")}
     assert set(guard.report.idle_shares()) == {f"layers.{k}" for k in range(4)}  # idle, not `dead`: it is a finding
 
@@ -776,10 +771,12 @@ def test_a_finding_no_trace_can_explain_does_not_cost_a_trace(tmp_path):
     """A NaN first seen on an untraced step is reported from the gradients: tracing the next step would explain
     nothing (the tracer follows values and gradient paths, not NaNs), so only the first step is traced. Nearest
     correct: a cut that starts on an untraced step gets the next step traced, which names it."""
-    nan = traced_steps(tmp_path / "nan", LateNan(nan_from=3), GradGuard(on_nonfinite="warn"), steps=6)
+    nan = GradGuard(on_nonfinite="warn")
+    fit(tmp_path / "nan", LateNan(nan_from=3), nan, max_steps=6, ignore=GradGuardWarning, **DATA)
     assert {f.kind for f in nan.findings} == {"nonfinite"}
     assert nan._core.schedule.traced_steps == 1
-    cut = traced_steps(tmp_path / "cut", LateNan(cut_from=3), GradGuard(on_detached="warn", idle_window=1), steps=6)
+    cut = GradGuard(on_detached="warn", idle_window=1)
+    fit(tmp_path / "cut", LateNan(cut_from=3), cut, max_steps=6, ignore=GradGuardWarning, **DATA)
     assert {f.kind for f in cut.findings} == {"detached"}
     assert cut._core.schedule.traced_steps == 2
     assert all(f.where is not None for f in cut.findings)

@@ -11,8 +11,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from conftest import loader, make_trainer, where
-from lightning_gradguard import Finding, GradGuard, GradGuardError, GradGuardWarning, check_step
+from conftest import fit, kinds, loader, make_trainer, where
+from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
 
 
 class Net(LightningModule):
@@ -37,22 +37,10 @@ class Net(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
-def fit(tmp_path, model: LightningModule, guard: GradGuard | None = None, **trainer_kwargs) -> GradGuard:
-    guard = guard or GradGuard()
-    make_trainer(tmp_path, [guard], **trainer_kwargs).fit(model, loader())
-    return guard
-
-
-def kinds(findings: list[Finding]) -> set[tuple[str, str]]:
-    return {(f.kind, f.param) for f in findings}
-
-
 def fit_silently(tmp_path, model: LightningModule, **trainer_kwargs) -> GradGuard:
     """Fit with every kind set to raise; assert that nothing was found."""
     guard = GradGuard(on_frozen="raise", on_orphan="raise", on_zero="raise")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", GradGuardWarning)
-        fit(tmp_path, model, guard, **trainer_kwargs)
+    fit(tmp_path, model, guard, error=GradGuardWarning, **trainer_kwargs)
     assert guard.findings == []
     return guard
 
@@ -69,8 +57,9 @@ class FrozenInOptimizer(Net):
 
 
 def test_frozen_param_in_optimizer_warns_once(tmp_path):
+    guard = GradGuard()
     with pytest.warns(GradGuardWarning, match="encoder.0.weight") as record:
-        guard = fit(tmp_path, FrozenInOptimizer())
+        fit(tmp_path, FrozenInOptimizer(), guard)
     assert kinds(guard.findings) == {("frozen", "encoder.0.weight")}
     assert sum("encoder.0.weight" in str(w.message) for w in record) == 1  # 3 steps, warned once
     assert guard.report.entries[0].count == 3
@@ -213,7 +202,8 @@ class SometimesSkipped(Net):
 
 
 def test_param_skipped_on_one_untraced_step_is_explained_by_the_next_traced_step(tmp_path):
-    guard = fit(tmp_path, SometimesSkipped(), GradGuard(on_unused="warn", idle_window=1), max_steps=4)
+    guard = GradGuard(on_unused="warn", idle_window=1)
+    fit(tmp_path, SometimesSkipped(), guard, max_steps=4)
     by_key = {f.key: f for f in guard.findings}
     assert set(by_key) == {("unused", "extra.weight"), ("unused", "extra.bias")}
     f = by_key[("unused", "extra.weight")]
@@ -236,7 +226,7 @@ class DetachedEncoder(Net):
 
 def test_detached_encoder_raises_naming_the_line(tmp_path):
     with pytest.raises(GradGuardError, match="remove the `.detach\\(\\)`") as err:
-        fit(tmp_path, DetachedEncoder())
+        fit(tmp_path, DetachedEncoder(), GradGuard())
     assert kinds(err.value.findings) == {("detached", "encoder.0.weight"), ("detached", "encoder.0.bias")}
     assert {f.where for f in err.value.findings} == {where("CUT: detach")}
 
@@ -256,8 +246,9 @@ class HeadNotInOptimizer(Net):
 
 
 def test_head_missing_from_optimizer_is_orphan(tmp_path):
+    guard = GradGuard()
     with pytest.warns(GradGuardWarning, match="no optimizer holds it"):
-        guard = fit(tmp_path, HeadNotInOptimizer())
+        fit(tmp_path, HeadNotInOptimizer(), guard)
     assert kinds(guard.findings) == {("orphan", "head.weight"), ("orphan", "head.bias")}
 
 
@@ -295,7 +286,7 @@ def test_optimizer_over_a_copy_is_stale(tmp_path):
 
 def test_stale_also_reports_the_real_params_as_orphans(tmp_path):
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, OptimizerOverCopy())
+        fit(tmp_path, OptimizerOverCopy(), GradGuard())
     assert ("orphan", "head.weight") in kinds(err.value.findings)
 
 
@@ -312,7 +303,7 @@ class SqrtAtZero(Net):
 
 def test_nan_gradient_raises_nonfinite(tmp_path):
     with pytest.raises(GradGuardError, match="nonfinite") as err:
-        fit(tmp_path, SqrtAtZero())
+        fit(tmp_path, SqrtAtZero(), GradGuard())
     assert {f.kind for f in err.value.findings} == {"nonfinite"}
     assert {f.param for f in err.value.findings} >= {"encoder.0.weight"}
 
@@ -322,7 +313,8 @@ def test_large_finite_gradient_is_not_nonfinite(tmp_path):
         def training_step(self, batch, batch_idx):
             return super().training_step(batch, batch_idx) * 1e25  # norm overflows float32, elements do not
 
-    guard = fit(tmp_path, Huge(), max_steps=1)
+    guard = GradGuard()
+    fit(tmp_path, Huge(), guard, max_steps=1)
     assert guard.findings == []
 
 
@@ -339,8 +331,9 @@ class TimesZero(Net):
 
 
 def test_zero_gradient_warns(tmp_path):
+    guard = GradGuard()
     with pytest.warns(GradGuardWarning, match="exactly zero"):
-        guard = fit(tmp_path, TimesZero())
+        fit(tmp_path, TimesZero(), guard)
     assert kinds(guard.findings) == {("zero", "gate.weight"), ("zero", "gate.bias")}
 
 
@@ -399,7 +392,7 @@ def test_tied_weight_is_reported_once_under_its_first_name(tmp_path):
             return (self.emb.weight.sum() * 0 + x.sum()).detach().requires_grad_() * 0 + ((x * 0).sum() - y.sum())
 
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, TiedUnused())
+        fit(tmp_path, TiedUnused(), GradGuard())
     assert [f.param for f in err.value.findings] == ["emb.weight"]
 
 
@@ -567,7 +560,7 @@ def test_gan_with_detached_generator_output_raises_for_generator(tmp_path):
             return x.detach()  # CUT: gan
 
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, Broken(), max_steps=2)
+        fit(tmp_path, Broken(), GradGuard(), max_steps=2)
     assert {f.kind for f in err.value.findings} == {"detached"}
     assert {f.param for f in err.value.findings} == {"G.0.weight", "G.0.bias", "G.2.weight", "G.2.bias"}
     assert {f.where for f in err.value.findings} == {where("CUT: gan")}
@@ -580,7 +573,7 @@ def test_bf16_mixed_is_silent(tmp_path):
 
 def test_bf16_mixed_still_finds_detached(tmp_path):
     with pytest.raises(GradGuardError, match="encoder.0.weight: detached"):
-        fit(tmp_path, DetachedEncoder(), precision="bf16-mixed")
+        fit(tmp_path, DetachedEncoder(), GradGuard(), precision="bf16-mixed")
 
 
 class BigLoss(Net):
@@ -600,18 +593,21 @@ def test_fp16_grad_scaler_overflow_steps_are_not_nonfinite(tmp_path):
 
 def test_fp16_persistent_nan_under_grad_scaler_is_nonfinite(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     with pytest.raises(GradGuardError, match="nonfinite"):
-        fit(tmp_path, SqrtAtZero(), plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], max_steps=6)
+        fit(tmp_path, SqrtAtZero(), GradGuard(), plugins=[plugin], max_steps=6)
 
 
 # ---------------------------------------------------------------- policy
 def test_ignore_globs_silence_matching_params(tmp_path):
-    guard = fit(tmp_path, NeverCalled(), GradGuard(ignore=["aux.*"]))
+    guard = GradGuard(ignore=["aux.*"])
+    fit(tmp_path, NeverCalled(), guard)
     assert guard.findings == []
 
 
 def test_ignore_action_silences_a_kind(tmp_path):
-    guard = fit(tmp_path, NeverCalled(), GradGuard(on_unused="ignore"))
+    guard = GradGuard(on_unused="ignore")
+    fit(tmp_path, NeverCalled(), guard)
     assert guard.findings == []
 
 
@@ -663,12 +659,13 @@ def test_no_tracer_mode_is_left_active_after_fit(tmp_path):
     from torch.overrides import _get_current_function_mode_stack
 
     with pytest.raises(GradGuardError):
-        fit(tmp_path, DetachedEncoder())
+        fit(tmp_path, DetachedEncoder(), GradGuard())
     assert _get_current_function_mode_stack() == []
 
 
 def test_state_dict_round_trip_keeps_findings(tmp_path):
-    guard = fit(tmp_path, TimesZero(), GradGuard(on_zero="warn"))
+    guard = GradGuard(on_zero="warn")
+    fit(tmp_path, TimesZero(), guard)
     state = guard.state_dict()
     fresh = GradGuard()
     fresh.load_state_dict(state)
@@ -682,7 +679,8 @@ def test_report_has_a_module_level_view(tmp_path):
             super().__init__()
             self.aux = nn.Linear(16, 1)
 
-    guard = fit(tmp_path, Both(), GradGuard(on_unused="warn"), max_steps=1)
+    guard = GradGuard(on_unused="warn")
+    fit(tmp_path, Both(), guard, max_steps=1)
     assert set(guard.report.notes) == {
         "module `pooler` ran, but its output never reached the loss",
         "module `aux` was never called",
@@ -695,7 +693,8 @@ def test_tiny_gradient_whose_norm_underflows_is_not_zero(tmp_path):
         def training_step(self, batch, batch_idx):
             return super().training_step(batch, batch_idx) * 1e-30  # squares of the gradients underflow float32
 
-    guard = fit(tmp_path, Tiny(), GradGuard(on_zero="raise"), max_steps=1)
+    guard = GradGuard(on_zero="raise")
+    fit(tmp_path, Tiny(), guard, max_steps=1)
     assert guard.findings == []
 
 
@@ -761,9 +760,8 @@ def test_diagnose_first_reports_a_later_problem_at_once_without_a_trace(tmp_path
 
 
 def test_diagnose_on_finding_explains_a_later_problem_on_the_next_step(tmp_path):
-    guard = fit(
-        tmp_path, DetachedOnStep2(), GradGuard(on_detached="warn", on_unused="warn", idle_window=1), max_steps=4
-    )
+    guard = GradGuard(on_detached="warn", on_unused="warn", idle_window=1)
+    fit(tmp_path, DetachedOnStep2(), guard, max_steps=4)
     # step 2 is untraced and held back; step 3 (traced) does not reproduce it: a branch skipped it on step 2
     assert {(f.kind, f.step) for f in guard.findings} == {("unused", 2)}
     assert "a cut taken on that step only" in guard.findings[0].message
@@ -838,7 +836,7 @@ class CutInFirstMicroBatch(Net):
 
 def test_a_cut_in_the_first_micro_batch_is_detached_at_its_line(tmp_path):
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, CutInFirstMicroBatch(), accumulate_grad_batches=2, max_steps=2)
+        fit(tmp_path, CutInFirstMicroBatch(), GradGuard(), accumulate_grad_batches=2, max_steps=2)
     assert {(f.kind, f.where) for f in err.value.findings} == {("detached", where("CUT: micro0"))}
     assert kinds(err.value.findings) == {("detached", "encoder.0.weight"), ("detached", "encoder.0.bias")}
     fit_silently(tmp_path, CutInFirstMicroBatch(cut=False), accumulate_grad_batches=2, max_steps=2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.plugins import MixedPrecision
-from test_kinds import Net
+from test_kinds import BigLoss, Net
 from torch import nn
 
 import lightning_gradguard.measure as measure
@@ -513,14 +513,7 @@ class _FusedAdam(Net):
         return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
 
 
-class _BigLoss(Net):
-    """fp16 gradients overflow at the scaler's initial scale of 65536: the scaler skips steps."""
-
-    def training_step(self, batch, batch_idx):
-        return super().training_step(batch, batch_idx) * 1000.0
-
-
-class _BigLossFused(_BigLoss, _FusedAdam):
+class _BigLossFused(BigLoss, _FusedAdam):
     pass
 
 
@@ -572,7 +565,7 @@ def test_unfused_optimizer_under_amp_reads_the_scale_only_on_overflow_steps(tmp_
     seen = _record_measures(monkeypatch)
     guard = GradGuard(log_every_n_steps=0, diagnose="never")
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
-    make_trainer(tmp_path, [guard], max_steps=6, plugins=[plugin]).fit(_BigLoss() if overflow else Net(), loader())
+    make_trainer(tmp_path, [guard], max_steps=6, plugins=[plugin]).fit(BigLoss() if overflow else Net(), loader())
     assert guard.findings == []
     assert all(scale == 1.0 for scale, _, _ in seen)
     skipped = sum(1 for _, _, stats in seen if stats.nonfinite)

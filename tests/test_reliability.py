@@ -17,7 +17,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from conftest import loader, make_trainer
+from conftest import events, loader, make_trainer
 from lightning_gradguard import GradGuard
 
 pytestmark = pytest.mark.filterwarnings("ignore::lightning_gradguard.policy.GradGuardWarning")
@@ -124,13 +124,11 @@ def test_one_rng_draw_by_a_guard_changes_training(tmp_path):
 
 def test_every_option_did_its_work(tmp_path):
     """The options of the bit-identity test really ran: update ratios and value histograms are in the event file."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     _train(tmp_path, "32-true", GradGuard(**ALL_ON))
     (log_dir,) = [p for p in (tmp_path / "on").iterdir() if p.is_dir()]
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0}).Reload()
-    scalars, histograms = events.Tags()["scalars"], events.Tags()["histograms"]
+    acc = events(log_dir)
+    scalars, histograms = acc.Tags()["scalars"], acc.Tags()["histograms"]
     assert "gradguard/total_update_ratio" in scalars
     assert "gradguard/grad_norm/net.0.weight" in scalars  # norms="param"
     assert "gradguard/grad_values/net.0.weight" in histograms  # value_histograms
-    assert len(events.Scalars("gradguard/total_norm")) == 4  # every optimizer step logged
+    assert len(acc.Scalars("gradguard/total_norm")) == 4  # every optimizer step logged

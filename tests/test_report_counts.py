@@ -20,10 +20,9 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from conftest import loader, make_trainer
+from conftest import events, fit, loader, make_trainer
 from lightning_gradguard import GradGuard
 
 STEPS = 40
@@ -76,12 +75,9 @@ class Planted(LightningModule):
         return Still(self.parameters(), lr=0.1)
 
 
-def fit(tmp_path, kind: str, steps: list[int], guard: GradGuard, **kwargs) -> GradGuard:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the warnings are the findings counted here
-        make_trainer(tmp_path, [guard], **{"max_steps": STEPS, **kwargs}).fit(
-            Planted(kind, steps), loader(n=4 * STEPS, batch_size=4)
-        )
+def fit_planted(tmp_path, kind: str, steps: list[int], guard: GradGuard, max_steps: int = STEPS, **kwargs) -> GradGuard:
+    """``Planted(kind, steps)`` under ``guard``, its warnings (the findings counted here) silenced; the guard."""
+    fit(tmp_path, Planted(kind, steps), guard, n=4 * STEPS, batch_size=4, ignore=Warning, max_steps=max_steps, **kwargs)
     return guard
 
 
@@ -116,7 +112,7 @@ CASES = [
 @pytest.mark.parametrize(("kind", "pattern", "diagnose", "window"), CASES)
 def test_a_finding_counts_the_steps_it_held_on(tmp_path, kind, pattern, diagnose, window):
     planted = PATTERNS[pattern]
-    guard = fit(tmp_path, kind, planted, GradGuard(diagnose=diagnose, idle_window=window, **WARN))
+    guard = fit_planted(tmp_path, kind, planted, GradGuard(diagnose=diagnose, idle_window=window, **WARN))
     entries = aux_entries(guard)
     if not reported(kind, pattern, diagnose, window):
         assert entries == {}, "idle by design: no finding"
@@ -138,7 +134,7 @@ def test_a_finding_counts_the_steps_it_held_on(tmp_path, kind, pattern, diagnose
 def test_a_run_shorter_than_the_window_counts_its_steps_once(tmp_path, kind, diagnose):
     """Five steps, cut on each, fewer than the default window: reported at the end of `fit` (a warning) with the
     steps it held on, not once more for the end of `fit`."""
-    guard = fit(tmp_path, kind, list(range(5)), GradGuard(diagnose=diagnose, **WARN), max_steps=5)
+    guard = fit_planted(tmp_path, kind, list(range(5)), GradGuard(diagnose=diagnose, **WARN), max_steps=5)
     assert {e[1:] for e in aux_entries(guard).values()} == {(0, 4, 5)}
 
 
@@ -166,7 +162,9 @@ def test_every_sink_shows_the_same_counts(tmp_path, caplog, kind, pattern, diagn
     window = 1 if pattern != "every step" and kind != "detached" else 16
     logger = TensorBoardLogger(tmp_path, name="tb")
     caplog.set_level(logging.INFO, logger="lightning.pytorch")
-    guard = fit(tmp_path, kind, planted, GradGuard(diagnose=diagnose, idle_window=window, **WARN), logger=logger)
+    guard = fit_planted(
+        tmp_path, kind, planted, GradGuard(diagnose=diagnose, idle_window=window, **WARN), logger=logger
+    )
     truth = (planted[0], planted[-1], len(planted))
     params = {"aux.weight"} if kind == "nonfinite" else {"aux.weight", "aux.bias"}
     assert {p: e[1:] for p, e in aux_entries(guard).items()} == dict.fromkeys(params, truth)
@@ -175,9 +173,7 @@ def test_every_sink_shows_the_same_counts(tmp_path, caplog, kind, pattern, diagn
     assert {r["param"]: (r["first_step"], r["last_step"], r["count"]) for r in rows} == dict.fromkeys(params, truth)
     (console,) = table_rows(caplog.text, "  ").values()
     assert (int(console[3]), int(console[4])) == truth[::2]  # first step, count
-    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
-    acc.Reload()
-    last = max(acc.Tensors("gradguard/report/text_summary"), key=lambda e: e.step)
+    last = max(events(logger.log_dir).Tensors("gradguard/report/text_summary"), key=lambda e: e.step)
     text = last.tensor_proto.string_val[0].decode()
     items = re.findall(r"^- \*\*(\w+)\*\*: (.*?), first step (\d+), count (\d+)", text, flags=re.M)
     ((_, _, first, count),) = [item for item in items if "aux" in item[1]]
@@ -202,6 +198,6 @@ def test_counts_are_right_across_a_checkpoint_resume(tmp_path, kind, window):
         make_trainer(tmp_path, [resumed], max_steps=30, enable_checkpointing=True).fit(
             Planted(kind, list(range(30))), loader(n=120, batch_size=4), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
         )
-    whole = fit(tmp_path / "whole", kind, list(range(30)), GradGuard(**options), max_steps=30)
+    whole = fit_planted(tmp_path / "whole", kind, list(range(30)), GradGuard(**options), max_steps=30)
     assert aux_entries(resumed) == aux_entries(whole)
     assert {e[1:] for e in aux_entries(resumed).values()} == {(0, 29, 30)}

@@ -22,13 +22,9 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import nn
 
-from conftest import loader, make_trainer, where
+from conftest import fit, kinds, loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning, check_step
 from lightning_gradguard.options import DEFAULT_WINDOW
-
-
-def kinds(findings) -> set[tuple[str, str]]:
-    return {(f.kind, f.param) for f in findings}
 
 
 class Skipping(LightningModule):
@@ -66,12 +62,9 @@ class Skipping(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit(tmp_path, model: LightningModule, guard: GradGuard, max_steps: int) -> GradGuard:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Lightning's own, about the skipped batches
-        warnings.simplefilter("error", GradGuardWarning)
-        make_trainer(tmp_path, [guard], max_steps=max_steps).fit(model, loader(n=4 * max_steps, batch_size=4))
-    return guard
+#: The healthy runs below (``fit(..., n=4 * max_steps, **SILENT)``): batches of 4, Lightning's own warnings about the
+#: skipped batches silenced, a GradGuard warning raised.
+SILENT = {"batch_size": 4, "ignore": UserWarning, "error": GradGuardWarning}
 
 
 def every_other(batch_idx: int) -> bool:
@@ -81,7 +74,8 @@ def every_other(batch_idx: int) -> bool:
 # ---------------------------------------------------------------------------------------------------- skipped batches
 @pytest.mark.parametrize("set_to_none", [True, False])  # skipped gradients: None, or all zero
 def test_skipped_batches_are_not_checked_steps(tmp_path, set_to_none):
-    guard = fit(tmp_path, Skipping(every_other, set_to_none=set_to_none), GradGuard(idle_window=1), max_steps=6)
+    guard = GradGuard(idle_window=1)
+    fit(tmp_path, Skipping(every_other, set_to_none=set_to_none), guard, max_steps=6, n=4 * 6, **SILENT)
     assert guard.findings == []
     assert guard._core.checks == 3
     assert set(guard._core.history.checked().values()) == {3}
@@ -90,7 +84,8 @@ def test_skipped_batches_are_not_checked_steps(tmp_path, set_to_none):
 
 def test_skipped_warm_up_batches_do_not_fill_the_idle_window(tmp_path):
     """20 skipped batches, then training: a healthy model is never raised (it was, at step 20: a 16-step run)."""
-    guard = fit(tmp_path, Skipping(lambda i: i < 20), GradGuard(), max_steps=30)
+    guard = GradGuard()
+    fit(tmp_path, Skipping(lambda i: i < 20), guard, max_steps=30, n=4 * 30, **SILENT)
     assert guard.findings == []
     assert guard._core.checks == 10
 
@@ -142,7 +137,8 @@ class Manual(Skipping):
 
 
 def test_manual_optimizer_step_without_a_backward_is_not_a_checked_step(tmp_path):
-    guard = fit(tmp_path, Manual(every_other), GradGuard(idle_window=1), max_steps=6)
+    guard = GradGuard(idle_window=1)
+    fit(tmp_path, Manual(every_other), guard, max_steps=6, n=4 * 6, **SILENT)
     assert guard.findings == []
     assert guard._core.checks == 3
 
@@ -205,7 +201,8 @@ def test_lbfgs_evaluations_of_one_step_count_as_one_checked_step(tmp_path):
 
 
 def test_lbfgs_on_a_healthy_model_is_silent(tmp_path):
-    guard = fit(tmp_path, WithLBFGS(lambda i: False), GradGuard(idle_window=1, diagnose="always"), max_steps=4)
+    guard = GradGuard(idle_window=1, diagnose="always")
+    fit(tmp_path, WithLBFGS(lambda i: False), guard, max_steps=4, n=4 * 4, **SILENT)
     assert guard.findings == []
     assert guard._core.schedule.traced_steps == 4  # one per optimizer step: the first evaluation of each
 

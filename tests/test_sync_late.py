@@ -9,14 +9,13 @@ once). The CUDA test counts synchronisations where a GPU is present.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule
 from torch import nn
 
-from conftest import loader, make_trainer
+from conftest import events, fit, loader, make_trainer
 from lightning_gradguard import GradGuard, GradGuardError, measure
 
 
@@ -58,21 +57,11 @@ class RaisedAt(Callback):
         self.at = trainer.global_step
 
 
-def fit(tmp_path, model, guard, steps=4, witness=None, **kwargs):
-    """``steps`` steps of ``model`` under ``guard`` (warnings silenced); ``witness`` sees where an error left."""
-    witness = witness or RaisedAt()
-    trainer = make_trainer(tmp_path, [guard, witness], max_steps=steps, **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(model, loader(n=8 * steps))
-    return trainer, witness
-
-
 @pytest.mark.parametrize(("sync", "raised_at", "late_text"), [("step", 2, False), ("late", 3, True)])
 def test_a_nan_is_raised_one_step_late_naming_the_step_that_made_it(tmp_path, sync, raised_at, late_text):
     witness = RaisedAt()
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, Net(nan_at=frozenset({2})), GradGuard(sync=sync), steps=6, witness=witness)
+        fit(tmp_path, Net(nan_at=frozenset({2})), GradGuard(sync=sync), witness, max_steps=6, n=48, ignore=Warning)
     assert witness.at == raised_at  # steps 0..raised_at-1 were applied
     assert err.value.findings[0].step == 2
     assert ("read late (sync='late')" in str(err.value)) is late_text
@@ -80,7 +69,7 @@ def test_a_nan_is_raised_one_step_late_naming_the_step_that_made_it(tmp_path, sy
 
 def test_a_nan_on_the_last_step_is_raised_at_the_end_of_fit(tmp_path):
     with pytest.raises(GradGuardError, match="step 3, read late") as err:
-        fit(tmp_path, Net(nan_at=frozenset({3})), GradGuard(sync="late"), steps=4)
+        fit(tmp_path, Net(nan_at=frozenset({3})), GradGuard(sync="late"), max_steps=4, n=32, ignore=Warning)
     assert [(f.kind, f.step) for f in err.value.findings] == [("nonfinite", 3)]
 
 
@@ -105,7 +94,7 @@ def test_verdicts_on_missing_and_zero_gradients_do_not_depend_on_sync(tmp_path, 
     for sync in ("step", "late"):
         for name, make in models.items():
             guard = GradGuard(sync=sync, idle_window=3, diagnose=diagnose, on_unused="warn", on_zero="warn")
-            fit(tmp_path / sync / name, make(), guard, steps=10)
+            fit(tmp_path / sync / name, make(), guard, max_steps=10, n=80, ignore=Warning)
             kinds[sync, name] = sorted((f.kind, f.param) for f in guard.findings)
     for sync in ("step", "late"):
         assert kinds[sync, "zero"] == [("zero", "head.bias"), ("zero", "head.weight")], sync
@@ -121,7 +110,7 @@ def test_an_all_zero_gradient_is_raised_at_the_same_step_under_late(tmp_path, sy
     witness = RaisedAt()
     guard = GradGuard(sync=sync, idle_window=3, diagnose="never", on_zero="raise")
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, Net(zero_head=True), guard, steps=8, witness=witness)
+        fit(tmp_path, Net(zero_head=True), guard, witness, max_steps=8, n=64, ignore=Warning)
     assert witness.at == raised_at
     assert {f.kind for f in err.value.findings} == {"zero"}
 
@@ -136,7 +125,7 @@ def test_a_missing_gradient_is_judged_at_once_under_late(tmp_path):
 
     witness = RaisedAt()
     with pytest.raises(GradGuardError) as err:
-        fit(tmp_path, Detached(), GradGuard(sync="late"), steps=4, witness=witness)
+        fit(tmp_path, Detached(), GradGuard(sync="late"), witness, max_steps=4, n=32, ignore=Warning)
     assert witness.at == 0
     assert {(f.kind, f.param) for f in err.value.findings} == {("detached", "enc.weight"), ("detached", "enc.bias")}
 
@@ -150,7 +139,8 @@ def test_late_reads_leave_training_unchanged_and_read_nothing_at_once_on_clean_s
         torch.manual_seed(0)
         model = Net()
         reads.clear()
-        fit(tmp_path / str(sync), model, *([GradGuard(sync=sync, diagnose="never")] if sync else [Callback()]), steps=6)
+        guards = [GradGuard(sync=sync, diagnose="never")] if sync else []
+        fit(tmp_path / str(sync), model, *guards, max_steps=6, n=48, ignore=Warning)
         params[sync] = [p.detach().clone() for p in model.parameters()]
         if sync == "step":
             assert len(reads) == 6  # one transfer per step
@@ -194,14 +184,12 @@ def test_clean_late_steps_do_not_synchronise_on_cuda(tmp_path, sync):
 
 def _run(tmp_path, model, sync, **kwargs):
     from lightning.pytorch.loggers import TensorBoardLogger
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    logger = TensorBoardLogger(tmp_path, name=sync)
     guard = GradGuard(sync=sync, on_orphan="ignore", log_every_n_steps=3)
-    fit(tmp_path, model, guard, steps=8, logger=logger, max_epochs=3, **kwargs)
-    events = EventAccumulator(logger.log_dir)
-    events.Reload()
-    scalars = {t: [(e.step, e.value) for e in events.Scalars(t)] for t in events.Tags()["scalars"] if "gradguard" in t}
+    logger = TensorBoardLogger(tmp_path, name=sync)
+    trainer = fit(tmp_path, model, guard, logger=logger, max_steps=8, max_epochs=3, n=64, ignore=Warning, **kwargs)
+    acc = events(trainer)
+    scalars = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if "gradguard" in t}
     return guard.findings, [p.detach().clone() for p in model.parameters()], scalars, guard.report.idle_shares()
 
 

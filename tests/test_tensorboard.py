@@ -29,7 +29,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
 import lightning_gradguard.histograms as histograms
-from conftest import loader, make_trainer
+from conftest import events, fit, scalars
 from lightning_gradguard import GradGuard, GradGuardError
 from lightning_gradguard.dashboard import REPORT_FILE
 from lightning_gradguard.tags import custom_scalars_layout, group_keys
@@ -91,22 +91,12 @@ class Recorder(Callback):
         self.weights[step] = {n: p.detach().clone() for n, p in named}
 
 
-def fit(tmp_path: Path, guard: GradGuard, model: LightningModule | None = None, **trainer_kwargs):
+def fit_recorded(tmp_path: Path, guard: GradGuard, model: LightningModule | None = None, **trainer_kwargs):
+    """Fit ``model`` (default ``Net()``) under ``guard`` with a :class:`Recorder` after it, logging to TensorBoard
+    unless ``logger`` is given: ``(trainer, recorder)``."""
     recorder = Recorder()
-    trainer_kwargs.setdefault("logger", TensorBoardLogger(tmp_path, name="tb"))
-    trainer = make_trainer(tmp_path, [guard, recorder], **trainer_kwargs)
-    trainer.fit(model or Net(), loader(n=48))
+    trainer = fit(tmp_path, model or Net(), guard, recorder, n=48, tensorboard=True, **trainer_kwargs)
     return trainer, recorder
-
-
-def events(trainer) -> EventAccumulator:
-    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
-def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def texts(acc: EventAccumulator) -> dict[int, str]:
@@ -122,7 +112,7 @@ def gradguard_tags(acc: EventAccumulator) -> list[str]:
 
 
 def test_dashboard_total_norm_equals_get_total_norm_on_logged_steps(tmp_path):
-    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=2), max_steps=5)
+    trainer, rec = fit_recorded(tmp_path, GradGuard(log_every_n_steps=2), max_steps=5)
     logged = scalars(events(trainer), "gradguard/total_norm")
     assert sorted(logged) == [1, 3]  # Lightning's own logging steps: (step + 1) % 2 == 0
     for step, value in logged.items():
@@ -130,12 +120,12 @@ def test_dashboard_total_norm_equals_get_total_norm_on_logged_steps(tmp_path):
 
 
 def test_dashboard_log_every_n_steps_defaults_to_the_trainers(tmp_path):
-    trainer, _ = fit(tmp_path, GradGuard(), max_steps=6, log_every_n_steps=3)
+    trainer, _ = fit_recorded(tmp_path, GradGuard(), max_steps=6, log_every_n_steps=3)
     assert sorted(scalars(events(trainer), "gradguard/total_norm")) == [2, 5]
 
 
 def test_dashboard_module_norms_are_the_l2_norm_of_the_modules_own_parameters(tmp_path):
-    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2)
+    trainer, rec = fit_recorded(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2)
     acc = events(trainer)
     norms = {t.removeprefix("gradguard/grad_norm/") for t in gradguard_tags(acc) if "/grad_norm/" in t}
     assert norms == {"enc.0", "enc.2", "head", "aux", "scale"}  # `scale` belongs to the root: its own name
@@ -148,7 +138,7 @@ def test_dashboard_module_norms_are_the_l2_norm_of_the_modules_own_parameters(tm
 
 
 def test_dashboard_param_norms_one_tag_per_tensor(tmp_path):
-    trainer, rec = fit(tmp_path, GradGuard(norms="param", log_every_n_steps=1), max_steps=2)
+    trainer, rec = fit_recorded(tmp_path, GradGuard(norms="param", log_every_n_steps=1), max_steps=2)
     acc = events(trainer)
     names = {t.removeprefix("gradguard/grad_norm/") for t in gradguard_tags(acc) if "/grad_norm/" in t}
     assert names == set(rec.param[0])
@@ -157,7 +147,7 @@ def test_dashboard_param_norms_one_tag_per_tensor(tmp_path):
 
 
 def test_dashboard_param_norms_over_the_cap_merge_into_parent_modules(tmp_path):
-    trainer, rec = fit(tmp_path, GradGuard(norms="param", max_norm_tags=4, log_every_n_steps=1), max_steps=1)
+    trainer, rec = fit_recorded(tmp_path, GradGuard(norms="param", max_norm_tags=4, log_every_n_steps=1), max_steps=1)
     acc = events(trainer)
     norms = {t.removeprefix("gradguard/grad_norm/") for t in gradguard_tags(acc) if "/grad_norm/" in t}
     assert norms == {"enc", "head", "aux", "scale"}
@@ -167,7 +157,7 @@ def test_dashboard_param_norms_over_the_cap_merge_into_parent_modules(tmp_path):
 
 
 def test_dashboard_total_norms_only(tmp_path):
-    trainer, _ = fit(tmp_path, GradGuard(norms="total", histograms=False, log_every_n_steps=1), max_steps=2)
+    trainer, _ = fit_recorded(tmp_path, GradGuard(norms="total", histograms=False, log_every_n_steps=1), max_steps=2)
     tags = gradguard_tags(events(trainer))
     assert "gradguard/total_norm" in tags
     assert not [t for t in tags if "/grad_norm/" in t]
@@ -177,7 +167,7 @@ def test_dashboard_total_norms_only(tmp_path):
 def test_dashboard_finding_counts_per_kind(tmp_path):
     guard = GradGuard(on_unused="warn", on_nonfinite="warn", log_every_n_steps=1, idle_window=1)
     with pytest.warns(UserWarning, match="GradGuard"):
-        trainer, _ = fit(tmp_path, guard, Net(use_aux=False, nan_at=2), max_steps=4)
+        trainer, _ = fit_recorded(tmp_path, guard, Net(use_aux=False, nan_at=2), max_steps=4)
     acc = events(trainer)
     assert {t for t in gradguard_tags(acc) if "/findings/" in t} == {
         "gradguard/findings/unused",
@@ -190,7 +180,7 @@ def test_dashboard_finding_counts_per_kind(tmp_path):
 
 def test_dashboard_update_ratio_is_update_norm_over_weight_norm(tmp_path):
     guard = GradGuard(norms="param", update_ratio=True, log_every_n_steps=2)
-    trainer, rec = fit(tmp_path, guard, max_steps=3)
+    trainer, rec = fit_recorded(tmp_path, guard, max_steps=3)
     acc = events(trainer)
     lr = 0.1  # plain SGD: the update is -lr * grad
     for step in (1,):
@@ -206,7 +196,7 @@ def test_dashboard_update_ratio_is_update_norm_over_weight_norm(tmp_path):
 
 
 def test_dashboard_epoch_max_and_mean_of_the_total_norm(tmp_path):
-    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=100), max_epochs=2, max_steps=-1)
+    trainer, rec = fit_recorded(tmp_path, GradGuard(log_every_n_steps=100), max_epochs=2, max_steps=-1)
     acc = events(trainer)
     per_epoch = 48 // 8
     epochs = [[rec.total[s] for s in range(e * per_epoch, (e + 1) * per_epoch)] for e in range(2)]
@@ -217,20 +207,20 @@ def test_dashboard_epoch_max_and_mean_of_the_total_norm(tmp_path):
 
 
 def test_dashboard_accumulated_gradients(tmp_path):
-    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, accumulate_grad_batches=3)
+    trainer, rec = fit_recorded(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, accumulate_grad_batches=3)
     logged = scalars(events(trainer), "gradguard/total_norm")
     assert logged == pytest.approx(rec.total, rel=1e-6)
     assert sorted(logged) == [0, 1]
 
 
 def test_dashboard_bf16_mixed_logs_the_fp32_gradient_norms(tmp_path):
-    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=3, precision="bf16-mixed")
+    trainer, rec = fit_recorded(tmp_path, GradGuard(log_every_n_steps=1), max_steps=3, precision="bf16-mixed")
     assert scalars(events(trainer), "gradguard/total_norm") == pytest.approx(rec.total, rel=1e-6)
 
 
 def test_dashboard_grad_scaler_logs_unscaled_norms(tmp_path):
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
-    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=3, plugins=[plugin])
+    trainer, rec = fit_recorded(tmp_path, GradGuard(log_every_n_steps=1), max_steps=3, plugins=[plugin])
     logged = scalars(events(trainer), "gradguard/total_norm")
     assert sorted(logged) == [0, 1, 2]
     assert logged == pytest.approx(rec.total, rel=1e-6)
@@ -241,7 +231,7 @@ def test_dashboard_grad_scaler_with_fused_optimizer_divides_by_the_scale(tmp_pat
     """``Adam(fused=True)`` unscales inside ``step()``: gradients are still scaled at the hook."""
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
     guard = GradGuard(value_histograms=True, norms="param", log_every_n_steps=1)
-    trainer, rec = fit(tmp_path, guard, Net(optimizer="fused_adam"), max_steps=2, plugins=[plugin])
+    trainer, rec = fit_recorded(tmp_path, guard, Net(optimizer="fused_adam"), max_steps=2, plugins=[plugin])
     acc = events(trainer)
     logged = scalars(acc, "gradguard/total_norm")
     assert logged == pytest.approx(rec.scaled_total, rel=1e-5)
@@ -255,8 +245,9 @@ def test_dashboard_grad_scaler_with_fused_optimizer_divides_by_the_scale(tmp_pat
 
 
 def test_dashboard_norm_histogram_counts_every_parameter_with_a_gradient(tmp_path):
+    guard = GradGuard(on_unused="warn", log_every_n_steps=2)
     with pytest.warns(UserWarning, match="aux"):
-        trainer, rec = fit(tmp_path, GradGuard(on_unused="warn", log_every_n_steps=2), Net(use_aux=False), max_steps=3)
+        trainer, rec = fit_recorded(tmp_path, guard, Net(use_aux=False), max_steps=3)
     acc = events(trainer)
     assert acc.Tags()["histograms"] == ["gradguard/grad_norms"]  # value histograms are opt-in
     hists = {e.step: e.histogram_value for e in acc.Histograms("gradguard/grad_norms")}
@@ -279,7 +270,7 @@ def test_dashboard_norm_histogram_counts_every_parameter_with_a_gradient(tmp_pat
 
 
 def test_dashboard_value_histograms_count_every_gradient_value(tmp_path):
-    trainer, rec = fit(tmp_path, GradGuard(value_histograms=True, log_every_n_steps=1), max_steps=2)
+    trainer, rec = fit_recorded(tmp_path, GradGuard(value_histograms=True, log_every_n_steps=1), max_steps=2)
     acc = events(trainer)
     assert {t for t in acc.Tags()["histograms"] if "/grad_values/" in t} == {
         f"gradguard/grad_values/{k}" for k in ("enc.0", "enc.2", "head", "aux", "scale")
@@ -353,8 +344,7 @@ def test_histograms_of_a_check_step_written_with_a_plain_summary_writer(tmp_path
         writer.add_histogram_raw(tag, global_step=0, bucket_limits=p["bucket_limit"], bucket_counts=p["bucket"],
                                  **{k: p[k] for k in ("min", "max", "num", "sum", "sum_squares")})  # fmt: skip
     writer.close()
-    acc = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0})
-    acc.Reload()
+    acc = events(tmp_path)
     for tag, group in zip(["grads/0", "grads/2"], grads, strict=True):
         (event,) = acc.Histograms(tag)
         reference_histogram(torch.cat([g.flatten() for g in group]), {
@@ -597,7 +587,7 @@ def test_event_files_checksummed_in_c_read_back_with_tensorboards_pure_python_cr
     own = _compat.record_writer(logger.experiment)  # the record writer of the SummaryWriter GradGuard will write to
     assert not hasattr(own.write, "checksum_in_c")
     guard = GradGuard(value_histograms=True, norms="param", log_every_n_steps=1)
-    trainer, rec = fit(tmp_path, guard, max_steps=3, logger=logger)
+    trainer, rec = fit_recorded(tmp_path, guard, max_steps=3, logger=logger)
     assert pw.crc32c is crc32c
     assert record_writer.masked_crc32c is masked is pw.masked_crc32c
     assert own.write.checksum_in_c  # GradGuard's writer
@@ -628,7 +618,7 @@ def test_event_files_checksummed_in_c_read_back_with_tensorboards_pure_python_cr
 def test_dashboard_text_report_when_findings_change_and_at_the_end(tmp_path):
     guard = GradGuard(on_unused="warn", on_nonfinite="warn", log_every_n_steps=50, idle_window=1)
     with pytest.warns(UserWarning, match="GradGuard"):
-        trainer, _ = fit(tmp_path, guard, Net(use_aux=False, nan_at=3), max_steps=5)
+        trainer, _ = fit_recorded(tmp_path, guard, Net(use_aux=False, nan_at=3), max_steps=5)
     text = texts(events(trainer))
     assert sorted(text) == [0, 3, 5]  # a new finding on step 0 and step 3; the end of fit at global_step 5
     # aux.weight and aux.bias: one item
@@ -645,7 +635,7 @@ def test_dashboard_text_report_when_findings_change_and_at_the_end(tmp_path):
 
 
 def test_dashboard_text_report_without_findings(tmp_path):
-    trainer, _ = fit(tmp_path, GradGuard(), max_steps=2)
+    trainer, _ = fit_recorded(tmp_path, GradGuard(), max_steps=2)
     text = texts(events(trainer))
     assert sorted(text) == [0, 2]  # the first check, and the end of fit
     assert all("every parameter received a usable gradient" in t for t in text.values())
@@ -653,7 +643,7 @@ def test_dashboard_text_report_without_findings(tmp_path):
 
 def test_dashboard_custom_scalars_layout_groups_every_gradguard_chart(tmp_path):
     guard = GradGuard(update_ratio=True, log_every_n_steps=1)
-    trainer, _ = fit(tmp_path, guard, max_epochs=1, max_steps=-1)
+    trainer, _ = fit_recorded(tmp_path, guard, max_epochs=1, max_steps=-1)
     acc = events(trainer)
     (event,) = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
@@ -695,7 +685,7 @@ def test_dashboard_logs_idle_shares_per_module_when_given(tmp_path, monkeypatch)
         log_step(trainer, *args, **kwargs)
 
     monkeypatch.setattr(guard._dashboard, "log_step", with_idle)
-    trainer, _ = fit(tmp_path, guard, max_steps=4)
+    trainer, _ = fit_recorded(tmp_path, guard, max_steps=4)
     acc = events(trainer)
     assert scalars(acc, "gradguard/idle/enc.0") == {1: 0.0, 3: 0.25}
     assert scalars(acc, "gradguard/idle/aux") == {1: 1.0, 3: 0.5}
@@ -716,7 +706,7 @@ def test_dashboard_without_idle_shares_has_no_idle_chart():
 
 def test_custom_scalars_layout_honours_the_logger_prefix(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="tb", prefix="run")
-    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, logger=logger)
+    trainer, rec = fit_recorded(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, logger=logger)
     acc = events(trainer)
     assert scalars(acc, "run-gradguard/total_norm") == pytest.approx(rec.total, rel=1e-6)
     (event,) = acc.Tensors("custom_scalars__config__")
@@ -770,7 +760,7 @@ class Messages(logging.Handler):
 def test_dashboard_csv_logger_gets_the_scalars(tmp_path):
     logger = CSVLogger(tmp_path, name="csv")
     with Messages() as said:
-        trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=2), max_steps=5, logger=logger)
+        trainer, rec = fit_recorded(tmp_path, GradGuard(log_every_n_steps=2), max_steps=5, logger=logger)
     with open(Path(logger.log_dir) / "metrics.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     logged = {int(r["step"]): float(r["gradguard/total_norm"]) for r in rows if r.get("gradguard/total_norm")}
@@ -785,10 +775,9 @@ def test_dashboard_writes_to_several_loggers(tmp_path):
     tb = TensorBoardLogger(tmp_path, name="tb")
     csv_logger = CSVLogger(tmp_path, name="csv")
     tb2 = TensorBoardLogger(tmp_path, name="tb2")
-    trainer, rec = fit(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, logger=[tb, csv_logger, tb2])
+    trainer, rec = fit_recorded(tmp_path, GradGuard(log_every_n_steps=1), max_steps=2, logger=[tb, csv_logger, tb2])
     for log_dir in (tb.log_dir, tb2.log_dir):
-        acc = EventAccumulator(log_dir, size_guidance={"scalars": 0, "tensors": 0})
-        acc.Reload()
+        acc = events(log_dir)
         assert scalars(acc, "gradguard/total_norm") == pytest.approx(rec.total, rel=1e-6)
         assert texts(acc)
     with open(Path(csv_logger.log_dir) / "metrics.csv", newline="") as fh:
@@ -800,7 +789,7 @@ def test_dashboard_writes_to_several_loggers(tmp_path):
 def test_dashboard_without_logger_checks_still_run_and_nothing_is_logged(tmp_path):
     guard = GradGuard(on_unused="warn")
     with pytest.warns(UserWarning, match="aux"):
-        trainer, _ = fit(tmp_path, guard, Net(use_aux=False), max_steps=2, logger=False)
+        trainer, _ = fit_recorded(tmp_path, guard, Net(use_aux=False), max_steps=2, logger=False)
     assert {f.param for f in guard.findings} == {"aux.weight", "aux.bias"}
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
     report = json.loads((tmp_path / REPORT_FILE).read_text())  # no logger: the Trainer's default_root_dir
@@ -808,7 +797,7 @@ def test_dashboard_without_logger_checks_still_run_and_nothing_is_logged(tmp_pat
 
 
 def test_dashboard_log_every_n_steps_zero_logs_no_scalars(tmp_path):
-    trainer, _ = fit(tmp_path, GradGuard(log_every_n_steps=0), max_epochs=1, max_steps=-1)
+    trainer, _ = fit_recorded(tmp_path, GradGuard(log_every_n_steps=0), max_epochs=1, max_steps=-1)
     acc = events(trainer)
     assert gradguard_tags(acc) == []
     assert acc.Tags()["histograms"] == []
@@ -822,7 +811,7 @@ def test_dashboard_log_every_n_steps_zero_logs_no_scalars(tmp_path):
 def test_report_json_in_the_loggers_log_dir(tmp_path):
     guard = GradGuard(on_unused="warn")
     with pytest.warns(UserWarning, match="aux"):
-        trainer, _ = fit(tmp_path, guard, Net(use_aux=False), max_steps=3)
+        trainer, _ = fit_recorded(tmp_path, guard, Net(use_aux=False), max_steps=3)
     report = json.loads((Path(trainer.logger.log_dir) / REPORT_FILE).read_text())
     rows = {r["param"]: r for r in report["findings"]}
     assert set(rows) == {"aux.weight", "aux.bias"}
@@ -835,20 +824,19 @@ def test_report_json_in_the_loggers_log_dir(tmp_path):
 
 def test_report_json_at_report_path_or_not_at_all(tmp_path):
     path = tmp_path / "out" / "guard.json"
-    fit(tmp_path, GradGuard(report_path=str(path)), max_steps=1)
+    fit_recorded(tmp_path, GradGuard(report_path=str(path)), max_steps=1)
     assert json.loads(path.read_text())["findings"] == []
-    trainer, _ = fit(tmp_path / "b", GradGuard(write_report=False), max_steps=1)
+    trainer, _ = fit_recorded(tmp_path / "b", GradGuard(write_report=False), max_steps=1)
     assert not list((tmp_path / "b").rglob(REPORT_FILE))
 
 
 def test_report_json_and_text_when_fit_fails(tmp_path, capsys):
     guard = GradGuard(idle_window=1)  # unused parameters raise at once
     with pytest.raises(GradGuardError, match="aux"):
-        fit(tmp_path, guard, Net(use_aux=False), max_steps=3)
+        fit_recorded(tmp_path, guard, Net(use_aux=False), max_steps=3)
     (path,) = tmp_path.rglob(REPORT_FILE)
     assert {r["param"] for r in json.loads(path.read_text())["findings"]} == {"aux.weight", "aux.bias"}
-    acc = EventAccumulator(str(path.parent), size_guidance={"tensors": 0})
-    acc.Reload()
+    acc = events(path.parent)
     (final,) = texts(acc).values()
     assert "- **unused**: module `aux` (2 tensors, 17 parameters), first step 0" in final
 
@@ -917,7 +905,7 @@ class TwoOptimizers(LightningModule):
 
 def test_dashboard_several_optimizers_get_their_own_total_norm(tmp_path):
     guard = GradGuard(on_orphan="ignore", log_every_n_steps=2)
-    trainer, rec = fit(tmp_path, guard, TwoOptimizers(), max_steps=8)
+    trainer, rec = fit_recorded(tmp_path, guard, TwoOptimizers(), max_steps=8)
     acc = events(trainer)
     # logged at Lightning's step, the batch index (batches 1 and 3), not at global_step, which counts both
     # optimizers' steps: batch b steps disc at global step 2b and gen at 2b + 1
@@ -936,7 +924,7 @@ class GenEveryOtherBatch(TwoOptimizers):
 
 def test_dashboard_optimizers_stepping_at_different_rates_are_logged_in_the_same_batches(tmp_path):
     guard = GradGuard(on_orphan="ignore", log_every_n_steps=3)
-    trainer, _ = fit(tmp_path, guard, GenEveryOtherBatch(), max_steps=9)
+    trainer, _ = fit_recorded(tmp_path, guard, GenEveryOtherBatch(), max_steps=9)
     acc = events(trainer)
     # global steps per batch: b0: disc 0, gen 1; b1: disc 2; b2: disc 3, gen 4; b3: disc 5; b4: disc 6, gen 7;
     # b5: disc 8. Logged: batches 2 and 5 ((b + 1) % 3 == 0), at step b, whichever optimizers step in them.

@@ -12,21 +12,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import LightningModule
+from test_trace import ENC, LitCase, Model
 from torch import nn
 
 from conftest import loader, make_trainer, where
 from lightning_gradguard import GradGuard, GradGuardError, check_step
-
-
-class Model(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.enc = nn.Linear(8, 16)
-        self.head = nn.Linear(16, 1)
-
-
-ENC = {"enc.weight", "enc.bias"}
 
 
 def ones(x):
@@ -118,19 +108,6 @@ def test_check_step_follows_the_escape(forward, marker, says):
             opt.step()
     assert {(f.kind, f.param, f.where) for f in chk.findings} == {("detached", p, where(f"CUT: {marker}")) for p in ENC}
     assert all(says in f.message for f in chk.findings), [f.message for f in chk.findings]
-
-
-class LitCase(LightningModule):
-    def __init__(self, forward) -> None:
-        super().__init__()
-        self.net = Model()
-        self.forward_fn = forward
-
-    def training_step(self, batch, batch_idx):
-        return self.forward_fn(self.net, batch[0])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 @pytest.mark.parametrize(("forward", "marker", "says"), CASES, ids=IDS)

@@ -26,11 +26,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402, N812
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
+from lightning.pytorch import LightningModule  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # corpus_gen beside this file; tests/helpers.py (the tests' Trainer)
 from corpus_gen import BUG_KINDS, N_SEEDS, Case, generate  # noqa: E402
 
+from helpers import make_trainer  # noqa: E402
 from lightning_gradguard import GradGuard, GradGuardError, check_step  # noqa: E402
 
 __all__ = ["N_CASES", "Result", "run_case", "score"]
@@ -252,24 +254,14 @@ def _run_lit(case: Case, mod, net: torch.nn.Module, res: Result, folder: str, gu
     xs, toks, ys = zip(*_batches(case.seed, 16), strict=True)
     ds = torch.utils.data.TensorDataset(torch.cat(xs), torch.cat(toks), torch.cat(ys))
     data = torch.utils.data.DataLoader(ds, batch_size=4)
-    opts = {
-        "max_steps": case.steps,
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": folder,
-        "num_sanity_val_steps": 0,
-    }
+    opts = {"max_steps": case.steps}
     if case.setup == "lit-bf16":
         opts["precision"] = "bf16-mixed"
     if case.setup == "lit-accum":
         opts["accumulate_grad_batches"] = 2
     if case.setup == "lit-clip":
         opts["gradient_clip_val"] = 1.0
-    trainer = Trainer(callbacks=[guard] if guard_on else [], **opts)
+    trainer = make_trainer(folder, [guard] if guard_on else [], **opts)
     try:
         trainer.fit(_Lit(net, mod, manual=case.setup == "lit-manual2"), train_dataloaders=data)
     except GradGuardError as err:

@@ -42,6 +42,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from helpers import make_trainer
 from lightning_gradguard import Finding, GradGuard, GradGuardError, check_step
 
 from .zoo import ARCHS, Arch, Batch, Built, build
@@ -510,23 +511,6 @@ class Recorder(Callback):
         self._file(pl_module, optimizer)
 
 
-def _trainer(tmp: str, callbacks: list[Callback], tensorboard: bool = False) -> Trainer:
-    logger = TensorBoardLogger(tmp, name="sweep") if tensorboard else False
-    return Trainer(
-        max_steps=STEPS,
-        accelerator="cpu",
-        devices=1,
-        logger=logger,
-        log_every_n_steps=4,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-    )
-
-
 def fit(config: Config, tmp: str, callbacks: list[Callback], tensorboard: bool = False) -> dict[str, torch.Tensor]:
     """Train ``config`` for :data:`STEPS` seeded steps; the final parameters (re-raises what the run raised).
     ``tensorboard``: log to a TensorBoard logger (GradGuard then draws its dashboards too)."""
@@ -536,7 +520,8 @@ def fit(config: Config, tmp: str, callbacks: list[Callback], tensorboard: bool =
     seed_all(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _trainer(tmp, callbacks, tensorboard).fit(module, loader)
+        logger = TensorBoardLogger(tmp, name="sweep") if tensorboard else False
+        make_trainer(tmp, callbacks, max_steps=STEPS, logger=logger, log_every_n_steps=4).fit(module, loader)
     return {n: p.detach().clone() for n, p in module.model.named_parameters()}
 
 

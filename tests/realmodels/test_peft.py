@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 
+from conftest import make_trainer
 from lightning_gradguard import GradGuard, GradGuardError, GradGuardWarning
 
 from .harness import Config, SweepModule, configs
@@ -30,16 +30,7 @@ def fit_lora(tmp_path, name: str, guard: GradGuard, steps: int = 2) -> list[warn
     built = config.build()
     module = SweepModule(built.model, config.optimize)
     loader = torch.utils.data.DataLoader([built.batch(i) for i in range(steps)], batch_size=None)
-    trainer = Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=[guard],
-    )
+    trainer = make_trainer(tmp_path, [guard], max_steps=steps)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(module, loader)
