@@ -151,6 +151,9 @@ _DROPS = frozenset({"detach", "data", "no_grad", "inference_mode", "escape", "no
 #: stack means a Function's ``forward`` runs (see ``Tracer._function``); ``None`` if torch changes that.
 _APPLY_CODE = _compat.FUNCTION_APPLY_CODE
 
+#: Where a ``no_grad`` region was entered (see ``Tracer._grad_off``).
+_GradOff = tuple[int, CodeType | None, int]
+
 
 def _kind_of(func: Any) -> int:
     """The kind of ``func`` for :meth:`Tracer.__torch_function__` (remembered in ``_KINDS``)."""
@@ -428,7 +431,7 @@ class Tracer(TorchFunctionMode):
         self._losses: list[weakref.ref] = []
         # One entry per no-grad region entered from user code: (id of its frame, its code object, the instruction
         # offset it was entered at); `(0, None, -1)` for one entered with no user frame on the stack.
-        self._grad_off: list[tuple[int, CodeType | None, int]] = []
+        self._grad_off: list[_GradOff] = []
         # The reentrant checkpoint whose forward runs now: (id of its frame, code, inputs require grad, site bit).
         self._ckpt: tuple[int, object, bool, int] | None = None
         # (kind, op, code object, line) of a cut called straight from user code -> its site (see `_site`).
@@ -698,7 +701,7 @@ class Tracer(TorchFunctionMode):
         if frame is not None and kind != "inference_mode" and not (kind == "no_grad" and self._grad_off):
             code = frame.f_code
             if not is_library_file(code.co_filename):
-                memo = (kind, op, code, frame.f_lineno)
+                memo = (kind, op, code, frame.f_lasti)
                 idx = self._site_memo.get(memo)
                 if idx is not None:
                     site = self.sites[idx]
@@ -706,10 +709,11 @@ class Tracer(TorchFunctionMode):
                         site.mask |= mask
                         site.calls += 1
                         return 1 << idx
-        where, entered = self._locate(frame, kind)
+        where, entry = self._locate(frame, kind)
         key = (kind, op, where)
         idx = self._site_keys.get(key)
         if idx is None:
+            entered = format_where(entry[1].co_filename, code_line(entry[1], entry[2])) if entry and entry[1] else None
             idx = len(self.sites)
             self._site_keys[key] = idx
             self.sites.append(CutSite(kind, op, where, mask, entered, calls=1))
@@ -721,18 +725,18 @@ class Tracer(TorchFunctionMode):
             self._site_memo[memo] = idx
         return 1 << idx
 
-    def _locate(self, frame: FrameType | None, kind: str) -> tuple[str | None, str | None]:
-        """The user's ``path:line`` for a site whose op was called from ``frame``."""
-        entry_id, entry_code, entered = None, None, None
+    def _locate(self, frame: FrameType | None, kind: str) -> tuple[str | None, _GradOff | None]:
+        """The user's ``path:line`` for a site whose op was called from ``frame``, and for a ``no_grad`` site the
+        entry of its region (see ``_grad_off``), if known."""
+        entry_id, entry_code, entry = None, None, None
         if kind == "no_grad" and self._grad_off:
-            entry_id, entry_code, offset = self._grad_off[-1]
-            if entry_code is not None:
-                entered = format_where(entry_code.co_filename, code_line(entry_code, offset))
+            entry = self._grad_off[-1]
+            entry_id, entry_code, _ = entry
         first_user = None
         f = frame
         while f is not None:
             if entry_id is not None and id(f) == entry_id and f.f_code is entry_code:
-                return frame_where(f), entered
+                return frame_where(f), entry
             if first_user is None and not is_library_file(f.f_code.co_filename):
                 first_user = f
                 if entry_id is None:
@@ -742,7 +746,7 @@ class Tracer(TorchFunctionMode):
             # The mode's entry is invisible to a function mode. A function run by `checkpoint(fn, ...)` was most
             # likely called inside the mode, not the other way round: name the line that called `checkpoint`.
             first_user = _checkpoint_caller(first_user) or first_user
-        return (frame_where(first_user) if first_user is not None else None), entered
+        return (frame_where(first_user) if first_user is not None else None), entry
 
     def _scan(self, a: object) -> tuple[int, int, int]:
         """(dep, grad, cuts) of one argument of a torch call."""
@@ -850,6 +854,9 @@ class Tracer(TorchFunctionMode):
                     if not grad:
                         self._record(out, dep, 0, cuts)  # also remembers its memory (for a copy into a new leaf)
                         return out
+                elif not grad and self._in_no_grad():  # a value already cut, under the user's `no_grad`
+                    self._record(out, dep, 0, cuts)
+                    return out
             name = getattr(func, "__name__", "")
             if isinstance(out, _TENSOR):
                 self._record_outputs(out, dep, grad, cuts, (func, name), _getframe(1))
@@ -930,12 +937,11 @@ class Tracer(TorchFunctionMode):
         """
         if _APPLY_CODE is None or torch.is_inference_mode_enabled():
             return None
-        entry = self._grad_off[-1] if self._grad_off else None
+        if self._in_no_grad():  # grad mode was switched off around it: no walk per op under `no_grad`
+            return None
         applies: list[tuple[FrameType, FrameType | None]] = []  # (`apply`'s frame, the `forward` it called)
         f, below = frame, None
         while f is not None:
-            if entry is not None and id(f) == entry[0] and f.f_code is entry[1]:
-                return None  # grad mode was switched off around it
             if f.f_code is _APPLY_CODE:
                 applies.append((f, below))
             below, f = f, f.f_back
@@ -947,6 +953,11 @@ class Tracer(TorchFunctionMode):
                 continue
             return self._function_site(apply)
         return None
+
+    def _in_no_grad(self) -> bool:
+        """Grad mode is off because the user's code switched it off (``no_grad``), in a frame still running: a region
+        is left, and its entry popped by :meth:`_grad_mode`, before the frame that entered it returns."""
+        return bool(self._grad_off) and self._grad_off[-1][1] is not None
 
     def _function_site(self, apply: FrameType) -> int:
         """The site of the Function whose ``apply`` runs in frame ``apply``; adds what reaches each of its inputs."""
