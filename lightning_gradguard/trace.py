@@ -434,7 +434,7 @@ class Tracer(TorchFunctionMode):
         self._grad_off: list[_GradOff] = []
         # The reentrant checkpoint whose forward runs now: (id of its frame, code, inputs require grad, site bit).
         self._ckpt: tuple[int, object, bool, int] | None = None
-        # (kind, op, code object, line) of a cut called straight from user code -> its site (see `_site`).
+        # (kind, op, code object, instruction offset) of a cut called straight from user code -> its site (`_site`).
         self._site_memo: dict[tuple[str, str, object, int], int] = {}
         # id of a tensor made inside a custom autograd Function's forward -> (a weak reference to it, dep, grad, cuts,
         # index of the Function's site): what it carries is settled once `apply` returned (`_function_output`).
