@@ -6,15 +6,17 @@ import importlib.util
 import os
 import sysconfig
 import warnings
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, TextIO
 
 from . import _compat
 
 __all__ = [
+    "code_line",
     "format_where",
     "frame_where",
     "is_library_file",
+    "user_frame",
     "user_stacklevel",
     "warnings_at_user_begin",
     "warnings_at_user_end",
@@ -70,6 +72,20 @@ def is_library_file(filename: str) -> bool:
     return hit
 
 
+def user_frame(frame: FrameType | None) -> FrameType | None:
+    """The innermost frame from ``frame`` outwards whose file is not a library's (:func:`is_library_file`), or
+    ``None``."""
+    known = _LIB_CACHE
+    while frame is not None:
+        lib = known.get(frame.f_code.co_filename)
+        if lib is None:
+            lib = is_library_file(frame.f_code.co_filename)
+        if not lib:
+            return frame
+        frame = frame.f_back
+    return None
+
+
 #: (working directory, file name) -> the path :func:`format_where` shows (``relpath`` costs ~20 µs a call).
 _SHOWN: dict[tuple[str, str], str] = {}
 
@@ -96,6 +112,15 @@ def format_where(filename: str, lineno: int) -> str:
 
 def frame_where(frame: FrameType) -> str:
     return format_where(frame.f_code.co_filename, frame.f_lineno)
+
+
+def code_line(code: CodeType, offset: int) -> int:
+    """The line of the instruction at byte ``offset`` of ``code`` (a frame's ``f_lasti``): its ``f_lineno``, read
+    later from the code's line table (``co_lines``, PEP 626) instead of while the frame runs."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end and line is not None:
+            return line
+    return code.co_firstlineno
 
 
 def user_stacklevel(start: int = 2) -> int:
@@ -131,9 +156,7 @@ def _show_at_user(
 ) -> None:
     """``warnings.showwarning`` while a mode is on: a warning that names a mode's frame names the user's instead."""
     if filename in _MODE_FILES:
-        frame: FrameType | None = _compat.getframe(1)
-        while frame is not None and is_library_file(frame.f_code.co_filename):
-            frame = frame.f_back
+        frame = user_frame(_compat.getframe(1))
         if frame is not None:
             _compat.mark_warning_shown(frame, message, category, _MODE_FILES[filename], lineno)
             filename, lineno, line = frame.f_code.co_filename, frame.f_lineno, None

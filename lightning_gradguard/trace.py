@@ -69,7 +69,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 import torch
@@ -77,7 +77,15 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from . import _compat
-from ._frames import format_where, frame_where, is_library_file, warnings_at_user_begin, warnings_at_user_end
+from ._frames import (
+    code_line,
+    format_where,
+    frame_where,
+    is_library_file,
+    user_frame,
+    warnings_at_user_begin,
+    warnings_at_user_end,
+)
 from .params import ParamIndex
 
 __all__ = ["CutSite", "EagerStance", "LossFacts", "Tracer", "format_where", "is_library_file"]
@@ -142,6 +150,9 @@ _DROPS = frozenset({"detach", "data", "no_grad", "inference_mode", "escape", "no
 #: The code of ``torch.autograd.Function.apply`` (a classmethod every custom Function inherits): its frame on the
 #: stack means a Function's ``forward`` runs (see ``Tracer._function``); ``None`` if torch changes that.
 _APPLY_CODE = _compat.FUNCTION_APPLY_CODE
+
+#: Where a ``no_grad`` region was entered (see ``Tracer._grad_off``).
+_GradOff = tuple[int, CodeType | None, int]
 
 
 def _kind_of(func: Any) -> int:
@@ -418,17 +429,20 @@ class Tracer(TorchFunctionMode):
         self.seen = 0
         self._escaping = False  # a value left torch this step: non-tensor arguments are worth a look
         self._losses: list[weakref.ref] = []
-        # One entry per no-grad region entered from user code: (id of its frame, its code object, its `path:line`).
-        self._grad_off: list[tuple[int, object, str | None]] = []
+        # One entry per no-grad region entered from user code: (id of its frame, its code object, the instruction
+        # offset it was entered at); `(0, None, -1)` for one entered with no user frame on the stack.
+        self._grad_off: list[_GradOff] = []
         # The reentrant checkpoint whose forward runs now: (id of its frame, code, inputs require grad, site bit).
         self._ckpt: tuple[int, object, bool, int] | None = None
-        # (kind, op, code object, line) of a cut called straight from user code -> its site (see `_site`).
+        # (kind, op, code object, instruction offset) of a cut called straight from user code -> its site (`_site`).
         self._site_memo: dict[tuple[str, str, object, int], int] = {}
         # id of a tensor made inside a custom autograd Function's forward -> (a weak reference to it, dep, grad, cuts,
         # index of the Function's site): what it carries is settled once `apply` returned (`_function_output`).
         self._fn_out: dict[int, tuple[weakref.ref, int, int, int, int]] = {}
-        # index of a parameter -> the user's `path:line` of the first op that took it as an argument this step.
-        self._used_at: dict[int, str] = {}
+        # Per op that was the first this step to take some parameters as arguments: (their mask, the code object and
+        # instruction offset of its user frame, or `None`: no user frame). Made a `path:line` by `used_at`.
+        self._uses: list[tuple[int, tuple[CodeType, int] | None]] = []
+        self._used = 0  # the parameters in `_uses`
 
     @property
     def recorded(self) -> bool:
@@ -519,7 +533,10 @@ class Tracer(TorchFunctionMode):
     def used_at(self, param_bit: int) -> str | None:
         """The user's ``path:line`` of the first op that took parameter ``param_bit`` as an argument this step (for
         a module's parameter, the line that called the module), or ``None``."""
-        return self._used_at.get(param_bit) or None
+        for mask, at in self._uses:
+            if mask >> param_bit & 1:
+                return format_where(at[0].co_filename, code_line(*at)) if at is not None else None
+        return None
 
     def dropped_at(self, param_bit: int) -> list[CutSite]:
         """Where the value of parameter ``param_bit`` was taken out of the graph this step: the cut sites that
@@ -684,7 +701,7 @@ class Tracer(TorchFunctionMode):
         if frame is not None and kind != "inference_mode" and not (kind == "no_grad" and self._grad_off):
             code = frame.f_code
             if not is_library_file(code.co_filename):
-                memo = (kind, op, code, frame.f_lineno)
+                memo = (kind, op, code, frame.f_lasti)
                 idx = self._site_memo.get(memo)
                 if idx is not None:
                     site = self.sites[idx]
@@ -692,10 +709,11 @@ class Tracer(TorchFunctionMode):
                         site.mask |= mask
                         site.calls += 1
                         return 1 << idx
-        where, entered = self._locate(frame, kind)
+        where, entry = self._locate(frame, kind)
         key = (kind, op, where)
         idx = self._site_keys.get(key)
         if idx is None:
+            entered = format_where(entry[1].co_filename, code_line(entry[1], entry[2])) if entry and entry[1] else None
             idx = len(self.sites)
             self._site_keys[key] = idx
             self.sites.append(CutSite(kind, op, where, mask, entered, calls=1))
@@ -707,16 +725,18 @@ class Tracer(TorchFunctionMode):
             self._site_memo[memo] = idx
         return 1 << idx
 
-    def _locate(self, frame: FrameType | None, kind: str) -> tuple[str | None, str | None]:
-        """The user's ``path:line`` for a site whose op was called from ``frame``."""
-        entry_id, entry_code, entered = (None, None, None)
+    def _locate(self, frame: FrameType | None, kind: str) -> tuple[str | None, _GradOff | None]:
+        """The user's ``path:line`` for a site whose op was called from ``frame``, and for a ``no_grad`` site the
+        entry of its region (see ``_grad_off``), if known."""
+        entry_id, entry_code, entry = None, None, None
         if kind == "no_grad" and self._grad_off:
-            entry_id, entry_code, entered = self._grad_off[-1]
+            entry = self._grad_off[-1]
+            entry_id, entry_code, _ = entry
         first_user = None
         f = frame
         while f is not None:
             if entry_id is not None and id(f) == entry_id and f.f_code is entry_code:
-                return frame_where(f), entered
+                return frame_where(f), entry
             if first_user is None and not is_library_file(f.f_code.co_filename):
                 first_user = f
                 if entry_id is None:
@@ -726,7 +746,7 @@ class Tracer(TorchFunctionMode):
             # The mode's entry is invisible to a function mode. A function run by `checkpoint(fn, ...)` was most
             # likely called inside the mode, not the other way round: name the line that called `checkpoint`.
             first_user = _checkpoint_caller(first_user) or first_user
-        return (frame_where(first_user) if first_user is not None else None), entered
+        return (frame_where(first_user) if first_user is not None else None), entry
 
     def _scan(self, a: object) -> tuple[int, int, int]:
         """(dep, grad, cuts) of one argument of a torch call."""
@@ -772,18 +792,16 @@ class Tracer(TorchFunctionMode):
         params = self._params
         prov = self._prov
         escaping = self._escaping
-        used = self._used_at
-        dep = grad = cuts = 0
-        first_use = False
+        dep = grad = cuts = direct = 0  # direct: the parameters among the arguments (see `_note_use`)
         for a in args:
             if isinstance(a, _TENSOR):
                 i = params.get(id(a))
                 if i is not None:
-                    dep |= 1 << i
+                    bit = 1 << i
+                    dep |= bit
                     if a.requires_grad:
-                        grad |= 1 << i
-                    if i not in used:
-                        first_use = True
+                        grad |= bit
+                    direct |= bit
                     continue
                 r = prov.get(id(a))
                 if r is not None and r[0]() is a:
@@ -794,8 +812,11 @@ class Tracer(TorchFunctionMode):
                 d, g, c = self._lookup(a)
             elif escaping or isinstance(a, (list, tuple)):
                 d, g, c = self._scan(a)
-                if d and not first_use and isinstance(a, (list, tuple)):  # an RNN's `_flat_weights`
-                    first_use = any(params.get(id(b), -1) not in used for b in a if id(b) in params)
+                if d & ~self._used and isinstance(a, (list, tuple)):  # maybe a new parameter in it (an RNN's
+                    for b in a:  # `_flat_weights`), or only values computed from one
+                        i = params.get(id(b))
+                        if i is not None:
+                            direct |= 1 << i
             else:
                 continue
             dep |= d
@@ -805,8 +826,8 @@ class Tracer(TorchFunctionMode):
             for a in kwargs.values():
                 if isinstance(a, _TENSOR):
                     i = params.get(id(a))
-                    if i is not None and i not in used:
-                        first_use = True
+                    if i is not None:
+                        direct |= 1 << i
                     d, g, c = self._lookup(a)
                 elif escaping and isinstance(a, (float, list, tuple)):
                     d, g, c = self._scan(a)
@@ -818,8 +839,8 @@ class Tracer(TorchFunctionMode):
             out = func(*args, **kwargs)
         else:
             out = func(*args)
-        if first_use:
-            self._note_use(args, kwargs, out, _getframe(1))
+        if direct and direct & ~self._used:
+            self._note_use(direct & ~self._used, out, _getframe(1))
         if not (dep or cuts):
             return out
         if not kind:
@@ -833,6 +854,9 @@ class Tracer(TorchFunctionMode):
                     if not grad:
                         self._record(out, dep, 0, cuts)  # also remembers its memory (for a copy into a new leaf)
                         return out
+                elif not grad and self._in_no_grad():  # a value already cut, under the user's `no_grad`
+                    self._record(out, dep, 0, cuts)
+                    return out
             name = getattr(func, "__name__", "")
             if isinstance(out, _TENSOR):
                 self._record_outputs(out, dep, grad, cuts, (func, name), _getframe(1))
@@ -913,12 +937,11 @@ class Tracer(TorchFunctionMode):
         """
         if _APPLY_CODE is None or torch.is_inference_mode_enabled():
             return None
-        entry = self._grad_off[-1] if self._grad_off else None
+        if self._in_no_grad():  # grad mode was switched off around it: no walk per op under `no_grad`
+            return None
         applies: list[tuple[FrameType, FrameType | None]] = []  # (`apply`'s frame, the `forward` it called)
         f, below = frame, None
         while f is not None:
-            if entry is not None and id(f) == entry[0] and f.f_code is entry[1]:
-                return None  # grad mode was switched off around it
             if f.f_code is _APPLY_CODE:
                 applies.append((f, below))
             below, f = f, f.f_back
@@ -930,6 +953,11 @@ class Tracer(TorchFunctionMode):
                 continue
             return self._function_site(apply)
         return None
+
+    def _in_no_grad(self) -> bool:
+        """Grad mode is off because the user's code switched it off (``no_grad``), in a frame still running: a region
+        is left, and its entry popped by :meth:`_grad_mode`, before the frame that entered it returns."""
+        return bool(self._grad_off) and self._grad_off[-1][1] is not None
 
     def _function_site(self, apply: FrameType) -> int:
         """The site of the Function whose ``apply`` runs in frame ``apply``; adds what reaches each of its inputs."""
@@ -1003,17 +1031,22 @@ class Tracer(TorchFunctionMode):
                 return idx
         return None
 
-    def _note_use(self, args: tuple, kwargs: dict | None, out: object, frame: FrameType | None) -> None:
-        """Remember the user's line of the op that first took each parameter among its arguments this step (for a
-        module, the line that called it); an in-place op on the parameter itself (``w.zero_()``) does not count."""
-        where: str | None = ""
-        for a in (*args, *kwargs.values()) if kwargs else args:
-            for b in a if isinstance(a, (list, tuple)) else (a,):
-                i = self._params.get(id(b)) if isinstance(b, _TENSOR) and b is not out else None
-                if i is not None and i not in self._used_at:
-                    if where == "":
-                        where, _ = self._locate(frame, "use")
-                    self._used_at[i] = where
+    def _note_use(self, fresh: int, out: object, frame: FrameType | None) -> None:
+        """Remember the user's line of the op called from ``frame`` that took the parameters in mask ``fresh`` among
+        its arguments, the first this step to take them (for a module, the line that called it); an in-place op on
+        the parameter itself (``w.zero_()``) does not count.
+
+        Kept as the code and instruction offset of the user's frame (the one ``_locate`` names), once per op;
+        :meth:`used_at` (a finding's) makes them a ``path:line``: a frame's ``f_lineno`` scans its code's line table
+        (microseconds in a long ``forward``), and most steps have no finding to name."""
+        i = self._params.get(id(out))
+        if i is not None:
+            fresh &= ~(1 << i)
+            if not fresh:
+                return
+        f = user_frame(frame)
+        self._uses.append((fresh, (f.f_code, f.f_lasti) if f is not None else None))
+        self._used |= fresh
 
     def _through_checkpoint(self, out: torch.Tensor, name: str, frame: FrameType | None) -> bool:
         """``out`` was made inside a reentrant checkpoint some of whose inputs require grad, by an op that the
@@ -1044,9 +1077,7 @@ class Tracer(TorchFunctionMode):
         through = any(a.requires_grad for a in inputs)
         bit = 0
         if not through:
-            caller = f.f_back
-            while caller is not None and is_library_file(caller.f_code.co_filename):
-                caller = caller.f_back
+            caller = user_frame(f.f_back)
             where = frame_where(caller) if caller is not None else None
             dep = 0
             for a in inputs:
@@ -1147,13 +1178,11 @@ class Tracer(TorchFunctionMode):
         self._ckpt = None  # a checkpoint's forward leaves its `no_grad` here: look again at the next one
         enabled = bool(args[0]) if args else bool(kwargs.get("mode", True))
         if not enabled and torch.is_grad_enabled():
-            frame = _getframe(1)
-            while frame is not None and is_library_file(frame.f_code.co_filename):
-                frame = frame.f_back
+            frame = user_frame(_getframe(1))
             if frame is None:
-                self._grad_off.append((0, None, None))
-            else:
-                self._grad_off.append((id(frame), frame.f_code, frame_where(frame)))
+                self._grad_off.append((0, None, -1))
+            else:  # (made a `path:line` only for a cut under it: `_locate`)
+                self._grad_off.append((id(frame), frame.f_code, frame.f_lasti))
         elif enabled and self._grad_off:
             self._grad_off.pop()
         return func(*args, **kwargs)
