@@ -74,7 +74,6 @@ class Dashboard:
     def __init__(self, options: GuardOptions | None = None, **changes: Any) -> None:
         options = dataclasses.replace(options or GuardOptions(), **changes)
         self.options = options
-        self.flow_columns = FLOW_COLUMNS
         self._reset()
 
     def _reset(self) -> None:
@@ -361,7 +360,7 @@ class Dashboard:
         ``flow_every``-th after it."""
         history = self._flow.get(panel)
         if history is None:
-            history = self._flow[panel] = FlowHistory(self.flow_columns)
+            history = self._flow[panel] = FlowHistory(FLOW_COLUMNS)
         history.add(step, values)
         if panel == "grad_norm" and step != self._flow_last:
             self._flow_last = step

@@ -126,8 +126,8 @@ def test_flow_png_beside_the_report_decodes_and_the_report_names_it(tmp_path):
 
 
 def test_flow_picture_of_a_long_run_keeps_at_most_flow_columns(tmp_path, monkeypatch):
-    # Not an option: GradGuard's Dashboard takes the module's FLOW_COLUMNS (200, filled only after 200 logged steps)
-    # when it is built.
+    # Not an option: GradGuard's Dashboard reads the module's FLOW_COLUMNS (200, filled only after 200 logged steps)
+    # when a run's first picture starts.
     monkeypatch.setattr("lightning_gradguard.dashboard.FLOW_COLUMNS", 4)
     guard = GradGuard(log_every_n_steps=1)
     fit_planted(tmp_path, guard, max_steps=10)
