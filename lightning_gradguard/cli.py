@@ -340,9 +340,13 @@ def _build_cli(cli: str | None, model: str | None, data: str | None, interceptor
         cli_class = load_object(cli) if cli else LightningCLI
         if not (isinstance(cli_class, type) and issubclass(cli_class, LightningCLI)):
             raise UsageError(f"--cli {cli!r} with --model/--data must name a LightningCLI subclass.")
-        cli_class(
-            model_class=load_object(model) if model else None, datamodule_class=load_object(data) if data else None
-        )
+        saved, sys.argv = sys.argv, sys.argv[:1]  # it parses the check's arguments, not `gradguard check ...`
+        try:  # (Lightning warns when a LightningCLI gets both)
+            cli_class(
+                model_class=load_object(model) if model else None, datamodule_class=load_object(data) if data else None
+            )
+        finally:
+            sys.argv = saved
         return
     target, name = _split_cli(cli)
     with _as_main(target, cli) as namespace:
@@ -372,6 +376,8 @@ def run_check(
     """
     if steps < 1:
         raise UsageError(f"--steps {steps} must be at least 1.")
+    if cli is None:
+        _refuse_a_bare_script(overrides)
     args = [*(a for c in configs for a in ("--config", c)), *overrides, f"--trainer.max_steps={steps}", *CHECK_ARGS]
     what = cli or "LightningCLI"
     interceptor = _Interceptor(args, steps, report_path, what, configs)
@@ -391,6 +397,15 @@ def run_check(
         f"{what} built {type(interceptor.cli).__name__} but never called `trainer.fit`: with `run=False`, call "
         "`cli.trainer.fit(cli.model, datamodule=cli.datamodule)`."
     )
+
+
+def _refuse_a_bare_script(overrides: Sequence[str]) -> None:
+    """A script named without ``--cli`` (``gradguard check --config c.yaml train.py``) would reach LightningCLI as an
+    argument it rejects: say how to name it. A ``.py`` file after an option without ``=`` is that option's value."""
+    for before, arg in zip([None, *overrides], overrides, strict=False):
+        value = before is not None and before.startswith("-") and "=" not in before
+        if arg.endswith(".py") and not value and Path(arg).is_file():
+            raise UsageError(f"{arg!r}: name the script with `--cli {arg}` (the other arguments go to LightningCLI).")
 
 
 def run_report(path: str, markdown: bool = False) -> int:

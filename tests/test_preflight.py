@@ -105,6 +105,25 @@ def test_check_any_config_with_class_paths_adds_a_guard(tmp_path: Path) -> None:
     assert "GradGuard: every parameter received a usable gradient." in proc.stdout
     assert "gradguard check: passed (3 optimizer step(s))" in proc.stdout
     assert (tmp_path / "gradguard_report.json").is_file()
+    # LightningCLI parses the check's arguments, not `gradguard check ...`: Lightning's warning about getting both
+    assert "args parameter is intended" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_script_named_without_cli_is_a_usage_error_that_says_cli(tmp_path: Path) -> None:
+    proc = gradguard(tmp_path, "check", "--config", "configs/demo.yaml", "examples/train.py")
+    assert proc.returncode == 2, proc.stdout
+    assert "gradguard: error: 'examples/train.py': name the script with `--cli examples/train.py`" in proc.stdout
+
+
+def test_a_py_file_given_as_an_options_value_is_not_taken_for_a_script(tmp_path: Path, monkeypatch) -> None:
+    from lightning_gradguard import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.py").write_text("")
+    cli._refuse_a_bare_script(["--model.source", "x.py"])  # the value of `--model.source`
+    with pytest.raises(cli.UsageError, match="--cli x.py"):
+        cli._refuse_a_bare_script(["--model.source=a.py", "x.py"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
