@@ -3,7 +3,7 @@
 Each one is an entry of :data:`PRIVATES`: the feature it serves, what happens without it, and a check of its shape
 on the installed versions, which ``tests/test_compat.py`` runs for every entry (naming it when it changed). The rest
 of the package reaches these names only through the functions and constants below. A private that is missing does
-not break ``import lightning_gradguard``: its feature steps aside and :func:`say_missing` says so once (a log
+not break ``import lightning_gradguard``: its feature steps aside and :func:`warn_missing` says so once (a log
 warning naming the private and the feature).
 """
 
@@ -54,10 +54,10 @@ __all__ = [
     "optimizer_unscales",
     "record_file",
     "record_writer",
-    "say_missing",
     "scale_tensor",
     "subtract_all",
     "torch_function_disabled",
+    "warn_missing",
 ]
 
 log = logging.getLogger("lightning_gradguard")
@@ -95,7 +95,7 @@ def _private(name: str, feature: str, without: str) -> Callable[[Callable[[], st
     return register
 
 
-def say_missing(name: str) -> None:
+def warn_missing(name: str) -> None:
     """Log once per process that private ``name`` is missing or changed, and which feature steps aside."""
     if name in _said:
         return
@@ -125,12 +125,12 @@ def _resolve(path: str) -> Any:
     return None
 
 
-def _lacks(obj: Any, *attrs: str) -> str | None:
+def _missing_attrs(obj: Any, *attrs: str) -> str | None:
     missing = [a for a in attrs if not hasattr(obj, a)]
     return f"{obj!r} has no {', '.join(missing)}" if missing else None
 
 
-def _source_lacks(obj: Any, *names: str) -> str | None:
+def _missing_from_source(obj: Any, *names: str) -> str | None:
     """Which of ``names`` the source of ``obj`` no longer mentions (``None``: all of them)."""
     try:
         source = inspect.getsource(obj)
@@ -346,7 +346,7 @@ def is_compiled(model: torch.nn.Module) -> bool:
         return False
     optimized = _resolve(f"{DYNAMO_MODULE}.eval_frame.OptimizedModule")
     if optimized is None:
-        say_missing(DYNAMO_MODULE)
+        warn_missing(DYNAMO_MODULE)
         return False
     return any(isinstance(m, optimized) for m in model.modules())
 
@@ -365,7 +365,7 @@ def torch_function_disabled() -> contextlib.AbstractContextManager[Any]:
     the tracer may still be on the stack); without ``torch._C.DisableTorchFunction``, a plain block."""
     disable = getattr(torch._C, "DisableTorchFunction", None)
     if disable is None:
-        say_missing("torch._C.DisableTorchFunction")
+        warn_missing("torch._C.DisableTorchFunction")
         return contextlib.nullcontext()
     return disable()
 
@@ -393,7 +393,7 @@ def optimizer_unscales(optimizer: Any) -> bool:
     """Whether ``optimizer`` unscales AMP gradients inside its own ``step()`` (fused optimizers): then ``GradScaler``
     skips ``unscale_``, and the gradients are still scaled when the guard reads them."""
     if _UNSCALES not in torch.amp.GradScaler.step.__code__.co_consts:
-        say_missing(f"optimizer.{_UNSCALES}")
+        warn_missing(f"optimizer.{_UNSCALES}")
         return False
     return bool(getattr(optimizer, _UNSCALES, False))
 
@@ -415,7 +415,7 @@ def ddp_facts(ddp: Any) -> tuple[Any, frozenset[str], bool, bool]:
     group = getattr(ddp, "process_group", None)
     find_unused = getattr(ddp, "find_unused_parameters", None)
     if group is None or find_unused is None:
-        say_missing("DistributedDataParallel internals")
+        warn_missing("DistributedDataParallel internals")
     ignored = frozenset(getattr(ddp, "parameters_to_ignore", ()))
     return group, ignored, True if find_unused is None else bool(find_unused), bool(getattr(ddp, "static_graph", False))
 
@@ -436,14 +436,14 @@ _DDP_NAMES = ("process_group", "parameters_to_ignore", "find_unused_parameters",
 def _check_ddp() -> str | None:
     from torch.nn.parallel import DistributedDataParallel
 
-    return _source_lacks(DistributedDataParallel, *(f"self.{n}" for n in _DDP_NAMES))
+    return _missing_from_source(DistributedDataParallel, *(f"self.{n}" for n in _DDP_NAMES))
 
 
 def fsdp_replicas(root: Any, world_size: int) -> float:
     """How many ranks hold each shard of an FSDP1 root (``world_size`` over its sharding group's size)."""
     strategy, size = getattr(root, "sharding_strategy", None), getattr(root, "world_size", None)
     if strategy is None or size is None:
-        say_missing("FullyShardedDataParallel internals")
+        warn_missing("FullyShardedDataParallel internals")
         return 1.0
     from torch.distributed.fsdp import ShardingStrategy
 
@@ -456,7 +456,7 @@ def fsdp_replicas(root: Any, world_size: int) -> float:
 def _check_fsdp() -> str | None:
     import torch.distributed.fsdp._init_utils as init  # where FSDP sets the two on the module it wraps
 
-    return _source_lacks(init, "state.sharding_strategy =", "state.world_size =")
+    return _missing_from_source(init, "state.sharding_strategy =", "state.world_size =")
 
 
 # --------------------------------------------------------------------------------------------- Lightning Fabric
@@ -467,7 +467,7 @@ def fabric_wrappers() -> tuple[type, type] | None:
         _resolve("lightning.fabric.wrappers._FabricOptimizer"),
     )
     if module is None or optimizer is None:
-        say_missing("lightning.fabric.wrappers")
+        warn_missing("lightning.fabric.wrappers")
         return None
     return module, optimizer
 
@@ -486,9 +486,9 @@ def _check_fabric() -> str | None:
         return "lightning.fabric.wrappers has no _FabricModule or _FabricOptimizer"
     module, optimizer = wrappers
     return (
-        _lacks(module, "module")
-        or _lacks(optimizer, "optimizer")
-        or _source_lacks(_resolve("torch._dynamo.eval_frame.OptimizedModule"), "_orig_mod")
+        _missing_attrs(module, "module")
+        or _missing_attrs(optimizer, "optimizer")
+        or _missing_from_source(_resolve("torch._dynamo.eval_frame.OptimizedModule"), "_orig_mod")
     )
 
 

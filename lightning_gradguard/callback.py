@@ -299,7 +299,7 @@ class GradGuard(Callback):
             self._record_late()
 
     def _record_late(self) -> None:
-        for (k, step), _, stats in self._core.take_resolved():
+        for (k, step), _, stats in self._core.pop_resolved():
             self._dashboard.record_total(k, step, stats.total_norm)
 
     @override

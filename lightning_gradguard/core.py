@@ -106,7 +106,7 @@ class GuardCore:
         #: ``None`` in a single process, which then runs no collective.
         self.dist: RankSync | None = None
         self._late: list[LateRead] = []  # sync="late": reads of earlier steps, judged at the next check
-        #: ``(tag, step, stats)`` of the late reads judged since the caller last took them (:meth:`take_resolved`).
+        #: ``(tag, step, stats)`` of the late reads judged since the caller last took them (:meth:`pop_resolved`).
         self.resolved: list[tuple[Any, int, GradStats]] = []
 
     # ------------------------------------------------------------------ setup
@@ -115,7 +115,7 @@ class GuardCore:
         # A traced step runs compiled code eagerly (see `EagerStance`); torch < 2.6 cannot, and then steps aside.
         self.compiled = not EagerStance.supported and _compat.is_compiled(model)
         if not Tracer.supported and self.diagnose != "never":
-            _compat.say_missing("torch.overrides._push_mode")
+            _compat.warn_missing("torch.overrides._push_mode")
         index = ParamIndex.of(model)
         if self.index is not None and self.index.params == index.params:
             return
@@ -509,7 +509,7 @@ class GuardCore:
                 usable.add(name)
         self.history.settle(usable, set(), step)
 
-    def take_resolved(self) -> list[tuple[Any, int, GradStats]]:
+    def pop_resolved(self) -> list[tuple[Any, int, GradStats]]:
         """The ``(tag, step, stats)`` of the late reads judged since the last call."""
         out, self.resolved = self.resolved, []
         return out

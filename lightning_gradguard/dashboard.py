@@ -308,7 +308,7 @@ class Dashboard:
     def _snapshot(self, k: int, step: int, stats: GradStats, view: _View) -> None:
         """Copy the parameters about to be updated (only on logged steps; released at the end of the batch)."""
         self._log_ratios(only=k)
-        snap = UpdateSnapshot.take(stats.params, k, step, view)
+        snap = UpdateSnapshot.capture(stats.params, k, step, view)
         if snap is not None:
             self._snapshots.append(snap)
 

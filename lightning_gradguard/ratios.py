@@ -6,7 +6,7 @@ Example::
     >>> import torch
     >>> w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
     >>> w.grad = torch.ones(2)
-    >>> snap = UpdateSnapshot.take([w], optimizer=0, step=0)
+    >>> snap = UpdateSnapshot.capture([w], optimizer=0, step=0)
     >>> with torch.no_grad():
     ...     w -= 0.5 * w.grad  # the optimizer step
     >>> weights, updates = snap.squares()
@@ -53,7 +53,9 @@ class UpdateSnapshot:
     norms: list[torch.Tensor]
 
     @classmethod
-    def take(cls, params: Sequence[torch.Tensor], optimizer: int, step: int, view: Any = None) -> UpdateSnapshot | None:
+    def capture(
+        cls, params: Sequence[torch.Tensor], optimizer: int, step: int, view: Any = None
+    ) -> UpdateSnapshot | None:
         """Copy those of ``params`` that have a gradient (``None``: none has)."""
         idx = [i for i, p in enumerate(params) if p.grad is not None]
         if not idx:

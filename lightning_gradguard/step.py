@@ -137,14 +137,14 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
     def __enter__(self) -> check_step:
         self._reset()
         core = self._core
-        core.bind(self.model, on_backward=self._on_backward)
-        self._handle = register_optimizer_step_pre_hook(self._on_step)  # every optimizer: the ones seen matter too
+        core.bind(self.model, on_backward=self._record_backward)
+        self._handle = register_optimizer_step_pre_hook(self._before_step)  # every optimizer: the ones seen matter too
         self._post = register_optimizer_step_post_hook(self._after_step)
         if self.scaler is not None:
             self._wrap_scaler()
         core.begin_batch()
         if not core.tracing:  # trace=False (or torch < 2.6 and a compiled model): no tracer, but backward must be seen
-            self._spy = _BackwardSpy(self._on_backward)
+            self._spy = _BackwardSpy(self._record_backward)
             self._spy.__enter__()
         return self
 
@@ -190,11 +190,11 @@ class check_step:  # noqa: N801 - used like a function: `with check_step(model, 
             self._scaler_had_step = None
 
     # ------------------------------------------------------------------ events
-    def _on_backward(self, loss: torch.Tensor) -> None:
+    def _record_backward(self, loss: torch.Tensor) -> None:
         self._backwards += 1
         self._core.record_loss(loss, self.step)
 
-    def _on_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         self._step_calls += 1
         self._core.pause()  # the optimizer's step is not part of the forward pass: the tracer leaves torch's modes
         self._judge(optimizer)

@@ -398,9 +398,9 @@ class Tracer(TorchFunctionMode):
     def __init__(self, index: ParamIndex, on_backward: Callable[[torch.Tensor], None] | None = None) -> None:
         super().__init__()
         if _DATA_DESCRIPTOR is None:
-            _compat.say_missing("torch._C.TensorBase.__dict__['data']")
+            _compat.warn_missing("torch._C.TensorBase.__dict__['data']")
         if _APPLY_CODE is None:
-            _compat.say_missing("torch.autograd.Function.apply")
+            _compat.warn_missing("torch.autograd.Function.apply")
         self.index = index
         self.on_backward = on_backward
         self._paused = False

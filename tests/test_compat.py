@@ -33,8 +33,8 @@ def test_a_missing_private_is_said_once_naming_it_and_its_feature(caplog):
     name = next(iter(_compat.PRIVATES))
     _compat._said.discard(name)
     with caplog.at_level("WARNING", logger="lightning_gradguard"):
-        _compat.say_missing(name)
-        _compat.say_missing(name)
+        _compat.warn_missing(name)
+        _compat.warn_missing(name)
     said = [r.getMessage() for r in caplog.records if name in r.getMessage()]
     assert len(said) == 1
     assert _compat.PRIVATES[name].feature in said[0]
