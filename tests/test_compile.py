@@ -323,6 +323,24 @@ def test_the_stance_is_put_back_when_the_traced_step_raises(tmp_path, how, error
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def test_check_step_untraced_compiles_once_more_then_alternates_without_compiling():
+    """``check_step(trace=False)`` keeps a function mode on the stack (to see ``backward``): the README's limit, a
+    compiled model that ran outside such a block compiles once more inside one, and never again after."""
+    counter = CompileCounterWithBackend(BACKEND)
+    model = nn.ModuleDict({"enc": torch.compile(Encoder("none"), backend=counter), "head": nn.Linear(16, 1)})
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    frames = []
+    for step in range(6):
+        with check_step(model, opt, trace=False) if step % 2 else contextlib.nullcontext() as chk:
+            model["head"](model["enc"](torch.randn(4, 8))).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        if step % 2:
+            assert chk.findings == []
+        frames.append(counter.frame_count)
+    assert frames == [1, 2, 2, 2, 2, 2]
+
+
 def test_check_step_traces_compiled_code_and_restores_the_stance():
     x = torch.randn(4, 8)
     cut = nn.ModuleDict({"enc": torch.compile(Encoder("inside"), backend=BACKEND), "head": nn.Linear(16, 1)})
