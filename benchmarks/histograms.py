@@ -52,7 +52,7 @@ PARTS = [
     (dashboard, "histograms_counts", "bucketing"),
     (tensorboard, "fetch_histograms", "records"),
     (tensorboard, "make_summary", "summary"),
-    (ratios.UpdateSnapshot, "take", "ratio: copy before"),
+    (ratios.UpdateSnapshot, "capture", "ratio: copy before"),
     (ratios.UpdateSnapshot, "squares", "ratio: after"),
 ]
 SPENT: collections.Counter[str] = collections.Counter()
